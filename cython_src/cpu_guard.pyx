@@ -1,0 +1,17 @@
+# cython: language_level=3
+"""Which instruction sets this CPU and OS support (imported before any kernel)."""
+
+cdef extern from "cpu_features.h":
+    int moed_cpu_avx2_fma() nogil
+    int moed_cpu_avx512_bf16() nogil
+
+
+def supported_isas():
+    """Best first: the instruction-set paths this machine can run."""
+    isas = []
+    if moed_cpu_avx512_bf16():
+        isas.append("avx512")
+    if moed_cpu_avx2_fma():
+        isas.append("avx2")
+    isas.append("generic")
+    return isas

@@ -1,0 +1,29 @@
+"""Instruction-set dispatch: which compiled kernel path this process uses.
+
+`MOED_ISA=avx512|avx2|generic` forces a path; forcing one the CPU lacks is an
+error, never a crash (SIGILL) later.
+"""
+import os
+
+from moed.errors import ConfigError
+
+ISAS = ("avx512", "avx2", "generic")
+
+
+def supported_isas():
+    """Best first; `generic` is always there."""
+    from moed import _cpu_guard
+    return _cpu_guard.supported_isas()
+
+
+def selected_isa():
+    forced = os.environ.get("MOED_ISA", "").strip().lower()
+    supported = supported_isas()
+    if not forced:
+        return supported[0]
+    if forced not in ISAS:
+        raise ConfigError(f"MOED_ISA={forced!r} is not one of {', '.join(ISAS)}", field="MOED_ISA")
+    if forced not in supported:
+        raise ConfigError(f"MOED_ISA={forced}: this CPU/OS supports only {', '.join(supported)}",
+                          field="MOED_ISA")
+    return forced

@@ -1,0 +1,100 @@
+"""Routed experts behind one interface, and the routers that feed them.
+
+Shape legend: T tokens, E experts, k experts per token, D hidden, I expert
+intermediate size.
+
+A routed-experts backend computes, for every token t,
+    y[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),
+with e = topk_ids[t, j]. Model files only call `forward`; they do not know
+whether it runs in the torch reference, the CPU kernels or on a GPU.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchExperts:
+    """Reference backend: dequantize each active expert per call, matmul in float32.
+
+    Holds the checkpoint's tensors as they are (mmap views), so FP8 experts stay
+    FP8 in memory. It is the oracle for every faster backend and the last fallback.
+    """
+
+    name = "torch"
+
+    def __init__(self, gate, up, down):
+        self.gate = gate    # list of E Weight, each [I, D]
+        self.up = up        # list of E Weight, each [I, D]
+        self.down = down    # list of E Weight, each [D, I]
+
+    @property
+    def num_experts(self):
+        return len(self.gate)
+
+    def to(self, device):
+        return TorchExperts(*([w.to(device) for w in ws] for ws in (self.gate, self.up, self.down)))
+
+    def forward(self, x, topk_ids, topk_weights):
+        # x [T, D] float32, topk_ids [T, k] int64, topk_weights [T, k] float32 -> [T, D]
+        out = torch.zeros_like(x)
+        flat_ids = topk_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+        start = 0
+        for e, n in zip(experts.tolist(), counts.tolist()):
+            slots = order[start:start + n]                     # [n] indices into T*k
+            start += n
+            tok = slots // topk_ids.shape[1]                   # [n]
+            h = x[tok]                                         # [n, D]
+            g = h @ self.gate[e].dequantize().T                # [n, I]
+            u = h @ self.up[e].dequantize().T                  # [n, I]
+            y = (F.silu(g) * u) @ self.down[e].dequantize().T  # [n, D]
+            out.index_add_(0, tok, y * topk_weights.reshape(-1)[slots, None])
+        return out
+
+
+def build_routed_experts(gate, up, down, device):
+    """The backend for one MoE layer's experts (lists of E `Weight`).
+
+    `MOED_EXPERTS=torch` forces the reference. On the CPU the compiled engine
+    (moed.experts) is used when it is available; it falls back to the reference.
+    """
+    choice = os.environ.get("MOED_EXPERTS", "auto")
+    if device.type == "cpu" and choice in ("auto", "cpu"):
+        try:
+            from moed.experts import cpu_backend_from_weights
+        except ImportError:
+            if choice == "cpu":
+                raise
+        else:
+            return cpu_backend_from_weights(gate, up, down)
+    backend = TorchExperts(gate, up, down)
+    return backend if device.type == "cpu" else backend.to(device)
+
+
+def softmax_topk(logits, k, norm_topk_prob):
+    # logits [T, E] -> ids [T, k] int64, weights [T, k] float32 (Mixtral, Qwen-MoE)
+    probs = logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def grouped_sigmoid_topk(logits, bias, k, n_group, topk_group, norm_topk_prob, scaling):
+    # DeepSeek-V3: logits [T, E], bias [E] (e_score_correction_bias) -> ids, weights [T, k].
+    # The bias only steers selection; weights come from the unbiased scores.
+    scores = logits.float().sigmoid()                                     # [T, E]
+    biased = scores + bias.float()                                        # [T, E]
+    T, E = biased.shape
+    grouped = biased.view(T, n_group, E // n_group)                       # [T, G, E/G]
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)             # [T, G]
+    keep = group_scores.topk(topk_group, dim=-1).indices                  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)    # [T, G]
+    expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(T, E)
+    ids = biased.masked_fill(expert_mask == 0, 0.0).topk(k, dim=-1).indices  # [T, k]
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling

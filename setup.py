@@ -1,0 +1,57 @@
+"""moed: local inference daemon for large Mixture-of-Experts models."""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class ParallelBuildExt(build_ext):
+    """Compile extensions two at a time (CI and dev machines have 2 cores)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = int(os.environ.get("MOED_BUILD_JOBS", "2"))
+
+
+def extensions():
+    exts = [
+        Extension("moed._cpu_guard", ["cython_src/cpu_guard.pyx"],
+                  include_dirs=["cython_src"], extra_compile_args=["-O2"]),
+    ]
+    return cythonize(exts, compiler_directives={"language_level": 3})
+
+
+setup(
+    name="moed",
+    version="0.1.0",
+    description="Local inference daemon for large Mixture-of-Experts models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moed", "moed.*"]),
+    include_package_data=True,
+    package_data={"moed": ["py.typed"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": ParallelBuildExt},
+    install_requires=[
+        "torch>=2.4",  # the Makefile installs the pinned CPU build first
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "transformers==4.57.6",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "moed=moed.cli.daemon:main",
+            "moectl=moed.cli.moectl:main",
+        ],
+    },
+)
