@@ -8,8 +8,6 @@ A routed-experts backend computes, for every token t,
 with e = topk_ids[t, j]. Model files only call `forward`; they do not know
 whether it runs in the torch reference, the CPU kernels or on a GPU.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -52,25 +50,6 @@ class TorchExperts:
             y = (F.silu(g) * u) @ self.down[e].dequantize().T  # [n, D]
             out.index_add_(0, tok, y * topk_weights.reshape(-1)[slots, None])
         return out
-
-
-def build_routed_experts(gate, up, down, device):
-    """The backend for one MoE layer's experts (lists of E `Weight`).
-
-    `MOED_EXPERTS=torch` forces the reference. On the CPU the compiled engine
-    (moed.experts) is used when it is available; it falls back to the reference.
-    """
-    choice = os.environ.get("MOED_EXPERTS", "auto")
-    if device.type == "cpu" and choice in ("auto", "cpu"):
-        try:
-            from moed.experts import cpu_backend_from_weights
-        except ImportError:
-            if choice == "cpu":
-                raise
-        else:
-            return cpu_backend_from_weights(gate, up, down)
-    backend = TorchExperts(gate, up, down)
-    return backend if device.type == "cpu" else backend.to(device)
 
 
 def softmax_topk(logits, k, norm_topk_prob):
