@@ -77,3 +77,55 @@ def grouped_sigmoid_topk(logits, bias, k, n_group, topk_group, norm_topk_prob, s
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return ids, weights * scaling
+
+
+class SoftmaxRouter:
+    """Mixtral / Qwen-MoE: softmax over router logits, top-k."""
+
+    def __init__(self, gate, k, norm_topk_prob):
+        self.gate, self.k, self.norm_topk_prob = gate, k, norm_topk_prob   # gate: Linear [E, D]
+
+    def __call__(self, x):
+        return softmax_topk(self.gate(x), self.k, self.norm_topk_prob)
+
+
+class GroupedSigmoidRouter:
+    """DeepSeek-V3 noaux_tc: sigmoid scores, group-limited top-k, scaled weights."""
+
+    def __init__(self, gate, bias, k, n_group, topk_group, norm_topk_prob, scaling):
+        self.gate, self.bias = gate, bias           # Linear [E, D], [E]
+        self.k, self.n_group, self.topk_group = k, n_group, topk_group
+        self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
+
+    def __call__(self, x):
+        return grouped_sigmoid_topk(self.gate(x), self.bias, self.k, self.n_group,
+                                    self.topk_group, self.norm_topk_prob, self.scaling)
+
+
+class MoE:
+    """Router -> routed experts (+ shared experts, optionally sigmoid-gated)."""
+
+    def __init__(self, router, experts, shared=None, shared_gate=None):
+        self.router = router
+        self.experts = experts          # any backend with forward(x, ids, weights)
+        self.shared = shared            # MLP or None
+        self.shared_gate = shared_gate  # Linear [1, D] or None (Qwen2-MoE)
+
+    def __call__(self, x):
+        # x [T, D] float32 -> [T, D]
+        ids, weights = self.router(x)
+        y = self.experts.forward(x, ids, weights)
+        if self.shared is not None:
+            s = self.shared(x)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(x)) * s
+            y = y + s
+        return y
+
+
+def load_experts(load, prefix, num_experts, hidden, inter, names=("gate_proj", "up_proj", "down_proj")):
+    """The reference backend over `<prefix>.{e}.<name>` weights, as stored."""
+    gate, up, down = names
+    ws = [[load.weight(f"{prefix}.{e}.{n}", *shape) for e in range(num_experts)]
+          for n, shape in ((gate, (inter, hidden)), (up, (inter, hidden)), (down, (hidden, inter)))]
+    return TorchExperts(*ws)

@@ -1,0 +1,117 @@
+"""The decoder skeleton every architecture shares, and the per-step attention batch.
+
+An architecture supplies `build_attention(i)` and `build_mlp(i)`; the rest —
+embedding, pre-norm residual blocks, final norm, LM head, the paged KV cache
+contract — lives here once. Shape legend: N tokens in the step, D hidden,
+V vocab, S cache slots.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from moed.errors import CheckpointError
+from moed.model.layers import Linear, Loader
+from moed.model.model_config import HFConfig
+from moed.model.moe import MoE
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's share of a step."""
+    start: int              # first row of its new tokens in the flattened step
+    length: int             # new tokens this step
+    context: int            # tokens in the cache after this step (past + new)
+    slots: torch.Tensor     # [context] int64: cache slot of positions 0..context-1
+
+
+@dataclass
+class AttentionBatch:
+    seqs: list              # [SeqSlice]
+    slot_mapping: torch.Tensor   # [N] int64: cache slot of each new token
+    kv_caches: list         # per layer: [S, *kv_token_shape] tensor
+
+
+class DecoderLayer:
+    def __init__(self, input_norm, attn, post_norm, mlp):
+        self.input_norm, self.attn = input_norm, attn
+        self.post_norm, self.mlp = post_norm, mlp
+
+    def __call__(self, x, cos_sin, batch, kv_cache):
+        x = x + self.attn(self.input_norm(x), cos_sin, batch, kv_cache)
+        return x + self.mlp(self.post_norm(x))
+
+
+class CausalLM:
+    """Embedding -> decoder layers -> norm -> LM head, over a paged KV cache."""
+
+    architecture = None
+
+    def __init__(self, ckpt, device):
+        self.cfg = HFConfig(ckpt.config, str(ckpt.dir / "config.json"))
+        self.device = device
+        self.load = Loader(ckpt, device)
+        self.read_config(self.cfg)
+        c = self.cfg
+        self.hidden_size = c.positive("hidden_size")
+        self.num_layers = c.positive("num_hidden_layers")
+        self.vocab_size = c.positive("vocab_size")
+        self.max_positions = c.positive("max_position_embeddings")
+        self.eps = c.get("rms_norm_eps", float, 1e-6)
+        D, V = self.hidden_size, self.vocab_size
+        self.embed = self.load.tensor("model.embed_tokens.weight", (V, D))   # [V, D]
+        self.rotary = self.build_rotary()
+        self.layers = [self.build_layer(i) for i in range(self.num_layers)]
+        self.norm = self.load.norm("model.norm.weight", D, self.eps)
+        tied = c.get("tie_word_embeddings", bool, False) and not self.load.has("lm_head.weight")
+        self.lm_head = (Linear(self.load.weight("model.embed_tokens", V, D)) if tied
+                        else self.load.linear("lm_head", V, D))
+
+    # -- what an architecture provides
+    def read_config(self, c):
+        raise NotImplementedError
+
+    def build_rotary(self):
+        raise NotImplementedError
+
+    def build_attention(self, i):
+        raise NotImplementedError
+
+    def build_mlp(self, i):
+        raise NotImplementedError
+
+    def kv_token_shape(self):
+        """Shape of one token's entry in a layer's KV cache."""
+        raise NotImplementedError
+
+    # -- shared
+    def build_layer(self, i):
+        p = f"model.layers.{i}"
+        return DecoderLayer(self.load.norm(f"{p}.input_layernorm.weight", self.hidden_size, self.eps),
+                            self.build_attention(i),
+                            self.load.norm(f"{p}.post_attention_layernorm.weight",
+                                           self.hidden_size, self.eps),
+                            self.build_mlp(i))
+
+    def moe_layers(self):
+        """(layer index, MoE) for every layer with routed experts."""
+        return [(i, layer.mlp) for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)]
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, batch):
+        # input_ids, positions [N] int64 -> hidden [N, D] float32
+        x = self.embed[input_ids].float()
+        cos_sin = self.rotary.cos_sin(positions)
+        for layer, kv_cache in zip(self.layers, batch.kv_caches):
+            x = layer(x, cos_sin, batch, kv_cache)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden):
+        # hidden [M, D] -> logits [M, V] float32
+        return self.lm_head(hidden)
+
+
+def require_divisible(cfg, field, value, divisor, divisor_field):
+    if value % divisor:
+        raise CheckpointError(f"{cfg.path}: {field}={value} is not divisible by "
+                              f"{divisor_field}={divisor}", path=cfg.path)
