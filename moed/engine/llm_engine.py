@@ -1,0 +1,211 @@
+"""The engine: requests in, token/text deltas out, one batched step at a time.
+
+    step = schedule -> run the model -> sample -> postprocess (stops, text) -> outputs
+
+Not thread-safe: one thread owns it (the server's engine thread, or LLM).
+"""
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from moed.engine.kv_cache import BlockManager, blocks_for
+from moed.engine.model_runner import ModelRunner
+from moed.engine.sampler import sample
+from moed.engine.scheduler import Scheduler
+from moed.engine.sequence import Sequence
+from moed.engine.stops import StopChecker
+from moed.errors import CapacityError, ConfigError, InvalidRequestError
+from moed.model.checkpoint import Checkpoint
+from moed.model.registry import load_model
+from moed.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+KV_BUDGET_BYTES = 2 << 30     # default KV cache size cap when num_kv_blocks is not given
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list
+    new_text: str
+    logprobs: list = None           # per new token: (token_id, logprob, [(id, logprob)] * n)
+    finished: bool = False
+    finish_reason: str = None       # eos | stop_sequence | stop_token | length | cancelled
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+def resolve_device(device):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}", field="device")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is available", field="device")
+    return torch.device(device)
+
+
+def install_experts(model, model_dir, choice):
+    """Put the compiled CPU expert engine behind every MoE layer; 'torch' keeps the reference."""
+    if model.device.type != "cpu" or choice == "torch" or not model.moe_layers():
+        return "torch"
+    try:
+        from moed.experts import install_cpu_experts
+    except ImportError:
+        if choice == "cpu":
+            raise
+        return "torch"
+    install_cpu_experts(model, model_dir)
+    return "cpu"
+
+
+class LLMEngine:
+    def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=256,
+                 num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
+                 experts=None):
+        if max_num_batched_tokens < max_num_seqs:
+            raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
+                              field="max_num_batched_tokens")
+        self.device = resolve_device(device)
+        ckpt = Checkpoint(model_dir)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.model = load_model(ckpt, self.device)
+        self.experts = install_experts(self.model, model_dir,
+                                       experts or os.environ.get("MOED_EXPERTS", "auto"))
+        self.block_size = block_size
+        dtype = getattr(torch, kv_cache_dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not a torch dtype",
+                              field="kv_cache_dtype")
+        num_blocks = num_kv_blocks or self._default_num_blocks(max_num_seqs, dtype)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, dtype)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
+        self.seqs = {}                              # request_id -> unfinished Sequence
+        self._ids = itertools.count()
+        self.model_info = {
+            "architecture": self.model.architecture,
+            "context_length": self.model.max_positions,
+            "vocab_size": self.model.vocab_size,
+            "weight_format": "fp8" if ckpt.quant else str(self.model.embed.dtype).replace("torch.", ""),
+            "isa": _isa_name(),
+            "device": str(self.device),
+            "experts": self.experts,
+        }
+
+    def _default_num_blocks(self, max_num_seqs, dtype):
+        per_token = torch.Size(self.model.kv_token_shape()).numel() * dtype.itemsize
+        per_block = per_token * self.block_size * self.model.num_layers
+        full = max_num_seqs * blocks_for(self.model.max_positions, self.block_size)
+        return max(1, min(full, KV_BUDGET_BYTES // per_block))
+
+    # -- requests
+    def validate_prompt(self, prompt, params):
+        """-> prompt token ids; raises InvalidRequestError naming the field."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty", field="prompt")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise InvalidRequestError("prompt is empty", field="prompt")
+            V = self.model.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V]
+            if bad:
+                raise InvalidRequestError(f"token_ids: {bad[0]!r} is outside the vocabulary "
+                                          f"[0, {V})", field="token_ids")
+        params.validate()
+        ctx = self.model.max_positions
+        if len(ids) >= ctx:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; the context is {ctx}",
+                                      field="prompt")
+        if len(ids) + params.max_new_tokens > ctx:
+            raise InvalidRequestError(
+                f"max_new_tokens={params.max_new_tokens}: prompt ({len(ids)} tokens) + "
+                f"max_new_tokens exceeds the context length {ctx}", field="max_new_tokens")
+        return ids
+
+    def add_request(self, prompt, params, request_id=None):
+        ids = self.validate_prompt(prompt, params)
+        if request_id is None or request_id == "":
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use",
+                                      field="request_id")
+        need = blocks_for(len(ids) + params.max_new_tokens, self.block_size)
+        if need > self.blocks.num_blocks:
+            raise CapacityError(f"the request needs {need} KV blocks; the cache has "
+                                f"{self.blocks.num_blocks}")
+        if not self.scheduler.can_add():
+            raise CapacityError(f"the waiting queue is full ({self.scheduler.max_waiting})")
+        seq = Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer, ids),
+                       StopChecker(params.stop))
+        self.scheduler.add(seq)
+        self.seqs[request_id] = seq
+        return request_id
+
+    def abort_request(self, request_id):
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish_reason = "cancelled"
+        return True
+
+    def has_unfinished(self):
+        return self.scheduler.has_work()
+
+    def stats(self):
+        return {"num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.blocks.num_used,
+                "kv_blocks_total": self.blocks.num_blocks}
+
+    # -- the step
+    def step(self):
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        due = [i for i, (seq, n) in enumerate(chunks) if seq.num_computed + n == seq.num_tokens]
+        logits = self.runner.run(chunks, last_of=due)
+        for seq, n in chunks:
+            seq.num_computed += n
+        seqs = [chunks[i][0] for i in due]
+        return [self.postprocess(seq, s) for seq, s in zip(seqs, sample(logits, seqs))] \
+            if seqs else []
+
+    def postprocess(self, seq, s):
+        p = seq.params
+        seq.output_ids.append(s.token_id)
+        reason = None
+        if s.token_id in p.stop_token_ids:
+            reason = "stop_token"
+        elif not p.ignore_eos and s.token_id in self.tokenizer.eos_token_ids:
+            reason = "eos"
+        delta = "" if reason else seq.detokenizer.push(s.token_id)
+        if not reason and (len(seq.output_ids) >= p.max_new_tokens
+                           or seq.num_tokens >= self.model.max_positions):
+            reason = "length"
+        if reason:
+            delta += seq.detokenizer.flush()
+        text, hit = seq.stops.feed(delta, final=reason is not None)
+        if hit:
+            reason = "stop_sequence"
+        if reason:
+            self.seqs.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            seq.finish_reason = reason
+        seq.text += text
+        logprobs = None if s.logprob is None else [(s.token_id, s.logprob, s.top)]
+        return RequestOutput(seq.request_id, [s.token_id], text, logprobs, reason is not None,
+                             reason, len(seq.prompt_ids), len(seq.output_ids))
+
+
+def _isa_name():
+    try:
+        from moed.cpu import selected_isa
+        return selected_isa()
+    except Exception:   # the guard extension not built: report it, never fail a load on it
+        return "unknown"

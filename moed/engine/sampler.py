@@ -1,0 +1,75 @@
+"""Next-token sampling and logprobs, one row per sequence.
+
+Order: penalties -> (greedy | temperature -> min-p -> top-k -> top-p -> draw).
+Logprobs are those of the model's raw distribution (log-softmax of the
+logits before penalties and truncation), like vLLM's default.
+Shape legend: B rows, V vocab.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float = None          # of the chosen token (when asked)
+    top: list = None               # [(token_id, logprob)] * n (when asked)
+
+
+def apply_penalties(logits, params, prompt_ids, output_ids):
+    # logits [V] float32 (a copy)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.int64,
+                            device=logits.device)
+        if seen.numel():
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty,
+                                       vals * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        out = torch.tensor(output_ids, dtype=torch.int64, device=logits.device)
+        counts = torch.bincount(out, minlength=logits.shape[0]).float()
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def truncate(probs, params):
+    """Zero out what min-p, top-k and top-p exclude; probs [V] sums to 1."""
+    if params.min_p > 0:
+        probs = torch.where(probs < params.min_p * probs.max(), 0.0, probs)
+    if 0 < params.top_k < probs.shape[0]:
+        kth = probs.topk(params.top_k).values[-1]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(0)
+        drop = (cum - sorted_p) >= params.top_p * cum[-1]     # mass before it already enough
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return probs
+
+
+def sample_row(logits, params, prompt_ids, output_ids, generator):
+    """logits [V] float32 -> Sample."""
+    raw = logits
+    logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    if params.greedy:
+        token = int(torch.argmax(logits))
+    else:
+        probs = truncate(torch.softmax(logits / params.temperature, dim=-1), params)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    if params.logprobs is None:
+        return Sample(token)
+    logp = torch.log_softmax(raw, dim=-1)
+    top = []
+    if params.logprobs:
+        vals, ids = logp.topk(params.logprobs)
+        top = list(zip(ids.tolist(), vals.tolist()))
+    return Sample(token, float(logp[token]), top)
+
+
+def sample(logits, seqs):
+    # logits [B, V] -> [Sample] * B, one per sequence in order
+    logits = logits.float().cpu()
+    return [sample_row(logits[i], s.params, s.prompt_ids, s.output_ids, s.generator)
+            for i, s in enumerate(seqs)]

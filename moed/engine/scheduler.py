@@ -1,0 +1,85 @@
+"""Continuous batching: which sequences advance this step, by how many tokens.
+
+Every step, running decodes go first (one token each), then unfinished
+prefills continue in chunks, then waiting requests are admitted — all under
+one per-step token budget, so a long prompt never stalls running streams.
+When the KV cache runs out, the newest running sequence is preempted (its
+blocks freed, recomputed later).
+"""
+from collections import deque
+
+from moed.engine.sequence import Status
+
+
+class Scheduler:
+    def __init__(self, blocks, max_num_seqs, max_num_batched_tokens, max_waiting):
+        assert max_num_batched_tokens >= max_num_seqs, "every decode must fit in one step"
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = max_num_batched_tokens
+        self.max_waiting = max_waiting
+        self.waiting = deque()
+        self.running = []
+
+    def can_add(self):
+        return len(self.waiting) < self.max_waiting
+
+    def add(self, seq):
+        assert self.can_add()
+        self.waiting.append(seq)
+
+    def has_work(self):
+        return bool(self.waiting or self.running)
+
+    def schedule(self):
+        """-> [(seq, num_new_tokens)], in the order their rows appear in the step."""
+        budget, chunks, scheduled = self.max_tokens, [], set()
+        by_age = sorted(self.running, key=lambda s: s.order)
+        for seq in [s for s in by_age if s.num_remaining == 1] + \
+                   [s for s in by_age if s.num_remaining > 1]:
+            n = min(seq.num_remaining, budget)
+            if n == 0 or seq.status is not Status.RUNNING:
+                continue
+            if self._reserve(seq, n, scheduled):
+                chunks.append((seq, n))
+                scheduled.add(seq)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_remaining, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+                break
+            self.blocks.grow(seq.block_table, seq.num_computed + n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append((seq, n))
+            budget -= n
+        return chunks
+
+    def _reserve(self, seq, n, scheduled):
+        """Blocks for `seq`'s next n tokens, preempting newer sequences if needed."""
+        while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+            victims = [s for s in self.running if s is not seq and s not in scheduled]
+            if not victims:
+                self.preempt(seq)
+                return False
+            self.preempt(max(victims, key=lambda s: s.order))
+        self.blocks.grow(seq.block_table, seq.num_computed + n)
+        return True
+
+    def preempt(self, seq):
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq):
+        """Remove a sequence wherever it is and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.status = Status.FINISHED
