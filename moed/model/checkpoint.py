@@ -41,8 +41,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir / 'config.json'}: expected a JSON object",
                                   path=str(self.dir / "config.json"))
         self.quant = QuantConfig.from_hf(self.config)
-        self.weight_map = self._weight_map()          # tensor name -> file name
         self._files = {}                              # file name -> safe_open handle
+        self.weight_map = self._weight_map()          # tensor name -> file name
 
     def _weight_map(self):
         index = self.dir / INDEX_FILE
