@@ -64,12 +64,17 @@ class LLM:
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         results = {}
-        for prompt, p in zip(prompts, plist):
-            rid = self.engine.add_request(list(prompt) if not isinstance(prompt, str) else prompt, p)
-            results[rid] = CompletionOutput(rid, list(self.engine.seqs[rid].prompt_ids),
-                                            logprobs=[] if p.logprobs is not None else None)
-        for out in self._run():
-            self._merge(results[out.request_id], out)
+        try:
+            for prompt, p in zip(prompts, plist):
+                rid = self.engine.add_request(prompt if isinstance(prompt, str) else list(prompt), p)
+                results[rid] = CompletionOutput(rid, list(self.engine.seqs[rid].prompt_ids),
+                                                logprobs=[] if p.logprobs is not None else None)
+            for out in self._run():
+                self._merge(results[out.request_id], out)
+        finally:            # a bad prompt or an interrupt leaves nothing behind in the engine
+            for rid, result in results.items():
+                if result.finish_reason is None:
+                    self.engine.abort_request(rid)
         return list(results.values())
 
     def stream(self, prompt, params=None):
