@@ -16,9 +16,26 @@ class ParallelBuildExt(build_ext):
 
 
 def extensions():
+    # One expert extension per instruction set, each compiled with its own -m
+    # flags; moed.cpu imports only the one the CPU and OS support.
+    isa_flags = {
+        "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi",
+                   "-mavx512bf16", "-mavx2", "-mfma"],
+        "avx2": ["-mavx2", "-mfma"],
+        "generic": [],
+    }
+    kernels = ["cython_src/" + f for f in ("expert_kernels.c", "expert_units.h",
+                                           "thread_pool.h", "probe_kernels.c",
+                                           "experts_ext.pxi")]
     exts = [
         Extension("moed._cpu_guard", ["cython_src/cpu_guard.pyx"],
                   include_dirs=["cython_src"], extra_compile_args=["-O2"]),
+    ] + [
+        Extension(f"moed._experts_{isa}", [f"cython_src/_experts_{isa}.pyx"],
+                  include_dirs=["cython_src"], depends=kernels,
+                  extra_compile_args=["-O3", "-pthread", "-fno-math-errno"] + flags,
+                  extra_link_args=["-pthread"])
+        for isa, flags in isa_flags.items()
     ]
     return cythonize(exts, compiler_directives={"language_level": 3})
 

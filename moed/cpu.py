@@ -27,3 +27,18 @@ def selected_isa():
         raise ConfigError(f"MOED_ISA={forced}: this CPU/OS supports only {', '.join(supported)}",
                           field="MOED_ISA")
     return forced
+
+
+def expert_kernels(isa=None):
+    """The compiled expert-kernel extension for `isa` (default: selected_isa()).
+
+    Imported only after the guard says this CPU and OS run it, so a CPU without
+    AVX-512 never loads AVX-512 code.
+    """
+    import importlib
+    if isa is None:
+        isa = selected_isa()
+    elif isa not in supported_isas():
+        raise ConfigError(f"ISA {isa!r}: this CPU/OS supports only {', '.join(supported_isas())}",
+                          field="MOED_ISA")
+    return importlib.import_module(f"moed._experts_{isa}")

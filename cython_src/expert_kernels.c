@@ -1,0 +1,291 @@
+/* Fused routed-experts forward on the CPU: one call per MoE layer.
+ *
+ * SHAPES (T tokens, k experts per token, E experts, H hidden, I intermediate;
+ *         Hp, Ip = H, I rounded up to 128; S = T*k routed slots)
+ *   x        [T, H]   FP32 or BF16 activations
+ *   ids      [T, k]   int64 expert ids;   wts [T, k] FP32 routing weights
+ *   gate, up [E] x packed [Ip/64 row tiles][Hp/128 k blocks] units, scales [E][Ip/64][Hp/128]
+ *   down     [E] x packed [Hp/64 row tiles][Ip/128 k blocks] units, scales [E][Hp/64][Ip/128]
+ *   y        [T, H]   FP32
+ *
+ * DEFINITION
+ *   y[t] = sum_j wts[t,j] * down_e (silu(gate_e x[t]) * up_e x[t]),  e = ids[t,j]
+ *
+ * REGULARITIES  decode: T = 1..64 with k = 8 -> 1..8 tokens per expert;
+ *   prefill chunks: T = 512 -> tens of tokens per expert. Experts 8..384.
+ *
+ * EXAMPLE  Qwen3-30B-A3B: H 2048, I 768, E 128, k 8: a decode token reads
+ *   8 x 3 x 1.5 MiB of FP8 units = 37.7 MB per layer.
+ *
+ * PARALLEL PLAN  (all threads of the persistent pool, one atomic task cursor)
+ *   tasks [0, A*Tgu):       (active expert a, row tile of I): gate and up
+ *                            together, then h = silu(g) * u as BF16
+ *   tasks [A*Tgu, +A*Td):   (a, row tile of H): down for a's slots; waits only
+ *                            for a's gate/up tiles (per-expert barrier), then
+ *                            adds into y in expert order (per-tile turn), so
+ *                            the sum is deterministic and never races.
+ *   Tasks are claimed in order, so every wait is on a task already claimed by
+ *   a running thread: no deadlock, no global barrier.
+ */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "thread_pool.h"
+#include "expert_units.h"
+
+#define SLOT_BLOCK 128          /* slots per pass over a row tile: bounds scratch */
+#define DIRECT_MAX 8            /* <= this many slots: widen FP8 in registers */
+
+typedef struct {
+    const uint8_t *w;           /* layer base: [E][tiles][kblocks] units */
+    const float *scale;         /* [E][tiles][kblocks] */
+    int64_t w_stride;           /* bytes per expert */
+    int64_t s_stride;           /* floats per expert */
+    int tiles, kblocks;
+} packed_matrix;
+
+typedef struct {
+    packed_matrix gate, up, down;
+    int fp8, H, I, Hp, Ip, E, T, k;
+    /* routing (built by the caller) */
+    int n_active;
+    const int *active;          /* [A] expert ids */
+    const int *offs;            /* [A+1] slot offsets */
+    const int *slot_tok;        /* [S] token of each slot, grouped by expert */
+    const float *slot_w;        /* [S] routing weight */
+    /* activations */
+    const uint16_t *xb;         /* [T, Hp] BF16 */
+    uint16_t *hb;               /* [S, Ip] BF16 */
+    float *y;                   /* [T, H] */
+    /* synchronisation */
+    atomic_int next;            /* task cursor */
+    atomic_int *gu_done;        /* [A] finished gate/up tiles */
+    atomic_int *turn;           /* [Hp/64] expert whose down may add next */
+    /* per-thread scratch */
+    uint8_t *scratch;
+    int64_t scratch_stride;
+} moe_job;
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* out[n][64] += W-tile(rt) . x rows, over all k blocks. */
+static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
+                        const uint16_t *const *rows, int n, float *out, uint16_t *wide) {
+    const int ub = fp8 ? FP8_UNIT_BYTES : BF16_UNIT_BYTES;
+    const uint8_t *tile = m->w + e * m->w_stride + (int64_t)rt * m->kblocks * ub;
+    const float *sc = m->scale + e * m->s_stride + (int64_t)rt * m->kblocks;
+    const int widen = fp8 && n > DIRECT_MAX;
+    for (int kb = 0; kb < m->kblocks; kb++) {
+        const uint8_t *u = tile + (int64_t)kb * ub;
+        int ufp8 = fp8;
+#ifdef UNIT_WIDEN
+        if (widen) { unit_widen(u, wide); u = (const uint8_t *)wide; ufp8 = 0; }
+#else
+        (void)widen; (void)wide;
+#endif
+        for (int q = 0; q < n; q += MAX_NT) {
+            const uint16_t *xk[MAX_NT];
+            int nt = n - q < MAX_NT ? n - q : MAX_NT;
+            for (int t = 0; t < nt; t++) xk[t] = rows[q + t] + kb * UNIT_K;
+            float *o = out + q * UNIT_ROWS;
+            /* constant nt per branch: the body unrolls into registers */
+            if (ufp8) {
+                switch (nt) {
+                case 1: unit_body(u, 1, xk, 1, sc[kb], o); break;
+                case 2: unit_body(u, 1, xk, 2, sc[kb], o); break;
+                case 3: unit_body(u, 1, xk, 3, sc[kb], o); break;
+                default: unit_body(u, 1, xk, 4, sc[kb], o); break;
+                }
+            } else {
+                switch (nt) {
+                case 1: unit_body(u, 0, xk, 1, sc[kb], o); break;
+                case 2: unit_body(u, 0, xk, 2, sc[kb], o); break;
+                case 3: unit_body(u, 0, xk, 3, sc[kb], o); break;
+                default: unit_body(u, 0, xk, 4, sc[kb], o); break;
+                }
+            }
+        }
+    }
+}
+
+typedef struct { float *g, *u; uint16_t *wide; const uint16_t *rows[SLOT_BLOCK]; } thread_scratch;
+
+static thread_scratch scratch_of(moe_job *job, int tid) {
+    thread_scratch s;
+    uint8_t *base = job->scratch + tid * job->scratch_stride;
+    s.wide = (uint16_t *)base;                                 /* BF16_UNIT_BYTES, 64-aligned */
+    s.g = (float *)(base + BF16_UNIT_BYTES);
+    s.u = s.g + SLOT_BLOCK * UNIT_ROWS;
+    return s;
+}
+
+static void gate_up_task(moe_job *job, int a, int rt, thread_scratch *s) {
+    int e = job->active[a];
+    for (int s0 = job->offs[a]; s0 < job->offs[a + 1]; s0 += SLOT_BLOCK) {
+        int n = job->offs[a + 1] - s0 < SLOT_BLOCK ? job->offs[a + 1] - s0 : SLOT_BLOCK;
+        for (int j = 0; j < n; j++) s->rows[j] = job->xb + (int64_t)job->slot_tok[s0 + j] * job->Hp;
+        memset(s->g, 0, sizeof(float) * (size_t)n * UNIT_ROWS);
+        memset(s->u, 0, sizeof(float) * (size_t)n * UNIT_ROWS);
+        tile_matmul(&job->gate, e, rt, job->fp8, s->rows, n, s->g, s->wide);
+        tile_matmul(&job->up, e, rt, job->fp8, s->rows, n, s->u, s->wide);
+        for (int j = 0; j < n; j++) {
+            uint16_t *h = job->hb + (int64_t)(s0 + j) * job->Ip + rt * UNIT_ROWS;
+            for (int r = 0; r < UNIT_ROWS; r++)
+                h[r] = f32_to_bf16(silu(s->g[j * UNIT_ROWS + r]) * s->u[j * UNIT_ROWS + r]);
+        }
+    }
+}
+
+static void down_task(moe_job *job, int a, int rt, thread_scratch *s) {
+    int e = job->active[a];
+    int r0 = rt * UNIT_ROWS, nr = job->H - r0 < UNIT_ROWS ? job->H - r0 : UNIT_ROWS;
+    spin_until_eq(&job->gu_done[a], job->gate.tiles);       /* per-expert barrier */
+    int first = job->offs[a], total = job->offs[a + 1] - first;
+    int single = total <= SLOT_BLOCK;
+    if (!single) spin_until_eq(&job->turn[rt], a);          /* hold the turn for all blocks */
+    for (int s0 = first; s0 < first + total; s0 += SLOT_BLOCK) {
+        int n = first + total - s0 < SLOT_BLOCK ? first + total - s0 : SLOT_BLOCK;
+        for (int j = 0; j < n; j++) s->rows[j] = job->hb + (int64_t)(s0 + j) * job->Ip;
+        memset(s->g, 0, sizeof(float) * (size_t)n * UNIT_ROWS);
+        tile_matmul(&job->down, e, rt, job->fp8, s->rows, n, s->g, s->wide);
+        if (single) spin_until_eq(&job->turn[rt], a);
+        for (int j = 0; j < n; j++) {
+            float w = job->slot_w[s0 + j];
+            float *yo = job->y + (int64_t)job->slot_tok[s0 + j] * job->H + r0;
+            const float *d = s->g + j * UNIT_ROWS;
+            for (int r = 0; r < nr; r++) yo[r] += w * d[r];
+        }
+    }
+    atomic_store_explicit(&job->turn[rt], a + 1, memory_order_release);
+}
+
+static void moe_worker(void *arg, int tid, int nthreads) {
+    (void)nthreads;
+    moe_job *job = (moe_job *)arg;
+    thread_scratch s = scratch_of(job, tid);
+    const int n_gu = job->n_active * job->gate.tiles;
+    const int n_all = n_gu + job->n_active * job->down.tiles;
+    for (;;) {
+        int task = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
+        if (task >= n_all) break;
+        if (task < n_gu) {
+            int a = task / job->gate.tiles;
+            gate_up_task(job, a, task % job->gate.tiles, &s);
+            atomic_fetch_add_explicit(&job->gu_done[a], 1, memory_order_release);
+        } else {
+            task -= n_gu;
+            down_task(job, task / job->down.tiles, task % job->down.tiles, &s);
+        }
+    }
+}
+
+/* ------------------------------------------------------------- caller side */
+
+/* Bytes of workspace moe_forward needs (routing, activations, scratch). */
+static int64_t moe_workspace_bytes(int T, int k, int E, int Hp, int Ip, int nthreads) {
+    int64_t S = (int64_t)T * k;
+    int64_t b = 0;
+    b += 64 + 4 * (int64_t)E * 3;                      /* counts, active, offs */
+    b += 64 + 8 * S;                                   /* slot_tok, slot_w */
+    b += 64 + 4 * ((int64_t)E + Hp / UNIT_ROWS + 2);   /* gu_done, turn */
+    b += 64 + 2 * (int64_t)T * Hp;                     /* xb */
+    b += 64 + 2 * S * Ip;                              /* hb */
+    b += 64 + (int64_t)nthreads * (BF16_UNIT_BYTES + 2 * 4 * SLOT_BLOCK * UNIT_ROWS + 64);
+    return b;
+}
+
+static void *carve(uint8_t **cur, int64_t bytes) {
+    uint8_t *p = (uint8_t *)(((uintptr_t)*cur + 63) & ~(uintptr_t)63);
+    *cur = p + bytes;
+    return p;
+}
+
+/* Counting sort of the T*k slots by expert. Returns -1-index of a bad id. */
+static int64_t route(moe_job *job, const int64_t *ids, const float *wts, int *counts,
+                     int *active, int *offs, int *slot_tok, float *slot_w) {
+    const int64_t S = (int64_t)job->T * job->k;
+    memset(counts, 0, sizeof(int) * job->E);
+    for (int64_t i = 0; i < S; i++) {
+        if (ids[i] < 0 || ids[i] >= job->E) return -1 - i;
+        counts[ids[i]]++;
+    }
+    int A = 0, off = 0;
+    for (int e = 0; e < job->E; e++) {
+        if (!counts[e]) continue;
+        active[A] = e;
+        offs[A++] = off;
+        int c = counts[e];
+        counts[e] = off;                               /* now: next free slot of e */
+        off += c;
+    }
+    offs[A] = off;
+    job->n_active = A;
+    for (int64_t i = 0; i < S; i++) {
+        int p = counts[ids[i]]++;
+        slot_tok[p] = (int)(i / job->k);
+        slot_w[p] = wts[i];
+    }
+    return 0;
+}
+
+static void convert_x(const void *x, int x_bf16, int T, int H, int Hp, uint16_t *xb) {
+    for (int t = 0; t < T; t++) {
+        uint16_t *dst = xb + (int64_t)t * Hp;
+        if (x_bf16) memcpy(dst, (const uint16_t *)x + (int64_t)t * H, 2 * (size_t)H);
+        else
+            for (int i = 0; i < H; i++) dst[i] = f32_to_bf16(((const float *)x)[(int64_t)t * H + i]);
+        memset(dst + H, 0, 2 * (size_t)(Hp - H));      /* padded k: finite zeros */
+    }
+}
+
+/* y = fused MoE(x). Returns 0, or -1-i when ids[i] is out of range. */
+static int64_t moe_forward(packed_matrix gate, packed_matrix up, packed_matrix down, int fp8,
+                           int E, int H, int I, const void *x, int x_bf16, int T, int k,
+                           const int64_t *ids, const float *wts, float *y,
+                           uint8_t *workspace, int nthreads) {
+    moe_job job;
+    memset(&job, 0, sizeof(job));
+    job.gate = gate; job.up = up; job.down = down;
+    job.fp8 = fp8; job.E = E; job.H = H; job.I = I; job.T = T; job.k = k;
+    job.Hp = gate.kblocks * UNIT_K;
+    job.Ip = down.kblocks * UNIT_K;
+    int64_t S = (int64_t)T * k;
+    uint8_t *cur = workspace;
+    int *counts = carve(&cur, 4 * (int64_t)E), *active = carve(&cur, 4 * (int64_t)E);
+    int *offs = carve(&cur, 4 * ((int64_t)E + 1));
+    int *slot_tok = carve(&cur, 4 * S);
+    float *slot_w = carve(&cur, 4 * S);
+    job.gu_done = carve(&cur, 4 * (int64_t)E);
+    job.turn = carve(&cur, 4 * (int64_t)down.tiles);
+    uint16_t *xb = carve(&cur, 2 * (int64_t)T * job.Hp);
+    job.hb = carve(&cur, 2 * S * job.Ip);
+    job.scratch_stride = BF16_UNIT_BYTES + 2 * 4 * SLOT_BLOCK * UNIT_ROWS + 64;
+    job.scratch = carve(&cur, nthreads * job.scratch_stride);
+
+    int64_t bad = route(&job, ids, wts, counts, active, offs, slot_tok, slot_w);
+    if (bad) return bad;
+    job.active = active; job.offs = offs; job.slot_tok = slot_tok; job.slot_w = slot_w;
+    for (int a = 0; a < job.n_active; a++) atomic_init(&job.gu_done[a], 0);
+    for (int r = 0; r < down.tiles; r++) atomic_init(&job.turn[r], 0);
+    atomic_init(&job.next, 0);
+    convert_x(x, x_bf16, T, H, job.Hp, xb);
+    job.xb = xb;
+    job.y = y;
+    memset(y, 0, sizeof(float) * (size_t)T * H);
+    pool_run(moe_worker, &job, nthreads);
+    return 0;
+}
+
+/* Exposed for tests: one unit against nt token rows (the body this ISA runs). */
+static void unit_apply(const uint8_t *w, int fp8, const uint16_t *x, int ldx, int nt,
+                       float scale, float *out, int scalar) {
+    const uint16_t *xk[MAX_NT];
+    for (int t = 0; t < nt; t++) xk[t] = x + (int64_t)t * ldx;
+    if (scalar) { unit_scalar(w, fp8, xk, nt, scale, out); return; }
+    if (fp8) unit_body(w, 1, xk, nt < 1 ? 1 : nt, scale, out);
+    else unit_body(w, 0, xk, nt, scale, out);
+}
+
+static void kernels_init(void) { fp8_tables_init(); }

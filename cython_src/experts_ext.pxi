@@ -1,0 +1,97 @@
+# The Cython side of one ISA's expert extension: declares the C entry points
+# and hands them raw pointers with the GIL released. Included by
+# _experts_avx512.pyx, _experts_avx2.pyx and _experts_generic.pyx, which differ
+# only in the compiler flags setup.py gives them.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uintptr_t
+
+cdef extern from "expert_kernels.c" nogil:
+    const char *UNIT_ISA
+    int FP8_UNIT_BYTES
+    int BF16_UNIT_BYTES
+    ctypedef struct packed_matrix:
+        const uint8_t *w
+        const float *scale
+        int64_t w_stride
+        int64_t s_stride
+        int tiles
+        int kblocks
+    void kernels_init()
+    int64_t moe_workspace_bytes(int T, int k, int E, int Hp, int Ip, int nthreads)
+    int64_t moe_forward(packed_matrix gate, packed_matrix up, packed_matrix down, int fp8,
+                        int E, int H, int I, const void *x, int x_bf16, int T, int k,
+                        const int64_t *ids, const float *wts, float *y,
+                        uint8_t *workspace, int nthreads)
+    void unit_apply(const uint8_t *w, int fp8, const uint16_t *x, int ldx, int nt,
+                    float scale, float *out, int scalar)
+    int pool_size()
+    void pool_configure(int pin, int64_t spin_ns)
+
+cdef extern from "probe_kernels.c" nogil:
+    double probe_read(const uint8_t *buf, int64_t bytes, int n)
+    double probe_peak(int64_t iters, int n)
+
+kernels_init()
+
+ISA = UNIT_ISA.decode()
+UNIT_BYTES = {"fp8": FP8_UNIT_BYTES, "bf16": BF16_UNIT_BYTES}
+
+
+cdef packed_matrix _matrix(tuple m):
+    # m = (weights ptr, scales ptr, bytes per expert, floats per expert, row tiles, k blocks)
+    cdef packed_matrix p
+    p.w = <const uint8_t *><uintptr_t>m[0]
+    p.scale = <const float *><uintptr_t>m[1]
+    p.w_stride = m[2]
+    p.s_stride = m[3]
+    p.tiles = m[4]
+    p.kblocks = m[5]
+    return p
+
+
+def workspace_bytes(int T, int k, int E, int Hp, int Ip, int nthreads):
+    return moe_workspace_bytes(T, k, E, Hp, Ip, nthreads)
+
+
+def forward(tuple gate, tuple up, tuple down, bint fp8, int E, int H, int I,
+            uintptr_t x, bint x_bf16, int T, int k, uintptr_t ids, uintptr_t wts,
+            uintptr_t y, uintptr_t workspace, int nthreads):
+    """Fused MoE forward over raw pointers; returns 0 or -1-i for a bad ids[i]."""
+    cdef packed_matrix g = _matrix(gate), u = _matrix(up), d = _matrix(down)
+    cdef int64_t rc
+    with nogil:
+        rc = moe_forward(g, u, d, fp8, E, H, I, <const void *>x, x_bf16, T, k,
+                         <const int64_t *>ids, <const float *>wts, <float *>y,
+                         <uint8_t *>workspace, nthreads)
+    return rc
+
+
+def apply_unit(uintptr_t w, bint fp8, uintptr_t x, int ldx, int nt, float scale,
+               uintptr_t out, bint scalar=False):
+    """out[nt, 64] += scale * unit . x[nt, 128] (tests: the SIMD body vs its scalar twin)."""
+    with nogil:
+        unit_apply(<const uint8_t *>w, fp8, <const uint16_t *>x, ldx, nt, scale,
+                   <float *>out, scalar)
+
+
+def threads_started():
+    return pool_size()
+
+
+def configure_pool(bint pin=True, int64_t spin_ns=-1):
+    pool_configure(pin, spin_ns)
+
+
+def read_seconds(uintptr_t buf, int64_t nbytes, int nthreads):
+    """Seconds for a plain streaming read of buf (64-byte aligned) on nthreads."""
+    cdef double s
+    with nogil:
+        s = probe_read(<const uint8_t *>buf, nbytes, nthreads)
+    return s
+
+
+def peak_flops(int64_t iters, int nthreads):
+    """Flop/s of a register-only multiply-accumulate loop on nthreads."""
+    cdef double f
+    with nogil:
+        f = probe_peak(iters, nthreads)
+    return f

@@ -1,0 +1,9 @@
+"""The CPU expert engine: packed expert store + fused MoE kernels per instruction set."""
+from moed.experts.layer import CPUExpertLayer
+
+__all__ = ["CPUExpertLayer", "install_cpu_experts"]
+
+
+def install_cpu_experts(model, model_dir, threads=None):
+    from moed.experts.install import install_cpu_experts as install
+    return install(model, model_dir, threads)

@@ -1,0 +1,121 @@
+"""CPUExpertLayer: the routed experts of one MoE layer on the compiled kernels.
+
+Shape legend: T tokens, k experts per token, E experts, H hidden, I intermediate.
+"""
+import os
+import threading
+
+import numpy as np
+import torch
+
+from moed.errors import InvalidRequestError
+from moed.experts.packed import PackedExperts, empty_buffers, pack_expert_into
+from moed.model.formats import Weight
+
+_workspace = threading.local()     # per Python thread: grow-only kernel workspace
+
+
+def default_threads():
+    env = os.environ.get("MOED_THREADS", "").strip()
+    return int(env) if env else len(os.sched_getaffinity(0))
+
+
+def _workspace_for(nbytes):
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        _workspace.buf = buf
+    return buf
+
+
+class CPUExpertLayer:
+    """forward(x [T, H], topk_ids [T, k], topk_weights [T, k]) -> [T, H] float32."""
+
+    name = "cpu"
+
+    def __init__(self, packed: PackedExperts, threads=None, kernels=None):
+        from moed.cpu import expert_kernels
+        self.packed = packed
+        self.kernels = kernels or expert_kernels()
+        self.threads = threads or default_threads()
+        self._args = {m: packed.kernel_args(m) for m in ("gate", "up", "down")}
+
+    @property
+    def isa(self):
+        return self.kernels.ISA
+
+    @property
+    def num_experts(self):
+        return self.packed.num_experts
+
+    @classmethod
+    def from_tensors(cls, gate, up, down, gate_scale=None, up_scale=None, down_scale=None,
+                     threads=None, kernels=None):
+        """gate, up [E, I, H]; down [E, H, I] (HF Linear layout); FP8 e4m3 with float32
+        scales [E, ceil(out/128), ceil(in/128)], or BF16 (scales None)."""
+        E, I, H = gate.shape
+        ws = {m: [_weight(t[e], None if s is None else s[e]) for e in range(E)]
+              for m, t, s in (("gate", gate, gate_scale), ("up", up, up_scale),
+                              ("down", down, down_scale))}
+        return cls(pack_weights(ws["gate"], ws["up"], ws["down"], H, I), threads, kernels)
+
+    @classmethod
+    def from_weights(cls, gate, up, down, threads=None, kernels=None):
+        """From lists of E `Weight` (the reference backend's TorchExperts fields)."""
+        I, H = gate[0].shape
+        return cls(pack_weights(gate, up, down, H, I), threads, kernels)
+
+    def forward(self, x, topk_ids, topk_weights):
+        p = self.packed
+        x, ids, wts = self._check(x, topk_ids, topk_weights)
+        T, k = ids.shape
+        y = torch.empty(T, p.hidden, dtype=torch.float32)
+        if T == 0:
+            return y
+        Hp, Ip = (p.shape("gate").kblocks * 128, p.shape("down").kblocks * 128)
+        ws = _workspace_for(self.kernels.workspace_bytes(T, k, p.num_experts, Hp, Ip, self.threads))
+        rc = self.kernels.forward(self._args["gate"], self._args["up"], self._args["down"],
+                                  p.fmt == "fp8", p.num_experts, p.hidden, p.inter,
+                                  x.data_ptr(), x.dtype == torch.bfloat16, T, k,
+                                  ids.data_ptr(), wts.data_ptr(), y.data_ptr(),
+                                  ws.ctypes.data, self.threads)
+        if rc:
+            i = -1 - rc
+            raise InvalidRequestError(f"topk_ids[{i // k}, {i % k}] = {int(ids.view(-1)[i])} is "
+                                      f"outside [0, {p.num_experts})", field="topk_ids")
+        return y
+
+    __call__ = forward
+
+    def _check(self, x, topk_ids, topk_weights):
+        H = self.packed.hidden
+        if x.dim() != 2 or x.shape[1] != H:
+            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {H}]", field="x")
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+            raise InvalidRequestError(f"topk_ids has shape {tuple(topk_ids.shape)}, expected "
+                                      f"[{x.shape[0]}, k]", field="topk_ids")
+        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+            raise InvalidRequestError(f"topk_weights has shape {tuple(topk_weights.shape)}, "
+                                      f"expected {tuple(topk_ids.shape)}", field="topk_weights")
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        return (x.detach().cpu().contiguous(),
+                topk_ids.detach().cpu().to(torch.int64).contiguous(),
+                topk_weights.detach().cpu().to(torch.float32).contiguous())
+
+
+def _weight(data, scale):
+    return Weight(data, scale, (128, 128) if scale is not None else None)
+
+
+def pack_weights(gate, up, down, H, I):
+    """Lists of E Weights -> PackedExperts in fresh memory."""
+    from moed.experts.packed import layer_format
+    E = len(gate)
+    fmt = layer_format([(w, f"experts.{e}") for ws in (gate, up, down)
+                        for e, w in enumerate(ws)], "experts")
+    buffers = empty_buffers(fmt, E, H, I)
+    for e in range(E):
+        pack_expert_into(buffers, e, gate[e], up[e], down[e],
+                         tuple(f"experts.{e}.{m}_proj" for m in ("gate", "up", "down")))
+    return PackedExperts(fmt, E, H, I, buffers)
