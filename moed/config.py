@@ -1,0 +1,152 @@
+"""The daemon's settings: one validated dataclass, read from YAML + env + flags.
+
+Precedence, lowest first: defaults here -> the YAML file (etc/moed.yaml
+documents every setting) -> environment (MOED_ADMIN_TOKEN) -> command-line
+flags. A bad value raises ConfigError naming the setting as `section.key`.
+"""
+import os
+from dataclasses import dataclass, field, fields
+
+from moed.errors import ConfigError
+
+SECTIONS = ("server", "engine", "limits", "telemetry")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _setting(default, section, kind, *, nullable=False):
+    return field(default=default, metadata={"section": section, "kind": kind, "nullable": nullable})
+
+
+@dataclass
+class Config:
+    # server
+    model: str = _setting(None, "server", str, nullable=True)   # None: the built-in demo model
+    host: str = _setting("127.0.0.1", "server", str)
+    port: int = _setting(50051, "server", int)                   # 0: any free port
+    admin_token: str = _setting(None, "server", str, nullable=True)
+    tls_cert_file: str = _setting(None, "server", str, nullable=True)
+    tls_key_file: str = _setting(None, "server", str, nullable=True)
+    max_message_bytes: int = _setting(4 << 20, "server", int)
+    drain_timeout_s: float = _setting(60.0, "server", float)
+    log_level: str = _setting("info", "server", str)
+    # engine
+    device: str = _setting("auto", "engine", str)
+    max_num_seqs: int = _setting(64, "engine", int)
+    max_num_batched_tokens: int = _setting(256, "engine", int)
+    num_kv_blocks: int = _setting(None, "engine", int, nullable=True)
+    block_size: int = _setting(16, "engine", int)
+    max_waiting: int = _setting(256, "engine", int)
+    experts: str = _setting("auto", "engine", str)
+    # limits (per request, checked before the engine sees it)
+    max_stop_strings: int = _setting(8, "limits", int)
+    max_stop_string_chars: int = _setting(128, "limits", int)
+    max_stop_token_ids: int = _setting(64, "limits", int)
+    max_request_id_chars: int = _setting(128, "limits", int)
+    max_prompt_chars: int = _setting(1 << 20, "limits", int)
+    # telemetry
+    service_name: str = _setting("moed", "telemetry", str)
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check_type(self, f)
+        self._check_ranges()
+
+    def _check_ranges(self):
+        positive = ("max_message_bytes", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                    "max_waiting", "max_stop_string_chars", "max_request_id_chars",
+                    "max_prompt_chars")
+        for name in positive:
+            if getattr(self, name) < 1:
+                _bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_stop_strings", "max_stop_token_ids", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                _bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            _bad("num_kv_blocks", f"must be >= 1 or null, got {self.num_kv_blocks}")
+        if not 0 <= self.port <= 65535:
+            _bad("port", f"must be in [0, 65535], got {self.port}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            _bad("max_num_batched_tokens", "must be >= engine.max_num_seqs (every running "
+                 "sequence decodes one token per step)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            _bad("tls_cert_file", "TLS needs both server.tls_cert_file and server.tls_key_file")
+        if self.log_level not in LOG_LEVELS:
+            _bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.experts not in ("auto", "cpu", "torch"):
+            _bad("experts", f"must be auto, cpu or torch, got {self.experts!r}")
+
+    @property
+    def tls(self):
+        return self.tls_cert_file is not None
+
+    def engine_kwargs(self):
+        """Keyword arguments of LLMEngine."""
+        return dict(device=self.device, max_num_seqs=self.max_num_seqs,
+                    max_num_batched_tokens=self.max_num_batched_tokens,
+                    num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
+                    max_waiting=self.max_waiting, experts=self.experts)
+
+
+def qualified(name):
+    """`section.key` of a setting, as the YAML file spells it."""
+    f = next((f for f in fields(Config) if f.name == name), None)
+    return f"{f.metadata['section']}.{name}" if f else name
+
+
+def _bad(name, why):
+    raise ConfigError(f"{qualified(name)}: {why}", field=qualified(name))
+
+
+def _check_type(cfg, f):
+    value, kind = getattr(cfg, f.name), f.metadata["kind"]
+    if value is None:
+        if not f.metadata["nullable"]:
+            _bad(f.name, "must be set")
+        return
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        setattr(cfg, f.name, float(value))
+        return
+    if isinstance(value, bool) or not isinstance(value, kind):
+        _bad(f.name, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def flatten_yaml(doc, path="<config>"):
+    """{section: {key: value}} -> {key: value}; unknown sections and keys are errors."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections", field="<root>")
+    known = {f.name: f.metadata["section"] for f in fields(Config)}
+    flat = {}
+    for section, body in doc.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {section!r} (known: {', '.join(SECTIONS)})",
+                              field=str(section))
+        for key, value in (body or {}).items():
+            if known.get(key) != section:
+                raise ConfigError(f"{path}: unknown setting {section}.{key}",
+                                  field=f"{section}.{key}")
+            flat[key] = value
+    return flat
+
+
+def read_yaml(path):
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}", field="--config") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}", field="--config") from e
+    return flatten_yaml(doc, path)
+
+
+def load_config(path=None, overrides=None, env=None):
+    """Defaults < YAML file < environment < overrides (flags; None values are ignored)."""
+    env = os.environ if env is None else env
+    values = read_yaml(path) if path else {}
+    if env.get("MOED_ADMIN_TOKEN"):
+        values["admin_token"] = env["MOED_ADMIN_TOKEN"]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Config(**values)
