@@ -1,0 +1,168 @@
+"""MoedServer: the grpc.aio server around one engine loop.
+
+Lifecycle:  start (bind; health "" SERVING, generation NOT_SERVING; load the model
+on the engine thread) -> ready (generation SERVING) -> drain / resume ->
+shutdown (drain, let in-flight streams finish, stop). While loading or draining,
+Generate gets UNAVAILABLE; in-flight streams are never cut by a drain.
+"""
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moed.errors import ConfigError
+from moed.server.admin import AdminServicer
+from moed.server.auth import AdminAuthInterceptor
+from moed.server.engine_loop import EngineLoop
+from moed.server.gen import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+from moed.server.generation import GenerationServicer
+from moed.server.telemetry import Telemetry
+
+log = logging.getLogger("moed.server")
+GENERATION = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def default_engine_factory(model_dir, cfg):
+    def make():
+        from moed.engine.llm_engine import LLMEngine
+        return LLMEngine(model_dir, **cfg.engine_kwargs())
+    return make
+
+
+class MoedServer:
+    def __init__(self, cfg, model_dir, make_engine=None, telemetry=None):
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self._make_engine = make_engine or default_engine_factory(self.model_dir, cfg)
+        self.telemetry = telemetry or Telemetry(cfg.service_name, self.model_dir.name)
+        self.started = time.monotonic()
+        self.ready = False
+        self.draining = False
+        self.active_streams = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.port = None
+        self.engine_loop = None
+        self.server = None
+        self.health = health.aio.HealthServicer()
+
+    # -- lifecycle
+    async def start(self):
+        """Bind and serve; the model loads in the background (see wait_ready)."""
+        self.engine_loop = EngineLoop(self._make_engine, asyncio.get_running_loop(),
+                                      on_finish=self.telemetry.record)
+        self.server = self._build_server()
+        self.port = self._bind()
+        self.telemetry.server_address = (self.cfg.host, self.port)
+        await self.health.set(GENERATION, NOT_SERVING)
+        await self.health.set(ADMIN, SERVING)
+        await self.server.start()
+        self.engine_loop.start()
+        self._load_task = asyncio.create_task(self._await_load())
+        return self.port
+
+    def _build_server(self):
+        limit = self.cfg.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[AdminAuthInterceptor(self.cfg.admin_token)],
+            options=[("grpc.max_send_message_length", limit),
+                     ("grpc.max_receive_message_length", limit),
+                     ("grpc.so_reuseport", 0)])
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (GENERATION, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server
+
+    def _bind(self):
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            if self.cfg.tls:
+                return self.server.add_secure_port(address, self._credentials())
+            return self.server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise ConfigError(f"server.port: cannot bind {address}: {e}", field="server.port") from e
+
+    def _credentials(self):
+        def read(name):
+            path = getattr(self.cfg, name)
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise ConfigError(f"server.{name}: cannot read {path}: {e.strerror}",
+                                  field=f"server.{name}") from e
+        return grpc.ssl_server_credentials([(read("tls_key_file"), read("tls_cert_file"))])
+
+    async def _await_load(self):
+        await asyncio.get_running_loop().run_in_executor(None, self.engine_loop.loaded.wait)
+        if self.engine_loop.load_error is not None:
+            log.error("loading %s failed: %s", self.model_dir, self.engine_loop.load_error)
+            return
+        self.ready = True
+        info = self.engine_loop.engine.model_info
+        log.info("model loaded: %s (%s) on %s, experts %s, isa %s", info["architecture"],
+                 info["weight_format"], info["device"], info["experts"], info["isa"])
+        if not self.draining:
+            await self.health.set(GENERATION, SERVING)
+
+    async def wait_ready(self):
+        """Until the model is loaded; re-raises a load failure."""
+        await asyncio.shield(self._load_task)
+        if self.engine_loop.load_error is not None:
+            raise self.engine_loop.load_error
+
+    async def drain(self):
+        self.draining = True
+        await self.health.set(GENERATION, NOT_SERVING)
+
+    async def resume(self):
+        self.draining = False
+        if self.ready:
+            await self.health.set(GENERATION, SERVING)
+
+    async def shutdown(self, timeout=None):
+        """Drain, wait up to `timeout` (default drain_timeout_s) for in-flight streams,
+        then stop: streams still running are cancelled."""
+        timeout = self.cfg.drain_timeout_s if timeout is None else timeout
+        await self.drain()
+        await self.health.enter_graceful_shutdown()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        await self.server.stop(grace=1.0)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine_loop.stop, 10.0)
+        self.telemetry.shutdown()
+
+    # -- admission, for the handlers
+    async def require_loaded(self, context):
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading"
+                                if self.engine_loop.load_error is None else "the model failed to load")
+        return self.engine_loop.engine
+
+    async def require_serving(self, context):
+        engine = await self.require_loaded(context)
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the server is draining: it finishes in-flight requests and "
+                                "admits no new ones")
+        return engine
+
+    @contextlib.asynccontextmanager
+    async def stream_slot(self):
+        """Count a Generate stream as in flight for the drain."""
+        self.active_streams += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.active_streams -= 1
+            if self.active_streams == 0:
+                self._idle.set()
