@@ -58,11 +58,22 @@ setup(
         "jinja2>=3.1",
         "pyyaml>=6",
         "tqdm>=4.60",
+        # the daemon: the generated code in moed/server/gen needs these or newer
+        "grpcio>=1.85.1,<2",
+        "grpcio-health-checking>=1.85.1,<2",
+        "grpcio-reflection>=1.85.1,<2",
+        "grpcio-status>=1.85.1,<2",
+        "protobuf>=7.35.1,<8",
+        "opentelemetry-api>=1.45,<2",
+        "opentelemetry-sdk>=1.45,<2",
+        "opentelemetry-exporter-otlp-proto-grpc>=1.45,<2",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "transformers==4.57.6",
+            # pinned: tests/test_protos.py asserts regenerating gives byte-identical code
+            "grpcio-tools==1.85.1",
         ],
     },
     entry_points={
