@@ -65,6 +65,7 @@ class EngineLoop:
         self.load_error = None
         self.rate = TokenRate()
         self.requests_served = 0
+        self.steps = 0                          # forward steps run (batching is visible in it)
         self.snapshot = Snapshot({"num_running": 0, "num_waiting": 0, "kv_blocks_used": 0,
                                   "kv_blocks_total": 0}, [])
 
@@ -166,6 +167,7 @@ class EngineLoop:
             log.exception("engine step failed")
             self._fail_all(e)
             return
+        self.steps += 1
         self._track_prefill(prefilling, t0)
         batch = []
         for out in outputs:
