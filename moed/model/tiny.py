@@ -1,0 +1,533 @@
+"""Tiny random Hugging Face checkpoints, laid out exactly as the publishers lay
+out the real ones (DeepSeek-V3/R1 FP8, Qwen3-30B-A3B(-FP8), Mixtral-8x7B,
+Qwen1.5-MoE / Qwen2-MoE): config.json field spellings, tensor names, FP8
+tensors with float32 `weight_scale_inv` block grids, sharded safetensors with
+an index, generation_config.json and a trained byte-level BPE tokenizer.
+
+Dims are small but ragged (160, 136, 296: not multiples of 128, some above it)
+so FP8 edge blocks are partial and some dims have several blocks. Weights are
+seeded per tensor (same arch, format, seed and overrides -> same bytes) and
+scaled so activations stay O(1) and logits and router scores have clear
+margins: greedy tokens compared against transformers must not hinge on ties.
+
+Tensors are generated one at a time and streamed into their shard, so a
+benchmark-sized model (via `overrides`) never sits in memory twice.
+"""
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moed.errors import ConfigError
+from moed.model.formats import FP8_DTYPE, block_grid, quantize_fp8
+
+ARCHS = ("deepseek_v3", "qwen3_moe", "mixtral", "qwen2_moe")
+FORMATS = ("bf16", "fp8")
+FP8_BLOCK = (128, 128)
+TOKENIZER_VOCAB = 500          # tokenizer size; config vocab_size is padded above it
+CORPUS = Path(__file__).with_name("tiny_corpus.txt")
+
+# Init scales (std of the value each tensor produces, inputs being RMS-normed).
+LOGIT_STD = 6.0                # final logits: top tokens several units apart
+ROUTER_STD = {"softmax": 2.5, "sigmoid": 1.5}   # sigmoid saturates (ties at 1.0) beyond ~4
+# Linear layers: output std ~ input rms. Each decoder layer then adds ~0.7x the
+# residual's rms to it, so attention and experts matter to the logits (a bug in
+# rotary or routing moves them by units) without activations blowing up.
+LINEAR_GAIN = 1.0
+NORM_JITTER = 0.1              # RMSNorm weights = 1 + N(0, 0.1)
+
+
+# ---------------------------------------------------------------- config.json
+
+def deepseek_v3_config():
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "attention_bias": False, "attention_dropout": 0.0,
+        "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 160,
+        "initializer_range": 0.02, "intermediate_size": 296, "kv_lora_rank": 72,
+        "max_position_embeddings": 256, "moe_intermediate_size": 136, "moe_layer_freq": 1,
+        "n_group": 4, "n_routed_experts": 8, "n_shared_experts": 1, "norm_topk_prob": True,
+        "num_attention_heads": 4, "num_experts_per_tok": 3, "num_hidden_layers": 3,
+        "num_key_value_heads": 4, "num_nextn_predict_layers": 0, "q_lora_rank": 96,
+        "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "rms_norm_eps": 1e-6,
+        # the published YaRN block (factor 40 over 4096) scaled down: 4 x 64 = 256
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 4, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 64,
+                         "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "tie_word_embeddings": False, "topk_group": 2, "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16", "use_cache": True, "v_head_dim": 24,
+    }
+
+
+def qwen3_moe_config():
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "attention_bias": False, "attention_dropout": 0.0, "decoder_sparse_step": 1,
+        "head_dim": 48, "hidden_act": "silu", "hidden_size": 160, "initializer_range": 0.02,
+        "intermediate_size": 296, "max_position_embeddings": 256, "max_window_layers": 3,
+        "mlp_only_layers": [0], "moe_intermediate_size": 136, "norm_topk_prob": True,
+        "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 4,
+        "num_hidden_layers": 3, "num_key_value_heads": 2, "output_router_logits": False,
+        "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    }
+
+
+def mixtral_config():
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "attention_dropout": 0.0, "hidden_act": "silu", "hidden_size": 160,
+        "initializer_range": 0.02, "intermediate_size": 136, "max_position_embeddings": 256,
+        "num_attention_heads": 4, "num_experts_per_tok": 2, "num_hidden_layers": 2,
+        "num_key_value_heads": 2, "num_local_experts": 8, "output_router_logits": False,
+        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "use_cache": True,
+    }
+
+
+def qwen2_moe_config():
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+        "attention_dropout": 0.0, "decoder_sparse_step": 1, "hidden_act": "silu",
+        "hidden_size": 160, "initializer_range": 0.02, "intermediate_size": 296,
+        "max_position_embeddings": 256, "max_window_layers": 2, "mlp_only_layers": [],
+        "moe_intermediate_size": 136, "norm_topk_prob": False, "num_attention_heads": 4,
+        "num_experts": 8, "num_experts_per_tok": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": 272, "sliding_window": 256,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False,
+    }
+
+
+CONFIGS = {"deepseek_v3": deepseek_v3_config, "qwen3_moe": qwen3_moe_config,
+           "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config}
+
+
+def quantization_config(arch, cfg):
+    """As published: DeepSeek's block; Qwen3-FP8 also lists what stays BF16."""
+    q = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+         "weight_block_size": list(FP8_BLOCK)}
+    if arch == "qwen3_moe":
+        keep = ["lm_head", "model.embed_tokens"]
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            keep += [f"{p}.input_layernorm", f"{p}.post_attention_layernorm",
+                     f"{p}.self_attn.q_norm", f"{p}.self_attn.k_norm"]
+            if is_sparse(arch, cfg, i):
+                keep.append(f"{p}.mlp.gate")
+        q["modules_to_not_convert"] = keep + ["model.norm"]
+    return q
+
+
+# ---------------------------------------------------------------- tokenizer spec
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Special tokens and chat template in the style of one publisher."""
+    leading: tuple           # specials at ids 0.. (DeepSeek, Mixtral)
+    trailing: tuple          # specials appended after the BPE vocab (Qwen, chat markers)
+    plain: tuple             # added tokens that are not special (Qwen3's <think>)
+    bos: str                 # None when the model has no BOS (Qwen)
+    eos: str                 # tokenizer_config eos_token
+    generation_eos: tuple    # generation_config eos_token_id, as tokens
+    pad: str
+    add_bos: bool
+    tokenizer_class: str
+    max_length: int
+    chat_template: str = field(repr=False)
+
+
+DEEPSEEK_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for m in messages if m['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + m['content'] -%}{%- endfor -%}"
+    "{{- bos_token + ns.system -}}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{- '<｜User｜>' + m['content'] -}}"
+    "{%- elif m['role'] == 'assistant' -%}{{- '<｜Assistant｜>' + m['content'] + eos_token -}}"
+    "{%- elif m['role'] != 'system' -%}{{- raise_exception('unsupported role ' + m['role']) -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}")
+
+CHATML_TEMPLATE = (
+    "{%- if default_system and messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}{%- endif -%}")
+
+MIXTRAL_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for m in messages -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('roles must alternate user, assistant, user, ...') -}}{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{{- '[INST] ' + m['content'] + ' [/INST]' -}}"
+    "{%- else -%}{{- m['content'] + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}")
+
+
+def chatml(default_system):
+    return ("{%- set default_system = " + json.dumps(default_system) + " -%}"
+            + CHATML_TEMPLATE)
+
+
+TOKENIZERS = {
+    "deepseek_v3": TokenizerSpec(
+        ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"),
+        ("<｜User｜>", "<｜Assistant｜>"), (), "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>", ("<｜end▁of▁sentence｜>",), "<｜end▁of▁sentence｜>", True,
+        "LlamaTokenizerFast", 16384, DEEPSEEK_TEMPLATE),
+    "qwen3_moe": TokenizerSpec(
+        (), ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), ("<think>", "</think>"), None,
+        "<|im_end|>", ("<|im_end|>", "<|endoftext|>"), "<|endoftext|>", False,
+        "Qwen2Tokenizer", 131072, chatml("")),
+    "mixtral": TokenizerSpec(
+        ("<unk>", "<s>", "</s>"), ("[INST]", "[/INST]"), (), "<s>", "</s>", ("</s>",), None,
+        True, "LlamaTokenizerFast", 1000000000000000019884624838656, MIXTRAL_TEMPLATE),
+    "qwen2_moe": TokenizerSpec(
+        (), ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), (), None, "<|im_end|>",
+        ("<|im_end|>", "<|endoftext|>"), "<|endoftext|>", False, "Qwen2Tokenizer", 32768,
+        chatml("You are a helpful assistant.")),
+}
+
+
+def train_tokenizer(spec, size):
+    """Byte-level BPE over the packaged corpus; deterministic, a few ms."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=size - len(spec.trailing) - len(spec.plain), show_progress=False,
+        special_tokens=list(spec.leading), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(True), trainer)
+    tok.add_special_tokens(list(spec.trailing))
+    tok.add_tokens(list(spec.plain))
+    return tok
+
+
+def tokenizer_config(spec, tok):
+    added = {}
+    for name in spec.leading + spec.trailing + spec.plain:
+        added[str(tok.token_to_id(name))] = {
+            "content": name, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": name not in spec.plain}
+    return {"add_bos_token": spec.add_bos, "add_eos_token": False,
+            "added_tokens_decoder": added, "bos_token": spec.bos,
+            "chat_template": spec.chat_template, "clean_up_tokenization_spaces": False,
+            "eos_token": spec.eos, "model_max_length": spec.max_length,
+            "pad_token": spec.pad, "tokenizer_class": spec.tokenizer_class,
+            "unk_token": "<unk>" if "<unk>" in spec.leading else None}
+
+
+def generation_config(spec, tok):
+    eos = [tok.token_to_id(t) for t in spec.generation_eos]
+    gen = {"bos_token_id": tok.token_to_id(spec.bos or "<|endoftext|>"),
+           "eos_token_id": eos[0] if len(eos) == 1 else eos}
+    if spec.pad:
+        gen["pad_token_id"] = tok.token_to_id(spec.pad)
+    return gen
+
+
+# ---------------------------------------------------------------- tensor plan
+
+@dataclass(frozen=True)
+class Param:
+    """One checkpoint tensor before its storage format is decided."""
+    name: str
+    shape: tuple
+    role: str        # embed | lm_head | norm | linear | router | bias | ecb
+    std: float = 1.0
+
+
+def is_sparse(arch, c, i):
+    if arch == "deepseek_v3":
+        return i >= c["first_k_dense_replace"] and i % c.get("moe_layer_freq", 1) == 0
+    if arch == "mixtral":
+        return True
+    return i not in (c.get("mlp_only_layers") or []) and (i + 1) % c["decoder_sparse_step"] == 0
+
+
+def linear(name, out, inp):
+    return Param(f"{name}.weight", (out, inp), "linear", LINEAR_GAIN / math.sqrt(inp))
+
+
+def norm(name, size):
+    return Param(f"{name}.weight", (size,), "norm", NORM_JITTER)
+
+
+def mlp(prefix, D, inter, names=("gate_proj", "up_proj", "down_proj")):
+    g, u, d = names
+    return [linear(f"{prefix}.{g}", inter, D), linear(f"{prefix}.{u}", inter, D),
+            linear(f"{prefix}.{d}", D, inter)]
+
+
+def gqa_attention(p, c, head_dim, qkv_bias, qk_norm):
+    D, H, KV = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    params = [linear(f"{p}.q_proj", H * head_dim, D), linear(f"{p}.k_proj", KV * head_dim, D),
+              linear(f"{p}.v_proj", KV * head_dim, D),
+              linear(f"{p}.o_proj", D, H * head_dim)]
+    if qkv_bias:
+        params[3:3] = [Param(f"{p}.{x}_proj.bias", (n * head_dim,), "bias", 0.2)
+                       for x, n in (("q", H), ("k", KV), ("v", KV))]
+    if qk_norm:
+        params += [norm(f"{p}.q_norm", head_dim), norm(f"{p}.k_norm", head_dim)]
+    return params
+
+
+def mla_attention(p, c):
+    D, H, r = c["hidden_size"], c["num_attention_heads"], c["kv_lora_rank"]
+    dn, dr, dv, qr = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["q_lora_rank"]
+    q = ([linear(f"{p}.q_a_proj", qr, D), norm(f"{p}.q_a_layernorm", qr),
+          linear(f"{p}.q_b_proj", H * (dn + dr), qr)] if qr
+         else [linear(f"{p}.q_proj", H * (dn + dr), D)])
+    return q + [linear(f"{p}.kv_a_proj_with_mqa", r + dr, D), norm(f"{p}.kv_a_layernorm", r),
+                linear(f"{p}.kv_b_proj", H * (dn + dv), r),
+                linear(f"{p}.o_proj", D, H * dv)]
+
+
+def attention(arch, c, i):
+    p = f"model.layers.{i}.self_attn"
+    if arch == "deepseek_v3":
+        return mla_attention(p, c)
+    heads_dim = c["hidden_size"] // c["num_attention_heads"]
+    if arch == "qwen3_moe":
+        return gqa_attention(p, c, c.get("head_dim") or heads_dim, c["attention_bias"], True)
+    if arch == "qwen2_moe":
+        return gqa_attention(p, c, heads_dim, c.get("qkv_bias", True), False)
+    return gqa_attention(p, c, c.get("head_dim") or heads_dim, False, False)
+
+
+def router(name, E, D, kind):
+    return Param(f"{name}.weight", (E, D), "router", ROUTER_STD[kind] / math.sqrt(D))
+
+
+def sparse_block(arch, c, i):
+    D = c["hidden_size"]
+    if arch == "mixtral":
+        p, E, inter = f"model.layers.{i}.block_sparse_moe", c["num_local_experts"], c["intermediate_size"]
+        experts = [x for e in range(E) for x in mlp(f"{p}.experts.{e}", D, inter, ("w1", "w3", "w2"))]
+        return [router(f"{p}.gate", E, D, "softmax")] + experts
+    p, inter = f"model.layers.{i}.mlp", c["moe_intermediate_size"]
+    E = c["n_routed_experts"] if arch == "deepseek_v3" else c["num_experts"]
+    experts = [x for e in range(E) for x in mlp(f"{p}.experts.{e}", D, inter)]
+    if arch == "deepseek_v3":
+        return ([router(f"{p}.gate", E, D, "sigmoid"),
+                 Param(f"{p}.gate.e_score_correction_bias", (E,), "ecb", 0.1)] + experts
+                + mlp(f"{p}.shared_experts", D, inter * c["n_shared_experts"]))
+    params = [router(f"{p}.gate", E, D, "softmax")] + experts
+    if arch == "qwen2_moe":
+        params += mlp(f"{p}.shared_expert", D, c["shared_expert_intermediate_size"])
+        params.append(Param(f"{p}.shared_expert_gate.weight", (1, D), "router", 1 / math.sqrt(D)))
+    return params
+
+
+def decoder_layer(arch, c, i):
+    p, D = f"model.layers.{i}", c["hidden_size"]
+    ffn = (sparse_block(arch, c, i) if is_sparse(arch, c, i)
+           else mlp(f"{p}.mlp", D, c["intermediate_size"]))
+    return ([norm(f"{p}.input_layernorm", D)] + attention(arch, c, i)
+            + [norm(f"{p}.post_attention_layernorm", D)] + ffn)
+
+
+def model_params(arch, c):
+    """Every tensor of the checkpoint, in the order the layers use them."""
+    D, V = c["hidden_size"], c["vocab_size"]
+    layers = [x for i in range(c["num_hidden_layers"]) for x in decoder_layer(arch, c, i)]
+    return ([Param("model.embed_tokens.weight", (V, D), "embed")] + layers
+            + [norm("model.norm", D), Param("lm_head.weight", (V, D), "lm_head",
+                                            LOGIT_STD / math.sqrt(D))])
+
+
+# ---------------------------------------------------------------- storage format
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor as written: name, shape, dtype, and the Param it comes from."""
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    param: Param
+    is_scale: bool = False
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def is_fp8(param, fmt):
+    """Publishers quantize every Linear inside the decoder layers except routers."""
+    return fmt == "fp8" and param.role in ("linear")
+
+
+def storage_plan(params, fmt):
+    plan = []
+    for p in params:
+        if is_fp8(p, fmt):
+            plan += [Stored(p.name, p.shape, FP8_DTYPE, p),
+                     Stored(p.name + "_scale_inv", block_grid(p.shape, FP8_BLOCK),
+                            torch.float32, p, is_scale=True)]
+        else:
+            dtype = torch.float32 if p.role == "ecb" else torch.bfloat16
+            plan.append(Stored(p.name, p.shape, dtype, p))
+    return plan
+
+
+def tensor_seed(seed, name):
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def init_values(p, seed, real_vocab):
+    """float32 values of one Param, from its own generator (order-independent)."""
+    g = torch.Generator().manual_seed(tensor_seed(seed, p.name))
+    w = torch.randn(p.shape, generator=g) * p.std
+    if p.role == "norm":
+        w += 1.0
+    if p.role == "lm_head":
+        w[real_vocab:] *= 0.1     # padded rows, like untrained ones: rarely the argmax
+    return w
+
+
+def stored_tensors(plan, seed, real_vocab):
+    """Yield (Stored, tensor) in plan order; an FP8 weight yields data then scale."""
+    pending_scale = None
+    for s in plan:
+        if s.is_scale:
+            yield s, pending_scale
+            continue
+        w = init_values(s.param, seed, real_vocab)
+        if s.dtype == FP8_DTYPE:
+            w, pending_scale = quantize_fp8(w, FP8_BLOCK)
+        yield s, w.to(s.dtype).contiguous()
+
+
+# ---------------------------------------------------------------- safetensors writer
+
+SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", FP8_DTYPE: "F8_E4M3"}
+
+
+def safetensors_header(items):
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for s in items:
+        header[s.name] = {"dtype": SAFETENSORS_DTYPE[s.dtype], "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)       # data starts 8-byte aligned
+
+
+def write_shard(path, items, tensors):
+    """Header first (offsets known from the plan), then each tensor as it is made."""
+    header = safetensors_header(items)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for s in items:
+            got, t = next(tensors)
+            assert got is s and tuple(t.shape) == s.shape and t.dtype == s.dtype, s.name
+            f.write(t.view(torch.uint8).numpy().data)
+
+
+def shard_bounds(sizes, num_shards):
+    """Start index of each shard: about equal bytes, none empty."""
+    total, starts, acc, k = sum(sizes), [0], 0, 1
+    for i, n in enumerate(sizes):
+        if k < num_shards and acc >= total * k / num_shards and i > starts[-1]:
+            starts.append(i)
+            k += 1
+        acc += n
+    while len(starts) < num_shards:     # huge last tensors: peel one off per shard
+        starts.append(len(sizes) - num_shards + len(starts))
+    return sorted(set(starts))
+
+
+def write_checkpoint(out_dir, plan, tensors, num_shards):
+    if num_shards < 1 or num_shards > len(plan):
+        raise ConfigError(f"num_shards must be 1..{len(plan)}, got {num_shards}",
+                          field="num_shards")
+    if num_shards == 1:
+        write_shard(out_dir / "model.safetensors", plan, tensors)
+        return
+    starts = shard_bounds([s.nbytes for s in plan], num_shards) + [len(plan)]
+    weight_map = {}
+    for k in range(num_shards):
+        name = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
+        items = plan[starts[k]:starts[k + 1]]
+        write_shard(out_dir / name, items, tensors)
+        weight_map.update({s.name: name for s in items})
+    index = {"metadata": {"total_size": sum(s.nbytes for s in plan)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    write_json(out_dir / "model.safetensors.index.json", index)
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- the builder
+
+def padded_vocab(arch, size):
+    """Mixtral's vocab is exact; DeepSeek and Qwen pad the embedding (to 64 here)."""
+    return size if arch == "mixtral" else -(-size // 64) * 64
+
+
+def model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab):
+    cfg = CONFIGS[arch]()
+    gen = generation_config(spec, tok)
+    cfg.update(bos_token_id=gen["bos_token_id"], eos_token_id=gen["eos_token_id"],
+               vocab_size=padded_vocab(arch, tok.get_vocab_size()))
+    cfg.update(overrides or {})
+    if cfg["vocab_size"] < tok.get_vocab_size():
+        raise ConfigError(f"vocab_size {cfg['vocab_size']} is below the tokenizer's "
+                          f"{tok.get_vocab_size()} tokens (tokenizer_vocab={tokenizer_vocab})",
+                          field="vocab_size")
+    if fmt == "fp8":
+        cfg["quantization_config"] = quantization_config(arch, cfg)
+    return dict(sorted(cfg.items()))
+
+
+def check_choice(value, choices, what):
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(choices)}, got {value!r}", field=what)
+
+
+def build_tiny_model(out_dir, arch, fmt="bf16", seed=0, num_shards=2, overrides=None,
+                     tokenizer_vocab=TOKENIZER_VOCAB):
+    """Write a tiny random checkpoint of `arch` in `fmt` into out_dir; returns its path."""
+    check_choice(arch, ARCHS, "arch")
+    check_choice(fmt, FORMATS, "format")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # tensors this small only lose time waking a thread pool
+    try:
+        return write_model(Path(out_dir), arch, fmt, seed, num_shards, overrides,
+                           tokenizer_vocab)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_model(out, arch, fmt, seed, num_shards, overrides, tokenizer_vocab):
+    out.mkdir(parents=True, exist_ok=True)
+    spec = TOKENIZERS[arch]
+    tok = train_tokenizer(spec, min(tokenizer_vocab, (overrides or {}).get("vocab_size", 1 << 30)))
+    cfg = model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab)
+    plan = storage_plan(model_params(arch, cfg), fmt)
+    write_checkpoint(out, plan, stored_tensors(plan, seed, tok.get_vocab_size()), num_shards)
+    write_json(out / "config.json", cfg)
+    write_json(out / "generation_config.json", generation_config(spec, tok))
+    write_json(out / "tokenizer_config.json", tokenizer_config(spec, tok))
+    (out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    return out
