@@ -84,7 +84,9 @@ class Config:
         return dict(device=self.device, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
-                    max_waiting=self.max_waiting, experts=self.experts)
+                    max_waiting=self.max_waiting,
+                    # "auto" defers to the engine, which honours MOED_EXPERTS
+                    experts=None if self.experts == "auto" else self.experts)
 
 
 def qualified(name):

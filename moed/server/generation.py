@@ -53,9 +53,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await self.app.engine_loop.submit(tracked)
         except RequestRejected as r:
             if r.field:
-                r = RequestRejected(r.code, str(r), protocol.field_path(r.field, request))
-                if r.field == "request_id":
-                    r.code = grpc.StatusCode.ALREADY_EXISTS
+                field = protocol.field_path(r.field, request)
+                msg = str(r) if str(r).startswith(field) else f"{field}: {r}"
+                code = grpc.StatusCode.ALREADY_EXISTS if field == "request_id" else r.code
+                r = RequestRejected(code, msg, field)
             await abort(context, r)
 
     async def _relay(self, request_id, events, context):
