@@ -20,7 +20,15 @@ $(STAMP): setup.py pyproject.toml $(wildcard cython_src/*)
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m moed.demo
+	@set -e; port=$${MOED_PORT:-50051}; ctl="$(PY) -m moed.cli.moectl --target 127.0.0.1:$$port"; \
+	export MOED_ADMIN_TOKEN=$${MOED_ADMIN_TOKEN:-demo-$$$$}; \
+	$(PY) -m moed.cli.daemon --port $$port & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null || true; wait $$pid || true' EXIT INT TERM; \
+	$$ctl health --wait 600 >/dev/null; \
+	$$ctl generate "Tell me a story about a small robot." --chat --max-new-tokens 64 \
+	    --temperature 0.8 --top-p 0.95 --seed 0; \
+	$$ctl bench --streams 16 --prompt-tokens 32 --output-tokens 32; \
+	$$ctl status
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
