@@ -207,3 +207,18 @@ def test_bearer_token_parsing_and_token_rate_window():
     now[0] = 200.0
     rate.add(60)
     assert rate.per_second() == pytest.approx(1.0)      # the first 30 fell out of the window
+
+
+def test_otlp_export_only_when_endpoint_set(monkeypatch):
+    from moed.server.telemetry import otlp_exporters
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    assert otlp_exporters() == (None, None)
+    quiet = Telemetry("moed-test", "m")
+    assert not quiet.tracer_provider._active_span_processor._span_processors
+    quiet.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    spans, metrics = otlp_exporters()
+    assert type(spans).__name__ == "OTLPSpanExporter"
+    assert type(metrics).__name__ == "PeriodicExportingMetricReader"
+    spans.shutdown()
+    metrics.shutdown()

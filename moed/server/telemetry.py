@@ -140,8 +140,8 @@ def request_attributes(t):
              "gen_ai.request.presence_penalty": float(p.presence_penalty)}
     if p.top_k:
         attrs["gen_ai.request.top_k"] = float(p.top_k)
-    if p.seed is not None:
-        attrs["gen_ai.request.seed"] = int(p.seed)
+    if p.seed is not None:      # OTLP ints are int64; a uint64 seed above that goes as text
+        attrs["gen_ai.request.seed"] = int(p.seed) if p.seed < 1 << 63 else str(p.seed)
     if p.stop:
         attrs["gen_ai.request.stop_sequences"] = list(p.stop)
     return attrs
