@@ -1,4 +1,5 @@
 """Black-box tests of the daemon over real gRPC on 127.0.0.1, on a tiny Qwen3-MoE model."""
+import contextlib
 import threading
 import time
 
@@ -93,16 +94,40 @@ def greedy(n=8, **kw):
 
 
 # -- streaming
-def test_stream_matches_offline_generation_and_arrives_incrementally(client, model_dir):
+@contextlib.contextmanager
+def engine_held_after_first_token(server, request_id):
+    """Hold the engine thread before the step after `request_id`'s first token:
+    whatever the client has by then was sent before the later tokens existed."""
+    eng = server.app.engine_loop.engine
+    real_step, seen, held, release = eng.step, [], threading.Event(), threading.Event()
+
+    def step():
+        if seen and not release.is_set():
+            held.set()
+            release.wait(60)
+        outs = real_step()
+        seen.extend(o for o in outs if o.request_id == request_id)
+        return outs
+    eng.step = step
+    try:
+        yield held
+    finally:
+        release.set()
+        del eng.step
+
+
+def test_stream_matches_offline_generation_and_arrives_incrementally(client, server, model_dir):
     from moed import LLM, SamplingParams
     n = 40
-    call = client.gen.Generate(greedy(n, text="once upon a time", request_id="stream-1"))
-    first = next(call)
-    listed = {r.request_id: r for r in
-              client.admin.ListRequests(apb.ListRequestsRequest(), metadata=ADMIN).requests}
-    # the first chunk is out while the request is still generating
-    assert first.HasField("chunk") and "stream-1" in listed
-    assert listed["stream-1"].completion_tokens < n
+    with engine_held_after_first_token(server, "stream-1") as held:
+        call = client.gen.Generate(greedy(n, text="once upon a time", request_id="stream-1"))
+        first = next(call)
+        assert held.wait(60)
+        listed = {r.request_id: r for r in
+                  client.admin.ListRequests(apb.ListRequestsRequest(), metadata=ADMIN).requests}
+        assert first.HasField("chunk") and len(first.chunk.token_ids) == 1
+        assert listed["stream-1"].completion_tokens == 1
+        assert listed["stream-1"].state == apb.REQUEST_STATE_DECODE
     rest = list(call)
     chunks = [first.chunk] + [m.chunk for m in rest if m.HasField("chunk")]
     done = rest[-1].complete
@@ -238,18 +263,23 @@ def test_bad_request_never_disturbs_a_running_stream(client):
 
 
 # -- cancel and deadlines
-def test_client_cancel_frees_kv_blocks(client):
-    call = client.gen.Generate(greedy(200, text="to be cancelled"))
-    next(call)
-    assert client.status().kv_blocks_used > 0
-    call.cancel()
+def test_client_cancel_frees_kv_blocks(client, server):
+    with engine_held_after_first_token(server, "client-cancel") as held:
+        call = client.gen.Generate(greedy(200, text="to be cancelled", request_id="client-cancel"))
+        next(call)
+        assert held.wait(60) and client.status().kv_blocks_used > 0
+        call.cancel()
     assert client.kv_blocks_drop_to_zero()
 
 
-def test_admin_cancel_ends_stream_cancelled_and_frees_blocks(client):
-    call = client.gen.Generate(greedy(200, text="operator cancels me", request_id="op-cancel"))
-    next(call)
-    client.admin.CancelRequest(apb.CancelRequestRequest(request_id="op-cancel"), metadata=ADMIN)
+def test_admin_cancel_ends_stream_cancelled_and_frees_blocks(client, server):
+    with engine_held_after_first_token(server, "op-cancel") as held:
+        call = client.gen.Generate(greedy(200, text="operator cancels me", request_id="op-cancel"))
+        next(call)
+        assert held.wait(60) and client.status().kv_blocks_used > 0
+        cancel = client.admin.CancelRequest.future(
+            apb.CancelRequestRequest(request_id="op-cancel"), metadata=ADMIN)
+    cancel.result()
     last = list(call)[-1]
     assert last.complete.finish_reason == pb.FINISH_REASON_CANCELLED
     assert last.complete.usage.completion_tokens < 200
