@@ -391,25 +391,36 @@ def tensor_seed(seed, name):
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def init_values(p, seed, real_vocab):
+def quiet_tokens(tok, vocab_size):
+    """[V] bool: ids a trained model almost never emits. Padding rows, and tokens
+    that are a piece of a multi-byte character: random weights would otherwise
+    sample them next to unrelated bytes, and the streamed text would be full of
+    U+FFFD where a real model writes whole characters."""
+    quiet = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(tok.get_vocab_size()):
+        quiet[i] = "\ufffd" in tok.decode([i], skip_special_tokens=False)
+    return quiet
+
+
+def init_values(p, seed, quiet):
     """float32 values of one Param, from its own generator (order-independent)."""
     g = torch.Generator().manual_seed(tensor_seed(seed, p.name))
     w = torch.randn(p.shape, generator=g) * p.std
     if p.role == "norm":
         w += 1.0
     if p.role == "lm_head":
-        w[real_vocab:] *= 0.1     # padded rows, like untrained ones: rarely the argmax
+        w[quiet] *= 0.1           # logits ~0.6 std against ~20 for the top tokens
     return w
 
 
-def stored_tensors(plan, seed, real_vocab):
+def stored_tensors(plan, seed, quiet):
     """Yield (Stored, tensor) in plan order; an FP8 weight yields data then scale."""
     pending_scale = None
     for s in plan:
         if s.is_scale:
             yield s, pending_scale
             continue
-        w = init_values(s.param, seed, real_vocab)
+        w = init_values(s.param, seed, quiet)
         if s.dtype == FP8_DTYPE:
             w, pending_scale = quantize_fp8(w, FP8_BLOCK)
         yield s, w.to(s.dtype).contiguous()
@@ -525,7 +536,8 @@ def write_model(out, arch, fmt, seed, num_shards, overrides, tokenizer_vocab):
     tok = train_tokenizer(spec, min(tokenizer_vocab, (overrides or {}).get("vocab_size", 1 << 30)))
     cfg = model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab)
     plan = storage_plan(model_params(arch, cfg), fmt)
-    write_checkpoint(out, plan, stored_tensors(plan, seed, tok.get_vocab_size()), num_shards)
+    quiet = quiet_tokens(tok, cfg["vocab_size"])
+    write_checkpoint(out, plan, stored_tensors(plan, seed, quiet), num_shards)
     write_json(out / "config.json", cfg)
     write_json(out / "generation_config.json", generation_config(spec, tok))
     write_json(out / "tokenizer_config.json", tokenizer_config(spec, tok))
