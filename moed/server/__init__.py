@@ -9,4 +9,6 @@
     status.py       moed errors -> gRPC status with the field named
     telemetry.py    OpenTelemetry spans and GenAI metrics
     throughput.py   tokens/s over a sliding window
+    background.py   a MoedServer on its own loop thread (embedding, tests)
+    gen/            generated protobuf code (tools/gen_protos.py; do not edit)
 """
