@@ -42,6 +42,7 @@ typedef struct {
     pool_fn fn;
     void *arg;
     int nthreads;                   /* workers taking part in the current job */
+    unsigned start_gen[POOL_MAX_THREADS]; /* generation when worker i was created */
     int cpus[POOL_MAX_THREADS];     /* affinity set, in order */
     int ncpus;
 } thread_pool;
@@ -87,7 +88,9 @@ static void pool_wait_job(unsigned seen) {
 
 static void *pool_worker(void *p) {
     int tid = (int)(intptr_t)p;
-    unsigned seen = atomic_load(&g_pool.generation);
+    /* the generation at creation, not at start-up: a worker scheduled late
+     * must still see the job published right after it was created */
+    unsigned seen = g_pool.start_gen[tid];
     for (;;) {
         pool_wait_job(seen);
         seen = atomic_load_explicit(&g_pool.generation, memory_order_acquire);
@@ -121,6 +124,7 @@ static int pool_grow(int n) {
             CPU_SET(g_pool.cpus[g_pool.size % g_pool.ncpus], &one);
             pthread_attr_setaffinity_np(&attr, sizeof(one), &one);
         }
+        g_pool.start_gen[g_pool.size] = atomic_load(&g_pool.generation);
         int rc = pthread_create(&th, &attr, pool_worker, (void *)(intptr_t)g_pool.size);
         pthread_attr_destroy(&attr);
         if (rc != 0) break;

@@ -65,11 +65,13 @@ class CPUExpertLayer:
         I, H = gate[0].shape
         return cls(pack_weights(gate, up, down, H, I), threads, kernels)
 
-    def forward(self, x, topk_ids, topk_weights):
+    def forward(self, x, topk_ids, topk_weights, out=None):
         p = self.packed
         x, ids, wts = self._check(x, topk_ids, topk_weights)
         T, k = ids.shape
-        y = torch.empty(T, p.hidden, dtype=torch.float32)
+        y = out if out is not None else torch.empty(T, p.hidden, dtype=torch.float32)
+        if tuple(y.shape) != (T, p.hidden) or y.dtype != torch.float32 or not y.is_contiguous():
+            raise InvalidRequestError(f"out must be contiguous float32 [{T}, {p.hidden}]", field="out")
         if T == 0:
             return y
         Hp, Ip = (p.shape("gate").kblocks * 128, p.shape("down").kblocks * 128)

@@ -30,7 +30,7 @@ def _chunk_perm(fmt):
             pos = (16 * (word >> 3) + 8 * (k >> 1) + (word & 7) if fmt == "fp8"
                    else (k >> 1) * 32 + word)
             perm[pos] = r * 4 + k
-    return torch.from_numpy(perm)
+    return perm
 
 
 CHUNK_PERM = {fmt: _chunk_perm(fmt) for fmt in FORMATS}
@@ -89,16 +89,16 @@ def pack_matrix(data, scale_inv=None, block=None, name="weight"):
         if tuple(block or (128, 128)) != (128, 128):
             raise CheckpointError(f"{name}: fp8 block size {tuple(block)} is not supported by the "
                                   "CPU expert engine (128x128)", tensor=name)
-        raw = data.view(torch.uint8)
+        raw = data.contiguous().view(torch.uint8).numpy()
     else:
-        raw = data.to(torch.bfloat16).view(torch.int16)
-    full = raw.new_zeros(rp, kp)
+        raw = data.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    full = np.zeros((rp, kp), dtype=raw.dtype)
     full[:shape.rows, :shape.cols] = raw
     # [tiles, 4 groups, 16 rows, kblocks, 32 chunks, 4 cols] -> unit-major, chunk elements permuted
-    t = full.view(shape.tiles, 4, GROUP_ROWS, shape.kblocks, 32, 4)
-    t = t.permute(0, 3, 1, 4, 2, 5).reshape(-1, 64)[:, CHUNK_PERM[fmt]]
-    units = t.contiguous().view(torch.uint8).reshape(-1)
-    return units.numpy(), _unit_scales(shape, scale_inv, name).numpy()
+    t = full.reshape(shape.tiles, 4, GROUP_ROWS, shape.kblocks, 32, 4)
+    t = t.transpose(0, 3, 1, 4, 2, 5).reshape(-1, 64)[:, CHUNK_PERM[fmt]]
+    units = np.ascontiguousarray(t).view(np.uint8).reshape(-1)
+    return units, _unit_scales(shape, scale_inv, name).numpy()
 
 
 def _unit_scales(shape, scale_inv, name):
