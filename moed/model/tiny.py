@@ -230,7 +230,8 @@ def tokenizer_config(spec, tok):
             "chat_template": spec.chat_template, "clean_up_tokenization_spaces": False,
             "eos_token": spec.eos, "model_max_length": spec.max_length,
             "pad_token": spec.pad, "tokenizer_class": spec.tokenizer_class,
-            "unk_token": "<unk>" if "<unk>" in spec.leading else None}
+            "unk_token": "<unk>" if "<unk>" in spec.leading else None,
+            **({"legacy": True} if spec.tokenizer_class == "LlamaTokenizerFast" else {})}
 
 
 def generation_config(spec, tok):
