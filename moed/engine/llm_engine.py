@@ -5,6 +5,7 @@
 Not thread-safe: one thread owns it (the server's engine thread, or LLM).
 """
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from moed.errors import CapacityError, ConfigError, InvalidRequestError
 from moed.model.checkpoint import Checkpoint
 from moed.model.registry import load_model
 from moed.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("moed.engine")
 
 KV_BUDGET_BYTES = 2 << 30     # default KV cache size cap when num_kv_blocks is not given
 
@@ -47,17 +50,25 @@ def resolve_device(device):
 
 
 def install_experts(model, model_dir, choice):
-    """Put the compiled CPU expert engine behind every MoE layer; 'torch' keeps the reference."""
+    """Put the compiled CPU expert engine behind every MoE layer; 'torch' keeps the reference.
+
+    With 'auto', a build without the compiled engine falls back to the reference
+    (logged); with 'cpu' that is an error.
+    """
+    if choice not in ("auto", "cpu", "torch"):
+        raise ConfigError(f"experts must be 'auto', 'cpu' or 'torch', got {choice!r}",
+                          field="experts")
     if model.device.type != "cpu" or choice == "torch" or not model.moe_layers():
         return "torch"
     try:
         from moed.experts import install_cpu_experts
-    except ImportError:
+        isa = install_cpu_experts(model, model_dir)
+    except ImportError as e:
         if choice == "cpu":
             raise
+        log.warning("CPU expert engine unavailable (%s); routed experts use the torch reference", e)
         return "torch"
-    install_cpu_experts(model, model_dir)
-    return "cpu"
+    return f"cpu-{isa}" if isa else "cpu"
 
 
 class LLMEngine:
