@@ -1,0 +1,67 @@
+"""All 256 e4m3 codes through the kernels' FP8 widening, each ISA, SIMD and scalar twin."""
+import numpy as np
+import pytest
+import torch
+
+import moed.cpu as cpu
+from moed.experts.layout import pack_matrix
+
+ISAS = [isa for isa in cpu.ISAS if isa in cpu.supported_isas()]
+
+
+def unit_of_codes(codes):
+    units, _ = pack_matrix(codes.view(torch.float8_e4m3fn), torch.ones(1, 1), (128, 128))
+    return units
+
+
+def widen(kernels, units, scalar):
+    """[64, 128] floats of a unit, read back column by column with one-hot tokens."""
+    got = torch.empty(64, 128)
+    for k in range(0, 128, 4):
+        x = torch.zeros(4, 128, dtype=torch.bfloat16)
+        for t in range(4):
+            x[t, k + t] = 1.0
+        out = torch.zeros(4, 64)
+        kernels.apply_unit(units.ctypes.data, True, x.data_ptr(), 128, 4, 1.0, out.data_ptr(), scalar)
+        got[:, k:k + 4] = out.T
+    return got
+
+
+@pytest.mark.parametrize("scalar", [False, True])
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_e4m3_code_widens_exactly(isa, scalar):
+    kernels = cpu.expert_kernels(isa)
+    # every code 32 times at varied chunk positions; NaN codes (0x7f, 0xff) would
+    # spill into their whole row through 0 * NaN, so they get their own unit below
+    codes = (torch.arange(64 * 128) * 37 % 256).to(torch.uint8).view(64, 128)
+    finite = codes.clone()
+    finite[(codes & 0x7F) == 0x7F] = 0
+    want = finite.view(torch.float8_e4m3fn).float()               # torch's decoding
+    got = widen(kernels, unit_of_codes(finite), scalar)
+    assert len(set(finite.flatten().tolist())) == 254             # all 256 codes but the 2 NaNs
+    assert torch.equal(got, want)                                 # exact, -0.0 aside
+    sub = (finite & 0x78) == 0                                    # subnormals and zeros
+    assert (want[sub] != 0).any() and torch.equal(got[sub], want[sub])
+
+    nan_codes = torch.zeros(64, 128, dtype=torch.uint8)
+    nan_codes[5, 9], nan_codes[40, 127] = 0x7F, 0xFF
+    rows_nan = torch.isnan(widen(kernels, unit_of_codes(nan_codes), scalar)).any(dim=1)
+    assert rows_nan.nonzero().flatten().tolist() == [5, 40]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_simd_body_matches_scalar_twin(isa):
+    kernels = cpu.expert_kernels(isa)
+    g = torch.Generator().manual_seed(3)
+    for fp8 in (True, False):
+        w = torch.randn(64, 128, generator=g)
+        data = w.to(torch.float8_e4m3fn) if fp8 else w.bfloat16()
+        units, _ = pack_matrix(data, torch.ones(1, 1) if fp8 else None, (128, 128))
+        for nt in (1, 2, 3, 4):
+            x = torch.randn(nt, 128, generator=g).bfloat16()
+            a, b = torch.zeros(nt, 64), torch.zeros(nt, 64)
+            kernels.apply_unit(units.ctypes.data, fp8, x.data_ptr(), 128, nt, 0.5, a.data_ptr(), False)
+            kernels.apply_unit(units.ctypes.data, fp8, x.data_ptr(), 128, nt, 0.5, b.data_ptr(), True)
+            ref = 0.5 * (x.float() @ data.float().T)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (fp8, nt)
+            assert torch.allclose(a, ref, rtol=1e-5, atol=1e-4), (fp8, nt)
