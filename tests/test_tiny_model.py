@@ -281,9 +281,11 @@ def test_cli(tmp_path, capsys):
     spec.loader.exec_module(cli)
     out = tmp_path / "m"
     assert cli.main(["--arch", "mixtral", "--format", "fp8", "--out", str(out), "--shards", "3",
+                     "--tokenizer-vocab", "900",
                      "--set", "num_hidden_layers=3", "--set", "num_local_experts=4"]) == 0
     c = config(out)
     assert c["num_hidden_layers"] == 3 and c["num_local_experts"] == 4
+    assert 500 < c["vocab_size"] <= 900         # Mixtral's vocab is the tokenizer's, unpadded
     assert len(list(out.glob("model-*-of-00003.safetensors"))) == 3
     assert cli.main(["--arch", "mixtral", "--out", str(tmp_path / "x"),
                      "--set", "vocab_size=100"]) == 2

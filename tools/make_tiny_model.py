@@ -1,7 +1,7 @@
 """Build a tiny random MoE checkpoint laid out as published, for tests and demos.
 
     python tools/make_tiny_model.py --arch qwen3_moe --format fp8 --out DIR \
-        [--seed N] [--shards N] [--set key=value ...]
+        [--seed N] [--shards N] [--tokenizer-vocab N] [--set key=value ...]
 
 `--set` replaces a config.json field; the value is read as JSON when it parses
 (`--set hidden_size=2048 --set mlp_only_layers=[0]`), else as a string.
@@ -12,7 +12,7 @@ import sys
 import time
 
 from moed.errors import MoedError
-from moed.model.tiny import ARCHS, FORMATS, build_tiny_model
+from moed.model.tiny import ARCHS, FORMATS, TOKENIZER_VOCAB, build_tiny_model
 
 
 def parse_set(item):
@@ -32,13 +32,16 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--tokenizer-vocab", type=int, default=TOKENIZER_VOCAB,
+                    help="BPE tokenizer size (config vocab_size is padded above it)")
     ap.add_argument("--set", dest="overrides", type=parse_set, action="append", default=[],
                     metavar="KEY=VALUE", help="replace a config.json field")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     try:
         out = build_tiny_model(args.out, args.arch, args.format, seed=args.seed,
-                               num_shards=args.shards, overrides=dict(args.overrides) or None)
+                               num_shards=args.shards, overrides=dict(args.overrides) or None,
+                               tokenizer_vocab=args.tokenizer_vocab)
     except MoedError as e:
         print(f"make_tiny_model: {e}", file=sys.stderr)
         return 2
