@@ -42,6 +42,9 @@
 #define FP8_UNIT_BYTES (UNIT_ROWS * UNIT_K)
 #define BF16_UNIT_BYTES (UNIT_ROWS * UNIT_K * 2)
 #define MAX_NT 4
+#ifndef PF_BYTES
+#define PF_BYTES 65536
+#endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -169,7 +172,16 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
     for (int g = 0; g < 4; g++)
         for (int t = 0; t < nt; t++) acc[g][t] = _mm512_setzero_ps();
     for (int c = 0; c < CHUNKS; c++) {
-        if (fp8) _mm_prefetch((const char *)(w + 4 * 2048 + c * 64), _MM_HINT_T0);
+        /* decode streams each unit once from DRAM: fetch PF_BYTES ahead, every line
+         * of the unit once (measured: 64 KiB ahead lifts T=1 from ~60% to ~95%
+         * of the streaming-read bandwidth on Zen 5; the hardware prefetcher alone
+         * does not keep enough lines in flight) */
+        if (nt <= 2)
+            for (int g = 0; g < 4; g++) {
+                const char *p = (const char *)w + PF_BYTES + g * (fp8 ? 2048 : 4096) + c * (fp8 ? 64 : 128);
+                _mm_prefetch(p, _MM_HINT_T0);
+                if (!fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
+            }
         __m512bh xa[MAX_NT], xb[MAX_NT];
         for (int t = 0; t < nt; t++) {
             xa[t] = bcast_pair(x[t] + 4 * c);
