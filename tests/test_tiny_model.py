@@ -114,7 +114,8 @@ def test_deepseek_routing_and_yarn_fields(tiny_model_dir):
     assert c["topk_method"] == "noaux_tc" and c["scoring_func"] == "sigmoid"
     assert c["n_routed_experts"] % c["n_group"] == 0 and c["topk_group"] < c["n_group"]
     rs = c["rope_scaling"]
-    assert rs["type"] == "yarn" and {"beta_fast", "beta_slow", "mscale", "mscale_all_dim"} <= set(rs)
+    assert rs["type"] == "yarn"
+    assert {"beta_fast", "beta_slow", "mscale", "mscale_all_dim"} <= set(rs)
     assert rs["factor"] * rs["original_max_position_embeddings"] == c["max_position_embeddings"]
 
 
@@ -163,7 +164,8 @@ def test_bf16_checkpoint_is_all_bf16(tiny_model_dir, arch):
 
 
 def test_dims_ragged_with_dense_layers(tiny_model_dir):
-    ds, qw = config(tiny_model_dir("deepseek_v3", "bf16")), config(tiny_model_dir("qwen3_moe", "bf16"))
+    ds = config(tiny_model_dir("deepseek_v3", "bf16"))
+    qw = config(tiny_model_dir("qwen3_moe", "bf16"))
     for c in (ds, qw):
         assert c["hidden_size"] % BLOCK and c["hidden_size"] > BLOCK
         assert c["moe_intermediate_size"] % BLOCK and c["intermediate_size"] > 2 * BLOCK

@@ -183,23 +183,28 @@ def chatml(default_system):
             + CHATML_TEMPLATE)
 
 
+DS_BOS, DS_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 TOKENIZERS = {
     "deepseek_v3": TokenizerSpec(
-        ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"),
-        ("<｜User｜>", "<｜Assistant｜>"), (), "<｜begin▁of▁sentence｜>",
-        "<｜end▁of▁sentence｜>", ("<｜end▁of▁sentence｜>",), "<｜end▁of▁sentence｜>", True,
-        "LlamaTokenizerFast", 16384, DEEPSEEK_TEMPLATE),
+        leading=(DS_BOS, DS_EOS, "<｜▁pad▁｜>"), trailing=("<｜User｜>", "<｜Assistant｜>"),
+        plain=(), bos=DS_BOS, eos=DS_EOS, generation_eos=(DS_EOS,), pad=DS_EOS, add_bos=True,
+        tokenizer_class="LlamaTokenizerFast", max_length=16384,
+        chat_template=DEEPSEEK_TEMPLATE),
     "qwen3_moe": TokenizerSpec(
-        (), ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), ("<think>", "</think>"), None,
-        "<|im_end|>", ("<|im_end|>", "<|endoftext|>"), "<|endoftext|>", False,
-        "Qwen2Tokenizer", 131072, chatml("")),
+        leading=(), trailing=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        plain=("<think>", "</think>"), bos=None, eos="<|im_end|>",
+        generation_eos=("<|im_end|>", "<|endoftext|>"), pad="<|endoftext|>", add_bos=False,
+        tokenizer_class="Qwen2Tokenizer", max_length=131072, chat_template=chatml("")),
     "mixtral": TokenizerSpec(
-        ("<unk>", "<s>", "</s>"), ("[INST]", "[/INST]"), (), "<s>", "</s>", ("</s>",), None,
-        True, "LlamaTokenizerFast", 1000000000000000019884624838656, MIXTRAL_TEMPLATE),
+        leading=("<unk>", "<s>", "</s>"), trailing=("[INST]", "[/INST]"), plain=(),
+        bos="<s>", eos="</s>", generation_eos=("</s>",), pad=None, add_bos=True,
+        tokenizer_class="LlamaTokenizerFast", max_length=1000000000000000019884624838656,
+        chat_template=MIXTRAL_TEMPLATE),
     "qwen2_moe": TokenizerSpec(
-        (), ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), (), None, "<|im_end|>",
-        ("<|im_end|>", "<|endoftext|>"), "<|endoftext|>", False, "Qwen2Tokenizer", 32768,
-        chatml("You are a helpful assistant.")),
+        leading=(), trailing=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), plain=(),
+        bos=None, eos="<|im_end|>", generation_eos=("<|im_end|>", "<|endoftext|>"),
+        pad="<|endoftext|>", add_bos=False, tokenizer_class="Qwen2Tokenizer",
+        max_length=32768, chat_template=chatml("You are a helpful assistant.")),
 }
 
 
@@ -319,8 +324,9 @@ def router(name, E, D, kind):
 def sparse_block(arch, c, i):
     D = c["hidden_size"]
     if arch == "mixtral":
-        p, E, inter = f"model.layers.{i}.block_sparse_moe", c["num_local_experts"], c["intermediate_size"]
-        experts = [x for e in range(E) for x in mlp(f"{p}.experts.{e}", D, inter, ("w1", "w3", "w2"))]
+        p, E = f"model.layers.{i}.block_sparse_moe", c["num_local_experts"]
+        experts = [x for e in range(E) for x in mlp(f"{p}.experts.{e}", D,
+                                                    c["intermediate_size"], ("w1", "w3", "w2"))]
         return [router(f"{p}.gate", E, D, "softmax")] + experts
     p, inter = f"model.layers.{i}.mlp", c["moe_intermediate_size"]
     E = c["n_routed_experts"] if arch == "deepseek_v3" else c["num_experts"]
