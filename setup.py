@@ -47,7 +47,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["moed", "moed.*"]),
     include_package_data=True,
-    package_data={"moed": ["py.typed"]},
+    package_data={"moed": ["py.typed", "model/tiny_corpus.txt"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": ParallelBuildExt},
     install_requires=[

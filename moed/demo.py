@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEMO_ARCH, DEMO_FORMAT, DEMO_SEED, DEMO_VERSION = "qwen3_moe", "fp8", 0, 1
+DEMO_ARCH, DEMO_FORMAT, DEMO_SEED, DEMO_VERSION = "qwen3_moe", "fp8", 0, 2
 
 
 def cache_dir():
