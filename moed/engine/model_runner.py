@@ -14,29 +14,27 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, model.device)
 
     def prepare(self, chunks):
-        """chunks [(seq, n)] -> input_ids [N], positions [N], AttentionBatch."""
-        ids, positions, slices, new_slots, start = [], [], [], [], 0
+        """chunks [(seq, n)] -> input_ids [N], positions [N], AttentionBatch, SeqSlices."""
+        ids, positions, slices, start = [], [], [], 0
         for seq, n in chunks:
             first, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.token_ids[first:end])
             positions.extend(range(first, end))
-            all_slots = slots_of(seq.block_table, 0, end, self.block_size, self.device)
-            slices.append(SeqSlice(start, n, end, all_slots))
-            new_slots.append(all_slots[first:end])
+            slots = slots_of(seq.block_table, 0, end, self.block_size, self.device)
+            slices.append(SeqSlice(start, n, end, slots))
             start += n
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
-        batch = AttentionBatch(slices, torch.cat(new_slots), self.kv_caches)
-        return as_tensor(ids), as_tensor(positions), batch
+        batch = AttentionBatch.build(slices, self.kv_caches, self.device)
+        return as_tensor(ids), as_tensor(positions), batch, slices
 
     def run(self, chunks, last_of=None):
         """Forward the chunks. Logits [len(last_of), V] of the last token of the
         chunks indexed by `last_of`, or of every token [N, V] when it is None."""
-        ids, positions, batch = self.prepare(chunks)
+        ids, positions, batch, s = self.prepare(chunks)
         hidden = self.model.forward(ids, positions, batch)
         if last_of is not None:
             if not last_of:
                 return None
-            s = batch.seqs
             rows = torch.tensor([s[i].start + s[i].length - 1 for i in last_of], device=self.device)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)

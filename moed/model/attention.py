@@ -3,7 +3,9 @@
 Cache entry per token: [2, Hkv, d] (key after rotary, value).
 Shape legend: N new tokens, H query heads, Hkv key/value heads, d head dim.
 """
-from moed.model.layers import causal_attention
+import torch
+
+from moed.model.layers import sdpa
 
 
 class GQAttention:
@@ -25,13 +27,20 @@ class GQAttention:
         q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
         kv_cache[batch.slot_mapping, 0] = k.to(kv_cache.dtype)
         kv_cache[batch.slot_mapping, 1] = v.to(kv_cache.dtype)
-        out = x.new_empty(N, self.heads, self.head_dim)
-        for s in batch.seqs:
-            cached = kv_cache[s.slots]                               # [L, 2, Hkv, d]
-            rows = slice(s.start, s.start + s.length)
-            out[rows] = causal_attention(q[rows], cached[:, 0], cached[:, 1], self.scale,
-                                         s.context - s.length)
-        return self.o(out.view(N, -1))
+        return self.o(self.attend(q, batch, kv_cache).view(N, -1))
+
+    def attend(self, q, batch, kv_cache):
+        # q [N, H, d] -> [N, H, d]
+        out = torch.empty_like(q)
+        if batch.decode_rows is not None:
+            kv = kv_cache[batch.decode_slots]                      # [B, Lmax, 2, Hkv, d]
+            out[batch.decode_rows] = sdpa(q[batch.decode_rows, None], kv[:, :, 0], kv[:, :, 1],
+                                          batch.decode_mask, self.scale)[:, 0]
+        for p in batch.prefills:
+            kv = kv_cache[p.slots][None]                           # [1, L, 2, Hkv, d]
+            out[p.rows] = sdpa(q[None, p.rows], kv[:, :, 0], kv[:, :, 1], p.mask[None],
+                               self.scale)[0]
+        return out
 
 
 def load_gqa(load, prefix, rotary, hidden, heads, kv_heads, head_dim, qkv_bias=False,

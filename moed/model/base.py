@@ -8,6 +8,7 @@ V vocab, S cache slots.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from moed.errors import CheckpointError
 from moed.model.layers import Linear, Loader
@@ -25,10 +26,48 @@ class SeqSlice:
 
 
 @dataclass
+class Prefill:
+    """A chunk of several new tokens of one sequence."""
+    rows: slice             # its rows in the step
+    slots: torch.Tensor     # [L] int64: cache slots of its positions 0..L-1
+    mask: torch.Tensor      # [n, L] bool: causal, offset by the L - n cached tokens
+
+
+@dataclass
 class AttentionBatch:
-    seqs: list              # [SeqSlice]
-    slot_mapping: torch.Tensor   # [N] int64: cache slot of each new token
-    kv_caches: list         # per layer: [S, *kv_token_shape] tensor
+    """What attention needs for one step, built once and shared by every layer.
+
+    Sequences with one new token (decodes) attend in one padded call; each
+    prefill chunk attends on its own.
+    """
+    slot_mapping: torch.Tensor    # [N] int64: cache slot of each new token
+    kv_caches: list               # per layer: [S, *kv_token_shape] tensor
+    decode_rows: torch.Tensor     # [B] int64 rows of the decodes, or None
+    decode_slots: torch.Tensor    # [B, Lmax] int64 (padding repeats a valid slot)
+    decode_mask: torch.Tensor     # [B, 1, Lmax] bool: False on padding
+    prefills: list                # [Prefill]
+
+    @classmethod
+    def build(cls, slices, kv_caches, device):
+        slot_mapping = torch.cat([s.slots[s.context - s.length:] for s in slices])
+        decodes = [s for s in slices if s.length == 1]
+        rows = slots = mask = None
+        if decodes:
+            Lmax = max(s.context for s in decodes)
+            rows = torch.tensor([s.start for s in decodes], dtype=torch.int64, device=device)
+            slots = torch.stack([F.pad(s.slots, (0, Lmax - s.context), value=int(s.slots[0]))
+                                 for s in decodes])
+            ctx = torch.tensor([s.context for s in decodes], device=device)
+            mask = (torch.arange(Lmax, device=device)[None, :] < ctx[:, None])[:, None, :]
+        prefills = [Prefill(slice(s.start, s.start + s.length), s.slots,
+                            causal_mask(s.length, s.context, device))
+                    for s in slices if s.length > 1]
+        return cls(slot_mapping, kv_caches, rows, slots, mask, prefills)
+
+
+def causal_mask(n, L, device):
+    """[n, L] bool: query i (position L - n + i) sees keys 0..L - n + i."""
+    return torch.ones(n, L, dtype=torch.bool, device=device).tril(L - n)
 
 
 class DecoderLayer:

@@ -10,7 +10,7 @@ dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
 import torch
 
 from moed.model.base import CausalLM, require_divisible
-from moed.model.layers import Rotary, causal_attention
+from moed.model.layers import Rotary, sdpa
 from moed.model.model_config import yarn_mscale
 from moed.model.moe import GroupedSigmoidRouter, MoE, load_experts
 
@@ -30,23 +30,47 @@ class MLAttention:
 
     def __call__(self, x, cos_sin, batch, kv_cache):
         # x [N, D] -> [N, D]; kv_cache [S, r + dr]
-        N, H, r, dn, dr, dv = x.shape[0], self.H, self.r, self.dn, self.dr, self.dv
+        N, r, dn = x.shape[0], self.r, self.dn
         q = self.queries(x)
         q = torch.cat((q[..., :dn], self.rotary(q[..., dn:], *cos_sin)), dim=-1)
         kv = self.kv_a(x)                                                 # [N, r + dr]
         latent = self.kv_a_norm(kv[:, :r])                                # [N, r]
         k_rot = self.rotary(kv[:, None, r:], *cos_sin)[:, 0]              # [N, dr]
         kv_cache[batch.slot_mapping] = torch.cat((latent, k_rot), -1).to(kv_cache.dtype)
-        out = x.new_empty(N, H, dv)
-        for s in batch.seqs:
-            cached = kv_cache[s.slots].float()                            # [L, r + dr]
-            kv_full = self.kv_b(cached[:, :r]).view(-1, H, dn + dv)       # [L, H, dn + dv]
-            k = torch.cat((kv_full[..., :dn],
-                           cached[:, None, r:].expand(-1, H, dr)), dim=-1)   # [L, H, dn + dr]
-            rows = slice(s.start, s.start + s.length)
-            out[rows] = causal_attention(q[rows], k, kv_full[..., dn:], self.scale,
-                                         s.context - s.length)
-        return self.o(out.view(N, H * dv))
+        return self.o(self.attend(q, batch, kv_cache).reshape(N, self.H * self.dv))
+
+    def attend(self, q, batch, kv_cache):
+        # q [N, H, dn + dr] -> [N, H, dv]
+        H, r, dn, dv = self.H, self.r, self.dn, self.dv
+        out = q.new_empty(q.shape[0], H, dv)
+        w_kv = self.kv_b.weight.dequantize().view(H, dn + dv, r)       # [H, dn + dv, r]
+        if batch.decode_rows is not None:
+            out[batch.decode_rows] = self.decode(q[batch.decode_rows], w_kv, batch, kv_cache)
+        for p in batch.prefills:
+            out[p.rows] = self.prefill(q[p.rows], w_kv, kv_cache[p.slots].float(), p.mask)
+        return out
+
+    def decode(self, q, w_kv, batch, kv_cache):
+        """Weights absorbed: attend in the latent space, O(L x (r + dr)) per head.
+
+        q.k = (q_nope W_uk) . latent + q_rot . k_rot, and the output is
+        W_uv (sum_l p_l latent_l) — the same product, never expanding the cache.
+        """
+        dn, r = self.dn, self.r
+        q_lat = torch.einsum("bhn,hnr->bhr", q[..., :dn], w_kv[:, :dn])      # [B, H, r]
+        q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                    # [B, H, r + dr]
+        cached = kv_cache[batch.decode_slots][:, :, None]                   # [B, Lmax, 1, r + dr]
+        o_lat = sdpa(q_abs[:, None], cached, cached[..., :r], batch.decode_mask,
+                     self.scale)[:, 0]                                      # [B, H, r]
+        return torch.einsum("bhr,hvr->bhv", o_lat, w_kv[:, dn:])            # [B, H, dv]
+
+    def prefill(self, q, w_kv, cached, mask):
+        """Keys and values expanded from the latent: cheaper when many queries share them."""
+        H, r, dn, dr = self.H, self.r, self.dn, self.dr
+        # q [n, H, dn + dr], cached [L, r + dr], mask [n, L] -> [n, H, dv]
+        kv = torch.einsum("lr,hjr->lhj", cached[:, :r], w_kv)             # [L, H, dn + dv]
+        k = torch.cat((kv[..., :dn], cached[:, None, r:].expand(-1, H, dr)), dim=-1)
+        return sdpa(q[None], k[None], kv[None, ..., dn:], mask[None], self.scale)[0]
 
 
 class DeepseekV3ForCausalLM(CausalLM):

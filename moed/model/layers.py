@@ -146,21 +146,13 @@ def _yarn_inv_freq(rope):
     return inv_freq, float(attention_factor)
 
 
-def causal_attention(q, k, v, scale, q_offset):
-    """Attention of n new queries over a sequence's L cached keys.
+def sdpa(q, k, v, mask, scale):
+    """Masked attention through torch's fused kernel (blocked: never a full score matrix).
 
-    q [n, H, dq], k [L, Hkv, dq], v [L, Hkv, dv]; query i sits at position
-    q_offset + i and sees keys 0..q_offset+i. Returns [n, H, dv] float32.
+    q [B, n, H, dq], k [B, L, Hkv, dq], v [B, L, Hkv, dv], mask [B, n, L] bool
+    (True = may attend). Hkv divides H (grouped-query). Returns [B, n, H, dv] float32.
     """
-    n, heads = q.shape[:2]
-    groups = heads // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    scores = torch.einsum("nhd,lhd->hnl", q, k.float()) * scale          # [H, n, L]
-    L = k.shape[0]
-    qpos = torch.arange(n, device=q.device)[:, None] + q_offset
-    mask = torch.arange(L, device=q.device)[None, :] > qpos               # [n, L]
-    scores = scores.masked_fill(mask[None], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.einsum("hnl,lhd->nhd", probs, v.float())
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+    return o.transpose(1, 2)
