@@ -6,6 +6,7 @@
       cancel ID         cancel a request (admin)     drain / resume                (admin)
       health            liveness and readiness       models     the loaded model
       bench             N concurrent streams: TTFT/TPOT p50/p99 and throughput
+      pack MODEL_DIR    build the packed expert store of a checkpoint ahead of time (local)
 
 --target or MOED_TARGET picks the daemon; admin commands send MOED_ADMIN_TOKEN
 (or --token). Exit codes: 0 ok, 1 the daemon said no (status printed), 2 usage.
@@ -55,6 +56,8 @@ def build_parser():
     b.add_argument("--streams", type=int, default=16)
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--output-tokens", type=int, default=32)
+    sub.add_parser("pack", help="pack a checkpoint's experts for the CPU engine (local, "
+                                "no daemon)").add_argument("model_dir")
     return ap
 
 
@@ -171,8 +174,25 @@ COMMANDS = {
 }
 
 
+def cmd_pack(args):
+    from moed.errors import MoedError
+    from moed.experts.store import pack_model
+    try:
+        path = pack_model(args.model_dir, progress=not args.json)
+    except MoedError as e:
+        print(f"moectl: pack: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"model_dir": args.model_dir, "store": str(path)}))
+    else:
+        print(f"packed expert store: {path}")
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "pack":      # local work: no daemon involved
+        return cmd_pack(args)
     client = Client(args.target, args.token, args.ca_file)
     try:
         return COMMANDS[args.command](client, args) or 0
