@@ -18,7 +18,7 @@ class ModelRunner:
         ids, positions, slices, start = [], [], [], 0
         for seq, n in chunks:
             first, end = seq.num_computed, seq.num_computed + n
-            ids.extend(seq.token_ids[first:end])
+            ids.extend(seq.tokens(first, end))
             positions.extend(range(first, end))
             slots = slots_of(seq.block_table, 0, end, self.block_size, self.device)
             slices.append(SeqSlice(start, n, end, slots))

@@ -68,8 +68,22 @@ def sample_row(logits, params, prompt_ids, output_ids, generator):
     return Sample(token, float(logp[token]), top)
 
 
+def _plain_greedy(params):
+    return (params.greedy and params.logprobs is None and params.repetition_penalty == 1.0
+            and not params.presence_penalty and not params.frequency_penalty)
+
+
 def sample(logits, seqs):
     # logits [B, V] -> [Sample] * B, one per sequence in order
-    logits = logits.float().cpu()
-    return [sample_row(logits[i], s.params, s.prompt_ids, s.output_ids, s.generator)
-            for i, s in enumerate(seqs)]
+    out = [None] * len(seqs)
+    plain = [i for i, s in enumerate(seqs) if _plain_greedy(s.params)]
+    if plain:   # the common decode case in one vectorised argmax, on the logits' device
+        for i, t in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+            out[i] = Sample(t)
+    rest = [i for i in range(len(seqs)) if out[i] is None]
+    if rest:
+        rows = logits[rest].float().cpu()
+        for j, i in enumerate(rest):
+            s = seqs[i]
+            out[i] = sample_row(rows[j], s.params, s.prompt_ids, s.output_ids, s.generator)
+    return out

@@ -39,6 +39,13 @@ class Sequence:
     def token_ids(self):
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start, end):
+        """token_ids[start:end] without building the whole list (hot in decode)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - n)]
+
     @property
     def num_remaining(self):
         """Tokens still to be run through the model before the next sample."""

@@ -15,24 +15,24 @@ from moed.model.model_config import yarn_mscale
 
 class RMSNorm:
     def __init__(self, weight, eps):
-        self.weight = weight          # [D] as stored
+        self.weight = weight.float()  # [D] (small: upcast once, exactly)
         self.eps = eps
 
     def __call__(self, x):
         # x [..., D] float32
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.float() * x
+        return self.weight * x
 
 
 class Linear:
     def __init__(self, weight, bias=None):
         self.weight = weight          # formats.Weight [out, in]
-        self.bias = bias              # [out] or None
+        self.bias = None if bias is None else bias.float()   # [out]
 
     def __call__(self, x):
         # x [N, in] float32 -> [N, out] float32
         y = x @ self.weight.dequantize().T
-        return y if self.bias is None else y + self.bias.float()
+        return y if self.bias is None else y + self.bias
 
 
 class MLP:

@@ -65,7 +65,7 @@ def grouped_sigmoid_topk(logits, bias, k, n_group, topk_group, norm_topk_prob, s
     # DeepSeek-V3: logits [T, E], bias [E] (e_score_correction_bias) -> ids, weights [T, k].
     # The bias only steers selection; weights come from the unbiased scores.
     scores = logits.float().sigmoid()                                     # [T, E]
-    biased = scores + bias.float()                                        # [T, E]
+    biased = scores + bias                                                # [T, E]
     T, E = biased.shape
     grouped = biased.view(T, n_group, E // n_group)                       # [T, G, E/G]
     group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)             # [T, G]
@@ -93,7 +93,7 @@ class GroupedSigmoidRouter:
     """DeepSeek-V3 noaux_tc: sigmoid scores, group-limited top-k, scaled weights."""
 
     def __init__(self, gate, bias, k, n_group, topk_group, norm_topk_prob, scaling):
-        self.gate, self.bias = gate, bias           # Linear [E, D], [E]
+        self.gate, self.bias = gate, bias.float()   # Linear [E, D], [E]
         self.k, self.n_group, self.topk_group = k, n_group, topk_group
         self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
 
