@@ -5,7 +5,8 @@ Shape legend: N new tokens, H query heads, Hkv key/value heads, d head dim.
 """
 import torch
 
-from moed.model.layers import sdpa
+from moed.model.base import CausalLM, require_divisible
+from moed.model.layers import Rotary, sdpa
 
 
 class GQAttention:
@@ -54,3 +55,27 @@ def load_gqa(load, prefix, rotary, hidden, heads, kv_heads, head_dim, qkv_bias=F
                        load.linear(f"{prefix}.v_proj", kv_heads * head_dim, hidden, qkv_bias),
                        load.linear(f"{prefix}.o_proj", hidden, heads * head_dim, o_bias),
                        rotary, heads, kv_heads, head_dim, q_norm, k_norm)
+
+
+class GQACausalLM(CausalLM):
+    """A decoder whose attention is GQA with a [2, Hkv, d] cache entry per token."""
+    qkv_bias = o_bias = False
+    qk_norm = False
+
+    def read_attention_config(self, c):
+        self.heads = c.positive("num_attention_heads")
+        self.kv_heads = c.positive("num_key_value_heads", self.heads)
+        require_divisible(c, "num_attention_heads", self.heads, self.kv_heads,
+                          "num_key_value_heads")
+        self.head_dim = c.positive("head_dim", None) or c.positive("hidden_size") // self.heads
+
+    def build_rotary(self):
+        return Rotary(self.cfg.rope(self.head_dim))
+
+    def kv_token_shape(self):
+        return (2, self.kv_heads, self.head_dim)
+
+    def build_attention(self, i):
+        return load_gqa(self.load, f"model.layers.{i}.self_attn", self.rotary,
+                        self.hidden_size, self.heads, self.kv_heads, self.head_dim,
+                        self.qkv_bias, self.o_bias, self.eps if self.qk_norm else None)

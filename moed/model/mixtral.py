@@ -1,33 +1,18 @@
 """Mixtral (softmax top-k, renormalized) and Qwen2-MoE (Qwen1.5-MoE: q/k/v
 biases, a shared expert behind a sigmoid gate)."""
-from moed.model.attention import load_gqa
-from moed.model.base import CausalLM, require_divisible
-from moed.model.layers import Rotary
+from moed.model.attention import GQACausalLM
 from moed.model.moe import MoE, SoftmaxRouter, load_experts
 from moed.model.qwen3_moe import Qwen3MoeForCausalLM
 
 
-class MixtralForCausalLM(CausalLM):
+class MixtralForCausalLM(GQACausalLM):
     architecture = "MixtralForCausalLM"
 
     def read_config(self, c):
-        self.heads = c.positive("num_attention_heads")
-        self.kv_heads = c.positive("num_key_value_heads", self.heads)
-        require_divisible(c, "num_attention_heads", self.heads, self.kv_heads, "num_key_value_heads")
-        self.head_dim = c.positive("head_dim", None) or c.positive("hidden_size") // self.heads
+        self.read_attention_config(c)
         self.num_experts = c.positive("num_local_experts")
         self.top_k = c.positive("num_experts_per_tok")
         self.inter = c.positive("intermediate_size")
-
-    def build_rotary(self):
-        return Rotary(self.cfg.rope(self.head_dim))
-
-    def kv_token_shape(self):
-        return (2, self.kv_heads, self.head_dim)
-
-    def build_attention(self, i):
-        return load_gqa(self.load, f"model.layers.{i}.self_attn", self.rotary,
-                        self.hidden_size, self.heads, self.kv_heads, self.head_dim)
 
     def build_mlp(self, i):
         p, D = f"model.layers.{i}.block_sparse_moe", self.hidden_size
@@ -44,7 +29,6 @@ class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
 
     def read_config(self, c):
         super().read_config(c)
-        self.head_dim = c.positive("hidden_size") // self.heads
         self.shared_inter = c.positive("shared_expert_intermediate_size")
         self.qkv_bias = c.get("qkv_bias", bool, True)
         self.o_bias = False
