@@ -1,9 +1,23 @@
 """Session fixtures: tiny checkpoints built once per (arch, format, overrides)."""
 import json
+import os
 
 import pytest
 
 from moed.model.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """Packed expert stores and demo models go to a per-session directory, never ~/.cache:
+    a test run neither depends on nor leaves behind state from another run."""
+    saved = os.environ.get("MOED_CACHE_DIR")
+    os.environ["MOED_CACHE_DIR"] = str(tmp_path_factory.mktemp("moed-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("MOED_CACHE_DIR", None)
+    else:
+        os.environ["MOED_CACHE_DIR"] = saved
 
 
 @pytest.fixture(scope="session")
