@@ -141,3 +141,16 @@ def test_rope_parameters_form_reads_the_same(tiny_model_dir, tmp_path):
     a = LLM(src, device="cpu", experts="torch").logits(ids)
     b = LLM(dst, device="cpu", experts="torch").logits(ids)
     assert np.array_equal(a, b)
+
+
+def test_mla_absorbed_and_expanded_prefill_both_match_transformers(models):
+    """Short chunks attend in the latent space, long ones expand K/V: both are the model."""
+    d, llm, ref = models("deepseek_v3", "fp8")
+    attn = llm.engine.model.layers[0].attn
+    assert attn.absorbed_is_cheaper(20) and not attn.absorbed_is_cheaper(150)
+    for n in (20, 150):
+        ids = prompt_ids(llm, n, seed=n)
+        ours = llm.logits(ids)
+        with torch.no_grad():
+            theirs = ref(torch.tensor([ids])).logits[0].float().numpy()
+        assert np.abs(ours - theirs).max() <= REL_TOL * np.abs(theirs).max()

@@ -45,29 +45,41 @@ class MLAttention:
         out = q.new_empty(q.shape[0], H, dv)
         w_kv = self.kv_b.weight.dequantize().view(H, dn + dv, r)       # [H, dn + dv, r]
         if batch.decode_rows is not None:
-            out[batch.decode_rows] = self.decode(q[batch.decode_rows], w_kv, batch, kv_cache)
+            cached = kv_cache[batch.decode_slots][:, :, None]          # [B, Lmax, 1, r + dr]
+            out[batch.decode_rows] = self.absorbed(q[batch.decode_rows, None], w_kv, cached,
+                                                   batch.decode_mask)[:, 0]
         for p in batch.prefills:
-            out[p.rows] = self.prefill(q[p.rows], w_kv, kv_cache[p.slots].float(), p.mask)
+            n, cached = p.rows.stop - p.rows.start, kv_cache[p.slots].float()    # [L, r + dr]
+            if self.absorbed_is_cheaper(n):
+                out[p.rows] = self.absorbed(q[None, p.rows], w_kv, cached[None, :, None],
+                                            p.mask[None])[0]
+            else:
+                out[p.rows] = self.expanded(q[p.rows], w_kv, cached, p.mask)
         return out
 
-    def decode(self, q, w_kv, batch, kv_cache):
-        """Weights absorbed: attend in the latent space, O(L x (r + dr)) per head.
+    def absorbed_is_cheaper(self, n):
+        """FLOPs per cached token: absorbed ~ n H (2r + dr); expanded ~ H r (dn + dv) once
+        plus n H (dn + dr + dv). Decode (n = 1) is always absorbed."""
+        r, dn, dr, dv = self.r, self.dn, self.dr, self.dv
+        return n * (2 * r + dr) < r * (dn + dv) + n * (dn + dr + dv)
+
+    def absorbed(self, q, w_kv, cached, mask):
+        """Weights absorbed: attend in the latent space, never expanding the cache.
 
         q.k = (q_nope W_uk) . latent + q_rot . k_rot, and the output is
-        W_uv (sum_l p_l latent_l) — the same product, never expanding the cache.
+        W_uv (sum_l p_l latent_l): the same products, regrouped.
+        q [B, n, H, dn + dr], cached [B, L, 1, r + dr], mask [B, n, L] -> [B, n, H, dv]
         """
         dn, r = self.dn, self.r
-        q_lat = torch.einsum("bhn,hnr->bhr", q[..., :dn], w_kv[:, :dn])      # [B, H, r]
-        q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                    # [B, H, r + dr]
-        cached = kv_cache[batch.decode_slots][:, :, None]                   # [B, Lmax, 1, r + dr]
-        o_lat = sdpa(q_abs[:, None], cached, cached[..., :r], batch.decode_mask,
-                     self.scale)[:, 0]                                      # [B, H, r]
-        return torch.einsum("bhr,hvr->bhv", o_lat, w_kv[:, dn:])            # [B, H, dv]
+        q_lat = torch.einsum("bshn,hnr->bshr", q[..., :dn], w_kv[:, :dn])     # [B, n, H, r]
+        q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                    # [B, n, H, r + dr]
+        o_lat = sdpa(q_abs, cached, cached[..., :r], mask, self.scale)      # [B, n, H, r]
+        return torch.einsum("bshr,hvr->bshv", o_lat, w_kv[:, dn:])
 
-    def prefill(self, q, w_kv, cached, mask):
-        """Keys and values expanded from the latent: cheaper when many queries share them."""
+    def expanded(self, q, w_kv, cached, mask):
+        """Keys and values expanded from the latent: cheaper when many queries share them.
+        q [n, H, dn + dr], cached [L, r + dr], mask [n, L] -> [n, H, dv]"""
         H, r, dn, dr = self.H, self.r, self.dn, self.dr
-        # q [n, H, dn + dr], cached [L, r + dr], mask [n, L] -> [n, H, dv]
         kv = torch.einsum("lr,hjr->lhj", cached[:, :r], w_kv)             # [L, H, dn + dv]
         k = torch.cat((kv[..., :dn], cached[:, None, r:].expand(-1, H, dr)), dim=-1)
         return sdpa(q[None], k[None], kv[None, ..., dn:], mask[None], self.scale)[0]
