@@ -95,3 +95,41 @@ def peak_flops(int64_t iters, int nthreads):
     with nogil:
         f = probe_peak(iters, nthreads)
     return f
+
+
+# ---------------------------------------------------------------- dense linears
+# y = x @ W^T over one packed matrix (cython_src/dense_kernels.c), on the same
+# pool and unit bodies as the experts.
+cdef extern from "dense_kernels.c" nogil:
+    ctypedef struct dense_matrix:
+        const uint8_t *w
+        const float *scale
+        int rows
+        int cols
+        int tiles
+        int kblocks
+        int fp8
+    int64_t dense_workspace_bytes(int T, int kblocks, int nthreads)
+    void dense_forward(dense_matrix m, const void *x, int x_bf16, int T, float *y,
+                       uint8_t *workspace, int nthreads, int scalar)
+
+
+def dense_workspace(int T, int kblocks, int nthreads):
+    return dense_workspace_bytes(T, kblocks, nthreads)
+
+
+def dense(tuple m, uintptr_t x, bint x_bf16, int T, uintptr_t y, uintptr_t workspace,
+          int nthreads, bint scalar=False):
+    """y[T, rows] = x[T, cols] @ W^T; m = (weights ptr, scales ptr, rows, cols, row tiles,
+    k blocks, fp8). `scalar` runs the scalar twin (tests)."""
+    cdef dense_matrix d
+    d.w = <const uint8_t *><uintptr_t>m[0]
+    d.scale = <const float *><uintptr_t>m[1]
+    d.rows = m[2]
+    d.cols = m[3]
+    d.tiles = m[4]
+    d.kblocks = m[5]
+    d.fp8 = m[6]
+    with nogil:
+        dense_forward(d, <const void *>x, x_bf16, T, <float *>y, <uint8_t *>workspace,
+                      nthreads, scalar)

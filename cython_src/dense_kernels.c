@@ -1,0 +1,185 @@
+/* Dense linear on the CPU: y = x @ W^T over one packed matrix (the experts'
+ * tile layout), for every linear outside the routed experts: attention
+ * projections, dense MLPs, shared experts, the LM head.
+ *
+ * SHAPES (T tokens; R rows = out features; K = in features; Rp, Kp = R, K
+ *         rounded up to 128)
+ *   x      [T, K]   FP32 or BF16 activations
+ *   W      packed [Rp/64 row tiles][Kp/128 k blocks] units (FP8 or BF16),
+ *          scales [Rp/64][Kp/128] FP32 beside them (1.0 for BF16)
+ *   y      [T, R]   FP32 (no bias: the caller adds it)
+ *
+ * DEFINITION (unit_scalar in expert_units.h is the inner loop of the twin)
+ *   y[t][r] = sum_kb scale[r/64][kb] * sum_{k in kb} W[r][k] * bf16(x[t][k])
+ *
+ * REGULARITIES  decode: T = 1..64 (the decode batch), every weight byte read
+ *   once per step -> GEMV, memory bound: one task per row tile, FP8 widened in
+ *   registers, prefetched ahead. Prefill chunks: T = 256..4096 -> GEMM, compute
+ *   bound: tasks are (row tile, block of 128 tokens); an FP8 unit is widened
+ *   once into a BF16 scratch unit and reused by every group of 4 tokens.
+ *
+ * EXAMPLE  Qwen3-30B-A3B q_proj: R 4096, K 2048 -> 64 row tiles x 16 k blocks,
+ *   8 MiB of FP8 units; the LM head (BF16): R 151936, K 2048 -> 2374 row tiles,
+ *   622 MB, the largest single read of a decode step.
+ *
+ * PARALLEL PLAN  the experts' persistent pool; phase 1 converts x to BF16 rows
+ *   (split by token rows), phase 2 claims tasks from one atomic cursor, row
+ *   tile major so threads working on neighbouring tasks share the tile in L3.
+ *   Each task owns its rows of y: no reduction, deterministic.
+ */
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "thread_pool.h"
+#include "expert_units.h"
+
+#define DENSE_TOK_BLOCK 128     /* tokens per task: accumulators 128 x 64 FP32 = 32 KiB */
+#define DENSE_DIRECT_MAX 8      /* <= this many tokens: widen FP8 in registers */
+
+typedef struct {
+    const uint8_t *w;           /* [tiles][kblocks] units */
+    const float *scale;         /* [tiles][kblocks] */
+    int rows, cols, tiles, kblocks;
+    int fp8;
+} dense_matrix;
+
+typedef struct {
+    dense_matrix m;
+    int T, Kp, ntb, scalar;
+    int live_tiles;             /* row tiles holding real rows (the last 64 of a
+                                   128-row pad may hold none) */
+    const void *x;              /* [T, cols] FP32 or BF16 */
+    int x_bf16;
+    uint16_t *xb;               /* [T, Kp] BF16, zero padded */
+    float *y;                   /* [T, rows] */
+    atomic_int next;
+    uint8_t *scratch;           /* per thread: wide unit + accumulators */
+    int64_t scratch_stride;
+} dense_job;
+
+static int64_t dense_scratch_stride(void) {
+    return BF16_UNIT_BYTES + 4 * (int64_t)DENSE_TOK_BLOCK * UNIT_ROWS + 64;
+}
+
+/* Bytes of workspace dense_forward needs for T tokens of K inputs. */
+static int64_t dense_workspace_bytes(int T, int kblocks, int nthreads) {
+    return 128 + 2 * (int64_t)T * kblocks * UNIT_K + (int64_t)nthreads * dense_scratch_stride();
+}
+
+static uint8_t *dense_carve(uint8_t **cur, int64_t bytes) {
+    uint8_t *p = (uint8_t *)(((uintptr_t)*cur + 63) & ~(uintptr_t)63);
+    *cur = p + bytes;
+    return p;
+}
+
+/* ------------------------------------------------------------- phase 1 */
+static void dense_convert_rows(dense_job *j, int t0, int t1) {
+    const int K = j->m.cols;
+    for (int t = t0; t < t1; t++) {
+        uint16_t *dst = j->xb + (int64_t)t * j->Kp;
+        if (j->x_bf16) memcpy(dst, (const uint16_t *)j->x + (int64_t)t * K, 2 * (size_t)K);
+        else {
+            const float *src = (const float *)j->x + (int64_t)t * K;
+            for (int i = 0; i < K; i++) dst[i] = f32_to_bf16(src[i]);
+        }
+        memset(dst + K, 0, 2 * (size_t)(j->Kp - K));      /* padded k: finite zeros */
+    }
+}
+
+static void dense_convert_worker(void *arg, int tid, int n) {
+    dense_job *j = (dense_job *)arg;
+    int per = (j->T + n - 1) / n, t0 = tid * per, t1 = t0 + per < j->T ? t0 + per : j->T;
+    if (t0 < t1) dense_convert_rows(j, t0, t1);
+}
+
+/* ------------------------------------------------------------- phase 2 */
+/* acc[n][64] += unit . x rows q.., groups of MAX_NT (constant nt per branch:
+ * the body unrolls into registers). */
+static void dense_unit_rows(const uint8_t *u, int fp8, const uint16_t *x, int ldx, int n,
+                            float scale, float *acc, int scalar) {
+    for (int q = 0; q < n; q += MAX_NT) {
+        const uint16_t *xk[MAX_NT];
+        int nt = n - q < MAX_NT ? n - q : MAX_NT;
+        for (int t = 0; t < nt; t++) xk[t] = x + (int64_t)(q + t) * ldx;
+        float *o = acc + q * UNIT_ROWS;
+        if (scalar) { unit_scalar(u, fp8, xk, nt, scale, o); continue; }
+        if (fp8) {
+            switch (nt) {
+            case 1: unit_body(u, 1, xk, 1, scale, o); break;
+            case 2: unit_body(u, 1, xk, 2, scale, o); break;
+            case 3: unit_body(u, 1, xk, 3, scale, o); break;
+            default: unit_body(u, 1, xk, 4, scale, o); break;
+            }
+        } else {
+            switch (nt) {
+            case 1: unit_body(u, 0, xk, 1, scale, o); break;
+            case 2: unit_body(u, 0, xk, 2, scale, o); break;
+            case 3: unit_body(u, 0, xk, 3, scale, o); break;
+            default: unit_body(u, 0, xk, 4, scale, o); break;
+            }
+        }
+    }
+}
+
+/* Rows [64 rt, +64) of y for tokens [t0, t0 + n). */
+static void dense_task(dense_job *j, int rt, int t0, int n, uint16_t *wide, float *acc) {
+    const dense_matrix *m = &j->m;
+    const int ub = m->fp8 ? FP8_UNIT_BYTES : BF16_UNIT_BYTES;
+    const uint8_t *tile = m->w + (int64_t)rt * m->kblocks * ub;
+    const float *sc = m->scale + (int64_t)rt * m->kblocks;
+    const uint16_t *x = j->xb + (int64_t)t0 * j->Kp;
+    const int widen = m->fp8 && n > DENSE_DIRECT_MAX && !j->scalar;
+    memset(acc, 0, sizeof(float) * (size_t)n * UNIT_ROWS);
+    for (int kb = 0; kb < m->kblocks; kb++) {
+        const uint8_t *u = tile + (int64_t)kb * ub;
+        int ufp8 = m->fp8;
+#ifdef UNIT_WIDEN
+        if (widen) { unit_widen(u, wide); u = (const uint8_t *)wide; ufp8 = 0; }
+#else
+        (void)widen; (void)wide;
+#endif
+        dense_unit_rows(u, ufp8, x + kb * UNIT_K, j->Kp, n, sc[kb], acc, j->scalar);
+    }
+    int r0 = rt * UNIT_ROWS, nr = m->rows - r0 < UNIT_ROWS ? m->rows - r0 : UNIT_ROWS;
+    for (int t = 0; t < n; t++)
+        memcpy(j->y + (int64_t)(t0 + t) * m->rows + r0, acc + t * UNIT_ROWS, sizeof(float) * nr);
+}
+
+static void dense_worker(void *arg, int tid, int nthreads) {
+    (void)nthreads;
+    dense_job *j = (dense_job *)arg;
+    uint8_t *s = j->scratch + tid * j->scratch_stride;
+    uint16_t *wide = (uint16_t *)s;                             /* 64-aligned */
+    float *acc = (float *)(s + BF16_UNIT_BYTES);
+    const int n_all = j->live_tiles * j->ntb;
+    for (;;) {
+        int task = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (task >= n_all) break;
+        int rt = task / j->ntb, tb = task % j->ntb;
+        int t0 = tb * DENSE_TOK_BLOCK, n = j->T - t0 < DENSE_TOK_BLOCK ? j->T - t0 : DENSE_TOK_BLOCK;
+        dense_task(j, rt, t0, n, wide, acc);
+    }
+}
+
+/* ------------------------------------------------------------- caller side */
+/* y[T, rows] = x[T, cols] @ W^T. `scalar` runs the scalar twin (tests). */
+static void dense_forward(dense_matrix m, const void *x, int x_bf16, int T, float *y,
+                          uint8_t *workspace, int nthreads, int scalar) {
+    dense_job j;
+    memset(&j, 0, sizeof(j));
+    j.m = m; j.T = T; j.x = x; j.x_bf16 = x_bf16; j.y = y; j.scalar = scalar;
+    j.Kp = m.kblocks * UNIT_K;
+    j.ntb = (T + DENSE_TOK_BLOCK - 1) / DENSE_TOK_BLOCK;
+    uint8_t *cur = workspace;
+    j.xb = (uint16_t *)dense_carve(&cur, 2 * (int64_t)T * j.Kp);
+    j.scratch_stride = dense_scratch_stride();
+    j.scratch = dense_carve(&cur, nthreads * j.scratch_stride);
+    atomic_init(&j.next, 0);
+    /* converting a decode row costs less than waking the pool */
+    if (T >= 2 * nthreads && nthreads > 1) pool_run(dense_convert_worker, &j, nthreads);
+    else dense_convert_rows(&j, 0, T);
+    j.live_tiles = (m.rows + UNIT_ROWS - 1) / UNIT_ROWS;
+    int tasks = j.live_tiles * j.ntb;
+    pool_run(dense_worker, &j, tasks < nthreads ? tasks : nthreads);
+}

@@ -1,0 +1,160 @@
+"""Dense linears on the compiled CPU kernels: attention projections, dense MLPs,
+shared experts and the LM head, from the same packed tile layout, thread pool
+and instruction-set dispatch as the routed experts.
+
+`install_cpu_linears` is a pass over a built model (the model files do not
+change): every `Linear` whose weight the kernels read exactly (FP8 e4m3 with
+128x128 block scales, or BF16) becomes a `CPULinear` over the model's dense
+store; a SiLU-gated MLP whose gate and up stack cleanly becomes one
+`CPUGatedMLP` (gate and up in one kernel call, like the routed experts).
+Routers stay in torch: their FP32 logits pick the experts, and BF16 activations
+could flip a near tie. Shape legend: N tokens, D hidden, I intermediate.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from moed.errors import InvalidRequestError
+from moed.experts.dense_store import PackedMatrix, concat_rows, open_or_build, pack_weight
+from moed.experts.layer import _workspace_for, default_threads
+from moed.model.formats import FP8_DTYPE
+from moed.model.layers import MLP, Linear
+
+log = logging.getLogger(__name__)
+
+SKIPPED = ("router", "experts", "shared_gate", "rotary")   # attributes never walked
+
+
+class CPULinear:
+    """y [N, out] = x [N, in] @ W^T (+ bias) on the kernels; `.weight` / `.bias` kept
+    (DeepSeek's MLA reads `kv_b.weight.dequantize()` for its absorbed decode)."""
+
+    def __init__(self, weight, bias=None, packed: PackedMatrix = None, threads=None, kernels=None):
+        from moed.cpu import expert_kernels
+        self.weight = weight                    # formats.Weight [out, in], as stored
+        self.bias = bias                        # [out] float32 or None
+        self.packed = packed if packed is not None else pack_weight(weight, "weight")
+        self.kernels = kernels or expert_kernels()
+        self.threads = threads or default_threads()
+        self._args = self.packed.kernel_args()
+        self._kblocks = self.packed.shape.kblocks
+
+    @property
+    def out_features(self):
+        return self.packed.rows
+
+    @property
+    def in_features(self):
+        return self.packed.cols
+
+    def __call__(self, x):
+        # x [..., in] float32 (or BF16) -> [..., out] float32
+        lead = x.shape[:-1]
+        x = self._check(x)
+        N = x.shape[0]
+        y = torch.empty(N, self.packed.rows, dtype=torch.float32)
+        if N:
+            ws = _workspace_for(self.kernels.dense_workspace(N, self._kblocks, self.threads))
+            self.kernels.dense(self._args, x.data_ptr(), x.dtype == torch.bfloat16, N,
+                               y.data_ptr(), ws.ctypes.data, self.threads)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self.packed.rows)
+
+    def _check(self, x):
+        if x.shape[-1] != self.packed.cols:
+            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [..., "
+                                      f"{self.packed.cols}]", field="x")
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        return x.detach().reshape(-1, x.shape[-1]).cpu().contiguous()
+
+
+class CPUGatedMLP:
+    """down(silu(gate(x)) * up(x)) with gate and up as one [2I, D] matrix: one kernel
+    call reads both (the routed experts fuse them the same way)."""
+
+    def __init__(self, gate_up: CPULinear, gate: CPULinear, up: CPULinear, down):
+        self.gate_up = gate_up          # [2I, D]: rows [0, I) gate, [I, 2I) up
+        self.gate, self.up = gate, up   # views of gate_up's packed rows, `.weight` kept
+        self.down = down                # CPULinear or Linear [D, I]
+        self.inter = gate.out_features
+
+    def __call__(self, x):
+        # x [N, D] -> [N, D]
+        gu = self.gate_up(x)                               # [N, 2I]
+        return self.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+
+
+def packable(linear):
+    """Whether the kernels read this Linear's weight exactly."""
+    w = linear.weight
+    if w.data.device.type != "cpu" or w.data.dim() != 2:
+        return False
+    if w.is_fp8:
+        return w.data.dtype == FP8_DTYPE and tuple(w.block or ()) == (128, 128)
+    return w.data.dtype == torch.bfloat16
+
+
+def fusable(mlp):
+    g, u = mlp.gate, mlp.up
+    return (type(g) is Linear and type(u) is Linear and packable(g) and packable(u)
+            and g.bias is None and u.bias is None and g.weight.shape == u.weight.shape
+            and g.weight.is_fp8 == u.weight.is_fp8 and g.weight.shape[0] % 128 == 0)
+
+
+def dense_targets(model):
+    """(linears, mlps): [(name, owner, attribute, Linear | MLP)] found by walking the
+    decoder layers' attributes, plus the LM head."""
+    linears, mlps = [], []
+    for i, layer in enumerate(model.layers):
+        _walk(layer, f"layers.{i}", linears, mlps, set())
+    if type(model.lm_head) is Linear and packable(model.lm_head):
+        linears.append(("lm_head", model, "lm_head", model.lm_head))
+    return linears, mlps
+
+
+def _walk(obj, path, linears, mlps, seen):
+    seen.add(id(obj))
+    for attr, val in list(vars(obj).items()):
+        name = f"{path}.{attr}"
+        if attr in SKIPPED or val is None or id(val) in seen:
+            continue
+        if type(val) is Linear:
+            if packable(val):
+                linears.append((name, obj, attr, val))
+        elif isinstance(val, MLP) and fusable(val):
+            mlps.append((name, obj, attr, val))
+            _walk(val, name, linears, [], seen | {id(val.gate), id(val.up)})
+        elif type(val).__module__.startswith("moed.model") and hasattr(val, "__dict__"):
+            _walk(val, name, linears, mlps, seen)
+
+
+def install_cpu_linears(model, model_dir, threads=None, kernels=None):
+    """Replace every packable dense Linear of a built CPU model by a CPULinear over the
+    model's dense store (built on first use). Returns the number of linears replaced."""
+    from moed.cpu import expert_kernels
+    if model.device.type != "cpu":
+        return 0
+    kernels = kernels or expert_kernels()     # fails clearly on a forced, unsupported ISA
+    threads = threads or default_threads()
+    linears, mlps = dense_targets(model)
+    sources = [(n, lin.weight) for n, _, _, lin in linears]
+    sources += [(f"{n}.gate_up", concat_rows([m.gate.weight, m.up.weight], n))
+                for n, _, _, m in mlps]
+    if not sources:
+        return 0
+    store = open_or_build(model_dir, sources)
+    for name, owner, attr, lin in linears:
+        setattr(owner, attr, CPULinear(lin.weight, lin.bias, store.matrix(name), threads, kernels))
+    for name, owner, attr, m in mlps:
+        gu = store.matrix(f"{name}.gate_up")
+        I = m.gate.weight.shape[0]
+        parts = [CPULinear(w, None, gu.row_slice(a, b), threads, kernels)
+                 for w, (a, b) in ((m.gate.weight, (0, I)), (m.up.weight, (I, 2 * I)))]
+        setattr(owner, attr, CPUGatedMLP(CPULinear(None, None, gu, threads, kernels), *parts,
+                                         m.down))
+    n = len(linears) + 2 * len(mlps)
+    log.info("CPU linears: %d from %s, isa=%s, %d threads", n, store.path, kernels.ISA, threads)
+    return n
