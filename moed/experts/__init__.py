@@ -18,7 +18,10 @@ def install_cpu_kernels(model, model_dir, threads=None):
     """Both CPU passes over a built model: routed experts (when it has MoE layers) and
     dense linears (unless MOED_LINEARS=torch). Returns (expert ISA or None, linears replaced)."""
     import os
-    isa = install_cpu_experts(model, model_dir, threads) if model.moe_layers() else None
+
+    from moed.model.moe import TorchExperts
+    pending = [m for _, m in model.moe_layers() if isinstance(m.experts, TorchExperts)]
+    isa = install_cpu_experts(model, model_dir, threads) if pending else None
     if os.environ.get("MOED_LINEARS", "auto").strip().lower() == "torch":
         return isa, 0
     return isa, install_cpu_linears(model, model_dir, threads)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from moed.errors import InvalidRequestError
-from moed.experts.dense_store import PackedMatrix, concat_rows, open_or_build, pack_weight
+from moed.experts.dense_store import (PackedMatrix, concat_rows, open_or_build, pack_weight,
+                                      part_starts)
 from moed.experts.layer import _workspace_for, default_threads
 from moed.model.formats import FP8_DTYPE
 from moed.model.layers import MLP, Linear
@@ -48,12 +49,16 @@ class CPULinear:
     def in_features(self):
         return self.packed.cols
 
-    def __call__(self, x):
-        # x [..., in] float32 (or BF16) -> [..., out] float32
+    def __call__(self, x, out=None):
+        # x [..., in] float32 (or BF16) -> [..., out] float32 (into `out` [N, out] if given)
         lead = x.shape[:-1]
         x = self._check(x)
         N = x.shape[0]
-        y = torch.empty(N, self.packed.rows, dtype=torch.float32)
+        y = out if out is not None else torch.empty(N, self.packed.rows, dtype=torch.float32)
+        if tuple(y.shape) != (N, self.packed.rows) or y.dtype != torch.float32 \
+                or not y.is_contiguous():
+            raise InvalidRequestError(f"out must be contiguous float32 [{N}, {self.packed.rows}]",
+                                      field="out")
         if N:
             ws = _workspace_for(self.kernels.dense_workspace(N, self._kblocks, self.threads))
             self.kernels.dense(self._args, x.data_ptr(), x.dtype == torch.bfloat16, N,
@@ -76,15 +81,16 @@ class CPUGatedMLP:
     call reads both (the routed experts fuse them the same way)."""
 
     def __init__(self, gate_up: CPULinear, gate: CPULinear, up: CPULinear, down):
-        self.gate_up = gate_up          # [2I, D]: rows [0, I) gate, [I, 2I) up
+        self.gate_up = gate_up          # [Ip + I, D]: rows [0, I) gate, [Ip, Ip + I) up
         self.gate, self.up = gate, up   # views of gate_up's packed rows, `.weight` kept
         self.down = down                # CPULinear or Linear [D, I]
-        self.inter = gate.out_features
+        self.inter = gate.out_features                     # I
+        self.up_start = gate_up.out_features - self.inter  # Ip = I rounded up to 128
 
     def __call__(self, x):
         # x [N, D] -> [N, D]
-        gu = self.gate_up(x)                               # [N, 2I]
-        return self.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+        gu = self.gate_up(x)                               # [N, Ip + I]
+        return self.down(F.silu(gu[:, :self.inter]) * gu[:, self.up_start:])
 
 
 def packable(linear):
@@ -101,7 +107,7 @@ def fusable(mlp):
     g, u = mlp.gate, mlp.up
     return (type(g) is Linear and type(u) is Linear and packable(g) and packable(u)
             and g.bias is None and u.bias is None and g.weight.shape == u.weight.shape
-            and g.weight.is_fp8 == u.weight.is_fp8 and g.weight.shape[0] % 128 == 0)
+            and g.weight.is_fp8 == u.weight.is_fp8)
 
 
 def dense_targets(model):
@@ -150,9 +156,9 @@ def install_cpu_linears(model, model_dir, threads=None, kernels=None):
         setattr(owner, attr, CPULinear(lin.weight, lin.bias, store.matrix(name), threads, kernels))
     for name, owner, attr, m in mlps:
         gu = store.matrix(f"{name}.gate_up")
-        I = m.gate.weight.shape[0]
-        parts = [CPULinear(w, None, gu.row_slice(a, b), threads, kernels)
-                 for w, (a, b) in ((m.gate.weight, (0, I)), (m.up.weight, (I, 2 * I)))]
+        ws = [m.gate.weight, m.up.weight]
+        parts = [CPULinear(w, None, gu.row_slice(a, a + w.shape[0]), threads, kernels)
+                 for w, a in zip(ws, part_starts(ws))]
         setattr(owner, attr, CPUGatedMLP(CPULinear(None, None, gu, threads, kernels), *parts,
                                          m.down))
     n = len(linears) + 2 * len(mlps)

@@ -224,11 +224,23 @@ def open_or_build(model_dir, sources):
 
 
 def concat_rows(weights, name):
-    """Weights with the same columns stacked by rows (fused gate/up), FP8 scales too."""
+    """Weights with the same columns stacked by rows (fused gate/up), FP8 scales too.
+    Each part but the last is padded with zero rows to a multiple of 128, so every
+    part starts on a scale block and a row tile: part i's rows start at `starts[i]`."""
+    parts, scales = [], []
+    for w in weights[:-1]:
+        pad = -w.shape[0] % 128
+        parts.append(torch.cat([w.data, w.data.new_zeros(pad, w.shape[1])]) if pad else w.data)
+    parts.append(weights[-1].data)
     first = weights[0]
-    if first.is_fp8 and any(w.shape[0] % first.block[0] for w in weights[:-1]):
-        raise CheckpointError(f"{name}: rows not a multiple of the FP8 block", tensor=name)
-    data = torch.cat([w.data for w in weights])
-    scale = None if not first.is_fp8 else torch.cat([w.scale_inv for w in weights])
-    return type(first)(data, scale, first.block)
+    scale = torch.cat([w.scale_inv for w in weights]) if first.is_fp8 else None
+    return type(first)(torch.cat(parts), scale, first.block)
 
+
+def part_starts(weights):
+    """First row of each part inside concat_rows(weights)."""
+    starts, r = [], 0
+    for w in weights:
+        starts.append(r)
+        r += w.shape[0] + (-w.shape[0] % 128)
+    return starts

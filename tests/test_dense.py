@@ -1,0 +1,168 @@
+"""Dense linears on the CPU kernels: every ISA x FP8/BF16 against a float64
+reference on ragged shapes, NaN-poisoned outputs, SIMD vs the scalar twin,
+thread-count determinism, fused gate/up, forced ISA in a fresh process.
+
+Tolerance: the kernels round activations to BF16 (vdpbf16ps) and accumulate
+in FP32, so the reference is float64 over the BF16-rounded x and the exactly
+dequantized W; what remains is FP32 summation error, bounded here by
+2e-6 x sum_k |x_k w_k| (about 30 x the unit roundoff: K <= 300 terms summed in
+up to 4 interleaved chains, then 3 block partial sums).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moed.cpu as cpu
+from moed.errors import ConfigError, InvalidRequestError
+from moed.experts.dense import CPUGatedMLP, CPULinear
+from moed.experts.dense_store import concat_rows, pack_weight, part_starts
+from moed.model.formats import Weight, quantize_fp8
+
+SHAPES = [(200, 300), (131, 67), (64, 128), (3, 257)]    # (out, in): ragged vs 128, 64, 16, 8
+TOKENS = [1, 3, 17, 130]
+TOL = 2e-6
+
+
+def make_weight(out, inp, fmt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * inp ** -0.5
+    if fmt == "fp8":
+        data, scale = quantize_fp8(w)
+        return Weight(data, scale, (128, 128))
+    return Weight(w.bfloat16())
+
+
+def reference(x, w):
+    """float64 y and the error scale sum_k |x_k w_k| for BF16-rounded activations."""
+    xd, wd = x.bfloat16().double(), w.dequantize().double()
+    return xd @ wd.T, xd.abs() @ wd.abs().T
+
+
+def kernels_or_error(isa):
+    if isa not in cpu.supported_isas():
+        with pytest.raises(ConfigError):
+            cpu.expert_kernels(isa)
+        return None
+    return cpu.expert_kernels(isa)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_every_isa_matches_float64_on_ragged_shapes(isa, fmt):
+    kernels = kernels_or_error(isa)
+    if kernels is None:
+        return                                  # asserted: the unsupported ISA is refused
+    for i, (out, inp) in enumerate(SHAPES):
+        w = make_weight(out, inp, fmt, seed=i)
+        lin = CPULinear(w, threads=2, kernels=kernels)
+        for T in TOKENS:
+            x = torch.randn(T, inp, generator=torch.Generator().manual_seed(T))
+            y = torch.full((T, out), float("nan"))
+            lin(x, out=y)
+            ref, scale = reference(x, w)
+            err = ((y.double() - ref).abs() / (scale + 1e-30))
+            print(f"{isa} {fmt} {out}x{inp} T={T}: max {err.max():.2e} mean {err.mean():.2e} "
+                  f"(tol {TOL})")
+            assert not torch.isnan(y).any()
+            assert err.max() < TOL
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+def test_simd_matches_scalar_twin(fmt):
+    kernels = cpu.expert_kernels()
+    w = make_weight(200, 300, fmt)
+    p = pack_weight(w, "w")
+    for T in TOKENS:
+        x = torch.randn(T, 300)
+        ys = [torch.full((T, 200), float("nan")) for _ in range(2)]
+        for y, scalar in zip(ys, (False, True)):
+            ws = np.empty(kernels.dense_workspace(T, p.shape.kblocks, 2), dtype=np.uint8)
+            kernels.dense(p.kernel_args(), x.data_ptr(), False, T, y.data_ptr(), ws.ctypes.data,
+                          2, scalar)
+        ref, scale = reference(x, w)
+        assert ((ys[0].double() - ys[1].double()).abs() / (scale + 1e-30)).max() < TOL
+
+
+def test_thread_count_does_not_change_the_result():
+    # each task owns its rows of y: no reduction across threads, bitwise identical
+    w = make_weight(300, 260, "fp8")
+    x = torch.randn(130, 260)
+    ys = [CPULinear(w, threads=n)(x) for n in (1, 2, 3)]
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+
+
+def test_bias_leading_dims_and_bf16_input():
+    w = make_weight(131, 67, "bf16")
+    bias = torch.randn(131)
+    lin = CPULinear(w, bias)
+    x = torch.randn(2, 5, 67)
+    y = lin(x)
+    ref, _ = reference(x.reshape(10, 67), w)
+    assert y.shape == (2, 5, 131)
+    torch.testing.assert_close(y.reshape(10, 131).double(), ref + bias.double(), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(lin(x.bfloat16()), y)          # same BF16 rounding either way
+    assert lin.weight is w and lin.bias is bias
+
+
+def test_bad_shapes_name_the_field():
+    lin = CPULinear(make_weight(64, 128, "fp8"))
+    with pytest.raises(InvalidRequestError) as e:
+        lin(torch.randn(3, 100))
+    assert e.value.field == "x" and "128" in str(e.value)
+    with pytest.raises(InvalidRequestError) as e:
+        lin(torch.randn(3, 128), out=torch.empty(3, 63))
+    assert e.value.field == "out"
+
+
+def test_zero_tokens():
+    assert CPULinear(make_weight(64, 128, "bf16"))(torch.randn(0, 128)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("inter", [256, 72])
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+def test_fused_gate_up_matches_the_mlp(fmt, inter):
+    gate, up, down = (make_weight(inter, 200, fmt, 1), make_weight(inter, 200, fmt, 2),
+                      make_weight(200, inter, fmt, 3))
+    gu = pack_weight(concat_rows([gate, up], "mlp"), "mlp.gate_up")
+    parts = [CPULinear(w, packed=gu.row_slice(a, a + inter)) for w, a in
+             zip((gate, up), part_starts([gate, up]))]
+    mlp = CPUGatedMLP(CPULinear(None, packed=gu), *parts, CPULinear(down))
+    x = torch.randn(17, 200)
+    g, u = (x.bfloat16().double() @ w.dequantize().double().T for w in (gate, up))
+    h = (F.silu(g) * u)
+    ref = h.bfloat16().double() @ down.dequantize().double().T
+    y = mlp(x)
+    rel = ((y.double() - ref).abs().mean() / ref.abs().mean()).item()
+    print(f"fused MLP {fmt}: mean rel {rel:.2e}")
+    assert rel < 1e-3                 # h is rounded to BF16 twice: once by torch, once here
+    for part, w in zip(parts, (gate, up)):
+        torch.testing.assert_close(part(x), CPULinear(w)(x))   # the views are the halves
+
+
+RUN = """
+import torch
+from moed.experts.dense import CPULinear
+from moed.model.formats import Weight, quantize_fp8
+w = torch.randn(131, 67)
+lin = CPULinear(Weight(*quantize_fp8(w), (128, 128)))
+y = lin(torch.randn(3, 67))
+assert y.shape == (3, 131) and not torch.isnan(y).any()
+print(lin.kernels.ISA)
+"""
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_forced_isa_in_a_fresh_process(isa):
+    r = subprocess.run([sys.executable, "-c", RUN], env=dict(os.environ, MOED_ISA=isa),
+                       capture_output=True, text=True, timeout=120)
+    if isa in cpu.supported_isas():
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == isa
+    else:
+        assert r.returncode != 0 and "MOED_ISA" in r.stderr

@@ -1,0 +1,110 @@
+"""Dense linears installed in real (tiny) models: which linears move, the
+`.moed-dense` store (mapped read-only, reused, rebuilt when corrupt), logits
+within the runtime's BF16-activation tolerance of the torch reference, same
+greedy tokens."""
+import numpy as np
+import pytest
+
+from moed import LLM, SamplingParams
+from moed.experts import install_cpu_kernels, install_cpu_linears
+from moed.experts.dense import CPUGatedMLP, CPULinear
+from moed.experts.dense_store import DenseStore, store_path
+from moed.model.layers import Linear
+from moed.model.tiny import build_tiny_model
+
+PROMPT = [5, 17, 42, 99, 7, 3]
+TOL = 2e-2      # mean relative L1 of logits, as tests/test_experts_model.py states it
+GREEDY = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOED_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense_models")
+    return {(a, f): build_tiny_model(root / f"{a}-{f}", a, fmt=f)
+            for a, f in (("qwen3_moe", "fp8"), ("deepseek_v3", "fp8"), ("mixtral", "bf16"))}
+
+
+def fast_llm(model_dir):
+    llm = LLM(model_dir, device="cpu")
+    n = install_cpu_linears(llm.engine.model, model_dir)
+    return llm, n
+
+
+@pytest.mark.parametrize("key", [("qwen3_moe", "fp8"), ("deepseek_v3", "fp8"),
+                                 ("mixtral", "bf16")])
+def test_logits_and_greedy_tokens_match_the_reference(models, key):
+    ref = LLM(models[key], device="cpu", experts="torch")
+    fast, n = fast_llm(models[key])
+    assert n > 0
+    a, b = fast.logits(PROMPT), ref.logits(PROMPT)
+    rel = np.abs(a - b).mean() / np.abs(b).mean()
+    print(f"{key}: {n} linears, logits mean rel L1 vs torch reference {rel:.2e} (tol {TOL})")
+    assert rel < TOL
+    assert fast.generate(PROMPT, GREEDY)[0].token_ids == ref.generate(PROMPT, GREEDY)[0].token_ids
+
+
+def test_qwen_every_projection_and_the_lm_head_move_routers_stay(models):
+    llm, n = fast_llm(models[("qwen3_moe", "fp8")])
+    m = llm.engine.model
+    moe = [layer.mlp for layer in m.layers if hasattr(layer.mlp, "router")]
+    dense = [layer.mlp for layer in m.layers if not hasattr(layer.mlp, "router")]
+    assert moe and all(type(mlp.router.gate) is Linear for mlp in moe)   # routing stays torch
+    for layer in m.layers:
+        assert all(isinstance(getattr(layer.attn, p), CPULinear) for p in "qkvo")
+    for mlp in dense:
+        assert all(isinstance(getattr(mlp, p), CPULinear) for p in ("gate", "up", "down"))
+    assert isinstance(m.lm_head, CPULinear)
+    assert n == 4 * len(m.layers) + 3 * len(dense) + 1
+
+
+def test_deepseek_keeps_weights_and_fuses_gate_up(models):
+    llm, _ = fast_llm(models[("deepseek_v3", "fp8")])
+    m = llm.engine.model
+    attn = m.layers[0].attn
+    assert isinstance(attn.kv_b, CPULinear)
+    assert attn.kv_b.weight.dequantize().shape == attn.kv_b.weight.shape   # MLA's absorbed decode
+    shared = [layer.mlp.shared for layer in m.layers if hasattr(layer.mlp, "shared")]
+    assert shared and all(isinstance(s, CPUGatedMLP) for s in shared)
+    s = shared[0]
+    assert s.gate_up.out_features == s.up_start + s.inter and s.gate.weight is not None
+
+
+def test_store_is_mapped_read_only_reused_and_rebuilt_when_corrupt(models):
+    d = models[("qwen3_moe", "fp8")]
+    llm, _ = fast_llm(d)
+    path = store_path(d)
+    assert path.exists() and path.suffix == ".moed-dense"
+    units = llm.engine.model.lm_head.packed.units
+    assert not units.flags.writeable
+    before = llm.logits(PROMPT)
+    mtime = path.stat().st_mtime_ns
+    fast_llm(d)
+    assert path.stat().st_mtime_ns == mtime                      # mapped again, not rebuilt
+    store = DenseStore.open(path)
+    e = store.entries["lm_head"]
+    raw = bytearray(path.read_bytes())
+    raw[e["offset"] + 10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(Exception) as err:
+        DenseStore.open(path)
+    assert "lm_head" in str(err.value) and "checksum" in str(err.value)
+    llm2, _ = fast_llm(d)                                         # rebuilt, same logits
+    np.testing.assert_array_equal(llm2.logits(PROMPT), before)
+    DenseStore.open(path)
+
+
+def test_install_cpu_kernels_honours_moed_linears(models, monkeypatch):
+    d = models[("mixtral", "bf16")]
+    llm = LLM(d, device="cpu", experts="torch")
+    monkeypatch.setenv("MOED_LINEARS", "torch")
+    isa, n = install_cpu_kernels(llm.engine.model, d)
+    assert isa and n == 0 and type(llm.engine.model.lm_head) is Linear
+    monkeypatch.delenv("MOED_LINEARS")
+    isa, n = install_cpu_kernels(llm.engine.model, d)       # experts already in: linears only
+    assert isa is None and n > 0 and isinstance(llm.engine.model.lm_head, CPULinear)
+    assert install_cpu_linears(llm.engine.model, d) == 0           # idempotent: nothing left
