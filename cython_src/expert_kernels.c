@@ -68,16 +68,45 @@ typedef struct {
     int64_t scratch_stride;
 } moe_job;
 
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+/* The bytes a thread streams next, in order: the tiles of its current task and
+ * of the tasks it has already claimed. Decode prefetches PF_BYTES ahead along
+ * this plan, so the lines fetched are ones this thread will read itself. */
+#define PLAN_TASKS 3
+#define PLAN_SEGS (2 * PLAN_TASKS)
+typedef struct {
+    const uint8_t *seg[PLAN_SEGS];
+    int64_t len[PLAN_SEGS];
+    int n;
+} stream_plan;
 
-/* out[n][64] += W-tile(rt) . x rows, over all k blocks. */
+/* The unit PF_BYTES after byte `off` of the plan, or NULL past its end. */
+static inline const uint8_t *plan_ahead(const stream_plan *p, int64_t off) {
+    off += PF_BYTES;
+    for (int i = 0; i < p->n; i++) {
+        if (off < p->len[i]) return p->seg[i] + off;
+        off -= p->len[i];
+    }
+    return NULL;
+}
+
+static inline int unit_bytes(int fp8) { return fp8 ? FP8_UNIT_BYTES : BF16_UNIT_BYTES; }
+
+static inline const uint8_t *tile_base(const packed_matrix *m, int e, int rt, int fp8) {
+    return m->w + e * m->w_stride + (int64_t)rt * m->kblocks * unit_bytes(fp8);
+}
+
+/* out[n][64] += W-tile(rt) . x rows, over all k blocks. `plan` (decode only,
+ * else NULL): the tile starts at byte `at` of the thread's stream plan. */
 static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
-                        const uint16_t *const *rows, int n, float *out, uint16_t *wide) {
-    const int ub = fp8 ? FP8_UNIT_BYTES : BF16_UNIT_BYTES;
-    const uint8_t *tile = m->w + e * m->w_stride + (int64_t)rt * m->kblocks * ub;
+                        const uint16_t *const *rows, int n, float *out, uint16_t *wide,
+                        const stream_plan *plan, int64_t at) {
+    const int ub = unit_bytes(fp8);
+    const uint8_t *tile = tile_base(m, e, rt, fp8);
     const float *sc = m->scale + e * m->s_stride + (int64_t)rt * m->kblocks;
     const int widen = fp8 && n > DIRECT_MAX;
+    if (n > DIRECT_MAX) plan = NULL;
     for (int kb = 0; kb < m->kblocks; kb++) {
+        const uint8_t *pf = plan ? plan_ahead(plan, at + (int64_t)kb * ub) : NULL;
         const uint8_t *u = tile + (int64_t)kb * ub;
         int ufp8 = fp8;
 #ifdef UNIT_WIDEN
@@ -91,19 +120,20 @@ static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
             for (int t = 0; t < nt; t++) xk[t] = rows[q + t] + kb * UNIT_K;
             float *o = out + q * UNIT_ROWS;
             /* constant nt per branch: the body unrolls into registers */
+            const uint8_t *p = q == 0 ? pf : NULL;      /* fetch each line once */
             if (ufp8) {
                 switch (nt) {
-                case 1: unit_body(u, 1, xk, 1, sc[kb], o); break;
-                case 2: unit_body(u, 1, xk, 2, sc[kb], o); break;
-                case 3: unit_body(u, 1, xk, 3, sc[kb], o); break;
-                default: unit_body(u, 1, xk, 4, sc[kb], o); break;
+                case 1: unit_body_pf(u, 1, xk, 1, sc[kb], o, p); break;
+                case 2: unit_body_pf(u, 1, xk, 2, sc[kb], o, p); break;
+                case 3: unit_body_pf(u, 1, xk, 3, sc[kb], o, p); break;
+                default: unit_body_pf(u, 1, xk, 4, sc[kb], o, p); break;
                 }
             } else {
                 switch (nt) {
-                case 1: unit_body(u, 0, xk, 1, sc[kb], o); break;
-                case 2: unit_body(u, 0, xk, 2, sc[kb], o); break;
-                case 3: unit_body(u, 0, xk, 3, sc[kb], o); break;
-                default: unit_body(u, 0, xk, 4, sc[kb], o); break;
+                case 1: unit_body_pf(u, 0, xk, 1, sc[kb], o, p); break;
+                case 2: unit_body_pf(u, 0, xk, 2, sc[kb], o, p); break;
+                case 3: unit_body_pf(u, 0, xk, 3, sc[kb], o, p); break;
+                default: unit_body_pf(u, 0, xk, 4, sc[kb], o, p); break;
                 }
             }
         }
@@ -121,24 +151,25 @@ static thread_scratch scratch_of(moe_job *job, int tid) {
     return s;
 }
 
-static void gate_up_task(moe_job *job, int a, int rt, thread_scratch *s) {
+static void gate_up_task(moe_job *job, int a, int rt, thread_scratch *s,
+                         const stream_plan *plan) {
+    const int64_t tile_bytes = (int64_t)job->gate.kblocks * unit_bytes(job->fp8);
     int e = job->active[a];
     for (int s0 = job->offs[a]; s0 < job->offs[a + 1]; s0 += SLOT_BLOCK) {
         int n = job->offs[a + 1] - s0 < SLOT_BLOCK ? job->offs[a + 1] - s0 : SLOT_BLOCK;
         for (int j = 0; j < n; j++) s->rows[j] = job->xb + (int64_t)job->slot_tok[s0 + j] * job->Hp;
         memset(s->g, 0, sizeof(float) * (size_t)n * UNIT_ROWS);
         memset(s->u, 0, sizeof(float) * (size_t)n * UNIT_ROWS);
-        tile_matmul(&job->gate, e, rt, job->fp8, s->rows, n, s->g, s->wide);
-        tile_matmul(&job->up, e, rt, job->fp8, s->rows, n, s->u, s->wide);
-        for (int j = 0; j < n; j++) {
-            uint16_t *h = job->hb + (int64_t)(s0 + j) * job->Ip + rt * UNIT_ROWS;
-            for (int r = 0; r < UNIT_ROWS; r++)
-                h[r] = f32_to_bf16(silu(s->g[j * UNIT_ROWS + r]) * s->u[j * UNIT_ROWS + r]);
-        }
+        tile_matmul(&job->gate, e, rt, job->fp8, s->rows, n, s->g, s->wide, plan, 0);
+        tile_matmul(&job->up, e, rt, job->fp8, s->rows, n, s->u, s->wide, plan, tile_bytes);
+        for (int j = 0; j < n; j++)
+            silu_mul_bf16(s->g + j * UNIT_ROWS, s->u + j * UNIT_ROWS,
+                          job->hb + (int64_t)(s0 + j) * job->Ip + rt * UNIT_ROWS, UNIT_ROWS);
     }
 }
 
-static void down_task(moe_job *job, int a, int rt, thread_scratch *s) {
+static void down_task(moe_job *job, int a, int rt, thread_scratch *s,
+                      const stream_plan *plan) {
     int e = job->active[a];
     int r0 = rt * UNIT_ROWS, nr = job->H - r0 < UNIT_ROWS ? job->H - r0 : UNIT_ROWS;
     spin_until_eq(&job->gu_done[a], job->gate.tiles);       /* per-expert barrier */
@@ -149,7 +180,7 @@ static void down_task(moe_job *job, int a, int rt, thread_scratch *s) {
         int n = first + total - s0 < SLOT_BLOCK ? first + total - s0 : SLOT_BLOCK;
         for (int j = 0; j < n; j++) s->rows[j] = job->hb + (int64_t)(s0 + j) * job->Ip;
         memset(s->g, 0, sizeof(float) * (size_t)n * UNIT_ROWS);
-        tile_matmul(&job->down, e, rt, job->fp8, s->rows, n, s->g, s->wide);
+        tile_matmul(&job->down, e, rt, job->fp8, s->rows, n, s->g, s->wide, plan, 0);
         if (single) spin_until_eq(&job->turn[rt], a);
         for (int j = 0; j < n; j++) {
             float w = job->slot_w[s0 + j];
@@ -161,23 +192,69 @@ static void down_task(moe_job *job, int a, int rt, thread_scratch *s) {
     atomic_store_explicit(&job->turn[rt], a + 1, memory_order_release);
 }
 
+/* Append task's weight tiles to the plan. */
+static void plan_add(const moe_job *job, int task, stream_plan *p) {
+    const int n_gu = job->n_active * job->gate.tiles, ub = unit_bytes(job->fp8);
+    if (task < n_gu) {
+        int a = task / job->gate.tiles, rt = task % job->gate.tiles;
+        int64_t len = (int64_t)job->gate.kblocks * ub;
+        p->seg[p->n] = tile_base(&job->gate, job->active[a], rt, job->fp8);
+        p->len[p->n++] = len;
+        p->seg[p->n] = tile_base(&job->up, job->active[a], rt, job->fp8);
+        p->len[p->n++] = len;
+    } else {
+        task -= n_gu;
+        int a = task / job->down.tiles, rt = task % job->down.tiles;
+        p->seg[p->n] = tile_base(&job->down, job->active[a], rt, job->fp8);
+        p->len[p->n++] = (int64_t)job->down.kblocks * ub;
+    }
+}
+
+static inline int job_task_segs(const moe_job *job, int task) {
+    return task < job->n_active * job->gate.tiles ? 2 : 1;
+}
+
+static void run_task(moe_job *job, int task, thread_scratch *s, const stream_plan *plan) {
+    const int n_gu = job->n_active * job->gate.tiles;
+    if (task < n_gu) {
+        int a = task / job->gate.tiles;
+        gate_up_task(job, a, task % job->gate.tiles, s, plan);
+        atomic_fetch_add_explicit(&job->gu_done[a], 1, memory_order_release);
+    } else {
+        task -= n_gu;
+        down_task(job, task / job->down.tiles, task % job->down.tiles, s, plan);
+    }
+}
+
+/* Tasks are claimed from the shared cursor up to PLAN_TASKS ahead, until the
+ * claimed tiles cover the prefetch distance, and run in claim order. Waits
+ * stay deadlock-free: the lowest unfinished claimed task is always running
+ * (a claimed-ahead task has a higher number than its thread's current one),
+ * and it waits only on lower-numbered tasks, all finished or running. */
 static void moe_worker(void *arg, int tid, int nthreads) {
     (void)nthreads;
     moe_job *job = (moe_job *)arg;
     thread_scratch s = scratch_of(job, tid);
-    const int n_gu = job->n_active * job->gate.tiles;
-    const int n_all = n_gu + job->n_active * job->down.tiles;
+    const int n_all = job->n_active * (job->gate.tiles + job->down.tiles);
+    int queue[PLAN_TASKS], nq = 0, drained = 0;
     for (;;) {
-        int task = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
-        if (task >= n_all) break;
-        if (task < n_gu) {
-            int a = task / job->gate.tiles;
-            gate_up_task(job, a, task % job->gate.tiles, &s);
-            atomic_fetch_add_explicit(&job->gu_done[a], 1, memory_order_release);
-        } else {
-            task -= n_gu;
-            down_task(job, task / job->down.tiles, task % job->down.tiles, &s);
+        stream_plan plan = {.n = 0};
+        int64_t ahead = 0;                 /* planned bytes after the current task */
+        for (int i = 0; i < nq; i++) plan_add(job, queue[i], &plan);
+        for (int i = job_task_segs(job, nq ? queue[0] : 0); i < plan.n; i++) ahead += plan.len[i];
+        while (!drained && nq < PLAN_TASKS && (nq == 0 || ahead < PF_BYTES)) {
+            int task = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
+            if (task >= n_all) { drained = 1; break; }
+            int before = plan.n;
+            plan_add(job, task, &plan);
+            for (int i = before; i < plan.n; i++) ahead += plan.len[i];
+            if (nq == 0) ahead = 0;        /* the first one is the current task */
+            queue[nq++] = task;
         }
+        if (nq == 0) break;
+        run_task(job, queue[0], &s, &plan);
+        for (int i = 1; i < nq; i++) queue[i - 1] = queue[i];
+        nq--;
     }
 }
 
@@ -235,7 +312,7 @@ static void convert_x(const void *x, int x_bf16, int T, int H, int Hp, uint16_t 
         uint16_t *dst = xb + (int64_t)t * Hp;
         if (x_bf16) memcpy(dst, (const uint16_t *)x + (int64_t)t * H, 2 * (size_t)H);
         else
-            for (int i = 0; i < H; i++) dst[i] = f32_to_bf16(((const float *)x)[(int64_t)t * H + i]);
+            f32_row_to_bf16((const float *)x + (int64_t)t * H, dst, H);
         memset(dst + H, 0, 2 * (size_t)(Hp - H));      /* padded k: finite zeros */
     }
 }

@@ -31,6 +31,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -165,8 +166,13 @@ ALWAYS_INLINE __m512bh bcast_pair(const uint16_t *x) {
     return (__m512bh)_mm512_set1_epi32(v);
 }
 
-ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
-                             float scale, float *out) {
+/* unit_body with an explicit prefetch target: `pf` (or NULL) is the unit this
+ * thread will stream PF_BYTES from now; every line of it is fetched once while
+ * this unit computes. The caller knows its own future reads (the next tiles of
+ * its task and of the tasks it has claimed), which a fixed distance past `w`
+ * does not: that lands in tiles other threads own. */
+ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+                                float scale, float *out, const uint8_t *pf) {
     fp8_lut l = fp8_lut_load();
     __m512 acc[4][MAX_NT];
     for (int g = 0; g < 4; g++)
@@ -176,9 +182,9 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
          * of the unit once (measured: 64 KiB ahead lifts T=1 from ~60% to ~95%
          * of the streaming-read bandwidth on Zen 5; the hardware prefetcher alone
          * does not keep enough lines in flight) */
-        if (nt <= 2)
+        if (pf)
             for (int g = 0; g < 4; g++) {
-                const char *p = (const char *)w + PF_BYTES + g * (fp8 ? 2048 : 4096) + c * (fp8 ? 64 : 128);
+                const char *p = (const char *)pf + g * (fp8 ? 2048 : 4096) + c * (fp8 ? 64 : 128);
                 _mm_prefetch(p, _MM_HINT_T0);
                 if (!fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
             }
@@ -202,6 +208,11 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
             float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
             _mm512_storeu_ps(o, _mm512_fmadd_ps(acc[g][t], s, _mm512_loadu_ps(o)));
         }
+}
+
+ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+                             float scale, float *out) {
+    unit_body_pf(w, fp8, x, nt, scale, out, nt <= 2 ? w + PF_BYTES : NULL);
 }
 
 /* FP8 unit -> BF16 unit in the BF16 chunk layout (prefill: widen once, reuse). */
@@ -250,13 +261,19 @@ ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
     return _mm256_castsi256_ps(_mm256_blend_epi32(lo, hi, 0xaa));
 }
 
-ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
-                             float scale, float *out) {
+/* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass. */
+ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+                                float scale, float *out, const uint8_t *pf) {
     for (int t = 0; t < nt; t++)
         for (int g = 0; g < 4; g++) {
             __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
                              _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int c = 0; c < CHUNKS; c++) {
+                if (pf && t == 0) {
+                    const char *p = (const char *)pf + g * (fp8 ? 2048 : 4096) + c * (fp8 ? 64 : 128);
+                    _mm_prefetch(p, _MM_HINT_T0);
+                    if (!fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
+                }
                 __m256 xa = xpair(x[t] + 4 * c), xb = xpair(x[t] + 4 * c + 2);
                 for (int j = 0; j < 4; j++) {
                     const uint8_t *pa, *pb;
@@ -276,6 +293,11 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
         }
 }
 
+ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+                             float scale, float *out) {
+    unit_body_pf(w, fp8, x, nt, scale, out, NULL);
+}
+
 #else
 #define UNIT_ISA "generic"
 
@@ -283,6 +305,74 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
                              float scale, float *out) {
     unit_scalar(w, fp8, x, nt, scale, out);
 }
+
+ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+                                float scale, float *out, const uint8_t *pf) {
+    (void)pf;
+    unit_scalar(w, fp8, x, nt, scale, out);
+}
 #endif
+
+/* ---------------------------------------------------------------- row helpers
+ * h[i] = bf16(silu(g[i]) * u[i]) and x[i] = bf16(f[i]) over a row, n elements.
+ * exp is computed in SIMD as 2^j * p(r) (x = j ln2 + r, |r| <= ln2/2, p the
+ * degree-6 Taylor polynomial, relative error < 2e-7): far below the BF16
+ * rounding of the result (2^-9), and ~10x cheaper than scalar expf, which
+ * cost up to a sixth of a prefill call (one expf per slot x intermediate).
+ */
+static inline float silu_ref(float g) { return g / (1.0f + expf(-g)); }
+
+#if defined(__AVX512F__)
+ALWAYS_INLINE __m512 exp512(__m512 v) {
+    v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.5f)), _mm512_set1_ps(-88.5f));
+    __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(j, _mm512_set1_ps(0.693145752f), v);   /* ln2 high part */
+    r = _mm512_fnmadd_ps(j, _mm512_set1_ps(1.42860677e-6f), r);         /* ln2 low part */
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, j);
+}
+
+ALWAYS_INLINE __m256i bf16x16(__m512 v) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(v);                 /* RNE, like f32_to_bf16 */
+#else
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                    _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+}
+#endif
+
+static void silu_mul_bf16(const float *g, const float *u, uint16_t *h, int n) {
+    int i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm256_storeu_si256((__m256i *)(h + i), bf16x16(_mm512_mul_ps(s, _mm512_loadu_ps(u + i))));
+    }
+#endif
+    for (; i < n; i++) h[i] = f32_to_bf16(silu_ref(g[i]) * u[i]);
+}
+
+static void f32_row_to_bf16(const float *f, uint16_t *b, int n) {
+    int i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(b + i), bf16x16(_mm512_loadu_ps(f + i)));
+#endif
+    for (; i < n; i++) b[i] = f32_to_bf16(f[i]);
+}
 
 #endif
