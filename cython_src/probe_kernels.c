@@ -13,17 +13,26 @@ typedef struct {
     const uint8_t *buf;
     int64_t bytes;
     int64_t iters;
+    int prefetch;               /* read loop: also prefetch PROBE_PF bytes ahead */
     double sink[POOL_MAX_THREADS];
 } probe_job;
+
+/* The expert kernels prefetch ahead in software; the machine's read bandwidth
+ * is the best of the plain loop and the same loop with a software prefetch,
+ * so a kernel's fraction of it is never flattered by a weak baseline. */
+#define PROBE_PF 16384
 
 /* Each thread streams its contiguous share; 4 independent adds hide latency. */
 static void read_worker(void *arg, int tid, int n) {
     probe_job *j = (probe_job *)arg;
     int64_t share = (j->bytes / n) & ~(int64_t)255;
     const uint8_t *p = j->buf + tid * share, *end = p + share;
+    const int pf = j->prefetch;
 #if defined(__AVX512F__)
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     for (; p < end; p += 256) {
+        if (pf)
+            for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + PROBE_PF + l, _MM_HINT_T0);
         a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void *)p));
         a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void *)(p + 64)));
         a2 = _mm512_add_epi64(a2, _mm512_load_si512((const void *)(p + 128)));
@@ -34,6 +43,10 @@ static void read_worker(void *arg, int tid, int n) {
 #elif defined(__AVX2__)
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     for (; p < end; p += 128) {
+        if (pf) {
+            _mm_prefetch((const char *)p + PROBE_PF, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + PROBE_PF + 64, _MM_HINT_T0);
+        }
         a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)p));
         a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(p + 32)));
         a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(p + 64)));
@@ -44,6 +57,7 @@ static void read_worker(void *arg, int tid, int n) {
     _mm256_storeu_si256((__m256i *)t, a0);
     j->sink[tid] = (double)(t[0] + t[1] + t[2] + t[3]);
 #else
+    (void)pf;
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (; p < end; p += 32) {
         const uint64_t *q = (const uint64_t *)p;
@@ -104,12 +118,18 @@ static double probe_flops_per_iter(void) {
 #endif
 }
 
-/* Seconds to stream `bytes` once with n threads. */
+/* Seconds to stream `bytes` once with n threads: the faster of the plain
+ * loop and the prefetching loop. */
 static double probe_read(const uint8_t *buf, int64_t bytes, int n) {
-    probe_job j = {.buf = buf, .bytes = bytes};
-    int64_t t0 = now_ns();
-    pool_run(read_worker, &j, n);
-    return (now_ns() - t0) * 1e-9;
+    double best = 1e30;
+    for (int pf = 0; pf < 2; pf++) {
+        probe_job j = {.buf = buf, .bytes = bytes, .prefetch = pf};
+        int64_t t0 = now_ns();
+        pool_run(read_worker, &j, n);
+        double s = (now_ns() - t0) * 1e-9;
+        if (s < best) best = s;
+    }
+    return best;
 }
 
 /* Flop/s of the register-only loop on n threads. */

@@ -4,12 +4,15 @@ For Qwen3-30B-A3B (H 2048, I 768, 128 experts, top-8) and DeepSeek-V3
 (H 7168, I 2048, top-8, fewer experts so it fits) shapes, FP8 and BF16,
 T = 1, 4, 32, 512, it prints per case: latency, effective weight bandwidth
 (bytes of the distinct experts touched / time) and its ratio to the read
-bandwidth of a plain streaming loop measured in the same run, the flop rate
+bandwidth of a streaming loop (the better of a plain one and one with a
+software prefetch) measured in the same run, the flop rate
 and its fraction of the register-only peak dot-product rate measured in the
 same run, and the speed-up over the torch reference (dequantize, then matmul).
 
 Every layer's working set is >= 8x the L3 size, and expert ids are drawn at
-random per call, so weights come from DRAM. Usage:
+random per call, so weights come from DRAM. Each figure is the best of its
+repetitions (kernel calls, reference calls, probes before and after the case):
+the same policy for the kernel and for both baselines. Usage:
     python tools/bench_experts.py [--shapes qwen,deepseek] [--fmts fp8,bf16]
                                   [--tokens 1,4,32,512] [--threads N] [--isa avx512]
 """
@@ -65,12 +68,13 @@ def routings(T, k, E, calls, rng):
 
 
 def time_calls(fn, ids_list, x, w):
+    """Seconds of each call (the first, cold one dropped when there are more than 2)."""
     ts = []
     for ids in ids_list:
         t0 = time.perf_counter()
         fn(x, ids, w)
         ts.append(time.perf_counter() - t0)
-    return float(np.median(ts[1:] if len(ts) > 2 else ts))
+    return ts[1:] if len(ts) > 2 else ts
 
 
 _READ_BUF = None
@@ -78,7 +82,8 @@ _READ_BUF = None
 
 def machine(kernels, threads):
     """(read bytes/s, peak flop/s) now: re-measured beside every case, because the
-    machine is shared and its free bandwidth moves from minute to minute."""
+    machine is shared and its free bandwidth moves from minute to minute. The read
+    is the best of 3 passes, each the faster of a plain and a prefetching loop."""
     global _READ_BUF
     if _READ_BUF is None:
         _READ_BUF = np.ones(1 << 30, dtype=np.uint8)     # 1 GiB: 32x the L3
@@ -90,31 +95,28 @@ def machine(kernels, threads):
 
 
 def bench_case(kernels, threads, shape, packed, T, rng, ref):
+    """One line. Every figure is the best of its repetitions: the kernel's calls,
+    the torch reference's calls, and the machine probes before and after."""
     H, I, E, k = SHAPES[shape]
     fmt = packed.fmt
     layer = CPUExpertLayer(packed, threads, kernels)
     x, w = torch.randn(T, H), torch.rand(T, k)
-    calls = 12 if T <= 32 else 3
+    calls = 21 if T <= 32 else 4
     ids_list = routings(T, k, E, calls, rng)
     read, peak = machine(kernels, threads)
-    t = time_calls(layer.forward, ids_list, x, w)
+    ts = time_calls(layer.forward, ids_list, x, w)
     read2, peak2 = machine(kernels, threads)
     read, peak = max(read, read2), max(peak, peak2)
-    touched = np.mean([len(torch.unique(ids)) for ids in ids_list])
+    i = int(np.argmin(ts))
+    t = ts[i]
+    touched = len(torch.unique(ids_list[1:][i]))          # distinct experts of that call
     bw = touched * packed.expert_bytes() / t
     flops = 2 * 3 * H * I * T * k / t
-    ref_ids = ids_list[:3 if T <= 32 else 1]
-    t_ref = time_calls(ref.forward, ref_ids, x, w) if T <= 32 else _one(ref, ref_ids[0], x, w)
+    t_ref = min(time_calls(ref.forward, ids_list[:3 if T <= 32 else 2], x, w))
     print(f"{shape:8s} {fmt:4s} T={T:<4d} {t * 1e3:8.3f} ms  read {read / 1e9:5.1f} GB/s, peak "
           f"{peak / 1e9:5.0f} GFLOP/s | weights {bw / 1e9:6.1f} GB/s = "
           f"{bw / read:5.1%} of read  |  {flops / 1e9:7.1f} GFLOP/s = {flops / peak:5.1%} of peak"
           f"  |  torch {t_ref * 1e3:9.2f} ms -> x{t_ref / t:6.1f}", flush=True)
-
-
-def _one(ref, ids, x, w):
-    t0 = time.perf_counter()
-    ref.forward(x, ids, w)
-    return time.perf_counter() - t0
 
 
 def main():
