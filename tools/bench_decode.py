@@ -1,49 +1,84 @@
-"""End-to-end decode tokens/s: CPU expert engine vs the torch reference, one run.
+"""End-to-end decode on the CPU: tokens/s, effective weight bandwidth as a
+fraction of the read bandwidth measured in the same run, per-step overhead,
+and the engine (CPU kernels for experts and dense linears) against the torch
+reference path (MOED_EXPERTS=torch MOED_LINEARS=torch).
 
-A qwen3_moe FP8 checkpoint with Qwen3-30B-A3B dimensions (H 2048, I 768,
-128 experts, top-8) and random weights, as many layers as --layers (default
-2: ~1.2 GB of experts), decoded greedily from the same prompts by both paths.
-Usage: python tools/bench_decode.py [--layers 2] [--tokens 16] [--batch 1]
+Model: qwen3_moe FP8 with Qwen3-30B-A3B dimensions (H 2048, 32 heads, 4 kv
+heads, head_dim 128, 128 experts top-8, I 768, vocab 151936), random weights,
+--layers layers (default 2; each layer adds ~1.2 GB FP8 experts, the BF16
+embedding and LM head are 0.6 GB each).
+
+Effective bandwidth = weight bytes a step reads (every packed dense matrix,
+the LM head, the routers, and the distinct experts the step routed to) /
+step time. Per-step overhead = step time - time in the weight kernels - time
+in attention proper (scores, softmax, values): norms, rotary, KV writes,
+routing, sampling, scheduling, Python.
+
+Usage: python tools/bench_decode.py [--layers 2] [--tokens 32] [--batch 1]
+           [--ref-tokens 4] [--model-dir DIR (kept and reused)]
 """
 import argparse
 import os
+import sys
 import tempfile
-import time
 
-from moed import LLM, SamplingParams
-from moed.model.tiny import build_tiny_model
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-QWEN3_30B = {"hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128,
-             "num_experts_per_tok": 8, "num_attention_heads": 32, "num_key_value_heads": 4,
-             "head_dim": 128, "intermediate_size": 6144}
+from bench_model import StepClock, dense_bytes, engine, env_threads, machine, qwen3_30b_shaped  # noqa: E402
 
 
-def decode_rate(model_dir, experts, prompts, n):
-    llm = LLM(model_dir, device="cpu", experts=experts)
-    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+def decode(llm, prompts, n):
+    """Decode n tokens per prompt, clocking every step -> (decode steps, token ids)."""
+    from moed import SamplingParams
     llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True))
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    dt = time.perf_counter() - t0
-    return sum(len(o.token_ids) for o in outs) / dt, [o.token_ids for o in outs]
+    with StepClock() as clock:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=n + 1,
+                                                    ignore_eos=True))
+    return clock.decode_steps(), [o.token_ids for o in outs]
+
+
+def report(name, llm, prompts, n, read):
+    steps, tokens = decode(llm, prompts, n)
+    mean = lambda k: sum(s[k] for s in steps) / len(steps)   # noqa: E731
+    step, kern, attn = mean("wall"), mean("kernels"), mean("attention")
+    cpu_b, torch_b = dense_bytes(llm.engine.model)
+    per_step = cpu_b + torch_b + mean("expert_bytes")
+    bw, over = per_step / step, step - kern - attn
+    print(f"{name:6s} {len(prompts) / step:7.2f} tok/s  step {step * 1e3:8.2f} ms | weights "
+          f"{per_step / 1e6:6.0f} MB/step -> {bw / 1e9:5.1f} GB/s = {bw / read:5.1%} of read | "
+          f"kernels {kern * 1e3:7.2f} ms ({per_step / kern / 1e9:5.1f} GB/s), attention "
+          f"{attn * 1e3:5.2f} ms, overhead {over * 1e3:6.2f} ms = {over / step:5.1%} of step",
+          flush=True)
+    return step, tokens
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--ref-tokens", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--model-dir", default=None)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("MOED_CACHE_DIR", os.path.join(tmp, "cache"))
-        model = build_tiny_model(os.path.join(tmp, "model"), "qwen3_moe", fmt="fp8",
-                                 overrides=dict(QWEN3_30B, num_hidden_layers=args.layers))
-        prompts = [[3 + i, 17, 42, 99, 7] for i in range(args.batch)]
-        fast, a = decode_rate(model, "cpu", prompts, args.tokens)
-        ref, b = decode_rate(model, "torch", prompts, args.tokens)
-        print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8, batch {args.batch}: "
-              f"engine {fast:.2f} tok/s, torch reference {ref:.2f} tok/s -> x{fast / ref:.1f}; "
-              f"same greedy tokens: {a == b}")
+    tmp = tempfile.TemporaryDirectory()
+    os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
+    model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
+    from moed.cpu import expert_kernels
+    kernels, threads = expert_kernels(), env_threads()
+    read, _ = machine(kernels, threads)
+    print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8 (BF16 embed/LM head), batch "
+          f"{args.batch}, isa={kernels.ISA}, {threads} threads; streaming read "
+          f"{read / 1e9:.1f} GB/s (same run)", flush=True)
+    prompts = [[3 + i, 17, 42, 99, 7] for i in range(args.batch)]
+    fast = engine(model, fast=True)
+    t_fast, a = report("engine", fast, prompts, args.tokens, read)
+    del fast
+    ref = engine(model, fast=False)
+    t_ref, b = report("torch", ref, prompts, args.ref_tokens, read)
+    k = args.ref_tokens + 1
+    same = [x[:k] for x in a] == [y[:k] for y in b]
+    print(f"engine vs torch reference: x{t_ref / t_fast:.1f} tokens/s; same greedy tokens "
+          f"(first {k}): {same}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""What bench_decode.py and bench_prefill.py share: the Qwen3-30B-A3B-shaped FP8
+checkpoint (random weights), the machine probes (streaming read bandwidth and
+BF16 dot-product peak, measured in the same run), the engine with or without
+the CPU kernels, and a clock that splits a step into kernels / attention / rest.
+"""
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+QWEN3_30B = {"hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128,
+             "num_experts_per_tok": 8, "num_attention_heads": 32, "num_key_value_heads": 4,
+             "head_dim": 128, "intermediate_size": 6144, "vocab_size": 151936,
+             "mlp_only_layers": [], "decoder_sparse_step": 1, "max_position_embeddings": 8192,
+             "max_window_layers": 48}
+
+
+def qwen3_30b_shaped(model_dir, layers):
+    """The checkpoint in model_dir (built there once; reused while its config matches)."""
+    import json
+
+    from moed.model.tiny import build_tiny_model
+    d = Path(model_dir)
+    want = dict(QWEN3_30B, num_hidden_layers=layers)
+    cfg = d / "config.json"
+    if cfg.exists() and all(json.loads(cfg.read_text()).get(k) == v for k, v in want.items()):
+        return d
+    t0 = time.perf_counter()
+    build_tiny_model(d, "qwen3_moe", fmt="fp8", overrides=want)
+    print(f"built {d} ({layers} layers) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return d
+
+
+_READ_BUF = None
+
+
+def machine(kernels, threads):
+    """(read bytes/s, BF16 dot peak flop/s), best of 3: the machine is shared."""
+    global _READ_BUF
+    if _READ_BUF is None:
+        _READ_BUF = np.ones(1 << 30, dtype=np.uint8)           # 1 GiB: far beyond L3
+    buf = _READ_BUF
+    read = max(buf.nbytes / kernels.read_seconds(buf.ctypes.data, buf.nbytes, threads)
+               for _ in range(3))
+    peak = max(kernels.peak_flops(2_000_000, threads) for _ in range(3))
+    return read, peak
+
+
+def engine(model_dir, fast, **kwargs):
+    """LLM with the CPU kernels (experts + dense linears) or the torch reference
+    (what MOED_EXPERTS=torch MOED_LINEARS=torch selects)."""
+    from moed import LLM
+    from moed.experts import install_cpu_linears
+    llm = LLM(str(model_dir), device="cpu", experts="cpu" if fast else "torch", **kwargs)
+    if fast:
+        install_cpu_linears(llm.engine.model, model_dir)
+    return llm
+
+
+class StepClock:
+    """Per engine step: wall seconds, whether every sequence decoded one token, and
+    the seconds inside the weight kernels (dense linears + routed experts, CPU or
+    torch path) and inside attention proper (`attend`: scores, softmax, values),
+    plus the bytes of the distinct routed experts the step read."""
+
+    def __init__(self):
+        self.steps = []              # [dict(wall, decode, kernels, attention, expert_bytes)]
+        self._cur = None
+        self._patched = []
+
+    def __enter__(self):
+        from moed.engine.llm_engine import LLMEngine
+        from moed.engine.model_runner import ModelRunner
+        from moed.experts.dense import CPULinear
+        from moed.experts.layer import CPUExpertLayer
+        from moed.model.attention import GQAttention
+        from moed.model.layers import Linear
+        from moed.model.moe import TorchExperts
+        for cls, name in ((CPULinear, "__call__"), (Linear, "__call__"),
+                          (CPUExpertLayer, "forward"), (TorchExperts, "forward")):
+            self._wrap(cls, name, "kernels")
+        self._wrap(GQAttention, "attend", "attention")
+        self._wrap_step(LLMEngine, ModelRunner)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, name, fn in reversed(self._patched):
+            setattr(cls, name, fn)
+        self._patched = []
+
+    def decode_steps(self):
+        return [s for s in self.steps if s["decode"]]
+
+    def _wrap(self, cls, name, bucket):
+        fn = getattr(cls, name)
+        clock = self
+
+        def timed(obj, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(obj, *args, **kwargs)
+            cur = clock._cur
+            if cur is not None:
+                cur[bucket] += time.perf_counter() - t0
+                if name == "forward":                                # routed experts
+                    cur["expert_bytes"] += len(args[1].unique()) * expert_bytes(obj)
+            return out
+        self._patched.append((cls, name, fn))
+        setattr(cls, name, timed)
+
+    def _wrap_step(self, engine_cls, runner_cls):
+        step, run = engine_cls.step, runner_cls.run
+        clock = self
+
+        def timed_step(eng):
+            clock._cur = dict(wall=0.0, decode=False, kernels=0.0, attention=0.0, expert_bytes=0)
+            t0 = time.perf_counter()
+            out = step(eng)
+            clock._cur["wall"] = time.perf_counter() - t0
+            clock.steps.append(clock._cur)
+            clock._cur = None
+            return out
+
+        def noted_run(runner, chunks, *args, **kwargs):
+            if clock._cur is not None:
+                clock._cur["decode"] = all(n == 1 for _, n in chunks)
+            return run(runner, chunks, *args, **kwargs)
+        self._patched += [(engine_cls, "step", step), (runner_cls, "run", run)]
+        engine_cls.step, runner_cls.run = timed_step, noted_run
+
+
+def expert_bytes(experts):
+    """Bytes one routed expert's three matrices occupy (what a token reads per expert)."""
+    if hasattr(experts, "packed"):
+        return experts.packed.expert_bytes()
+    ws = (experts.gate[0], experts.up[0], experts.down[0])
+    return sum(w.data.nbytes + (0 if w.scale_inv is None else w.scale_inv.nbytes) for w in ws)
+
+
+def dense_bytes(model):
+    """Bytes of every packed dense matrix a step reads once (CPU path), and of the torch
+    Linears left (routers): [(what, bytes)]."""
+    from moed.experts.dense import CPUGatedMLP, CPULinear
+    from moed.model.layers import Linear
+    cpu = torch_ = 0
+    seen = set()
+
+    def visit(obj):
+        nonlocal cpu, torch_
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, CPULinear):
+            cpu += obj.packed.nbytes
+            return
+        if isinstance(obj, CPUGatedMLP):
+            visit(obj.gate_up)
+            visit(obj.down)
+            return
+        if isinstance(obj, Linear):
+            torch_ += obj.weight.data.nbytes + (0 if obj.weight.scale_inv is None
+                                                else obj.weight.scale_inv.nbytes)
+            return
+        if type(obj).__module__.startswith("moed.") and hasattr(obj, "__dict__"):
+            for k, v in vars(obj).items():
+                if k not in ("experts", "rotary", "packed"):
+                    visit(v)
+    for layer in model.layers:
+        visit(layer)
+    visit(model.lm_head)
+    return cpu, torch_
+
+
+def env_threads():
+    return int(os.environ.get("MOED_THREADS") or len(os.sched_getaffinity(0)))

@@ -1,0 +1,93 @@
+"""CPU prefill: tokens/s for a 512- and a 4K-token prompt and the fraction of
+the BF16 dot-product peak measured in the same run (register-only vdpbf16ps
+loop on every thread), on the Qwen3-30B-A3B-shaped FP8 model of
+bench_decode.py. Prompts go through the engine in chunks of --chunk tokens
+(the GEMM path of the dense and expert kernels).
+
+FLOPs counted per prompt: 2 x weights x tokens for every dense linear and the
+router, 2 x 8 experts x 3 matrices per token, attention 4 x heads x head_dim
+per causal (query, key) pair, the LM head once (last token). The kernel line
+is the same for the weight kernels alone (their FLOPs / their time).
+
+Usage: python tools/bench_prefill.py [--layers 2] [--prompts 512,4096] [--chunk 512]
+           [--torch (also time the torch reference at the first length)]
+           [--model-dir DIR (kept and reused)]
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_model import (QWEN3_30B, StepClock, engine, env_threads, machine,  # noqa: E402
+                         qwen3_30b_shaped)
+
+
+def flops(T, layers):
+    """(weight-kernel FLOPs, attention FLOPs) of one T-token prompt."""
+    c = QWEN3_30B
+    D, H, KV, d = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    E, k, I, V = c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], c["vocab_size"]
+    dense = (H * d + 2 * KV * d) * D + D * H * d + E * D          # q, k, v, o, router
+    experts = k * 3 * D * I
+    weights = 2 * T * layers * (dense + experts) + 2 * V * D
+    attention = 4 * H * d * (T * (T + 1) // 2) * layers
+    return weights, attention
+
+
+def prefill(llm, T, rng):
+    from moed import SamplingParams
+    prompt = rng.integers(3, 400, size=T).tolist()
+    with StepClock() as clock:
+        llm.generate([prompt], SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True))
+    steps = [s for s in clock.steps if not s["decode"]]
+    return (sum(s["wall"] for s in steps), sum(s["kernels"] for s in steps),
+            sum(s["attention"] for s in steps), len(steps))
+
+
+def report(name, llm, T, layers, peak, rng):
+    wall, kern, attn, chunks = prefill(llm, T, rng)
+    fw, fa = flops(T, layers)
+    rate = (fw + fa) / wall
+    print(f"{name:6s} T={T:<5d} {T / wall:8.1f} tok/s  {wall:7.2f} s in {chunks} chunks | "
+          f"{rate / 1e9:6.1f} GFLOP/s = {rate / peak:5.1%} of BF16 peak | kernels "
+          f"{kern:6.2f} s: {fw / kern / 1e9:6.1f} GFLOP/s = {fw / kern / peak:5.1%} of peak | "
+          f"attention {attn:5.2f} s, rest {wall - kern - attn:5.2f} s", flush=True)
+    return wall
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--prompts", default="512,4096")
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--torch", action="store_true")
+    ap.add_argument("--model-dir", default=None)
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
+    model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
+    from moed.cpu import expert_kernels
+    kernels, threads = expert_kernels(), env_threads()
+    _, peak = machine(kernels, threads)
+    print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8, chunks of {args.chunk}, "
+          f"isa={kernels.ISA}, {threads} threads; BF16 dot peak {peak / 1e9:.0f} GFLOP/s "
+          f"(same run)", flush=True)
+    lengths = [int(t) for t in args.prompts.split(",")]
+    rng = np.random.default_rng(0)
+    kw = dict(max_num_batched_tokens=args.chunk, max_num_seqs=1)
+    fast = engine(model, fast=True, **kw)
+    report("engine", fast, 64, args.layers, peak, rng)           # warm-up: pages, pool
+    walls = [report("engine", fast, T, args.layers, peak, rng) for T in lengths]
+    del fast
+    if args.torch:
+        ref = engine(model, fast=False, **kw)
+        t_ref = report("torch", ref, lengths[0], args.layers, peak, rng)
+        print(f"engine vs torch reference at T={lengths[0]}: x{t_ref / walls[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
