@@ -95,8 +95,8 @@ static inline const uint8_t *tile_base(const packed_matrix *m, int e, int rt, in
     return m->w + e * m->w_stride + (int64_t)rt * m->kblocks * unit_bytes(fp8);
 }
 
-/* out[n][64] += W-tile(rt) . x rows, over all k blocks. `plan` (decode only,
- * else NULL): the tile starts at byte `at` of the thread's stream plan. */
+/* out[n][64] += W-tile(rt) . x rows, over all k blocks. The tile starts at
+ * byte `at` of the thread's stream plan (NULL: no prefetch). */
 static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
                         const uint16_t *const *rows, int n, float *out, uint16_t *wide,
                         const stream_plan *plan, int64_t at) {
@@ -104,7 +104,6 @@ static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
     const uint8_t *tile = tile_base(m, e, rt, fp8);
     const float *sc = m->scale + e * m->s_stride + (int64_t)rt * m->kblocks;
     const int widen = fp8 && n > DIRECT_MAX;
-    if (n > DIRECT_MAX) plan = NULL;
     for (int kb = 0; kb < m->kblocks; kb++) {
         const uint8_t *pf = plan ? plan_ahead(plan, at + (int64_t)kb * ub) : NULL;
         const uint8_t *u = tile + (int64_t)kb * ub;
@@ -123,17 +122,17 @@ static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
             const uint8_t *p = q == 0 ? pf : NULL;      /* fetch each line once */
             if (ufp8) {
                 switch (nt) {
-                case 1: unit_body_pf(u, 1, xk, 1, sc[kb], o, p); break;
-                case 2: unit_body_pf(u, 1, xk, 2, sc[kb], o, p); break;
-                case 3: unit_body_pf(u, 1, xk, 3, sc[kb], o, p); break;
-                default: unit_body_pf(u, 1, xk, 4, sc[kb], o, p); break;
+                case 1: unit_body_pf(u, 1, xk, 1, sc[kb], o, p, fp8); break;
+                case 2: unit_body_pf(u, 1, xk, 2, sc[kb], o, p, fp8); break;
+                case 3: unit_body_pf(u, 1, xk, 3, sc[kb], o, p, fp8); break;
+                default: unit_body_pf(u, 1, xk, 4, sc[kb], o, p, fp8); break;
                 }
             } else {
                 switch (nt) {
-                case 1: unit_body_pf(u, 0, xk, 1, sc[kb], o, p); break;
-                case 2: unit_body_pf(u, 0, xk, 2, sc[kb], o, p); break;
-                case 3: unit_body_pf(u, 0, xk, 3, sc[kb], o, p); break;
-                default: unit_body_pf(u, 0, xk, 4, sc[kb], o, p); break;
+                case 1: unit_body_pf(u, 0, xk, 1, sc[kb], o, p, fp8); break;
+                case 2: unit_body_pf(u, 0, xk, 2, sc[kb], o, p, fp8); break;
+                case 3: unit_body_pf(u, 0, xk, 3, sc[kb], o, p, fp8); break;
+                default: unit_body_pf(u, 0, xk, 4, sc[kb], o, p, fp8); break;
                 }
             }
         }

@@ -167,12 +167,13 @@ ALWAYS_INLINE __m512bh bcast_pair(const uint16_t *x) {
 }
 
 /* unit_body with an explicit prefetch target: `pf` (or NULL) is the unit this
- * thread will stream PF_BYTES from now; every line of it is fetched once while
- * this unit computes. The caller knows its own future reads (the next tiles of
+ * thread will stream PF_BYTES from now, FP8 when pf_fp8 (it may differ from
+ * w's format: prefill widens FP8 units into BF16 scratch); every line of it
+ * is fetched once while this unit computes. The caller knows its own future reads (the next tiles of
  * its task and of the tasks it has claimed), which a fixed distance past `w`
  * does not: that lands in tiles other threads own. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
-                                float scale, float *out, const uint8_t *pf) {
+                                float scale, float *out, const uint8_t *pf, int pf_fp8) {
     fp8_lut l = fp8_lut_load();
     __m512 acc[4][MAX_NT];
     for (int g = 0; g < 4; g++)
@@ -184,9 +185,9 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
          * does not keep enough lines in flight) */
         if (pf)
             for (int g = 0; g < 4; g++) {
-                const char *p = (const char *)pf + g * (fp8 ? 2048 : 4096) + c * (fp8 ? 64 : 128);
+                const char *p = (const char *)pf + g * (pf_fp8 ? 2048 : 4096) + c * (pf_fp8 ? 64 : 128);
                 _mm_prefetch(p, _MM_HINT_T0);
-                if (!fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
+                if (!pf_fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
             }
         __m512bh xa[MAX_NT], xb[MAX_NT];
         for (int t = 0; t < nt; t++) {
@@ -212,7 +213,7 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
 
 ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                              float scale, float *out) {
-    unit_body_pf(w, fp8, x, nt, scale, out, nt <= 2 ? w + PF_BYTES : NULL);
+    unit_body_pf(w, fp8, x, nt, scale, out, nt <= 2 ? w + PF_BYTES : NULL, fp8);
 }
 
 /* FP8 unit -> BF16 unit in the BF16 chunk layout (prefill: widen once, reuse). */
@@ -263,16 +264,16 @@ ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
 
 /* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
-                                float scale, float *out, const uint8_t *pf) {
+                                float scale, float *out, const uint8_t *pf, int pf_fp8) {
     for (int t = 0; t < nt; t++)
         for (int g = 0; g < 4; g++) {
             __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
                              _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int c = 0; c < CHUNKS; c++) {
                 if (pf && t == 0) {
-                    const char *p = (const char *)pf + g * (fp8 ? 2048 : 4096) + c * (fp8 ? 64 : 128);
+                    const char *p = (const char *)pf + g * (pf_fp8 ? 2048 : 4096) + c * (pf_fp8 ? 64 : 128);
                     _mm_prefetch(p, _MM_HINT_T0);
-                    if (!fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
+                    if (!pf_fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
                 }
                 __m256 xa = xpair(x[t] + 4 * c), xb = xpair(x[t] + 4 * c + 2);
                 for (int j = 0; j < 4; j++) {
@@ -295,7 +296,7 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
 
 ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                              float scale, float *out) {
-    unit_body_pf(w, fp8, x, nt, scale, out, NULL);
+    unit_body_pf(w, fp8, x, nt, scale, out, NULL, fp8);
 }
 
 #else
@@ -307,8 +308,8 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
 }
 
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
-                                float scale, float *out, const uint8_t *pf) {
-    (void)pf;
+                                float scale, float *out, const uint8_t *pf, int pf_fp8) {
+    (void)pf; (void)pf_fp8;
     unit_scalar(w, fp8, x, nt, scale, out);
 }
 #endif
