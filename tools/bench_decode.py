@@ -59,7 +59,12 @@ def main():
     ap.add_argument("--ref-tokens", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads for what stays in torch (default: torch's)")
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
     tmp = tempfile.TemporaryDirectory()
     os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
     model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
@@ -67,7 +72,8 @@ def main():
     kernels, threads = expert_kernels(), env_threads()
     read, _ = machine(kernels, threads)
     print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8 (BF16 embed/LM head), batch "
-          f"{args.batch}, isa={kernels.ISA}, {threads} threads; streaming read "
+          f"{args.batch}, isa={kernels.ISA}, {threads} threads "
+          f"(torch {__import__('torch').get_num_threads()}); streaming read "
           f"{read / 1e9:.1f} GB/s (same run)", flush=True)
     prompts = [[3 + i, 17, 42, 99, 7] for i in range(args.batch)]
     fast = engine(model, fast=True)

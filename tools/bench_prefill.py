@@ -66,7 +66,12 @@ def main():
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--torch", action="store_true")
     ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads for what stays in torch (default: torch's)")
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
     tmp = tempfile.TemporaryDirectory()
     os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
     model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
@@ -74,7 +79,8 @@ def main():
     kernels, threads = expert_kernels(), env_threads()
     _, peak = machine(kernels, threads)
     print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8, chunks of {args.chunk}, "
-          f"isa={kernels.ISA}, {threads} threads; BF16 dot peak {peak / 1e9:.0f} GFLOP/s "
+          f"isa={kernels.ISA}, {threads} threads "
+          f"(torch {__import__('torch').get_num_threads()}); BF16 dot peak {peak / 1e9:.0f} GFLOP/s "
           f"(same run)", flush=True)
     lengths = [int(t) for t in args.prompts.split(",")]
     rng = np.random.default_rng(0)
