@@ -49,32 +49,37 @@ def resolve_device(device):
     return torch.device(device)
 
 
-def install_experts(model, model_dir, choice):
-    """Put the compiled CPU expert engine behind every MoE layer; 'torch' keeps the reference.
+def install_cpu_paths(model, model_dir, experts, linears):
+    """Put the compiled CPU kernels behind the routed experts and the dense linears.
 
-    With 'auto', a build without the compiled engine falls back to the reference
-    (logged); with 'cpu' that is an error.
+    Each choice is 'auto', 'cpu' or 'torch' (the reference). With 'auto', a build
+    without the compiled engine falls back to the reference (logged); with 'cpu'
+    that is an error. Returns (experts backend name, dense backend name).
     """
-    if choice not in ("auto", "cpu", "torch"):
-        raise ConfigError(f"experts must be 'auto', 'cpu' or 'torch', got {choice!r}",
-                          field="experts")
-    if model.device.type != "cpu" or choice == "torch" or not model.moe_layers():
-        return "torch"
+    for field, choice in (("experts", experts), ("linears", linears)):
+        if choice not in ("auto", "cpu", "torch"):
+            raise ConfigError(f"{field} must be 'auto', 'cpu' or 'torch', got {choice!r}",
+                              field=field)
+    if model.device.type != "cpu" or experts == linears == "torch":
+        return "torch", "torch"
     try:
-        from moed.experts import install_cpu_experts
-        isa = install_cpu_experts(model, model_dir)
+        from moed.experts import install_cpu_experts, install_cpu_linears
+        isa = None
+        if experts != "torch" and model.moe_layers():
+            isa = install_cpu_experts(model, model_dir)
+        replaced = install_cpu_linears(model, model_dir) if linears != "torch" else 0
     except ImportError as e:
-        if choice == "cpu":
+        if "cpu" in (experts, linears):
             raise
-        log.warning("CPU expert engine unavailable (%s); routed experts use the torch reference", e)
-        return "torch"
-    return f"cpu-{isa}" if isa else "cpu"
+        log.warning("CPU kernels unavailable (%s); the torch reference runs instead", e)
+        return "torch", "torch"
+    return (f"cpu-{isa}" if isa else "torch"), (f"cpu ({replaced} linears)" if replaced else "torch")
 
 
 class LLMEngine:
     def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=256,
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
-                 experts=None):
+                 experts=None, linears=None):
         if max_num_batched_tokens < max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
                               field="max_num_batched_tokens")
@@ -82,8 +87,11 @@ class LLMEngine:
         ckpt = Checkpoint(model_dir)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.model = load_model(ckpt, self.device)
-        self.experts = install_experts(self.model, model_dir,
-                                       experts or os.environ.get("MOED_EXPERTS", "auto"))
+        # experts="torch" alone means the whole reference path (the oracle of the tests)
+        experts = experts or os.environ.get("MOED_EXPERTS", "auto")
+        linears = linears or os.environ.get("MOED_LINEARS") or (
+            "torch" if experts == "torch" else "auto")
+        self.experts, self.linears = install_cpu_paths(self.model, model_dir, experts, linears)
         self.block_size = block_size
         dtype = getattr(torch, kv_cache_dtype, None)
         if not isinstance(dtype, torch.dtype):
@@ -103,6 +111,7 @@ class LLMEngine:
             "isa": _isa_name(),
             "device": str(self.device),
             "experts": self.experts,
+            "linears": self.linears,
         }
 
     def _default_num_blocks(self, max_num_seqs, dtype):
