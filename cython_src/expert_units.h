@@ -46,6 +46,9 @@
 #ifndef PF_BYTES
 #define PF_BYTES 65536
 #endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -172,12 +175,61 @@ ALWAYS_INLINE __m512bh bcast_pair(const uint16_t *x) {
  * is fetched once while this unit computes. The caller knows its own future reads (the next tiles of
  * its task and of the tasks it has claimed), which a fixed distance past `w`
  * does not: that lands in tiles other threads own. */
+/* One or two tokens (decode): row group by row group, so the unit is read
+ * front to back like a plain stream (the hardware prefetcher follows it; in
+ * chunk order the reads hop between four streams 2 KiB apart). U chunks are
+ * unrolled with an accumulator per chunk and half, keeping the vdpbf16ps
+ * chains short (U = 4 for one token, 2 for two: 8 accumulators either way).
+ * Measured against the chunk-order body: FP8 decode +21-25%, BF16 +5-8%. */
+ALWAYS_INLINE void unit_body_few(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
+    enum { U_MAX = 4 };
+    const int U = nt == 1 ? 4 : 2;
+    fp8_lut l = fp8_lut_load();
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int g = 0; g < 4; g++) {
+        __m512 a[2][2 * U_MAX];
+        for (int t = 0; t < nt; t++)
+            for (int i = 0; i < 2 * U; i++) a[t][i] = _mm512_setzero_ps();
+        for (int c = 0; c < CHUNKS; c += U) {
+            if (pf) {
+                const char *p = (const char *)pf + (pf_fp8 ? g * 2048 + c * 64 : g * 4096 + c * 128);
+                for (int b = 0; b < U * (pf_fp8 ? 64 : 128); b += 64) _mm_prefetch(p + b, PF_HINT);
+            }
+            for (int j = 0; j < U; j++) {
+                __m512i A, B;
+                load_chunk(w, fp8, g, c + j, &l, &A, &B);
+                for (int t = 0; t < nt; t++) {
+                    a[t][2 * j] = _mm512_dpbf16_ps(a[t][2 * j], (__m512bh)A, bcast_pair(x[t] + 4 * (c + j)));
+                    a[t][2 * j + 1] = _mm512_dpbf16_ps(a[t][2 * j + 1], (__m512bh)B,
+                                                       bcast_pair(x[t] + 4 * (c + j) + 2));
+                }
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            __m512 sum = a[t][0];
+            for (int i = 1; i < 2 * U; i++) sum = _mm512_add_ps(sum, a[t][i]);
+            float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(sum, s, _mm512_loadu_ps(o)));
+        }
+    }
+}
+
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
+    if (nt <= 2) {
+        unit_body_few(w, fp8, x, nt, scale, out, pf, pf_fp8);
+        return;
+    }
     fp8_lut l = fp8_lut_load();
-    __m512 acc[4][MAX_NT];
+    /* A and B halves go to separate accumulators when nt <= 2: with one chain
+     * per (group, token), each chunk adds two dependent vdpbf16ps (2 x 6 cycles
+     * on Zen 5), which capped a decode core at ~21 bytes of FP8 per cycle, about
+     * the DRAM share of the core; two chains halve that latency. */
+    const int split = nt <= 2;
+    __m512 acc[4][MAX_NT], accb[4][MAX_NT];
     for (int g = 0; g < 4; g++)
-        for (int t = 0; t < nt; t++) acc[g][t] = _mm512_setzero_ps();
+        for (int t = 0; t < nt; t++) acc[g][t] = accb[g][t] = _mm512_setzero_ps();
     for (int c = 0; c < CHUNKS; c++) {
         /* decode streams each unit once from DRAM: fetch PF_BYTES ahead, every line
          * of the unit once (measured: 64 KiB ahead lifts T=1 from ~60% to ~95%
@@ -186,8 +238,8 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
         if (pf)
             for (int g = 0; g < 4; g++) {
                 const char *p = (const char *)pf + g * (pf_fp8 ? 2048 : 4096) + c * (pf_fp8 ? 64 : 128);
-                _mm_prefetch(p, _MM_HINT_T0);
-                if (!pf_fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
+                _mm_prefetch(p, PF_HINT);
+                if (!pf_fp8) _mm_prefetch(p + 64, PF_HINT);
             }
         __m512bh xa[MAX_NT], xb[MAX_NT];
         for (int t = 0; t < nt; t++) {
@@ -199,7 +251,8 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
             load_chunk(w, fp8, g, c, &l, &A, &B);
             for (int t = 0; t < nt; t++) {
                 acc[g][t] = _mm512_dpbf16_ps(acc[g][t], (__m512bh)A, xa[t]);
-                acc[g][t] = _mm512_dpbf16_ps(acc[g][t], (__m512bh)B, xb[t]);
+                if (split) accb[g][t] = _mm512_dpbf16_ps(accb[g][t], (__m512bh)B, xb[t]);
+                else acc[g][t] = _mm512_dpbf16_ps(acc[g][t], (__m512bh)B, xb[t]);
             }
         }
     }
@@ -207,7 +260,8 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
     for (int t = 0; t < nt; t++)
         for (int g = 0; g < 4; g++) {
             float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(acc[g][t], s, _mm512_loadu_ps(o)));
+            __m512 a = split ? _mm512_add_ps(acc[g][t], accb[g][t]) : acc[g][t];
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(a, s, _mm512_loadu_ps(o)));
         }
 }
 

@@ -63,8 +63,19 @@ def reference_experts(fmt, E, H, I, n, rng):
 
 
 def routings(T, k, E, calls, rng):
-    return [torch.from_numpy(np.stack([rng.permutation(E)[:k] for _ in range(T)])).long()
-            for _ in range(calls)]
+    """Random top-k ids per token, one [T, k] tensor per call. When a call needs at
+    most half the experts (decode), its tokens draw only from the half used least
+    recently: otherwise a call sometimes finds the previous call's experts still in
+    L3, and a best-of-N figure would pick exactly those lucky calls."""
+    out, last = [], np.full(E, -1)
+    for c in range(calls):
+        pool = np.arange(E)
+        if T * k <= E // 2:
+            pool = np.argsort(last + rng.random(E) * 0.5, kind="stable")[:E // 2]
+        ids = np.stack([pool[rng.permutation(len(pool))[:k]] for _ in range(T)])
+        last[np.unique(ids)] = c
+        out.append(torch.from_numpy(ids).long())
+    return out
 
 
 def time_calls(fn, ids_list, x, w):
