@@ -51,10 +51,10 @@ def engine(model_dir, fast, **kwargs):
     """LLM with the CPU kernels (experts + dense linears) or the torch reference
     (what MOED_EXPERTS=torch MOED_LINEARS=torch selects)."""
     from moed import LLM
-    from moed.experts import install_cpu_linears
-    llm = LLM(str(model_dir), device="cpu", experts="cpu" if fast else "torch", **kwargs)
-    if fast:
-        install_cpu_linears(llm.engine.model, model_dir)
+    choice = "cpu" if fast else "torch"
+    llm = LLM(str(model_dir), device="cpu", experts=choice, linears=choice, **kwargs)
+    print(f"  {'engine' if fast else 'torch'}: experts {llm.model_info['experts']}, linears "
+          f"{llm.engine.linears}", flush=True)
     return llm
 
 
