@@ -51,6 +51,7 @@ typedef struct {
     int fp8, H, I, Hp, Ip, E, T, k;
     /* routing (built by the caller) */
     int n_active;
+    int claim;                  /* consecutive tasks taken per cursor bump */
     const int *active;          /* [A] expert ids */
     const int *offs;            /* [A+1] slot offsets */
     const int *slot_tok;        /* [S] token of each slot, grouped by expert */
@@ -71,7 +72,10 @@ typedef struct {
 /* The bytes a thread streams next, in order: the tiles of its current task and
  * of the tasks it has already claimed. Decode prefetches PF_BYTES ahead along
  * this plan, so the lines fetched are ones this thread will read itself. */
-#define PLAN_TASKS 3
+#ifndef CLAIM_DECODE
+#define CLAIM_DECODE 2          /* tasks per cursor bump in decode */
+#endif
+#define PLAN_TASKS (2 * CLAIM_DECODE)
 #define PLAN_SEGS (2 * PLAN_TASKS)
 typedef struct {
     const uint8_t *seg[PLAN_SEGS];
@@ -225,11 +229,13 @@ static void run_task(moe_job *job, int task, thread_scratch *s, const stream_pla
     }
 }
 
-/* Tasks are claimed from the shared cursor up to PLAN_TASKS ahead, until the
- * claimed tiles cover the prefetch distance, and run in claim order. Waits
- * stay deadlock-free: the lowest unfinished claimed task is always running
- * (a claimed-ahead task has a higher number than its thread's current one),
- * and it waits only on lower-numbered tasks, all finished or running. */
+/* Tasks are claimed from the shared cursor `claim` at a time (consecutive
+ * tiles: contiguous weights, and half the contended atomics when a task is a
+ * ~2 us decode tile), up to PLAN_TASKS ahead until the claimed tiles cover
+ * the prefetch distance, and run in claim order. Waits stay deadlock-free:
+ * the lowest unfinished claimed task is always running (a thread's queued
+ * tasks are higher than its current one), and it waits only on
+ * lower-numbered tasks, all finished or running. */
 static void moe_worker(void *arg, int tid, int nthreads) {
     (void)nthreads;
     moe_job *job = (moe_job *)arg;
@@ -241,14 +247,16 @@ static void moe_worker(void *arg, int tid, int nthreads) {
         int64_t ahead = 0;                 /* planned bytes after the current task */
         for (int i = 0; i < nq; i++) plan_add(job, queue[i], &plan);
         for (int i = job_task_segs(job, nq ? queue[0] : 0); i < plan.n; i++) ahead += plan.len[i];
-        while (!drained && nq < PLAN_TASKS && (nq == 0 || ahead < PF_BYTES)) {
-            int task = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
-            if (task >= n_all) { drained = 1; break; }
-            int before = plan.n;
-            plan_add(job, task, &plan);
-            for (int i = before; i < plan.n; i++) ahead += plan.len[i];
-            if (nq == 0) ahead = 0;        /* the first one is the current task */
-            queue[nq++] = task;
+        while (!drained && nq + job->claim <= PLAN_TASKS && (nq == 0 || ahead < PF_BYTES)) {
+            int first = atomic_fetch_add_explicit(&job->next, job->claim, memory_order_relaxed);
+            for (int task = first; task < first + job->claim; task++) {
+                if (task >= n_all) { drained = 1; break; }
+                int before = plan.n;
+                plan_add(job, task, &plan);
+                for (int i = before; i < plan.n; i++) ahead += plan.len[i];
+                if (nq == 0) ahead = 0;    /* the first one is the current task */
+                queue[nq++] = task;
+            }
         }
         if (nq == 0) break;
         run_task(job, queue[0], &s, &plan);
@@ -343,6 +351,10 @@ static int64_t moe_forward(packed_matrix gate, packed_matrix up, packed_matrix d
     int64_t bad = route(&job, ids, wts, counts, active, offs, slot_tok, slot_w);
     if (bad) return bad;
     job.active = active; job.offs = offs; job.slot_tok = slot_tok; job.slot_w = slot_w;
+    int most = 0;
+    for (int a = 0; a < job.n_active; a++)
+        if (offs[a + 1] - offs[a] > most) most = offs[a + 1] - offs[a];
+    job.claim = most <= DIRECT_MAX ? CLAIM_DECODE : 1; /* decode: short tasks */
     for (int a = 0; a < job.n_active; a++) atomic_init(&job.gu_done[a], 0);
     for (int r = 0; r < down.tiles; r++) atomic_init(&job.turn[r], 0);
     atomic_init(&job.next, 0);
