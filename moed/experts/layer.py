@@ -39,6 +39,11 @@ class CPUExpertLayer:
         self.kernels = kernels or expert_kernels()
         self.threads = threads or default_threads()
         self._args = {m: packed.kernel_args(m) for m in ("gate", "up", "down")}
+        # per-call constants, computed once: a decode call is ~0.5 ms, and rebuilding
+        # these per call cost a few percent of it
+        self._fixed = (self._args["gate"], self._args["up"], self._args["down"],
+                       packed.fmt == "fp8", packed.num_experts, packed.hidden, packed.inter)
+        self._padded = (packed.shape("gate").kblocks * 128, packed.shape("down").kblocks * 128)
 
     @property
     def isa(self):
@@ -74,11 +79,9 @@ class CPUExpertLayer:
             raise InvalidRequestError(f"out must be contiguous float32 [{T}, {p.hidden}]", field="out")
         if T == 0:
             return y
-        Hp, Ip = (p.shape("gate").kblocks * 128, p.shape("down").kblocks * 128)
+        Hp, Ip = self._padded
         ws = _workspace_for(self.kernels.workspace_bytes(T, k, p.num_experts, Hp, Ip, self.threads))
-        rc = self.kernels.forward(self._args["gate"], self._args["up"], self._args["down"],
-                                  p.fmt == "fp8", p.num_experts, p.hidden, p.inter,
-                                  x.data_ptr(), x.dtype == torch.bfloat16, T, k,
+        rc = self.kernels.forward(*self._fixed, x.data_ptr(), x.dtype == torch.bfloat16, T, k,
                                   ids.data_ptr(), wts.data_ptr(), y.data_ptr(),
                                   ws.ctypes.data, self.threads)
         if rc:
@@ -101,9 +104,16 @@ class CPUExpertLayer:
                                       f"expected {tuple(topk_ids.shape)}", field="topk_weights")
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
-        return (x.detach().cpu().contiguous(),
-                topk_ids.detach().cpu().to(torch.int64).contiguous(),
-                topk_weights.detach().cpu().to(torch.float32).contiguous())
+        return (_host(x), _host(topk_ids, torch.int64), _host(topk_weights, torch.float32))
+
+
+def _host(t, dtype=None):
+    """t as a contiguous CPU tensor of dtype (itself when it already is: the common case)."""
+    if t.device.type == "cpu" and (dtype is None or t.dtype == dtype) and t.is_contiguous() \
+            and not t.requires_grad:
+        return t
+    t = t.detach().cpu()
+    return (t if dtype is None else t.to(dtype)).contiguous()
 
 
 def _weight(data, scale):
