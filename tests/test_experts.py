@@ -129,3 +129,30 @@ def test_two_python_threads_on_two_layers(experts):
     for t in threads:
         t.join()
     assert not errors and len(results) == 40 and all(results)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_silu_over_a_wide_range_and_nan(isa):
+    # gate pre-activations from -80 to 80 and down = identity, so y = silu(g) * u
+    # row by row: the SIMD exp's clamping and range reduction against float64,
+    # element by element (h is rounded to BF16: 2^-9 relative). A NaN input row
+    # stays NaN and leaves the other row alone.
+    g = torch.Generator().manual_seed(11)
+    gate = torch.zeros(1, 128, 128)
+    gate[0, :, 0] = torch.linspace(-80, 80, 128)      # g[r] = ramp[r] * x[0]
+    up = torch.randn(1, 128, 128, generator=g).mul(0.1)
+    up[0, :, 0] += 1.0
+    down = torch.eye(128).unsqueeze(0)
+    ws = [t.bfloat16() for t in (gate, up, down)]
+    layer = CPUExpertLayer.from_tensors(*ws, kernels=cpu.expert_kernels(isa))
+    x = torch.zeros(2, 128)
+    x[:, 0] = 1.0
+    x[:, 1:] = torch.randn(2, 127, generator=g).bfloat16().float()
+    x[1, 5] = float("nan")
+    ids, wts = torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1)
+    y = layer.forward(x, ids, wts)
+    ref = reference([w.float() for w in ws], x[:1], ids[:1], wts[:1])[0]
+    rel = ((y[0].double() - ref).abs() / ref.abs()).max().item()
+    print(f"{isa}: silu over [-80, 80], max elementwise rel error {rel:.2e}")
+    assert ref.abs().min() > 0 and rel <= TOL
+    assert torch.isnan(y[1]).all()
