@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moed import LLM, SamplingParams
-from moed.experts import install_cpu_kernels, install_cpu_linears
+from moed.experts import install_cpu_linears
 from moed.experts.dense import CPUGatedMLP, CPULinear
 from moed.experts.dense_store import DenseStore, store_path
 from moed.model.layers import Linear
@@ -98,13 +98,11 @@ def test_store_is_mapped_read_only_reused_and_rebuilt_when_corrupt(models):
     DenseStore.open(path)
 
 
-def test_install_cpu_kernels_honours_moed_linears(models, monkeypatch):
+def test_engine_installs_linears_unless_torch_and_install_is_idempotent(models, monkeypatch):
     d = models[("mixtral", "bf16")]
-    llm = LLM(d, device="cpu", experts="torch")
     monkeypatch.setenv("MOED_LINEARS", "torch")
-    isa, n = install_cpu_kernels(llm.engine.model, d)
-    assert isa and n == 0 and type(llm.engine.model.lm_head) is Linear
+    assert type(LLM(d, device="cpu").engine.model.lm_head) is Linear
     monkeypatch.delenv("MOED_LINEARS")
-    isa, n = install_cpu_kernels(llm.engine.model, d)       # experts already in: linears only
-    assert isa is None and n > 0 and isinstance(llm.engine.model.lm_head, CPULinear)
-    assert install_cpu_linears(llm.engine.model, d) == 0           # idempotent: nothing left
+    llm = LLM(d, device="cpu")
+    assert isinstance(llm.engine.model.lm_head, CPULinear)
+    assert install_cpu_linears(llm.engine.model, d) == 0           # nothing left to replace
