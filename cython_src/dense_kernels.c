@@ -157,7 +157,8 @@ static void dense_worker(void *arg, int tid, int nthreads) {
         int task = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (task >= n_all) break;
         int rt = task / j->ntb, tb = task % j->ntb;
-        int t0 = tb * DENSE_TOK_BLOCK, n = j->T - t0 < DENSE_TOK_BLOCK ? j->T - t0 : DENSE_TOK_BLOCK;
+        int t0 = tb * DENSE_TOK_BLOCK;
+        int n = j->T - t0 < DENSE_TOK_BLOCK ? j->T - t0 : DENSE_TOK_BLOCK;
         dense_task(j, rt, t0, n, wide, acc);
     }
 }

@@ -10,9 +10,13 @@ embedding and LM head are 0.6 GB each).
 
 Effective bandwidth = weight bytes a step reads (every packed dense matrix,
 the LM head, the routers, and the distinct experts the step routed to) /
-step time (medians over the decode steps). Per-step overhead = step time - time in the weight kernels - time
-in attention proper (scores, softmax, values): norms, rotary, KV writes,
-routing, sampling, scheduling, Python.
+step time (medians over the decode steps). Per-step overhead = step time -
+time in the weight kernels - time in attention proper (scores, softmax,
+values): norms, rotary, KV writes, routing, sampling, scheduling, Python.
+
+Torch's OpenMP threads spin after each parallel region and steal the core
+from the kernels' pinned pool: run with --torch-threads 1 or
+OMP_WAIT_POLICY=PASSIVE to see the engine without that interference.
 
 Usage: python tools/bench_decode.py [--layers 2] [--tokens 32] [--batch 1]
            [--ref-tokens 4] [--model-dir DIR (kept and reused)]
@@ -26,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_model import StepClock, dense_bytes, engine, env_threads, machine, qwen3_30b_shaped  # noqa: E402
+from bench_model import (StepClock, dense_bytes, engine, env_threads, machine,  # noqa: E402
+                         qwen3_30b_shaped)
 
 
 def decode(llm, prompts, n):

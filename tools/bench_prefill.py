@@ -29,8 +29,10 @@ from bench_model import (QWEN3_30B, StepClock, engine, env_threads, machine,  # 
 def flops(T, layers):
     """(weight-kernel FLOPs, attention FLOPs) of one T-token prompt."""
     c = QWEN3_30B
-    D, H, KV, d = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
-    E, k, I, V = c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], c["vocab_size"]
+    D, H, KV, d = (c[f] for f in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                  "head_dim"))
+    E, k, I, V = (c[f] for f in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                 "vocab_size"))
     dense = (H * d + 2 * KV * d) * D + D * H * d + E * D          # q, k, v, o, router
     experts = k * 3 * D * I
     weights = 2 * T * layers * (dense + experts) + 2 * V * D
@@ -55,8 +57,8 @@ def report(name, llm, T, layers, rng, kernels, threads):
     fw, fa = flops(T, layers)
     rate = (fw + fa) / wall
     print(f"{name:6s} T={T:<5d} {T / wall:8.1f} tok/s  {wall:7.2f} s in {chunks} chunks | "
-          f"{rate / 1e9:6.1f} GFLOP/s = {rate / peak:5.1%} of BF16 peak {peak / 1e9:4.0f} | kernels "
-          f"{kern:6.2f} s: {fw / kern / 1e9:6.1f} GFLOP/s = {fw / kern / peak:5.1%} of peak | "
+          f"{rate / 1e9:6.1f} GFLOP/s = {rate / peak:5.1%} of BF16 peak {peak / 1e9:4.0f} | "
+          f"kernels {kern:6.2f} s: {fw / kern / 1e9:6.1f} GFLOP/s = {fw / kern / peak:5.1%} of peak | "
           f"attention {attn:5.2f} s, rest {wall - kern - attn:5.2f} s", flush=True)
     return wall
 
