@@ -25,7 +25,9 @@
  *                            adds into y in expert order (per-tile turn), so
  *                            the sum is deterministic and never races.
  *   Tasks are claimed in order, so every wait is on a task already claimed by
- *   a running thread: no deadlock, no global barrier.
+ *   a running thread: no deadlock, no global barrier. Each thread claims a
+ *   few tasks ahead (two consecutive tiles per claim in decode) and prefetches
+ *   PF_BYTES ahead along its own claimed tiles (moe_worker).
  */
 #include <math.h>
 #include <stdatomic.h>
