@@ -22,6 +22,8 @@ class MLAttention:
         self.rotary = rotary
         self.H, self.r, self.dn, self.dr, self.dv = dims
         self.scale = scale
+        # kv_b read whole every step by both attention forms: dequantized once
+        self.w_kv = kv_b.weight.dequantize().view(self.H, self.dn + self.dv, self.r)  # [H, dn+dv, r]
 
     def queries(self, x):
         # x [N, D] -> q [N, H, dn + dr]
@@ -41,9 +43,8 @@ class MLAttention:
 
     def attend(self, q, batch, kv_cache):
         # q [N, H, dn + dr] -> [N, H, dv]
-        H, r, dn, dv = self.H, self.r, self.dn, self.dv
-        out = q.new_empty(q.shape[0], H, dv)
-        w_kv = self.kv_b.weight.dequantize().view(H, dn + dv, r)       # [H, dn + dv, r]
+        out = q.new_empty(q.shape[0], self.H, self.dv)
+        w_kv = self.w_kv
         if batch.decode_rows is not None:
             cached = kv_cache[batch.decode_slots][:, :, None]          # [B, Lmax, 1, r + dr]
             out[batch.decode_rows] = self.absorbed(q[batch.decode_rows, None], w_kv, cached,

@@ -11,6 +11,14 @@ whether it runs in the torch reference, the CPU kernels or on a GPU.
 import torch
 import torch.nn.functional as F
 
+from moed.model.formats import Weight
+from moed.model.layers import Linear
+
+
+def float_gate(gate):
+    """A router's [E, D] weight upcast once (exactly): it is small, and read every step."""
+    return Linear(Weight(gate.weight.dequantize()), gate.bias)
+
 
 class TorchExperts:
     """Reference backend: dequantize each active expert per call, matmul in float32.
@@ -83,7 +91,7 @@ class SoftmaxRouter:
     """Mixtral / Qwen-MoE: softmax over router logits, top-k."""
 
     def __init__(self, gate, k, norm_topk_prob):
-        self.gate, self.k, self.norm_topk_prob = gate, k, norm_topk_prob   # gate: Linear [E, D]
+        self.gate, self.k, self.norm_topk_prob = float_gate(gate), k, norm_topk_prob   # [E, D]
 
     def __call__(self, x):
         return softmax_topk(self.gate(x), self.k, self.norm_topk_prob)
@@ -93,7 +101,7 @@ class GroupedSigmoidRouter:
     """DeepSeek-V3 noaux_tc: sigmoid scores, group-limited top-k, scaled weights."""
 
     def __init__(self, gate, bias, k, n_group, topk_group, norm_topk_prob, scaling):
-        self.gate, self.bias = gate, bias.float()   # Linear [E, D], [E]
+        self.gate, self.bias = float_gate(gate), bias.float()   # Linear [E, D], [E]
         self.k, self.n_group, self.topk_group = k, n_group, topk_group
         self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
 
