@@ -408,8 +408,51 @@ ALWAYS_INLINE __m256i bf16x16(__m512 v) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* exp512's twin on 8 lanes; 2^j is built in the exponent field (|j| <= 128
+ * after the clamp, so two factors 2^(j/2) keep every step finite). */
+ALWAYS_INLINE __m256 exp256(__m256 v) {
+    v = _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(88.5f)), _mm256_set1_ps(-88.5f));
+    __m256 j = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(j, _mm256_set1_ps(0.693145752f), v);
+    r = _mm256_fnmadd_ps(j, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i ji = _mm256_cvtps_epi32(j);
+    __m256i j1 = _mm256_srai_epi32(ji, 1), j2 = _mm256_sub_epi32(ji, j1);
+    __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(j1, _mm256_set1_epi32(127)), 23));
+    __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(j2, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+/* 8 floats -> 8 BF16, round to nearest even like f32_to_bf16; NaN stays NaN. */
+ALWAYS_INLINE __m128i bf16x8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                    _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+#endif
+
 static void silu_mul_bf16(const float *g, const float *u, uint16_t *h, int n) {
     int i = 0;
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm_storeu_si128((__m128i *)(h + i), bf16x8(_mm256_mul_ps(s, _mm256_loadu_ps(u + i))));
+    }
+#endif
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16) {
         __m512 gv = _mm512_loadu_ps(g + i);
@@ -423,6 +466,9 @@ static void silu_mul_bf16(const float *g, const float *u, uint16_t *h, int n) {
 
 static void f32_row_to_bf16(const float *f, uint16_t *b, int n) {
     int i = 0;
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(b + i), bf16x8(_mm256_loadu_ps(f + i)));
+#endif
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16)
         _mm256_storeu_si256((__m256i *)(b + i), bf16x16(_mm512_loadu_ps(f + i)));
