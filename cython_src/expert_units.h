@@ -57,6 +57,8 @@ static float g_fp8_value[256];
 /* e4m3 magnitude (7 bits) -> high / low byte of the BF16 of the same value. */
 static uint8_t g_fp8_bf16_hi[128] __attribute__((aligned(64)));
 static uint8_t g_fp8_bf16_lo[128] __attribute__((aligned(64)));
+/* e4m3 code -> BF16 bits of the same value (sign included). */
+static uint16_t g_fp8_bf16[256];
 
 static float fp8_e4m3_decode(uint8_t code) {
     int sign = code >> 7, exp = (code >> 3) & 15, man = code & 7;
@@ -93,6 +95,9 @@ static void fp8_tables_init(void) {
         g_fp8_bf16_hi[c] = (uint8_t)(b >> 8);
         g_fp8_bf16_lo[c] = (uint8_t)(b & 0xff);
     }
+    for (int c = 0; c < 256; c++)
+        g_fp8_bf16[c] = (uint16_t)(((c & 0x80) << 8) | (g_fp8_bf16_hi[c & 0x7f] << 8)
+                                   | g_fp8_bf16_lo[c & 0x7f]);
 }
 
 /* Position inside a chunk of element (row r < 16, column k < 4). */
@@ -314,6 +319,25 @@ ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
     __m256i lo = _mm256_slli_epi32(w, 16);
     __m256i hi = _mm256_and_si256(w, _mm256_set1_epi32((int)0xffff0000u));
     return _mm256_castsi256_ps(_mm256_blend_epi32(lo, hi, 0xaa));
+}
+
+#define UNIT_WIDEN 1
+
+/* FP8 unit -> BF16 unit in the BF16 chunk layout, by table (prefill: widen
+ * once, reuse for every token; the FP8 body converts per token and ran
+ * prefill ~3x slower). In FP8 chunk lane j, bytes 0..7 are A words 8j..8j+7
+ * and bytes 8..15 the B words. */
+static void unit_widen(const uint8_t *w, uint16_t *dst) {
+    for (int g = 0; g < 4; g++)
+        for (int c = 0; c < CHUNKS; c++) {
+            const uint8_t *src = w + g * 2048 + c * 64;
+            uint16_t *A = dst + g * 2048 + c * 64, *B = A + 32;
+            for (int j = 0; j < 4; j++)
+                for (int i = 0; i < 8; i++) {
+                    A[8 * j + i] = g_fp8_bf16[src[16 * j + i]];
+                    B[8 * j + i] = g_fp8_bf16[src[16 * j + 8 + i]];
+                }
+        }
 }
 
 /* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass. */
