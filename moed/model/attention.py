@@ -6,7 +6,7 @@ Shape legend: N new tokens, H query heads, Hkv key/value heads, d head dim.
 import torch
 
 from moed.model.base import CausalLM, require_divisible
-from moed.model.layers import Rotary, sdpa
+from moed.model.layers import Rotary, batched_mask, sdpa
 
 
 class GQAttention:
@@ -39,7 +39,7 @@ class GQAttention:
                                           batch.decode_mask, self.scale)[:, 0]
         for p in batch.prefills:
             kv = kv_cache[p.slots][None]                           # [1, L, 2, Hkv, d]
-            out[p.rows] = sdpa(q[None, p.rows], kv[:, :, 0], kv[:, :, 1], p.mask[None],
+            out[p.rows] = sdpa(q[None, p.rows], kv[:, :, 0], kv[:, :, 1], batched_mask(p.mask),
                                self.scale)[0]
         return out
 

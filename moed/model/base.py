@@ -30,7 +30,8 @@ class Prefill:
     """A chunk of several new tokens of one sequence."""
     rows: slice             # its rows in the step
     slots: torch.Tensor     # [L] int64: cache slots of its positions 0..L-1
-    mask: torch.Tensor      # [n, L] bool: causal, offset by the L - n cached tokens
+    mask: torch.Tensor      # [n, L] bool: causal, offset by the L - n cached tokens;
+                            # None when nothing is cached yet (n == L: plain causal)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class AttentionBatch:
             ctx = torch.tensor([s.context for s in decodes], device=device)
             mask = (torch.arange(Lmax, device=device)[None, :] < ctx[:, None])[:, None, :]
         prefills = [Prefill(slice(s.start, s.start + s.length), s.slots,
+                            None if s.length == s.context else
                             causal_mask(s.length, s.context, device))
                     for s in slices if s.length > 1]
         return cls(slot_mapping, kv_caches, rows, slots, mask, prefills)

@@ -10,7 +10,7 @@ dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
 import torch
 
 from moed.model.base import CausalLM, require_divisible
-from moed.model.layers import Rotary, sdpa
+from moed.model.layers import Rotary, batched_mask, sdpa
 from moed.model.model_config import yarn_mscale
 from moed.model.moe import GroupedSigmoidRouter, MoE, load_experts
 
@@ -53,7 +53,7 @@ class MLAttention:
             n, cached = p.rows.stop - p.rows.start, kv_cache[p.slots].float()    # [L, r + dr]
             if self.absorbed_is_cheaper(n):
                 out[p.rows] = self.absorbed(q[None, p.rows], w_kv, cached[None, :, None],
-                                            p.mask[None])[0]
+                                            batched_mask(p.mask))[0]
             else:
                 out[p.rows] = self.expanded(q[p.rows], w_kv, cached, p.mask)
         return out
@@ -83,7 +83,7 @@ class MLAttention:
         H, r, dn, dr = self.H, self.r, self.dn, self.dr
         kv = torch.einsum("lr,hjr->lhj", cached[:, :r], w_kv)             # [L, H, dn + dv]
         k = torch.cat((kv[..., :dn], cached[:, None, r:].expand(-1, H, dr)), dim=-1)
-        return sdpa(q[None], k[None], kv[None, ..., dn:], mask[None], self.scale)[0]
+        return sdpa(q[None], k[None], kv[None, ..., dn:], batched_mask(mask), self.scale)[0]
 
 
 class DeepseekV3ForCausalLM(CausalLM):

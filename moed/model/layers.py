@@ -150,9 +150,17 @@ def sdpa(q, k, v, mask, scale):
     """Masked attention through torch's fused kernel (blocked: never a full score matrix).
 
     q [B, n, H, dq], k [B, L, Hkv, dq], v [B, L, Hkv, dv], mask [B, n, L] bool
-    (True = may attend). Hkv divides H (grouped-query). Returns [B, n, H, dv] float32.
+    (True = may attend), or None for plain causal over n == L (the kernel then
+    skips the masked half instead of computing it). Hkv divides H (grouped-query).
+    Returns [B, n, H, dv] float32.
     """
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+        attn_mask=None if mask is None else mask[:, None], is_causal=mask is None,
+        scale=scale, enable_gqa=k.shape[2] != q.shape[2])
     return o.transpose(1, 2)
+
+
+def batched_mask(mask):
+    """[n, L] -> [1, n, L]; None (plain causal) stays None."""
+    return None if mask is None else mask[None]
