@@ -21,7 +21,7 @@ import torch
 
 from moed.errors import CheckpointError
 from moed.experts.layout import UNIT_ROWS, MatrixShape, pack_matrix
-from moed.experts.store import PREFIX, _align, _crc, cache_dir, source_key
+from moed.experts.store import PREFIX, _align, _crc, cache_dir, read_header, source_key
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class DenseStore:
                 mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot map dense store ({e})", path=str(path)) from e
-        store = cls(path, mm, _read_header(path, mm, key))
+        store = cls(path, mm, read_header(path, mm, key, MAGIC, VERSION, "dense store"))
         if verify:
             store.verify()
         return store
@@ -108,27 +108,6 @@ class DenseStore:
         return PackedMatrix(e["fmt"], e["rows"], e["cols"],
                             np.frombuffer(self._mm, np.uint8, un, uo),
                             np.frombuffer(self._mm, np.float32, sn // 4, so))
-
-
-def _read_header(path, mm, key):
-    def bad(why):
-        return CheckpointError(f"{path}: {why}", path=str(path))
-    if len(mm) < PREFIX.size:
-        raise bad("truncated dense store (no header)")
-    magic, version, hlen, hcrc, _, size = PREFIX.unpack_from(mm, 0)
-    if magic != MAGIC:
-        raise bad("not a dense store (bad magic)")
-    if version != VERSION:
-        raise bad(f"stale dense store (format {version}, expected {VERSION})")
-    if len(mm) != size or PREFIX.size + hlen > len(mm):
-        raise bad(f"truncated dense store ({len(mm)} bytes, header says {size})")
-    raw = bytes(mm[PREFIX.size:PREFIX.size + hlen])
-    if zlib.crc32(raw) != hcrc:
-        raise bad("corrupt dense store header")
-    header = json.loads(raw)
-    if key is not None and header.get("source_key") != key:
-        raise bad("stale dense store (the checkpoint changed)")
-    return header
 
 
 # -- building

@@ -92,7 +92,7 @@ class ExpertStore:
                 mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot map expert store ({e})", path=str(path)) from e
-        header = _read_header(path, mm, key)
+        header = read_header(path, mm, key)
         store = cls(path, mm, header)
         if verify:
             store.verify()
@@ -113,24 +113,25 @@ class ExpertStore:
         return PackedExperts(L["fmt"], L["E"], L["H"], L["I"], buffers)
 
 
-def _read_header(path, mm, key):
+def read_header(path, mm, key, magic=MAGIC, version=VERSION, kind="expert store"):
+    """The checked JSON header of a store file (shared by the expert and dense stores)."""
     def bad(why):
         return CheckpointError(f"{path}: {why}", path=str(path))
     if len(mm) < PREFIX.size:
-        raise bad("truncated expert store (no header)")
-    magic, version, hlen, hcrc, _, size = PREFIX.unpack_from(mm, 0)
-    if magic != MAGIC:
-        raise bad("not an expert store (bad magic)")
-    if version != VERSION:
-        raise bad(f"stale expert store (format {version}, expected {VERSION})")
+        raise bad(f"truncated {kind} (no header)")
+    got_magic, got_version, hlen, hcrc, _, size = PREFIX.unpack_from(mm, 0)
+    if got_magic != magic:
+        raise bad(f"not {'an' if kind[0] in 'aeiou' else 'a'} {kind} (bad magic)")
+    if got_version != version:
+        raise bad(f"stale {kind} (format {got_version}, expected {version})")
     if len(mm) != size or PREFIX.size + hlen > len(mm):
-        raise bad(f"truncated expert store ({len(mm)} bytes, header says {size})")
+        raise bad(f"truncated {kind} ({len(mm)} bytes, header says {size})")
     raw = bytes(mm[PREFIX.size:PREFIX.size + hlen])
     if zlib.crc32(raw) != hcrc:
-        raise bad("corrupt expert store header")
+        raise bad(f"corrupt {kind} header")
     header = json.loads(raw)
     if key is not None and header.get("source_key") != key:
-        raise bad("stale expert store (the checkpoint changed)")
+        raise bad(f"stale {kind} (the checkpoint changed)")
     return header
 
 
