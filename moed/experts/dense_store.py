@@ -21,7 +21,7 @@ import torch
 
 from moed.errors import CheckpointError
 from moed.experts.layout import UNIT_ROWS, MatrixShape, pack_matrix
-from moed.experts.store import PREFIX, _align, _crc, cache_dir, read_header, source_key
+from moed.experts.store import PREFIX, _align, _crc, cache_dir, map_store, source_key
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ class DenseStore:
     @classmethod
     def open(cls, path, key=None, verify=True):
         path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot map dense store ({e})", path=str(path)) from e
-        store = cls(path, mm, read_header(path, mm, key, MAGIC, VERSION, "dense store"))
+        store = cls(path, *map_store(path, key, MAGIC, VERSION, "dense store"))
         if verify:
             store.verify()
         return store

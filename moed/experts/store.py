@@ -87,13 +87,7 @@ class ExpertStore:
     def open(cls, path, key=None, verify=True):
         """Map an existing store; CheckpointError says why it is unusable."""
         path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot map expert store ({e})", path=str(path)) from e
-        header = read_header(path, mm, key)
-        store = cls(path, mm, header)
+        store = cls(path, *map_store(path, key))
         if verify:
             store.verify()
         return store
@@ -111,6 +105,16 @@ class ExpertStore:
             buffers[name] = np.frombuffer(self._mm, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize,
                                           offset=off).reshape(shape)
         return PackedExperts(L["fmt"], L["E"], L["H"], L["I"], buffers)
+
+
+def map_store(path, key, magic=MAGIC, version=VERSION, kind="expert store"):
+    """Map a store file read-only and shared -> (mmap, checked header)."""
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot map {kind} ({e})", path=str(path)) from e
+    return mm, read_header(path, mm, key, magic, version, kind)
 
 
 def read_header(path, mm, key, magic=MAGIC, version=VERSION, kind="expert store"):
