@@ -24,14 +24,12 @@ Usage: python tools/bench_decode.py [--layers 2] [--tokens 32] [--batch 1]
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_model import (StepClock, dense_bytes, engine, env_threads, machine,  # noqa: E402
-                         qwen3_30b_shaped)
+from bench_model import (add_model_args, model_setup, StepClock, dense_bytes, engine, machine)  # noqa: E402
 
 
 def decode(llm, prompts, n):
@@ -67,27 +65,15 @@ def report(name, llm, prompts, n, kernels, threads):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
+    add_model_args(ap)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--ref-tokens", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--model-dir", default=None)
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch intra-op threads for what stays in torch (default: torch's)")
     args = ap.parse_args()
-    if args.torch_threads:
-        import torch
-        torch.set_num_threads(args.torch_threads)
-    tmp = tempfile.TemporaryDirectory()
-    os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
-    model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
-    from moed.cpu import expert_kernels
-    kernels, threads = expert_kernels(), env_threads()
+    tmp, model, kernels, threads, setup = model_setup(args)
     read, _ = machine(kernels, threads)
     print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8 (BF16 embed/LM head), batch "
-          f"{args.batch}, isa={kernels.ISA}, {threads} threads "
-          f"(torch {__import__('torch').get_num_threads()}, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}); streaming read {read / 1e9:.1f} GB/s "
+          f"{args.batch}, {setup}; streaming read {read / 1e9:.1f} GB/s "
           f"(same run, re-measured beside every case)", flush=True)
     prompts = [[3 + i, 17, 42, 99, 7] for i in range(args.batch)]
     fast = engine(model, fast=True)

@@ -173,3 +173,29 @@ def dense_bytes(model):
 
 def env_threads():
     return int(os.environ.get("MOED_THREADS") or len(os.sched_getaffinity(0)))
+
+
+def add_model_args(ap):
+    """The options every model benchmark takes."""
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads for what stays in torch (default: torch's)")
+
+
+def model_setup(args):
+    """Thread settings, cache dir and the Qwen3-30B-shaped model for a benchmark run.
+    -> (tempdir kept alive by the caller, model dir, kernels, threads, threads line)."""
+    import tempfile
+
+    import torch
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    tmp = tempfile.TemporaryDirectory()
+    os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
+    model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
+    from moed.cpu import expert_kernels
+    kernels, threads = expert_kernels(), env_threads()
+    line = (f"isa={kernels.ISA}, {threads} threads (torch {torch.get_num_threads()}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+    return tmp, model, kernels, threads, line

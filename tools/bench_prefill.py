@@ -16,14 +16,12 @@ Usage: python tools/bench_prefill.py [--layers 2] [--prompts 512,4096] [--chunk 
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_model import (QWEN3_30B, StepClock, engine, env_threads, machine,  # noqa: E402
-                         qwen3_30b_shaped)
+from bench_model import (add_model_args, model_setup, QWEN3_30B, StepClock, engine, machine)  # noqa: E402
 
 
 def flops(T, layers):
@@ -65,28 +63,16 @@ def report(name, llm, T, layers, rng, kernels, threads):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
+    add_model_args(ap)
     ap.add_argument("--prompts", default="512,4096")
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--torch", action="store_true")
-    ap.add_argument("--model-dir", default=None)
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch intra-op threads for what stays in torch (default: torch's)")
     args = ap.parse_args()
-    if args.torch_threads:
-        import torch
-        torch.set_num_threads(args.torch_threads)
-    tmp = tempfile.TemporaryDirectory()
-    os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
-    model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
-    from moed.cpu import expert_kernels
-    kernels, threads = expert_kernels(), env_threads()
+    tmp, model, kernels, threads, setup = model_setup(args)
     _, peak = machine(kernels, threads)
-    print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8, chunks of {args.chunk}, "
-          f"isa={kernels.ISA}, {threads} threads "
-          f"(torch {__import__('torch').get_num_threads()}, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}); BF16 dot peak {peak / 1e9:.0f} GFLOP/s "
-          f"(same run, re-measured beside every case)", flush=True)
+    print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8, chunks of {args.chunk}, {setup}; "
+          f"BF16 dot peak {peak / 1e9:.0f} GFLOP/s (same run, re-measured beside every case)",
+          flush=True)
     lengths = [int(t) for t in args.prompts.split(",")]
     rng = np.random.default_rng(0)
     kw = dict(max_num_batched_tokens=args.chunk, max_num_seqs=1)
