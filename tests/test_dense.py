@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 import moed.cpu as cpu
 from moed.errors import ConfigError, InvalidRequestError
-from moed.experts.dense import CPUGatedMLP, CPULinear
-from moed.experts.dense_store import concat_rows, pack_weight, part_starts
+from moed.experts.dense import CPUFusedLinear, CPUGatedMLP, CPULinear
+from moed.experts.dense_store import concat_rows, pack_weight
 from moed.model.formats import Weight, quantize_fp8
+from moed.model.layers import Linear
 
 SHAPES = [(200, 300), (131, 67), (64, 128), (3, 257)]    # (out, in): ragged vs 128, 64, 16, 8
 TOKENS = [1, 3, 17, 130]
@@ -124,15 +125,27 @@ def test_zero_tokens():
     assert CPULinear(make_weight(64, 128, "bf16"))(torch.randn(0, 128)).shape == (0, 64)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+def test_fused_qkv_parts_equal_separate_linears(fmt):
+    # q/k/v of uneven heights (not multiples of 128), with biases on two of them
+    ws = [make_weight(rows, 200, fmt, seed) for rows, seed in ((72, 4), (40, 5), (40, 6))]
+    biases = [torch.randn(72), None, torch.randn(40)]
+    lins = [Linear(w, b) for w, b in zip(ws, biases)]
+    fused = CPUFusedLinear.over(pack_weight(concat_rows(ws, "qkv"), "qkv"), lins, None, None)
+    x = torch.randn(5, 200)
+    for got, w, b in zip(fused(x), ws, biases):
+        torch.testing.assert_close(got, CPULinear(w, b)(x))
+
+
 @pytest.mark.parametrize("inter", [256, 72])
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
 def test_fused_gate_up_matches_the_mlp(fmt, inter):
     gate, up, down = (make_weight(inter, 200, fmt, 1), make_weight(inter, 200, fmt, 2),
                       make_weight(200, inter, fmt, 3))
     gu = pack_weight(concat_rows([gate, up], "mlp"), "mlp.gate_up")
-    parts = [CPULinear(w, packed=gu.row_slice(a, a + inter)) for w, a in
-             zip((gate, up), part_starts([gate, up]))]
-    mlp = CPUGatedMLP(CPULinear(None, packed=gu), *parts, CPULinear(down))
+    mlp = CPUGatedMLP(CPUFusedLinear.over(gu, [Linear(gate), Linear(up)], None, None),
+                      CPULinear(down))
+    parts = mlp.gate_up.parts
     x = torch.randn(17, 200)
     g, u = (x.bfloat16().double() @ w.dequantize().double().T for w in (gate, up))
     h = (F.silu(g) * u)

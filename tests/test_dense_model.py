@@ -7,7 +7,7 @@ import pytest
 
 from moed import LLM, SamplingParams
 from moed.experts import install_cpu_linears
-from moed.experts.dense import CPUGatedMLP, CPULinear
+from moed.experts.dense import CPUFusedLinear, CPUGatedMLP, CPULinear
 from moed.experts.dense_store import DenseStore, store_path
 from moed.model.layers import Linear
 from moed.model.tiny import build_tiny_model
@@ -71,7 +71,16 @@ def test_deepseek_keeps_weights_and_fuses_gate_up(models):
     shared = [layer.mlp.shared for layer in m.layers if hasattr(layer.mlp, "shared")]
     assert shared and all(isinstance(s, CPUGatedMLP) for s in shared)
     s = shared[0]
-    assert s.gate_up.out_features == s.up_start + s.inter and s.gate.weight is not None
+    (g0, g1), (u0, u1) = s.gate_up.spans
+    assert g0 == 0 and u0 % 128 == 0 and u1 - u0 == g1 and s.gate.weight is not None
+
+
+def test_qwen_attention_reads_q_k_v_in_one_call(models):
+    llm, _ = fast_llm(models[("qwen3_moe", "fp8")])
+    attn = llm.engine.model.layers[0].attn
+    assert isinstance(attn.qkv, CPUFusedLinear)
+    assert [p.out_features for p in attn.qkv.parts] == [attn.q.out_features,
+                                                        attn.k.out_features, attn.v.out_features]
 
 
 def test_store_is_mapped_read_only_reused_and_rebuilt_when_corrupt(models):

@@ -139,35 +139,38 @@ def expert_bytes(experts):
 
 def dense_bytes(model):
     """Bytes of every packed dense matrix a step reads once (CPU path), and of the torch
-    Linears left (routers): [(what, bytes)]."""
-    from moed.experts.dense import CPUGatedMLP, CPULinear
+    Linears left (routers). A fused matrix (q/k/v, gate/up) and its parts' row views
+    share memory: each byte is counted once."""
+    from moed.experts.dense import CPULinear
     from moed.model.layers import Linear
-    cpu = torch_ = 0
+    spans, torch_ = [], 0
     seen = set()
 
     def visit(obj):
-        nonlocal cpu, torch_
+        nonlocal torch_
         if id(obj) in seen:
             return
         seen.add(id(obj))
         if isinstance(obj, CPULinear):
-            cpu += obj.packed.nbytes
-            return
-        if isinstance(obj, CPUGatedMLP):
-            visit(obj.gate_up)
-            visit(obj.down)
-            return
-        if isinstance(obj, Linear):
+            for a in (obj.packed.units, obj.packed.scales):
+                spans.append((a.ctypes.data, a.ctypes.data + a.nbytes))
+        elif isinstance(obj, Linear):
             torch_ += obj.weight.data.nbytes + (0 if obj.weight.scale_inv is None
                                                 else obj.weight.scale_inv.nbytes)
-            return
-        if type(obj).__module__.startswith("moed.") and hasattr(obj, "__dict__"):
+        elif type(obj).__module__.startswith("moed.") and hasattr(obj, "__dict__"):
             for k, v in vars(obj).items():
                 if k not in ("experts", "rotary", "packed"):
                     visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
     for layer in model.layers:
         visit(layer)
     visit(model.lm_head)
+    cpu, end = 0, 0
+    for a, b in sorted(spans):                 # union of the byte ranges
+        cpu += max(0, b - max(a, end))
+        end = max(end, b)
     return cpu, torch_
 
 

@@ -76,21 +76,51 @@ class CPULinear:
         return x.detach().reshape(-1, x.shape[-1]).cpu().contiguous()
 
 
+class CPUFusedLinear:
+    """Linears of the same input stacked by rows into one packed matrix (attention's
+    q/k/v, an MLP's gate/up): one kernel call streams them all, instead of one call,
+    pool wake-up and partial row tile per part. Calling returns each part's output
+    as a column view of one [N, rows] buffer."""
+
+    def __init__(self, fused: CPULinear, parts, starts):
+        self.fused = fused              # [sum of parts padded to 128 rows, in]
+        self.parts = parts              # CPULinear views of fused's rows, `.weight` kept
+        self.spans = [(a, a + p.out_features) for a, p in zip(starts, parts)]
+
+    @classmethod
+    def over(cls, packed, linears, threads, kernels):
+        """Over the store matrix `packed` = concat_rows of the linears' weights."""
+        ws = [lin.weight for lin in linears]
+        starts = part_starts(ws)
+        parts = [CPULinear(w, lin.bias, packed.row_slice(a, a + w.shape[0]), threads, kernels)
+                 for w, lin, a in zip(ws, linears, starts)]
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.zeros(packed.rows, dtype=torch.float32)
+            for lin, a in zip(linears, starts):
+                if lin.bias is not None:
+                    bias[a:a + lin.bias.numel()] = lin.bias.float()
+        return cls(CPULinear(None, bias, packed, threads, kernels), parts, starts)
+
+    def __call__(self, x):
+        # x [N, in] -> one [N, rows_i] view per part
+        y = self.fused(x)
+        return tuple(y[..., a:b] for a, b in self.spans)
+
+
 class CPUGatedMLP:
     """down(silu(gate(x)) * up(x)) with gate and up as one [2I, D] matrix: one kernel
     call reads both (the routed experts fuse them the same way)."""
 
-    def __init__(self, gate_up: CPULinear, gate: CPULinear, up: CPULinear, down):
-        self.gate_up = gate_up          # [Ip + I, D]: rows [0, I) gate, [Ip, Ip + I) up
-        self.gate, self.up = gate, up   # views of gate_up's packed rows, `.weight` kept
-        self.down = down                # CPULinear or Linear [D, I]
-        self.inter = gate.out_features                     # I
-        self.up_start = gate_up.out_features - self.inter  # Ip = I rounded up to 128
+    def __init__(self, gate_up: CPUFusedLinear, down):
+        self.gate_up = gate_up
+        self.gate, self.up = gate_up.parts  # CPULinear views, `.weight` kept
+        self.down = down                    # CPULinear or Linear [D, I]
 
     def __call__(self, x):
         # x [N, D] -> [N, D]
-        gu = self.gate_up(x)                               # [N, Ip + I]
-        return self.down(F.silu(gu[:, :self.inter]) * gu[:, self.up_start:])
+        g, u = self.gate_up(x)
+        return self.down(F.silu(g) * u)
 
 
 def packable(linear):
@@ -103,26 +133,38 @@ def packable(linear):
     return w.data.dtype == torch.bfloat16
 
 
-def fusable(mlp):
-    g, u = mlp.gate, mlp.up
-    return (type(g) is Linear and type(u) is Linear and packable(g) and packable(u)
-            and g.bias is None and u.bias is None and g.weight.shape == u.weight.shape
-            and g.weight.is_fp8 == u.weight.is_fp8)
+def stackable(linears):
+    """Whether these Linears can share one packed matrix: packable, same input width
+    and format."""
+    if not all(type(lin) is Linear and packable(lin) for lin in linears):
+        return False
+    first = linears[0].weight
+    return all(lin.weight.shape[1] == first.shape[1] and lin.weight.is_fp8 == first.is_fp8
+               for lin in linears)
+
+
+QKV = ("q", "k", "v")        # attention projections fused when an object has all three
 
 
 def dense_targets(model):
-    """(linears, mlps): [(name, owner, attribute, Linear | MLP)] found by walking the
-    decoder layers' attributes, plus the LM head."""
-    linears, mlps = [], []
+    """(linears, fusions): [(name, owner, attribute, Linear)] and [(name, owner, attribute
+    or None, [Linear])] found by walking the decoder layers' attributes, plus the LM head.
+    A fusion with an attribute is a gated MLP (gate, up) replaced whole; one without is
+    an attention's q/k/v, set as owner.qkv beside the parts."""
+    linears, fusions = [], []
     for i, layer in enumerate(model.layers):
-        _walk(layer, f"layers.{i}", linears, mlps, set())
+        _walk(layer, f"layers.{i}", linears, fusions, set())
     if type(model.lm_head) is Linear and packable(model.lm_head):
         linears.append(("lm_head", model, "lm_head", model.lm_head))
-    return linears, mlps
+    return linears, fusions
 
 
-def _walk(obj, path, linears, mlps, seen):
+def _walk(obj, path, linears, fusions, seen):
     seen.add(id(obj))
+    qkv = [getattr(obj, a, None) for a in QKV]
+    if stackable(qkv):
+        fusions.append((f"{path}.qkv", obj, None, qkv))
+        seen |= {id(lin) for lin in qkv}
     for attr, val in list(vars(obj).items()):
         name = f"{path}.{attr}"
         if attr in SKIPPED or val is None or id(val) in seen:
@@ -130,11 +172,12 @@ def _walk(obj, path, linears, mlps, seen):
         if type(val) is Linear:
             if packable(val):
                 linears.append((name, obj, attr, val))
-        elif isinstance(val, MLP) and fusable(val):
-            mlps.append((name, obj, attr, val))
-            _walk(val, name, linears, [], seen | {id(val.gate), id(val.up)})
+        elif isinstance(val, MLP) and stackable([val.gate, val.up]) \
+                and val.gate.bias is None and val.up.bias is None:
+            fusions.append((f"{name}.gate_up", obj, attr, [val.gate, val.up]))
+            _walk(val, name, linears, fusions, seen | {id(val.gate), id(val.up)})
         elif type(val).__module__.startswith("moed.model") and hasattr(val, "__dict__"):
-            _walk(val, name, linears, mlps, seen)
+            _walk(val, name, linears, fusions, seen)
 
 
 def install_cpu_linears(model, model_dir, threads=None, kernels=None):
@@ -145,22 +188,22 @@ def install_cpu_linears(model, model_dir, threads=None, kernels=None):
         return 0
     kernels = kernels or expert_kernels()     # fails clearly on a forced, unsupported ISA
     threads = threads or default_threads()
-    linears, mlps = dense_targets(model)
+    linears, fusions = dense_targets(model)
     sources = [(n, lin.weight) for n, _, _, lin in linears]
-    sources += [(f"{n}.gate_up", concat_rows([m.gate.weight, m.up.weight], n))
-                for n, _, _, m in mlps]
+    sources += [(n, concat_rows([lin.weight for lin in lins], n)) for n, _, _, lins in fusions]
     if not sources:
         return 0
     store = open_or_build(model_dir, sources)
     for name, owner, attr, lin in linears:
         setattr(owner, attr, CPULinear(lin.weight, lin.bias, store.matrix(name), threads, kernels))
-    for name, owner, attr, m in mlps:
-        gu = store.matrix(f"{name}.gate_up")
-        ws = [m.gate.weight, m.up.weight]
-        parts = [CPULinear(w, None, gu.row_slice(a, a + w.shape[0]), threads, kernels)
-                 for w, a in zip(ws, part_starts(ws))]
-        setattr(owner, attr, CPUGatedMLP(CPULinear(None, None, gu, threads, kernels), *parts,
-                                         m.down))
-    n = len(linears) + 2 * len(mlps)
+    for name, owner, attr, lins in fusions:
+        fused = CPUFusedLinear.over(store.matrix(name), lins, threads, kernels)
+        if attr is not None:                              # gated MLP: replaced whole
+            setattr(owner, attr, CPUGatedMLP(fused, getattr(owner, attr).down))
+        else:                                             # q/k/v: parts stay addressable
+            owner.qkv = fused
+            for a, part in zip(QKV, fused.parts):
+                setattr(owner, a, part)
+    n = len(linears) + sum(len(lins) for *_, lins in fusions)
     log.info("CPU linears: %d from %s, isa=%s, %d threads", n, store.path, kernels.ISA, threads)
     return n

@@ -12,6 +12,7 @@ from moed.model.layers import Rotary, batched_mask, sdpa
 class GQAttention:
     def __init__(self, q, k, v, o, rotary, heads, kv_heads, head_dim, q_norm=None, k_norm=None):
         self.q, self.k, self.v, self.o = q, k, v, o       # Linear
+        self.qkv = None          # q, k, v in one call when the CPU kernels fuse them
         self.rotary = rotary
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.q_norm, self.k_norm = q_norm, k_norm         # per-head RMSNorm [d] (Qwen3)
@@ -20,9 +21,10 @@ class GQAttention:
     def __call__(self, x, cos_sin, batch, kv_cache):
         # x [N, D] -> [N, D]; kv_cache [S, 2, Hkv, d]
         N = x.shape[0]
-        q = self.q(x).view(N, self.heads, self.head_dim)
-        k = self.k(x).view(N, self.kv_heads, self.head_dim)
-        v = self.v(x).view(N, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
+        q = q.view(N, self.heads, self.head_dim)
+        k = k.view(N, self.kv_heads, self.head_dim)
+        v = v.view(N, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
