@@ -134,6 +134,24 @@ static int pool_grow(int n) {
     return g_pool.size;
 }
 
+/* Keep the caller off the CPUs of workers 1..n-1 for one job: the caller is
+ * not pinned (it is the application's thread, and threads it creates later
+ * inherit its mask), so the OS may have left it on a worker's CPU, where the
+ * two would share one core for the call while another core idles until the
+ * load balancer moves it. sched_getcpu is a vDSO read; the mask is changed
+ * only on a clash and restored after. Returns whether `saved` must be restored. */
+static int pool_claim_caller_cpu(int n, cpu_set_t *saved) {
+    if (!g_pool.pin || g_pool.ncpus <= 1) return 0;
+    int cur = sched_getcpu(), clash = 0;
+    for (int t = 1; t < n && !clash; t++) clash = g_pool.cpus[t % g_pool.ncpus] == cur;
+    if (!clash || n > g_pool.ncpus) return 0;
+    if (pthread_getaffinity_np(pthread_self(), sizeof(*saved), saved) != 0) return 0;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(g_pool.cpus[0], &one);
+    return pthread_setaffinity_np(pthread_self(), sizeof(one), &one) == 0;
+}
+
 /* Run fn(arg, tid, n) on n threads (the caller is tid 0) and wait for all. */
 static void pool_run(pool_fn fn, void *arg, int n) {
     pthread_mutex_lock(&g_pool.call_lock);
@@ -144,6 +162,8 @@ static void pool_run(pool_fn fn, void *arg, int n) {
         pthread_mutex_unlock(&g_pool.call_lock);
         return;
     }
+    cpu_set_t saved;
+    int restore = pool_claim_caller_cpu(n, &saved);
     g_pool.fn = fn;
     g_pool.arg = arg;
     g_pool.nthreads = n;
@@ -154,6 +174,7 @@ static void pool_run(pool_fn fn, void *arg, int n) {
     pthread_mutex_unlock(&g_pool.mu);
     fn(arg, 0, n);
     spin_until_eq(&g_pool.pending, 0);
+    if (restore) pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
     pthread_mutex_unlock(&g_pool.call_lock);
 }
 

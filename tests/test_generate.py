@@ -89,3 +89,29 @@ def test_eos_ends_generation_unless_ignored(llm):
         llm.tokenizer.eos_token_ids = saved
     assert out.finish_reason == "eos" and out.token_ids == full.token_ids[:first + 1]
     assert ignored.token_ids == full.token_ids
+
+
+def test_small_steps_run_torch_on_one_thread_and_restore_it(llm):
+    import torch
+
+    from moed.engine import model_runner
+    runner = llm.engine.runner
+    seen = []
+    run = runner.run
+
+    def spy(chunks, *args, **kwargs):
+        seen.append((sum(n for _, n in chunks), torch.get_num_threads()))
+        return run(chunks, *args, **kwargs)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    runner.run = spy
+    try:
+        long_prompt = list(range(3, 3 + model_runner.SERIAL_TOKENS + 10))
+        llm.generate([long_prompt], SamplingParams(temperature=0, max_new_tokens=3))
+    finally:
+        del runner.run
+        after = torch.get_num_threads()
+        torch.set_num_threads(before)
+    assert after == 2                                   # restored after every step
+    assert seen[0] == (len(long_prompt), 2)             # the prefill keeps its threads
+    assert seen[1:] and all(s == (1, 1) for s in seen[1:])   # decode steps: one thread

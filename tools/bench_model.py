@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+import moed  # noqa: F401  before torch: it sets OMP_WAIT_POLICY, read when torch loads OpenMP
+
 QWEN3_30B = {"hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128,
              "num_experts_per_tok": 8, "num_attention_heads": 32, "num_key_value_heads": 4,
              "head_dim": 128, "intermediate_size": 6144, "vocab_size": 151936,
@@ -35,12 +37,23 @@ def qwen3_30b_shaped(model_dir, layers):
 _READ_BUF = None
 
 
-def machine(kernels, threads):
-    """(read bytes/s, BF16 dot peak flop/s), best of 3: the machine is shared."""
+def read_probe(kernels, threads, nbytes):
+    """Streaming-read bandwidth (bytes/s) over the first nbytes of a 1 GiB buffer."""
+    buf = _read_buf()
+    nbytes = min(nbytes, buf.nbytes)
+    return nbytes / kernels.read_seconds(buf.ctypes.data, nbytes, threads)
+
+
+def _read_buf():
     global _READ_BUF
     if _READ_BUF is None:
         _READ_BUF = np.ones(1 << 30, dtype=np.uint8)           # 1 GiB: far beyond L3
-    buf = _READ_BUF
+    return _READ_BUF
+
+
+def machine(kernels, threads):
+    """(read bytes/s, BF16 dot peak flop/s), best of 3: the machine is shared."""
+    buf = _read_buf()
     read = max(buf.nbytes / kernels.read_seconds(buf.ctypes.data, buf.nbytes, threads)
                for _ in range(3))
     peak = max(kernels.peak_flops(2_000_000, threads) for _ in range(3))
@@ -62,10 +75,16 @@ class StepClock:
     """Per engine step: wall seconds, whether every sequence decoded one token, and
     the seconds inside the weight kernels (dense linears + routed experts, CPU or
     torch path) and inside attention proper (`attend`: scores, softmax, values),
-    plus the bytes of the distinct routed experts the step read."""
+    plus the bytes of the distinct routed experts the step read.
 
-    def __init__(self):
+    `after_step(step dict)`, if given, runs after each step outside its clock: the
+    decode benchmark puts a read probe there, so that every step has a bandwidth
+    figure taken the moment after it (the free bandwidth of a shared machine moves
+    within seconds)."""
+
+    def __init__(self, after_step=None):
         self.steps = []              # [dict(wall, decode, kernels, attention, expert_bytes)]
+        self.after_step = after_step
         self._cur = None
         self._patched = []
 
@@ -119,6 +138,8 @@ class StepClock:
             clock._cur["wall"] = time.perf_counter() - t0
             clock.steps.append(clock._cur)
             clock._cur = None
+            if clock.after_step is not None:
+                clock.after_step(clock.steps[-1])
             return out
 
         def noted_run(runner, chunks, *args, **kwargs):

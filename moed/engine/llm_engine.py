@@ -189,12 +189,13 @@ class LLMEngine:
         if not chunks:
             return []
         due = [i for i, (seq, n) in enumerate(chunks) if seq.num_computed + n == seq.num_tokens]
-        logits = self.runner.run(chunks, last_of=due)
-        for seq, n in chunks:
-            seq.num_computed += n
-        seqs = [chunks[i][0] for i in due]
-        return [self.postprocess(seq, s) for seq, s in zip(seqs, sample(logits, seqs))] \
-            if seqs else []
+        with self.runner.torch_threads(sum(n for _, n in chunks)):
+            logits = self.runner.run(chunks, last_of=due)
+            for seq, n in chunks:
+                seq.num_computed += n
+            seqs = [chunks[i][0] for i in due]
+            sampled = sample(logits, seqs) if seqs else []
+        return [self.postprocess(seq, s) for seq, s in zip(seqs, sampled)]
 
     def postprocess(self, seq, s):
         p = seq.params
