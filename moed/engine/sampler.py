@@ -78,7 +78,9 @@ def sample(logits, seqs):
     out = [None] * len(seqs)
     plain = [i for i, s in enumerate(seqs) if _plain_greedy(s.params)]
     if plain:   # the common decode case in one vectorised argmax, on the logits' device
-        for i, t in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+        rows = logits if len(plain) == len(seqs) else \
+            logits.index_select(0, torch.tensor(plain, device=logits.device))
+        for i, t in zip(plain, rows.argmax(dim=-1).tolist()):
             out[i] = Sample(t)
     rest = [i for i in range(len(seqs)) if out[i] is None]
     if rest:
