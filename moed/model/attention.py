@@ -34,6 +34,10 @@ class GQAttention:
 
     def attend(self, q, batch, kv_cache):
         # q [N, H, d] -> [N, H, d]
+        if not batch.prefills:       # decode-only step: rows are the decodes, in order
+            kv = kv_cache[batch.decode_slots]                      # [B, Lmax, 2, Hkv, d]
+            return sdpa(q[:, None], kv[:, :, 0], kv[:, :, 1], batch.decode_mask,
+                        self.scale)[:, 0]
         out = torch.empty_like(q)
         if batch.decode_rows is not None:
             kv = kv_cache[batch.decode_slots]                      # [B, Lmax, 2, Hkv, d]
