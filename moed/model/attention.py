@@ -21,16 +21,46 @@ class GQAttention:
     def __call__(self, x, cos_sin, batch, kv_cache):
         # x [N, D] -> [N, D]; kv_cache [S, 2, Hkv, d]
         N = x.shape[0]
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
-        q = q.view(N, self.heads, self.head_dim)
-        k = k.view(N, self.kv_heads, self.head_dim)
-        v = v.view(N, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
+        q, k, v = self.project(x, cos_sin)
         kv_cache[batch.slot_mapping, 0] = k.to(kv_cache.dtype)
         kv_cache[batch.slot_mapping, 1] = v.to(kv_cache.dtype)
         return self.o(self.attend(q, batch, kv_cache).view(N, -1))
+
+    def project(self, x, cos_sin):
+        # x [N, D] -> q [N, H, d], k [N, Hkv, d] (normed, rotated), v [N, Hkv, d]
+        N = x.shape[0]
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
+        v = v.view(N, self.kv_heads, self.head_dim)
+        joint = self._joint_qk(q, k)
+        if joint is not None:       # q and k side by side: norm and rotate them as one
+            qk = joint.view(N, self.heads + self.kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                qk = self.q_norm.normalize(qk) * self._qk_weight
+            qk = self.rotary(qk, *cos_sin)
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
+        else:
+            q = q.view(N, self.heads, self.head_dim)
+            k = k.view(N, self.kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
+        return q, k, v
+
+    def _joint_qk(self, q, k):
+        """[N, (H + Hkv) * d] view holding q then k when one buffer has them side by side
+        (the fused CPU projection), else None. Per-head norms then use one weight
+        [H + Hkv, d] (q's for the query heads, k's for the key heads): the same
+        products as two calls, in half the torch ops of a decode step."""
+        if self.qkv is None or q.stride() != k.stride() or \
+                k.data_ptr() != q.data_ptr() + q.shape[-1] * q.element_size():
+            return None
+        if self.q_norm is not None and not hasattr(self, "_qk_weight"):
+            if self.q_norm.eps != self.k_norm.eps:
+                return None
+            d = self.head_dim
+            self._qk_weight = torch.cat([self.q_norm.weight.expand(self.heads, d),
+                                         self.k_norm.weight.expand(self.kv_heads, d)])
+        return q.as_strided((q.shape[0], q.shape[-1] + k.shape[-1]), q.stride())
 
     def attend(self, q, batch, kv_cache):
         # q [N, H, d] -> [N, H, d]

@@ -20,8 +20,11 @@ class RMSNorm:
 
     def __call__(self, x):
         # x [..., D] float32
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x
+        return self.weight * self.normalize(x)
+
+    def normalize(self, x):
+        """x / rms(x), before the weight."""
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
 class Linear:
@@ -88,19 +91,21 @@ class Rotary:
         self.inv_freq, self.attention_scaling = _inv_freq(rope)   # [d/2], float
 
     def cos_sin(self, positions):
-        # positions [N] -> cos, sin [N, d] float32
+        # positions [N] -> cos, signed sin [N, 1, 2, d/2] float32: the sin half that
+        # multiplies the first half's partner is negated, so a rotation is
+        # x * cos + swap_halves(x) * sin (the same products as rotate_half, fewer ops)
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return (torch.stack((cos, cos), dim=1)[:, None],
+                torch.stack((-sin, sin), dim=1)[:, None])
 
     def __call__(self, x, cos, sin):
-        # x [N, h, d]; cos, sin [N, d]
+        # x [N, h, d]; cos, sin from cos_sin -> [N, h, d]
+        n, h, d = x.shape
         if self.interleaved:
-            n, h, d = x.shape
-            x = x.view(n, h, d // 2, 2).transpose(-1, -2).reshape(n, h, d)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos[:, None, :] + rotated * sin[:, None, :]
+            x = x.view(n, h, d // 2, 2).transpose(-1, -2)
+        x = x.reshape(n, h, 2, d // 2)                           # the two halves
+        return (x * cos + x.flip(2) * sin).reshape(n, h, d)
 
 
 def _inv_freq(rope):
