@@ -5,8 +5,10 @@ reference path (MOED_EXPERTS=torch MOED_LINEARS=torch).
 
 Model: qwen3_moe FP8 with Qwen3-30B-A3B dimensions (H 2048, 32 heads, 4 kv
 heads, head_dim 128, 128 experts top-8, I 768, vocab 151936), random weights,
---layers layers (default 2; each layer adds ~1.2 GB FP8 experts, the BF16
-embedding and LM head are 0.6 GB each).
+--layers layers (default 6: as many as fit comfortably in 24 GiB beside the
+checkpoint's own pages; each layer adds ~1.2 GB of packed FP8 experts, the BF16
+embedding and LM head are 0.6 GB each). With fewer layers the LM head, the
+single largest read, dominates the step and the per-layer overhead hides.
 
 Effective bandwidth = weight bytes a step reads (every packed dense matrix,
 the LM head, the routers, and the distinct experts the step routed to) /
@@ -23,7 +25,7 @@ Torch's OpenMP threads spin after each parallel region and steal the core
 from the kernels' pinned pool: run with --torch-threads 1 or
 OMP_WAIT_POLICY=PASSIVE to see the engine without that interference.
 
-Usage: python tools/bench_decode.py [--layers 2] [--tokens 32] [--batch 1]
+Usage: python tools/bench_decode.py [--layers 6] [--tokens 32] [--batch 1]
            [--ref-tokens 4] [--model-dir DIR (kept and reused)]
 """
 import argparse
