@@ -133,3 +133,41 @@ def dense(tuple m, uintptr_t x, bint x_bf16, int T, uintptr_t y, uintptr_t works
     with nogil:
         dense_forward(d, <const void *>x, x_bf16, T, <float *>y, <uint8_t *>workspace,
                       nthreads, scalar)
+
+
+# ---------------------------------------------------------------- attention
+# Causal flash attention of one prompt chunk (cython_src/attention_kernels.c).
+cdef extern from "attention_kernels.c" nogil:
+    ctypedef struct att_operand:
+        const void *p
+        int64_t ld
+        int64_t hs
+        int bf16
+    int64_t attention_workspace_bytes(int n, int H, int Hkv, int dq, int dv, int nthreads)
+    void attention_forward(att_operand q, att_operand k, att_operand v, int n, int L, int H,
+                           int Hkv, int dq, int dv, float scale, float *out,
+                           uint8_t *workspace, int nthreads)
+
+
+cdef att_operand _operand(tuple x):
+    # x = (data ptr, BF16?, elements between tokens, elements between heads)
+    cdef att_operand o
+    o.p = <const void *><uintptr_t>x[0]
+    o.bf16 = x[1]
+    o.ld = x[2]
+    o.hs = x[3]
+    return o
+
+
+def attention_workspace(int n, int H, int Hkv, int dq, int dv, int nthreads):
+    return attention_workspace_bytes(n, H, Hkv, dq, dv, nthreads)
+
+
+def attention(tuple q, tuple k, tuple v, int n, int L, int H, int Hkv, int dq, int dv,
+              float scale, uintptr_t out, uintptr_t workspace, int nthreads):
+    """out[n, H, dv] = causal attention; q/k/v = (ptr, bf16, token stride, head stride).
+    Shapes are checked by the caller (moed/experts/attention.py)."""
+    cdef att_operand qo = _operand(q), ko = _operand(k), vo = _operand(v)
+    with nogil:
+        attention_forward(qo, ko, vo, n, L, H, Hkv, dq, dv, scale, <float *>out,
+                          <uint8_t *>workspace, nthreads)

@@ -1,0 +1,452 @@
+/* Causal attention for one prompt chunk on the CPU, flash style: an online
+ * softmax over key blocks, so no score matrix larger than one block per
+ * thread ever exists.
+ *
+ * SHAPES (n chunk queries, L keys = cached + chunk, H query heads, Hkv kv
+ *         heads, G = H / Hkv query heads per kv head, dq / dv head sizes)
+ *   q    [n, H, dq]    FP32 or BF16; token stride q_ld, head stride q_hs
+ *   k    [L, Hkv, dq]  FP32 or BF16; token stride k_ld, head stride k_hs
+ *   v    [L, Hkv, dv]  FP32 or BF16; token stride v_ld, head stride v_hs
+ *   out  [n, H, dv]    FP32, contiguous
+ *   (the last dimension of q, k, v is contiguous)
+ *
+ * DEFINITION (query i sits at position L - n + i; head h reads kv head h / G)
+ *   s[j]      = scale * sum_d q[i][h][d] * k[j][h/G][d]     j <= L - n + i
+ *   out[i][h] = sum_j softmax(s)[j] * v[j][h/G]
+ *
+ * REGULARITIES  n == L for a plain prompt, n < L for a chunk after a cached
+ *   prefix. G = 1 (MLA expanded, Mixtral-style MHA) .. 16 (Qwen3: 32 / 4 = 8).
+ *   dq/dv 128/128 (Qwen3, Mixtral), 192/128 (DeepSeek MLA expanded),
+ *   576/512 (MLA latent form). Prefill chunks are 512 .. 8K tokens.
+ *
+ * EXAMPLE  Qwen3-30B-A3B, 4K-token prompt: H 32, Hkv 4, d 128 -> 4 kv heads x
+ *   256 row tiles of 16 queries x 8 heads = 128 query vectors per task;
+ *   the last tile reads all 64 key blocks of 64 keys, the first reads one.
+ *
+ * PLAN  tasks (kv head, tile of bm query rows) claimed from an atomic cursor,
+ *   last tiles first (a causal row's cost grows with its position, so the
+ *   long tasks start early and the short ones fill the tail). A task holds
+ *   all G query heads of its kv head for its rows (M = bm * G query vectors):
+ *   each K/V block is converted once into per-thread scratch and read by all
+ *   M of them, which is what lifts the arithmetic intensity to the dot-product
+ *   units' rate. Key blocks past the tile's last position are skipped; only
+ *   blocks that cross a row's position are masked.
+ *
+ * AVX-512 (Zen 4, Sapphire Rapids and later): Q.K^T and P.V with vdpbf16ps on
+ *   BF16 inputs (round to nearest even), FP32 accumulation; softmax statistics
+ *   in FP32 with exp512 (expert_units.h). Scratch layouts put a pair of
+ *   adjacent reduction elements in one 32-bit word, so one broadcast word of
+ *   the other operand feeds 16 lanes:
+ *     Kb [dq/2 pairs][BN keys] words  (k[j][2p], k[j][2p+1])
+ *     Vb [BN/2 key pairs][dvp] words  (v[2t][c], v[2t+1][c])
+ *     Qb [M][dq/2] words, Pb [M][BN/2] words
+ * AVX2 and generic: the same blocks in FP32 (the compiler vectorises the key-
+ *   and column-major inner loops; AVX2 uses exp256).
+ */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "thread_pool.h"
+#include "expert_units.h"
+
+#define ATT_BN 64               /* keys per block: S row = 4 vectors of 16 */
+#define ATT_ROWS 128            /* query vectors per task (rows x group heads) */
+#define ATT_R 6                 /* query vectors per register tile */
+
+#if defined(__AVX512BF16__)
+#define ATT_BF16_DOT 1
+#endif
+
+typedef struct {
+    const void *p;              /* base of the tensor */
+    int64_t ld, hs;             /* elements between tokens / heads */
+    int bf16;
+} att_operand;
+
+typedef struct {
+    att_operand q, k, v;
+    int n, L, H, Hkv, dq, dv, G;
+    int bm, M, ntiles, ntasks;  /* query rows per tile, vectors per task */
+    int qw, dvp;                /* dq rounded up to pairs (words), dv to 16 */
+    float scale;
+    float *out;                 /* [n, H, dv] */
+    atomic_int next;
+    uint8_t *scratch;
+    int64_t stride;             /* scratch bytes per thread */
+} att_job;
+
+typedef struct {                /* one thread's scratch, carved 64-aligned */
+    void *q;                    /* BF16 words [M][qw] | FP32 [M][dq] */
+    void *k;                    /* BF16 words [qw][BN] | FP32 [dq][BN] */
+    void *v;                    /* BF16 words [BN/2][dvp] | FP32 [BN][dvp] */
+    float *s;                   /* [M][BN] scores */
+    uint32_t *p;                /* BF16 words [M][BN/2] probabilities */
+    float *o;                   /* [M][dvp] unnormalised output */
+    float *mx, *l, *alpha;      /* [M] running max, sum, rescale of this block */
+} att_scratch;
+
+static int64_t att_align(int64_t b) { return (b + 63) & ~(int64_t)63; }
+
+/* Per-thread scratch bytes: the FP32 sizes, which bound the BF16 ones. */
+static int64_t att_stride(int M, int qw, int dq, int dvp) {
+    int64_t dq2 = 2 * (int64_t)qw > dq ? 2 * (int64_t)qw : dq;
+    return att_align(4 * (int64_t)M * dq2) + att_align(4 * dq2 * ATT_BN)
+         + att_align(4 * (int64_t)ATT_BN * dvp) + att_align(4 * (int64_t)M * ATT_BN)
+         + att_align(2 * (int64_t)M * ATT_BN) + att_align(4 * (int64_t)M * dvp)
+         + 3 * att_align(4 * (int64_t)M);
+}
+
+static int att_bm(int G) { return G >= ATT_ROWS ? 1 : ATT_ROWS / G; }
+
+/* Bytes of workspace attention_forward needs. */
+static int64_t attention_workspace_bytes(int n, int H, int Hkv, int dq, int dv, int nthreads) {
+    int G = H / Hkv, bm = att_bm(G);
+    if (bm > n) bm = n;
+    return 64 + (int64_t)nthreads * att_stride(bm * G, (dq + 1) / 2, dq, (dv + 15) & ~15);
+}
+
+static att_scratch att_carve(uint8_t *base, const att_job *j) {
+    att_scratch s;
+    int64_t dq2 = 2 * (int64_t)j->qw > j->dq ? 2 * (int64_t)j->qw : j->dq;
+    uint8_t *cur = base;
+    s.q = cur;  cur += att_align(4 * (int64_t)j->M * dq2);
+    s.k = cur;  cur += att_align(4 * dq2 * ATT_BN);
+    s.v = cur;  cur += att_align(4 * (int64_t)ATT_BN * j->dvp);
+    s.s = (float *)cur;  cur += att_align(4 * (int64_t)j->M * ATT_BN);
+    s.p = (uint32_t *)cur;  cur += att_align(2 * (int64_t)j->M * ATT_BN);
+    s.o = (float *)cur;  cur += att_align(4 * (int64_t)j->M * j->dvp);
+    s.mx = (float *)cur;  cur += att_align(4 * (int64_t)j->M);
+    s.l = (float *)cur;  cur += att_align(4 * (int64_t)j->M);
+    s.alpha = (float *)cur;
+    return s;
+}
+
+/* Row (token t, head h) of an operand. */
+static inline const void *att_row(const att_operand *x, int64_t t, int h) {
+    int64_t off = t * x->ld + h * x->hs;
+    return x->bf16 ? (const void *)((const uint16_t *)x->p + off)
+                   : (const void *)((const float *)x->p + off);
+}
+
+static inline float att_elem(const att_operand *x, const void *row, int d) {
+    return x->bf16 ? bf16_to_f32(((const uint16_t *)row)[d]) : ((const float *)row)[d];
+}
+
+/* Keys j <= lim of a row are visible; the bits of 16 lanes starting at key j0. */
+static inline uint32_t att_lane_mask(int lim, int j0) {
+    if (lim >= j0 + 15) return 0xffff;
+    if (lim < j0) return 0;
+    return (1u << (lim - j0 + 1)) - 1;
+}
+
+/* ====================================================== AVX-512 BF16 path */
+#ifdef ATT_BF16_DOT
+
+/* A row of d elements as BF16, zero padded to 2 * words. */
+static void att_row_bf16(const att_operand *x, const void *row, int d, uint16_t *dst, int words) {
+    if (x->bf16) memcpy(dst, row, 2 * (size_t)d);
+    else f32_row_to_bf16((const float *)row, dst, d);
+    for (int i = d; i < 2 * words; i++) dst[i] = 0;
+}
+
+static void att_load_q(const att_job *j, att_scratch *s, int g, int i0, int rows) {
+    uint16_t *q = (uint16_t *)s->q;
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < j->G; h++)
+            att_row_bf16(&j->q, att_row(&j->q, i0 + r, g * j->G + h), j->dq,
+                         q + (int64_t)(r * j->G + h) * 2 * j->qw, j->qw);
+}
+
+/* Kb [qw][BN] words: a 64 x qw word transpose of the BF16 rows (the pairs
+ * are already adjacent in a row); keys past nk are zero. */
+static void att_load_k(const att_job *j, att_scratch *s, int g, int k0, int nk) {
+    uint32_t *kb = (uint32_t *)s->k;
+    uint32_t row[j->qw + 1];
+    for (int t = 0; t < ATT_BN; t++) {
+        if (t < nk) att_row_bf16(&j->k, att_row(&j->k, k0 + t, g), j->dq, (uint16_t *)row, j->qw);
+        else memset(row, 0, 4 * (size_t)j->qw);
+        for (int p = 0; p < j->qw; p++) kb[p * ATT_BN + t] = row[p];
+    }
+}
+
+/* 16 FP32 (or BF16) elements of a row -> 16 BF16 in the low halves of 32-bit lanes. */
+static inline __m512i att_v16(const att_operand *x, const void *row, int c, int dv) {
+    int left = dv - c;
+    __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+    if (x->bf16)
+        return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + c));
+    return _mm512_cvtepu16_epi32(bf16x16(_mm512_maskz_loadu_ps(m, (const float *)row + c)));
+}
+
+/* Vb [BN/2][dvp] words: rows 2t and 2t+1 interleaved; keys past nk are zero. */
+static void att_load_v(const att_job *j, att_scratch *s, int g, int k0, int nk) {
+    uint32_t *vb = (uint32_t *)s->v;
+    for (int t = 0; t < ATT_BN / 2; t++) {
+        uint32_t *dst = vb + (int64_t)t * j->dvp;
+        int a = 2 * t < nk, b = 2 * t + 1 < nk;
+        const void *ra = a ? att_row(&j->v, k0 + 2 * t, g) : NULL;
+        const void *rb = b ? att_row(&j->v, k0 + 2 * t + 1, g) : NULL;
+        for (int c = 0; c < j->dvp; c += 16) {
+            __m512i lo = a ? att_v16(&j->v, ra, c, j->dv) : _mm512_setzero_si512();
+            __m512i hi = b ? att_v16(&j->v, rb, c, j->dv) : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+static inline __m512bh att_bcast(const uint32_t *w) { return (__m512bh)_mm512_set1_epi32((int)*w); }
+
+/* S[R][BN] = Q[R] . Kb: 4R accumulators, one K load feeds R rows. */
+ALWAYS_INLINE void att_qk_tile(const uint32_t *q, int qw, const uint32_t *kb, float *s, const int R) {
+    __m512 acc[ATT_R][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int p = 0; p < qw; p++) {
+        __m512bh kv[4];
+        for (int v = 0; v < 4; v++) kv[v] = (__m512bh)_mm512_loadu_si512(kb + p * ATT_BN + 16 * v);
+        for (int r = 0; r < R; r++) {
+            __m512bh qb = att_bcast(q + (int64_t)r * qw + p);
+            for (int v = 0; v < 4; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], kv[v], qb);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) _mm512_storeu_ps(s + r * ATT_BN + 16 * v, acc[r][v]);
+}
+
+static void att_scores(const att_job *j, att_scratch *s, int M) {
+    const uint32_t *q = (const uint32_t *)s->q, *kb = (const uint32_t *)s->k;
+    int m = 0;
+    for (; m + ATT_R <= M; m += ATT_R)
+        att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, ATT_R);
+    switch (M - m) {
+    case 1: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 1); break;
+    case 2: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 2); break;
+    case 3: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 3); break;
+    case 4: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 4); break;
+    case 5: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 5); break;
+    default: break;
+    }
+}
+
+/* Online softmax over one block for row m: keys j <= lim are visible. */
+static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float scale) {
+    const float *sr = s->s + m * ATT_BN;
+    __m512 x[4];
+    __mmask16 k[4];
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int v = 0; v < 4; v++) {
+        k[v] = masked ? (__mmask16)att_lane_mask(lim, 16 * v) : (__mmask16)0xffff;
+        x[v] = _mm512_mul_ps(_mm512_loadu_ps(sr + 16 * v), _mm512_set1_ps(scale));
+        mv = _mm512_mask_max_ps(mv, k[v], mv, x[v]);
+    }
+    float m_old = s->mx[m], m_new = fmaxf(m_old, _mm512_reduce_max_ps(mv));
+    float alpha = m_new == m_old ? 1.0f : expf(m_old - m_new);   /* m_old = -inf: 0 */
+    __m512 mb = _mm512_set1_ps(m_new), sum = _mm512_setzero_ps();
+    uint16_t *pr = (uint16_t *)(s->p + m * (ATT_BN / 2));
+    for (int v = 0; v < 4; v++) {
+        /* masked lanes are exactly 0 (exp512 clamps, it never returns 0) */
+        __m512 e = _mm512_maskz_mov_ps(k[v], exp512(_mm512_sub_ps(x[v], mb)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i *)(pr + 16 * v), bf16x16(e));
+    }
+    s->l[m] = s->l[m] * alpha + _mm512_reduce_add_ps(sum);
+    s->mx[m] = m_new;
+    s->alpha[m] = alpha;
+}
+
+/* O[R][c0 + 16 NV) = alpha O + P . Vb over the key pairs [0, np). */
+ALWAYS_INLINE void att_pv_tile(const uint32_t *p, const uint32_t *vb, int dvp, int np, float *o,
+                               const float *alpha, int c0, const int R, const int NV) {
+    __m512 acc[ATT_R][4];
+    for (int r = 0; r < R; r++) {
+        __m512 a = _mm512_set1_ps(alpha[r]);
+        for (int v = 0; v < NV; v++)
+            acc[r][v] = _mm512_mul_ps(a, _mm512_loadu_ps(o + (int64_t)r * dvp + c0 + 16 * v));
+    }
+    for (int t = 0; t < np; t++) {
+        __m512bh vv[4];
+        for (int v = 0; v < NV; v++)
+            vv[v] = (__m512bh)_mm512_loadu_si512(vb + (int64_t)t * dvp + c0 + 16 * v);
+        for (int r = 0; r < R; r++) {
+            __m512bh pb = att_bcast(p + r * (ATT_BN / 2) + t);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], vv[v], pb);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(o + (int64_t)r * dvp + c0 + 16 * v, acc[r][v]);
+}
+
+#define ATT_PV_CASE(R, NV) att_pv_tile(p, vb, j->dvp, np, o, al, c0, R, NV)
+#define ATT_PV_ROWS(NV) do { switch (R) {                                      \
+    case 1: ATT_PV_CASE(1, NV); break;  case 2: ATT_PV_CASE(2, NV); break;      \
+    case 3: ATT_PV_CASE(3, NV); break;  case 4: ATT_PV_CASE(4, NV); break;      \
+    case 5: ATT_PV_CASE(5, NV); break;  default: ATT_PV_CASE(ATT_R, NV); break; \
+    } } while (0)
+
+static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
+    const uint32_t *vb = (const uint32_t *)s->v;
+    const int np = (nk + 1) / 2;              /* pairs past nk hold zeros: skip */
+    for (int m = 0; m < M; m += ATT_R) {
+        const int R = M - m < ATT_R ? M - m : ATT_R;
+        const uint32_t *p = s->p + m * (ATT_BN / 2);
+        float *o = s->o + (int64_t)m * j->dvp;
+        const float *al = s->alpha + m;
+        int c0 = 0;
+        for (; c0 + 64 <= j->dvp; c0 += 64) ATT_PV_ROWS(4);
+        for (; c0 < j->dvp; c0 += 16) ATT_PV_ROWS(1);
+    }
+}
+
+static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
+    for (int m = 0; m < M; m++) att_softmax_row(s, m, lim0 + m / j->G, masked, j->scale);
+}
+
+/* ====================================================== FP32 path */
+#else
+
+static void att_load_q(const att_job *j, att_scratch *s, int g, int i0, int rows) {
+    float *q = (float *)s->q;
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < j->G; h++) {
+            const void *src = att_row(&j->q, i0 + r, g * j->G + h);
+            float *dst = q + (int64_t)(r * j->G + h) * j->dq;
+            for (int d = 0; d < j->dq; d++) dst[d] = att_elem(&j->q, src, d);
+        }
+}
+
+/* Kt [dq][BN]: key-major inner rows so the score loop runs over keys. */
+static void att_load_k(const att_job *j, att_scratch *s, int g, int k0, int nk) {
+    float *kt = (float *)s->k;
+    for (int t = 0; t < ATT_BN; t++) {
+        const void *src = t < nk ? att_row(&j->k, k0 + t, g) : NULL;
+        for (int d = 0; d < j->dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
+    }
+}
+
+static void att_load_v(const att_job *j, att_scratch *s, int g, int k0, int nk) {
+    float *vf = (float *)s->v;
+    for (int t = 0; t < ATT_BN; t++) {
+        const void *src = t < nk ? att_row(&j->v, k0 + t, g) : NULL;
+        float *dst = vf + (int64_t)t * j->dvp;
+        for (int c = 0; c < j->dvp; c++) dst[c] = src && c < j->dv ? att_elem(&j->v, src, c) : 0.0f;
+    }
+}
+
+static void att_scores(const att_job *j, att_scratch *s, int M) {
+    const float *q = (const float *)s->q, *kt = (const float *)s->k;
+    for (int m = 0; m < M; m++) {
+        float acc[ATT_BN] = {0};
+        const float *qm = q + (int64_t)m * j->dq;
+        for (int d = 0; d < j->dq; d++)
+            for (int t = 0; t < ATT_BN; t++) acc[t] += qm[d] * kt[d * ATT_BN + t];
+        memcpy(s->s + m * ATT_BN, acc, sizeof(acc));
+    }
+}
+
+/* e[t] = exp(x[t] - mx), t < n. */
+static void att_exp_row(const float *x, float mx, float *e, int n) {
+    int t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; t + 8 <= n; t += 8)
+        _mm256_storeu_ps(e + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(mx))));
+#endif
+    for (; t < n; t++) e[t] = expf(x[t] - mx);
+}
+
+/* Online softmax over one block (P kept FP32 in the S rows). */
+static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
+    for (int m = 0; m < M; m++) {
+        float *sr = s->s + m * ATT_BN;
+        int lim = masked ? lim0 + m / j->G : ATT_BN - 1;
+        int nv = lim + 1 < ATT_BN ? lim + 1 : ATT_BN;     /* visible keys: [0, nv) */
+        float mx = -INFINITY;
+        for (int t = 0; t < nv; t++) { sr[t] *= j->scale; mx = fmaxf(mx, sr[t]); }
+        float m_new = fmaxf(s->mx[m], mx);
+        float alpha = m_new == s->mx[m] ? 1.0f : expf(s->mx[m] - m_new);
+        att_exp_row(sr, m_new, sr, nv > 0 ? nv : 0);
+        float sum = 0.0f;
+        for (int t = 0; t < nv; t++) sum += sr[t];
+        for (int t = nv < 0 ? 0 : nv; t < ATT_BN; t++) sr[t] = 0.0f;
+        s->l[m] = s->l[m] * alpha + sum;
+        s->mx[m] = m_new;
+        s->alpha[m] = alpha;
+    }
+}
+
+static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
+    const float *vf = (const float *)s->v;
+    for (int m = 0; m < M; m++) {
+        float *o = s->o + (int64_t)m * j->dvp;
+        const float *pr = s->s + m * ATT_BN, a = s->alpha[m];
+        for (int c = 0; c < j->dvp; c++) o[c] *= a;
+        for (int t = 0; t < nk; t++)
+            for (int c = 0; c < j->dvp; c++) o[c] += pr[t] * vf[(int64_t)t * j->dvp + c];
+    }
+}
+
+#endif
+
+/* ====================================================== shared driver */
+/* One task: query rows [i0, i0 + rows) x the G heads of kv head g. */
+static void att_task(const att_job *j, att_scratch *s, int g, int i0, int rows) {
+    const int M = rows * j->G;
+    const int pos0 = j->L - j->n + i0, last = pos0 + rows - 1;
+    att_load_q(j, s, g, i0, rows);
+    for (int m = 0; m < M; m++) { s->mx[m] = -INFINITY; s->l[m] = 0.0f; }
+    memset(s->o, 0, 4 * (size_t)M * j->dvp);
+    /* block 0 shows key 0 to every row, so each running max is finite after it */
+    for (int k0 = 0; k0 <= last; k0 += ATT_BN) {
+        int nk = j->L - k0 < ATT_BN ? j->L - k0 : ATT_BN;
+        int masked = k0 + ATT_BN - 1 > pos0;      /* crosses some row's position */
+        if (masked && last + 1 - k0 < nk) nk = last + 1 - k0;   /* no row sees past last */
+        att_load_k(j, s, g, k0, nk);
+        att_load_v(j, s, g, k0, nk);
+        att_scores(j, s, M);
+        att_softmax(j, s, M, pos0 - k0, masked);
+        att_values(j, s, M, nk);
+    }
+    for (int m = 0; m < M; m++) {
+        int r = m / j->G, h = g * j->G + m % j->G;
+        float inv = 1.0f / s->l[m], *dst = j->out + ((int64_t)(i0 + r) * j->H + h) * j->dv;
+        const float *o = s->o + (int64_t)m * j->dvp;
+        for (int c = 0; c < j->dv; c++) dst[c] = o[c] * inv;
+    }
+}
+
+static void att_worker(void *arg, int tid, int nthreads) {
+    (void)nthreads;
+    att_job *j = (att_job *)arg;
+    att_scratch s = att_carve(j->scratch + tid * j->stride, j);
+    for (;;) {
+        int t = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (t >= j->ntasks) break;
+        int tile = j->ntiles - 1 - t / j->Hkv, g = t % j->Hkv;   /* last tiles first */
+        int i0 = tile * j->bm, rows = j->n - i0 < j->bm ? j->n - i0 : j->bm;
+        att_task(j, &s, g, i0, rows);
+    }
+}
+
+/* out [n, H, dv] = causal attention of the chunk (see the spec block). The
+ * caller checks the shapes: H % Hkv == 0, 1 <= n <= L, positive sizes. */
+static void attention_forward(att_operand q, att_operand k, att_operand v, int n, int L, int H,
+                              int Hkv, int dq, int dv, float scale, float *out,
+                              uint8_t *workspace, int nthreads) {
+    att_job j;
+    memset(&j, 0, sizeof(j));
+    j.q = q; j.k = k; j.v = v;
+    j.n = n; j.L = L; j.H = H; j.Hkv = Hkv; j.dq = dq; j.dv = dv; j.G = H / Hkv;
+    j.scale = scale; j.out = out;
+    j.bm = att_bm(j.G);
+    if (j.bm > n) j.bm = n;
+    j.M = j.bm * j.G;
+    j.qw = (dq + 1) / 2;
+    j.dvp = (dv + 15) & ~15;
+    j.ntiles = (n + j.bm - 1) / j.bm;
+    j.ntasks = j.ntiles * Hkv;
+    j.stride = att_stride(j.M, j.qw, dq, j.dvp);
+    j.scratch = (uint8_t *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
+    atomic_init(&j.next, 0);
+    pool_run(att_worker, &j, j.ntasks < nthreads ? j.ntasks : nthreads);
+}
