@@ -68,12 +68,26 @@ def install_cpu_paths(model, model_dir, experts, linears):
         if experts != "torch" and model.moe_layers():
             isa = install_cpu_experts(model, model_dir)
         replaced = install_cpu_linears(model, model_dir) if linears != "torch" else 0
+        if linears != "torch":
+            install_cpu_attention(model)
     except ImportError as e:
         if "cpu" in (experts, linears):
             raise
         log.warning("CPU kernels unavailable (%s); the torch reference runs instead", e)
         return "torch", "torch"
     return (f"cpu-{isa}" if isa else "torch"), (f"cpu ({replaced} linears)" if replaced else "torch")
+
+
+def install_cpu_attention(model):
+    """Prefill chunks of grouped-query attention through the compiled flash-attention
+    kernel (BF16 dot products, never a [T, T] score matrix); decode stays batched in
+    torch. Returns the number of layers switched."""
+    from moed.experts.attention import causal_attention
+    from moed.model.attention import GQAttention
+    layers = [layer.attn for layer in model.layers if isinstance(layer.attn, GQAttention)]
+    for attn in layers:
+        attn.prefill_kernel = causal_attention
+    return len(layers)
 
 
 class LLMEngine:

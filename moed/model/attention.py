@@ -13,6 +13,9 @@ class GQAttention:
     def __init__(self, q, k, v, o, rotary, heads, kv_heads, head_dim, q_norm=None, k_norm=None):
         self.q, self.k, self.v, self.o = q, k, v, o       # Linear
         self.qkv = None          # q, k, v in one call when the CPU kernels fuse them
+        # prefill chunks through the compiled flash-attention kernel when installed:
+        # fn(q [n, H, d], k [L, Hkv, d], v [L, Hkv, d], scale, out=) (causal, offset L - n)
+        self.prefill_kernel = None
         self.rotary = rotary
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.q_norm, self.k_norm = q_norm, k_norm         # per-head RMSNorm [d] (Qwen3)
@@ -75,8 +78,12 @@ class GQAttention:
                                           batch.decode_mask, self.scale)[:, 0]
         for p in batch.prefills:
             kv = kv_cache[p.slots][None]                           # [1, L, 2, Hkv, d]
-            out[p.rows] = sdpa(q[None, p.rows], kv[:, :, 0], kv[:, :, 1], batched_mask(p.mask),
-                               self.scale)[0]
+            if self.prefill_kernel is not None and q.dtype == torch.float32:
+                self.prefill_kernel(q[p.rows], kv[0, :, 0], kv[0, :, 1], self.scale,
+                                    out=out[p.rows])
+            else:
+                out[p.rows] = sdpa(q[None, p.rows], kv[:, :, 0], kv[:, :, 1],
+                                   batched_mask(p.mask), self.scale)[0]
         return out
 
 
