@@ -72,6 +72,9 @@ typedef struct {
     int qw, dvp;                /* dq rounded up to pairs (words), dv to 16 */
     float scale;
     float *out;                 /* [n, H, dv] */
+    int nblocks;                /* key blocks of BN (the last may be partial) */
+    int64_t kbytes, vbytes;     /* bytes of one converted K / V block */
+    uint8_t *kstore, *vstore;   /* [Hkv][nblocks] converted blocks (phase 1) */
     atomic_int next;
     uint8_t *scratch;
     int64_t stride;             /* scratch bytes per thread */
@@ -79,8 +82,8 @@ typedef struct {
 
 typedef struct {                /* one thread's scratch, carved 64-aligned */
     void *q;                    /* BF16 words [M][qw] | FP32 [M][dq] */
-    void *k;                    /* BF16 words [qw][BN] | FP32 [dq][BN] */
-    void *v;                    /* BF16 words [BN/2][dvp] | FP32 [BN][dvp] */
+    const void *k;              /* this block in kstore: BF16 words [qw][BN] | FP32 [dq][BN] */
+    const void *v;              /* this block in vstore: BF16 words [BN/2][dvp] | FP32 [BN][dvp] */
     float *s;                   /* [M][BN] scores */
     uint32_t *p;                /* BF16 words [M][BN/2] probabilities */
     float *o;                   /* [M][dvp] unnormalised output */
@@ -92,28 +95,20 @@ static int64_t att_align(int64_t b) { return (b + 63) & ~(int64_t)63; }
 /* Per-thread scratch bytes: the FP32 sizes, which bound the BF16 ones. */
 static int64_t att_stride(int M, int qw, int dq, int dvp) {
     int64_t dq2 = 2 * (int64_t)qw > dq ? 2 * (int64_t)qw : dq;
-    return att_align(4 * (int64_t)M * dq2) + att_align(4 * dq2 * ATT_BN)
-         + att_align(4 * (int64_t)ATT_BN * dvp) + att_align(4 * (int64_t)M * ATT_BN)
+    return att_align(4 * (int64_t)M * dq2) + att_align(4 * (int64_t)M * ATT_BN)
          + att_align(2 * (int64_t)M * ATT_BN) + att_align(4 * (int64_t)M * dvp)
          + 3 * att_align(4 * (int64_t)M);
 }
 
 static int att_bm(int G) { return G >= ATT_ROWS ? 1 : ATT_ROWS / G; }
 
-/* Bytes of workspace attention_forward needs. */
-static int64_t attention_workspace_bytes(int n, int H, int Hkv, int dq, int dv, int nthreads) {
-    int G = H / Hkv, bm = att_bm(G);
-    if (bm > n) bm = n;
-    return 64 + (int64_t)nthreads * att_stride(bm * G, (dq + 1) / 2, dq, (dv + 15) & ~15);
-}
 
 static att_scratch att_carve(uint8_t *base, const att_job *j) {
     att_scratch s;
     int64_t dq2 = 2 * (int64_t)j->qw > j->dq ? 2 * (int64_t)j->qw : j->dq;
     uint8_t *cur = base;
     s.q = cur;  cur += att_align(4 * (int64_t)j->M * dq2);
-    s.k = cur;  cur += att_align(4 * dq2 * ATT_BN);
-    s.v = cur;  cur += att_align(4 * (int64_t)ATT_BN * j->dvp);
+    s.k = s.v = NULL;
     s.s = (float *)cur;  cur += att_align(4 * (int64_t)j->M * ATT_BN);
     s.p = (uint32_t *)cur;  cur += att_align(2 * (int64_t)j->M * ATT_BN);
     s.o = (float *)cur;  cur += att_align(4 * (int64_t)j->M * j->dvp);
@@ -161,8 +156,11 @@ static void att_load_q(const att_job *j, att_scratch *s, int g, int i0, int rows
 
 /* Kb [qw][BN] words: a 64 x qw word transpose of the BF16 rows (the pairs
  * are already adjacent in a row); keys past nk are zero. */
-static void att_load_k(const att_job *j, att_scratch *s, int g, int k0, int nk) {
-    uint32_t *kb = (uint32_t *)s->k;
+static int64_t att_kblock_bytes(int qw, int dq) { (void)dq; return att_align(4 * (int64_t)qw * ATT_BN); }
+static int64_t att_vblock_bytes(int dvp) { return att_align(2 * (int64_t)ATT_BN * dvp); }
+
+static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk) {
+    uint32_t *kb = (uint32_t *)dst;
     uint32_t row[j->qw + 1];
     for (int t = 0; t < ATT_BN; t++) {
         if (t < nk) att_row_bf16(&j->k, att_row(&j->k, k0 + t, g), j->dq, (uint16_t *)row, j->qw);
@@ -181,8 +179,8 @@ static inline __m512i att_v16(const att_operand *x, const void *row, int c, int 
 }
 
 /* Vb [BN/2][dvp] words: rows 2t and 2t+1 interleaved; keys past nk are zero. */
-static void att_load_v(const att_job *j, att_scratch *s, int g, int k0, int nk) {
-    uint32_t *vb = (uint32_t *)s->v;
+static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk) {
+    uint32_t *vb = (uint32_t *)dst_block;
     for (int t = 0; t < ATT_BN / 2; t++) {
         uint32_t *dst = vb + (int64_t)t * j->dvp;
         int a = 2 * t < nk, b = 2 * t + 1 < nk;
@@ -317,16 +315,19 @@ static void att_load_q(const att_job *j, att_scratch *s, int g, int i0, int rows
 }
 
 /* Kt [dq][BN]: key-major inner rows so the score loop runs over keys. */
-static void att_load_k(const att_job *j, att_scratch *s, int g, int k0, int nk) {
-    float *kt = (float *)s->k;
+static int64_t att_kblock_bytes(int qw, int dq) { (void)qw; return att_align(4 * (int64_t)dq * ATT_BN); }
+static int64_t att_vblock_bytes(int dvp) { return att_align(4 * (int64_t)ATT_BN * dvp); }
+
+static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk) {
+    float *kt = (float *)dst;
     for (int t = 0; t < ATT_BN; t++) {
         const void *src = t < nk ? att_row(&j->k, k0 + t, g) : NULL;
         for (int d = 0; d < j->dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
     }
 }
 
-static void att_load_v(const att_job *j, att_scratch *s, int g, int k0, int nk) {
-    float *vf = (float *)s->v;
+static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk) {
+    float *vf = (float *)dst_block;
     for (int t = 0; t < ATT_BN; t++) {
         const void *src = t < nk ? att_row(&j->v, k0 + t, g) : NULL;
         float *dst = vf + (int64_t)t * j->dvp;
@@ -400,9 +401,10 @@ static void att_task(const att_job *j, att_scratch *s, int g, int i0, int rows) 
     for (int k0 = 0; k0 <= last; k0 += ATT_BN) {
         int nk = j->L - k0 < ATT_BN ? j->L - k0 : ATT_BN;
         int masked = k0 + ATT_BN - 1 > pos0;      /* crosses some row's position */
-        if (masked && last + 1 - k0 < nk) nk = last + 1 - k0;   /* no row sees past last */
-        att_load_k(j, s, g, k0, nk);
-        att_load_v(j, s, g, k0, nk);
+        if (masked && last + 1 - k0 < nk) nk = last + 1 - k0;   /* P is 0 past last */
+        int64_t b = (int64_t)g * j->nblocks + k0 / ATT_BN;
+        s->k = j->kstore + b * j->kbytes;
+        s->v = j->vstore + b * j->vbytes;
         att_scores(j, s, M);
         att_softmax(j, s, M, pos0 - k0, masked);
         att_values(j, s, M, nk);
@@ -412,6 +414,20 @@ static void att_task(const att_job *j, att_scratch *s, int g, int i0, int rows) 
         float inv = 1.0f / s->l[m], *dst = j->out + ((int64_t)(i0 + r) * j->H + h) * j->dv;
         const float *o = s->o + (int64_t)m * j->dvp;
         for (int c = 0; c < j->dv; c++) dst[c] = o[c] * inv;
+    }
+}
+
+/* Phase 1: every (kv head, key block) converted once into the stores; all
+ * tasks of that kv head then read it (the conversion is a strided gather,
+ * transpose and rounding: done per task it cost a third of the kernel). */
+static void att_convert_worker(void *arg, int tid, int nthreads) {
+    att_job *j = (att_job *)arg;
+    int all = j->Hkv * j->nblocks;
+    for (int b = tid; b < all; b += nthreads) {
+        int g = b / j->nblocks, k0 = (b % j->nblocks) * ATT_BN;
+        int nk = j->L - k0 < ATT_BN ? j->L - k0 : ATT_BN;
+        att_load_k(j, j->kstore + b * j->kbytes, g, k0, nk);
+        att_load_v(j, j->vstore + b * j->vbytes, g, k0, nk);
     }
 }
 
@@ -430,6 +446,17 @@ static void att_worker(void *arg, int tid, int nthreads) {
 
 /* out [n, H, dv] = causal attention of the chunk (see the spec block). The
  * caller checks the shapes: H % Hkv == 0, 1 <= n <= L, positive sizes. */
+/* Bytes of workspace attention_forward needs: the converted K/V blocks of
+ * every kv head, then per-thread scratch. */
+static int64_t attention_workspace_bytes(int n, int L, int H, int Hkv, int dq, int dv,
+                                         int nthreads) {
+    int G = H / Hkv, bm = att_bm(G), qw = (dq + 1) / 2, dvp = (dv + 15) & ~15;
+    int64_t nblocks = (L + ATT_BN - 1) / ATT_BN;
+    if (bm > n) bm = n;
+    return 64 + (int64_t)Hkv * nblocks * (att_kblock_bytes(qw, dq) + att_vblock_bytes(dvp))
+         + (int64_t)nthreads * att_stride(bm * G, qw, dq, dvp);
+}
+
 static void attention_forward(att_operand q, att_operand k, att_operand v, int n, int L, int H,
                               int Hkv, int dq, int dv, float scale, float *out,
                               uint8_t *workspace, int nthreads) {
@@ -446,7 +473,14 @@ static void attention_forward(att_operand q, att_operand k, att_operand v, int n
     j.ntiles = (n + j.bm - 1) / j.bm;
     j.ntasks = j.ntiles * Hkv;
     j.stride = att_stride(j.M, j.qw, dq, j.dvp);
-    j.scratch = (uint8_t *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
+    j.nblocks = (L + ATT_BN - 1) / ATT_BN;
+    j.kbytes = att_kblock_bytes(j.qw, dq);
+    j.vbytes = att_vblock_bytes(j.dvp);
+    j.kstore = (uint8_t *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
+    j.vstore = j.kstore + (int64_t)Hkv * j.nblocks * j.kbytes;
+    j.scratch = j.vstore + (int64_t)Hkv * j.nblocks * j.vbytes;
     atomic_init(&j.next, 0);
+    int conv = Hkv * j.nblocks;
+    pool_run(att_convert_worker, &j, conv < nthreads ? conv : nthreads);
     pool_run(att_worker, &j, j.ntasks < nthreads ? j.ntasks : nthreads);
 }

@@ -143,7 +143,8 @@ cdef extern from "attention_kernels.c" nogil:
         int64_t ld
         int64_t hs
         int bf16
-    int64_t attention_workspace_bytes(int n, int H, int Hkv, int dq, int dv, int nthreads)
+    int64_t attention_workspace_bytes(int n, int L, int H, int Hkv, int dq, int dv,
+                                      int nthreads)
     void attention_forward(att_operand q, att_operand k, att_operand v, int n, int L, int H,
                            int Hkv, int dq, int dv, float scale, float *out,
                            uint8_t *workspace, int nthreads)
@@ -159,8 +160,8 @@ cdef att_operand _operand(tuple x):
     return o
 
 
-def attention_workspace(int n, int H, int Hkv, int dq, int dv, int nthreads):
-    return attention_workspace_bytes(n, H, Hkv, dq, dv, nthreads)
+def attention_workspace(int n, int L, int H, int Hkv, int dq, int dv, int nthreads):
+    return attention_workspace_bytes(n, L, H, Hkv, dq, dv, nthreads)
 
 
 def attention(tuple q, tuple k, tuple v, int n, int L, int H, int Hkv, int dq, int dv,

@@ -26,7 +26,7 @@ def causal_attention(q, k, v, scale, threads=None, out=None, kernels=None):
     kernels = kernels or expert_kernels()
     threads = threads or default_threads()
     q, k, v = _rows(q, "q"), _rows(k, "k"), _rows(v, "v")
-    ws = _workspace_for(kernels.attention_workspace(n, H, Hkv, dq, dv, threads))
+    ws = _workspace_for(kernels.attention_workspace(n, L, H, Hkv, dq, dv, threads))
     kernels.attention(_operand(q), _operand(k), _operand(v), n, L, H, Hkv, dq, dv,
                       float(scale), out.data_ptr(), ws.ctypes.data, threads)
     return out
