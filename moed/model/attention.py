@@ -6,7 +6,7 @@ Shape legend: N new tokens, H query heads, Hkv key/value heads, d head dim.
 import torch
 
 from moed.model.base import CausalLM, require_divisible
-from moed.model.layers import Rotary, batched_mask, sdpa
+from moed.model.layers import Rotary, batched_mask, decode_attention, sdpa
 
 
 class GQAttention:
@@ -69,13 +69,12 @@ class GQAttention:
         # q [N, H, d] -> [N, H, d]
         if not batch.prefills:       # decode-only step: rows are the decodes, in order
             kv = kv_cache[batch.decode_slots]                      # [B, Lmax, 2, Hkv, d]
-            return sdpa(q[:, None], kv[:, :, 0], kv[:, :, 1], batch.decode_mask,
-                        self.scale)[:, 0]
-        out = torch.empty_like(q)
+            return decode_attention(q, kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)      # contiguous
         if batch.decode_rows is not None:
             kv = kv_cache[batch.decode_slots]                      # [B, Lmax, 2, Hkv, d]
-            out[batch.decode_rows] = sdpa(q[batch.decode_rows, None], kv[:, :, 0], kv[:, :, 1],
-                                          batch.decode_mask, self.scale)[:, 0]
+            out[batch.decode_rows] = decode_attention(q[batch.decode_rows], kv[:, :, 0],
+                                                      kv[:, :, 1], batch.decode_mask, self.scale)
         for p in batch.prefills:
             kv = kv_cache[p.slots][None]                           # [1, L, 2, Hkv, d]
             if self.prefill_kernel is not None and q.dtype == torch.float32:
