@@ -335,6 +335,80 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk)
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define ATT_R2 3                /* rows per AVX2 register tile: 3 x 4 accumulators */
+
+/* S[R][32 keys from t0] = Q[R] . Kt: one Kt load feeds R rows. */
+ALWAYS_INLINE void att_qk_tile8(const float *q, int dq, const float *kt, float *s, int t0, const int R) {
+    __m256 acc[ATT_R2][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();
+    for (int d = 0; d < dq; d++) {
+        __m256 kv[4];
+        for (int v = 0; v < 4; v++) kv[v] = _mm256_loadu_ps(kt + d * ATT_BN + t0 + 8 * v);
+        for (int r = 0; r < R; r++) {
+            __m256 qb = _mm256_broadcast_ss(q + (int64_t)r * dq + d);
+            for (int v = 0; v < 4; v++) acc[r][v] = _mm256_fmadd_ps(qb, kv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(s + r * ATT_BN + t0 + 8 * v, acc[r][v]);
+}
+
+static void att_scores(const att_job *j, att_scratch *s, int M) {
+    const float *q = (const float *)s->q, *kt = (const float *)s->k;
+    for (int m = 0; m < M; m += ATT_R2)
+        for (int t0 = 0; t0 < ATT_BN; t0 += 32) {
+            const float *qm = q + (int64_t)m * j->dq;
+            float *sm = s->s + m * ATT_BN;
+            switch (M - m) {
+            case 1: att_qk_tile8(qm, j->dq, kt, sm, t0, 1); break;
+            case 2: att_qk_tile8(qm, j->dq, kt, sm, t0, 2); break;
+            default: att_qk_tile8(qm, j->dq, kt, sm, t0, ATT_R2); break;
+            }
+        }
+}
+
+/* O[R][c0 + 8 NV) = alpha O + P . V over keys [0, nk). */
+ALWAYS_INLINE void att_pv_tile8(const float *p, const float *vf, int dvp, int nk, float *o,
+                                const float *alpha, int c0, const int R, const int NV) {
+    __m256 acc[ATT_R2][4];
+    for (int r = 0; r < R; r++) {
+        __m256 a = _mm256_set1_ps(alpha[r]);
+        for (int v = 0; v < NV; v++)
+            acc[r][v] = _mm256_mul_ps(a, _mm256_loadu_ps(o + (int64_t)r * dvp + c0 + 8 * v));
+    }
+    for (int t = 0; t < nk; t++) {
+        __m256 vv[4];
+        for (int v = 0; v < NV; v++) vv[v] = _mm256_loadu_ps(vf + (int64_t)t * dvp + c0 + 8 * v);
+        for (int r = 0; r < R; r++) {
+            __m256 pb = _mm256_broadcast_ss(p + r * ATT_BN + t);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm256_fmadd_ps(pb, vv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + (int64_t)r * dvp + c0 + 8 * v, acc[r][v]);
+}
+
+#define ATT_PV8(R, NV) att_pv_tile8(p, vf, j->dvp, nk, o, al, c0, R, NV)
+#define ATT_PV8_ROWS(NV) do { switch (R) {                                   \
+    case 1: ATT_PV8(1, NV); break;  case 2: ATT_PV8(2, NV); break;            \
+    default: ATT_PV8(ATT_R2, NV); break;                                      \
+    } } while (0)
+
+static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
+    const float *vf = (const float *)s->v;
+    for (int m = 0; m < M; m += ATT_R2) {
+        const int R = M - m < ATT_R2 ? M - m : ATT_R2;
+        const float *p = s->s + m * ATT_BN, *al = s->alpha + m;
+        float *o = s->o + (int64_t)m * j->dvp;
+        int c0 = 0;
+        for (; c0 + 32 <= j->dvp; c0 += 32) ATT_PV8_ROWS(4);
+        for (; c0 < j->dvp; c0 += 16) ATT_PV8_ROWS(2);     /* dvp is a multiple of 16 */
+    }
+}
+
+#else
 static void att_scores(const att_job *j, att_scratch *s, int M) {
     const float *q = (const float *)s->q, *kt = (const float *)s->k;
     for (int m = 0; m < M; m++) {
@@ -345,6 +419,7 @@ static void att_scores(const att_job *j, att_scratch *s, int M) {
         memcpy(s->s + m * ATT_BN, acc, sizeof(acc));
     }
 }
+#endif
 
 /* e[t] = exp(x[t] - mx), t < n. */
 static void att_exp_row(const float *x, float mx, float *e, int n) {
@@ -376,6 +451,7 @@ static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int m
     }
 }
 
+#if !(defined(__AVX2__) && defined(__FMA__))
 static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
     const float *vf = (const float *)s->v;
     for (int m = 0; m < M; m++) {
@@ -386,6 +462,7 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
             for (int c = 0; c < j->dvp; c++) o[c] += pr[t] * vf[(int64_t)t * j->dvp + c];
     }
 }
+#endif
 
 #endif
 
