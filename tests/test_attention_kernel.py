@@ -118,6 +118,21 @@ def test_strided_inputs_and_mixed_dtypes(isa):
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
+def test_mla_latent_shape(isa):
+    # DeepSeek MLA latent form: 128 query heads share one 576-wide latent key; the
+    # value is the key's first 512 columns (a strided view of the same cache)
+    kernels = kernels_or_error(isa)
+    if kernels is None:
+        return
+    n, L, H = 5, 70, 128
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(n, H, 576, generator=g)
+    kv = torch.randn(L, 1, 576, generator=g)
+    out = causal_attention(q, kv, kv[..., :512], 576 ** -0.5, threads=2, kernels=kernels)
+    check(out, reference(q, kv, kv[..., :512], 576 ** -0.5), isa, f"{isa} MLA latent")
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
 def test_thread_count_does_not_change_results(isa):
     kernels = kernels_or_error(isa)
     if kernels is None:
