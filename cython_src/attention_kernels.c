@@ -196,35 +196,50 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk)
 
 static inline __m512bh att_bcast(const uint32_t *w) { return (__m512bh)_mm512_set1_epi32((int)*w); }
 
-/* S[R][BN] = Q[R] . Kb: 4R accumulators, one K load feeds R rows. */
-ALWAYS_INLINE void att_qk_tile(const uint32_t *q, int qw, const uint32_t *kb, float *s, const int R) {
+/* S[R][16 NV keys] = Q[R] . Kb: NV R accumulators, one K load feeds R rows. */
+ALWAYS_INLINE void att_qk_tile(const uint32_t *q, int qw, const uint32_t *kb, float *s,
+                               const int R, const int NV) {
     __m512 acc[ATT_R][4];
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
     for (int p = 0; p < qw; p++) {
         __m512bh kv[4];
-        for (int v = 0; v < 4; v++) kv[v] = (__m512bh)_mm512_loadu_si512(kb + p * ATT_BN + 16 * v);
+        for (int v = 0; v < NV; v++) kv[v] = (__m512bh)_mm512_loadu_si512(kb + p * ATT_BN + 16 * v);
         for (int r = 0; r < R; r++) {
             __m512bh qb = att_bcast(q + (int64_t)r * qw + p);
-            for (int v = 0; v < 4; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], kv[v], qb);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], kv[v], qb);
         }
     }
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < 4; v++) _mm512_storeu_ps(s + r * ATT_BN + 16 * v, acc[r][v]);
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(s + r * ATT_BN + 16 * v, acc[r][v]);
 }
 
-static void att_scores(const att_job *j, att_scratch *s, int M) {
+#define ATT_QK(R, NV) att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, R, NV)
+#define ATT_QK_ROWS(NV) do { switch (R) {                                  \
+    case 1: ATT_QK(1, NV); break;  case 2: ATT_QK(2, NV); break;            \
+    case 3: ATT_QK(3, NV); break;  case 4: ATT_QK(4, NV); break;            \
+    case 5: ATT_QK(5, NV); break;  default: ATT_QK(ATT_R, NV); break;       \
+    } } while (0)
+
+/* Scores of the visible key vectors only: on a masked (diagonal) block a
+ * register tile stops at the last key its last row sees; the lanes left
+ * unwritten are masked by the softmax. */
+static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
     const uint32_t *q = (const uint32_t *)s->q, *kb = (const uint32_t *)s->k;
-    int m = 0;
-    for (; m + ATT_R <= M; m += ATT_R)
-        att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, ATT_R);
-    switch (M - m) {
-    case 1: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 1); break;
-    case 2: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 2); break;
-    case 3: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 3); break;
-    case 4: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 4); break;
-    case 5: att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, 5); break;
-    default: break;
+    for (int m = 0; m < M; m += ATT_R) {
+        const int R = M - m < ATT_R ? M - m : ATT_R;
+        int nv = 4;
+        if (masked) {
+            int lim = lim0 + (m + R - 1) / j->G;        /* the tile's last row sees most */
+            nv = lim < 0 ? 0 : lim / 16 + 1 < 4 ? lim / 16 + 1 : 4;
+        }
+        switch (nv) {
+        case 0: break;
+        case 1: ATT_QK_ROWS(1); break;
+        case 2: ATT_QK_ROWS(2); break;
+        case 3: ATT_QK_ROWS(3); break;
+        default: ATT_QK_ROWS(4); break;
+        }
     }
 }
 
@@ -283,11 +298,14 @@ ALWAYS_INLINE void att_pv_tile(const uint32_t *p, const uint32_t *vb, int dvp, i
     case 5: ATT_PV_CASE(5, NV); break;  default: ATT_PV_CASE(ATT_R, NV); break; \
     } } while (0)
 
-static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
+/* Like the scores, a register tile stops at the last key pair its last row
+ * sees (P is 0 past it). */
+static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
     const uint32_t *vb = (const uint32_t *)s->v;
-    const int np = (nk + 1) / 2;              /* pairs past nk hold zeros: skip */
     for (int m = 0; m < M; m += ATT_R) {
         const int R = M - m < ATT_R ? M - m : ATT_R;
+        int seen = masked ? lim0 + (m + R - 1) / j->G + 1 : nk;
+        const int np = ((seen < nk ? seen : nk) + 1) / 2;
         const uint32_t *p = s->p + m * (ATT_BN / 2);
         float *o = s->o + (int64_t)m * j->dvp;
         const float *al = s->alpha + m;
@@ -355,7 +373,8 @@ ALWAYS_INLINE void att_qk_tile8(const float *q, int dq, const float *kt, float *
         for (int v = 0; v < 4; v++) _mm256_storeu_ps(s + r * ATT_BN + t0 + 8 * v, acc[r][v]);
 }
 
-static void att_scores(const att_job *j, att_scratch *s, int M) {
+static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
+    (void)lim0; (void)masked;
     const float *q = (const float *)s->q, *kt = (const float *)s->k;
     for (int m = 0; m < M; m += ATT_R2)
         for (int t0 = 0; t0 < ATT_BN; t0 += 32) {
@@ -396,7 +415,8 @@ ALWAYS_INLINE void att_pv_tile8(const float *p, const float *vf, int dvp, int nk
     default: ATT_PV8(ATT_R2, NV); break;                                      \
     } } while (0)
 
-static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
+static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
+    (void)lim0; (void)masked;
     const float *vf = (const float *)s->v;
     for (int m = 0; m < M; m += ATT_R2) {
         const int R = M - m < ATT_R2 ? M - m : ATT_R2;
@@ -409,7 +429,8 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
 }
 
 #else
-static void att_scores(const att_job *j, att_scratch *s, int M) {
+static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
+    (void)lim0; (void)masked;
     const float *q = (const float *)s->q, *kt = (const float *)s->k;
     for (int m = 0; m < M; m++) {
         float acc[ATT_BN] = {0};
@@ -452,7 +473,8 @@ static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int m
 }
 
 #if !(defined(__AVX2__) && defined(__FMA__))
-static void att_values(const att_job *j, att_scratch *s, int M, int nk) {
+static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
+    (void)lim0; (void)masked;
     const float *vf = (const float *)s->v;
     for (int m = 0; m < M; m++) {
         float *o = s->o + (int64_t)m * j->dvp;
@@ -536,9 +558,9 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
         s->k = j->kstore + b * j->kbytes;
         s->v = j->vstore + b * j->vbytes;
         att_prefetch_some(pf, per_block);
-        att_scores(j, s, M);
+        att_scores(j, s, M, pos0 - k0, masked);
         att_softmax(j, s, M, pos0 - k0, masked);
-        att_values(j, s, M, nk);
+        att_values(j, s, M, nk, pos0 - k0, masked);
     }
     for (int m = 0; m < M; m++) {
         int r = m / j->G, h = g * j->G + m % j->G;
