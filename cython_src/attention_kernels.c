@@ -87,7 +87,8 @@ typedef struct {                /* one thread's scratch, carved 64-aligned */
     float *s;                   /* [M][BN] scores */
     uint32_t *p;                /* BF16 words [M][BN/2] probabilities */
     float *o;                   /* [M][dvp] unnormalised output */
-    float *mx, *l, *alpha;      /* [M] running max, sum, rescale of this block */
+    float *mx, *alpha;          /* [M] running max, rescale of this block */
+    float *l;                   /* [M][16] running sum, per lane (AVX-512) or in lane 0 */
 } att_scratch;
 
 static int64_t att_align(int64_t b) { return (b + 63) & ~(int64_t)63; }
@@ -97,7 +98,7 @@ static int64_t att_stride(int M, int qw, int dq, int dvp) {
     int64_t dq2 = 2 * (int64_t)qw > dq ? 2 * (int64_t)qw : dq;
     return att_align(4 * (int64_t)M * dq2) + att_align(4 * (int64_t)M * ATT_BN)
          + att_align(2 * (int64_t)M * ATT_BN) + att_align(4 * (int64_t)M * dvp)
-         + 3 * att_align(4 * (int64_t)M);
+         + 2 * att_align(4 * (int64_t)M) + att_align(64 * (int64_t)M);
 }
 
 static int att_bm(int G) { return G >= ATT_ROWS ? 1 : ATT_ROWS / G; }
@@ -113,7 +114,7 @@ static att_scratch att_carve(uint8_t *base, const att_job *j) {
     s.p = (uint32_t *)cur;  cur += att_align(2 * (int64_t)j->M * ATT_BN);
     s.o = (float *)cur;  cur += att_align(4 * (int64_t)j->M * j->dvp);
     s.mx = (float *)cur;  cur += att_align(4 * (int64_t)j->M);
-    s.l = (float *)cur;  cur += att_align(4 * (int64_t)j->M);
+    s.l = (float *)cur;  cur += att_align(64 * (int64_t)j->M);
     s.alpha = (float *)cur;
     return s;
 }
@@ -243,19 +244,31 @@ static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int ma
     }
 }
 
-/* Online softmax over one block for row m: keys j <= lim are visible. */
+/* Online softmax over one block for row m: keys j <= lim are visible.
+ * Lazy rescaling: the running max moves only when a score exceeds it by more
+ * than ATT_SLACK (so probabilities stay <= e^8, far inside FP32 and BF16
+ * range); after the first blocks that almost never happens, which skips the
+ * horizontal max and the rescale. The sum stays a 16-lane vector until the
+ * end: no horizontal add per block either. */
+#define ATT_SLACK 8.0f
 static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float scale) {
     const float *sr = s->s + m * ATT_BN;
     __m512 x[4];
-    __mmask16 k[4];
-    __m512 mv = _mm512_set1_ps(-INFINITY);
+    __mmask16 k[4], over = 0;
+    const float m_old = s->mx[m];
+    const __m512 bar = _mm512_set1_ps(m_old + ATT_SLACK);     /* -inf on the first block */
     for (int v = 0; v < 4; v++) {
         k[v] = masked ? (__mmask16)att_lane_mask(lim, 16 * v) : (__mmask16)0xffff;
         x[v] = _mm512_mul_ps(_mm512_loadu_ps(sr + 16 * v), _mm512_set1_ps(scale));
-        mv = _mm512_mask_max_ps(mv, k[v], mv, x[v]);
+        over |= _mm512_mask_cmp_ps_mask(k[v], x[v], bar, _CMP_GT_OQ);
     }
-    float m_old = s->mx[m], m_new = fmaxf(m_old, _mm512_reduce_max_ps(mv));
-    float alpha = m_new == m_old ? 1.0f : expf(m_old - m_new);   /* m_old = -inf: 0 */
+    float m_new = m_old, alpha = 1.0f;
+    if (over) {
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int v = 0; v < 4; v++) mv = _mm512_mask_max_ps(mv, k[v], mv, x[v]);
+        m_new = _mm512_reduce_max_ps(mv);
+        alpha = expf(m_old - m_new);                          /* m_old = -inf: 0 */
+    }
     __m512 mb = _mm512_set1_ps(m_new), sum = _mm512_setzero_ps();
     uint16_t *pr = (uint16_t *)(s->p + m * (ATT_BN / 2));
     for (int v = 0; v < 4; v++) {
@@ -264,10 +277,13 @@ static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float sc
         sum = _mm512_add_ps(sum, e);
         _mm256_storeu_si256((__m256i *)(pr + 16 * v), bf16x16(e));
     }
-    s->l[m] = s->l[m] * alpha + _mm512_reduce_add_ps(sum);
+    float *l = s->l + 16 * m;
+    _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), _mm512_set1_ps(alpha), sum));
     s->mx[m] = m_new;
     s->alpha[m] = alpha;
 }
+
+static float att_row_sum(const att_scratch *s, int m) { return _mm512_reduce_add_ps(_mm512_loadu_ps(s->l + 16 * m)); }
 
 /* O[R][c0 + 16 NV) = alpha O + P . Vb over the key pairs [0, np). */
 ALWAYS_INLINE void att_pv_tile(const uint32_t *p, const uint32_t *vb, int dvp, int np, float *o,
@@ -466,11 +482,13 @@ static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int m
         float sum = 0.0f;
         for (int t = 0; t < nv; t++) sum += sr[t];
         for (int t = nv < 0 ? 0 : nv; t < ATT_BN; t++) sr[t] = 0.0f;
-        s->l[m] = s->l[m] * alpha + sum;
+        s->l[16 * m] = s->l[16 * m] * alpha + sum;
         s->mx[m] = m_new;
         s->alpha[m] = alpha;
     }
 }
+
+static float att_row_sum(const att_scratch *s, int m) { return s->l[16 * m]; }
 
 #if !(defined(__AVX2__) && defined(__FMA__))
 static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
@@ -547,7 +565,8 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
     const int pos0 = j->L - j->n + i0, last = pos0 + rows - 1;
     const int per_block = (pf->total + last / ATT_BN) / (last / ATT_BN + 1);
     att_load_q(j, s, g, i0, rows);
-    for (int m = 0; m < M; m++) { s->mx[m] = -INFINITY; s->l[m] = 0.0f; }
+    for (int m = 0; m < M; m++) s->mx[m] = -INFINITY;
+    memset(s->l, 0, 64 * (size_t)M);
     memset(s->o, 0, 4 * (size_t)M * j->dvp);
     /* block 0 shows key 0 to every row, so each running max is finite after it */
     for (int k0 = 0; k0 <= last; k0 += ATT_BN) {
@@ -564,7 +583,7 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
     }
     for (int m = 0; m < M; m++) {
         int r = m / j->G, h = g * j->G + m % j->G;
-        float inv = 1.0f / s->l[m], *dst = j->out + ((int64_t)(i0 + r) * j->H + h) * j->dv;
+        float inv = 1.0f / att_row_sum(s, m), *dst = j->out + ((int64_t)(i0 + r) * j->H + h) * j->dv;
         const float *o = s->o + (int64_t)m * j->dvp;
         for (int c = 0; c < j->dv; c++) dst[c] = o[c] * inv;
     }
