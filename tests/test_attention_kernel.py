@@ -133,6 +133,25 @@ def test_mla_latent_shape(isa):
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
+def test_sharp_softmax_with_rising_scores(isa):
+    # scores spanning +-60 that grow along the keys: the running max moves many
+    # times (AVX-512 rescales lazily, past +8). BF16 inputs, so the reference
+    # sees exactly what the kernel multiplies.
+    kernels = kernels_or_error(isa)
+    if kernels is None:
+        return
+    n, L, Hkv, G, d = 40, 300, 2, 4, 64
+    g = torch.Generator().manual_seed(9)
+    q = (4 * torch.randn(n, Hkv * G, d, generator=g)).bfloat16()
+    ramp = torch.linspace(0.2, 2.0, L)[:, None, None]
+    k = (ramp * torch.randn(L, Hkv, d, generator=g)).bfloat16()
+    v = torch.randn(L, Hkv, d, generator=g).bfloat16()
+    ref = reference(q, k, v, d ** -0.5)
+    out = causal_attention(q, k, v, d ** -0.5, threads=2, kernels=kernels)
+    check(out, ref, isa, f"{isa} sharp")
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
 def test_thread_count_does_not_change_results(isa):
     kernels = kernels_or_error(isa)
     if kernels is None:
