@@ -54,6 +54,9 @@
 #define ATT_BN 64               /* keys per block: S row = 4 vectors of 16 */
 #define ATT_ROWS 128            /* query vectors per task (rows x group heads) */
 #define ATT_R 6                 /* query vectors per register tile */
+/* Converted K/V per pass: bounds the workspace (MLA expanded, 128 kv heads x
+ * 320 dims, would need 320 MB at 4K tokens). Tests lower it to force passes. */
+static int64_t g_att_store_bytes = 64ll << 20;
 
 #if defined(__AVX512BF16__)
 #define ATT_BF16_DOT 1
@@ -74,7 +77,8 @@ typedef struct {
     float *out;                 /* [n, H, dv] */
     int nblocks;                /* key blocks of BN (the last may be partial) */
     int64_t kbytes, vbytes;     /* bytes of one converted K / V block */
-    uint8_t *kstore, *vstore;   /* [Hkv][nblocks] converted blocks (phase 1) */
+    int g0, hc;                 /* this pass: kv heads [g0, g0 + hc) */
+    uint8_t *kstore, *vstore;   /* [hc][nblocks] converted blocks (phase 1) */
     atomic_int next;
     uint8_t *scratch;
     int64_t stride;             /* scratch bytes per thread */
@@ -509,11 +513,11 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0
 /* ====================================================== shared driver */
 typedef struct { int g, i0, rows; } att_tile;
 
-/* Task t: last tiles first (they cost the most), kv heads side by side. */
+/* Task t of a pass: last tiles first (they cost the most), kv heads side by side. */
 static att_tile att_tile_of(const att_job *j, int t) {
     att_tile a;
-    int tile = j->ntiles - 1 - t / j->Hkv;
-    a.g = t % j->Hkv;
+    int tile = j->ntiles - 1 - t / j->hc;
+    a.g = j->g0 + t % j->hc;
     a.i0 = tile * j->bm;
     a.rows = j->n - a.i0 < j->bm ? j->n - a.i0 : j->bm;
     return a;
@@ -573,7 +577,7 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
         int nk = j->L - k0 < ATT_BN ? j->L - k0 : ATT_BN;
         int masked = k0 + ATT_BN - 1 > pos0;      /* crosses some row's position */
         if (masked && last + 1 - k0 < nk) nk = last + 1 - k0;   /* P is 0 past last */
-        int64_t b = (int64_t)g * j->nblocks + k0 / ATT_BN;
+        int64_t b = (int64_t)(g - j->g0) * j->nblocks + k0 / ATT_BN;
         s->k = j->kstore + b * j->kbytes;
         s->v = j->vstore + b * j->vbytes;
         att_prefetch_some(pf, per_block);
@@ -594,9 +598,9 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
  * transpose and rounding: done per task it cost a third of the kernel). */
 static void att_convert_worker(void *arg, int tid, int nthreads) {
     att_job *j = (att_job *)arg;
-    int all = j->Hkv * j->nblocks;
+    int all = j->hc * j->nblocks;
     for (int b = tid; b < all; b += nthreads) {
-        int g = b / j->nblocks, k0 = (b % j->nblocks) * ATT_BN;
+        int g = j->g0 + b / j->nblocks, k0 = (b % j->nblocks) * ATT_BN;
         int nk = j->L - k0 < ATT_BN ? j->L - k0 : ATT_BN;
         att_load_k(j, j->kstore + b * j->kbytes, g, k0, nk);
         att_load_v(j, j->vstore + b * j->vbytes, g, k0, nk);
@@ -617,19 +621,27 @@ static void att_worker(void *arg, int tid, int nthreads) {
     }
 }
 
-/* out [n, H, dv] = causal attention of the chunk (see the spec block). The
- * caller checks the shapes: H % Hkv == 0, 1 <= n <= L, positive sizes. */
-/* Bytes of workspace attention_forward needs: the converted K/V blocks of
- * every kv head, then per-thread scratch. */
+/* kv heads converted and attended per pass: all of them unless their
+ * converted K/V would pass g_att_store_bytes. */
+static int att_heads_per_pass(int Hkv, int64_t nblocks, int64_t block_bytes) {
+    int64_t hc = g_att_store_bytes / (nblocks * block_bytes);
+    return hc < 1 ? 1 : hc > Hkv ? Hkv : (int)hc;
+}
+
+/* Bytes of workspace attention_forward needs: the converted K/V blocks of one
+ * pass, then per-thread scratch. */
 static int64_t attention_workspace_bytes(int n, int L, int H, int Hkv, int dq, int dv,
                                          int nthreads) {
     int G = H / Hkv, bm = att_bm(G), qw = (dq + 1) / 2, dvp = (dv + 15) & ~15;
     int64_t nblocks = (L + ATT_BN - 1) / ATT_BN;
+    int64_t block = att_kblock_bytes(qw, dq) + att_vblock_bytes(dvp);
     if (bm > n) bm = n;
-    return 64 + (int64_t)Hkv * nblocks * (att_kblock_bytes(qw, dq) + att_vblock_bytes(dvp))
+    return 64 + att_heads_per_pass(Hkv, nblocks, block) * nblocks * block
          + (int64_t)nthreads * att_stride(bm * G, qw, dq, dvp);
 }
 
+/* out [n, H, dv] = causal attention of the chunk (see the spec block). The
+ * caller checks the shapes: H % Hkv == 0, 1 <= n <= L, positive sizes. */
 static void attention_forward(att_operand q, att_operand k, att_operand v, int n, int L, int H,
                               int Hkv, int dq, int dv, float scale, float *out,
                               uint8_t *workspace, int nthreads) {
@@ -644,16 +656,27 @@ static void attention_forward(att_operand q, att_operand k, att_operand v, int n
     j.qw = (dq + 1) / 2;
     j.dvp = (dv + 15) & ~15;
     j.ntiles = (n + j.bm - 1) / j.bm;
-    j.ntasks = j.ntiles * Hkv;
     j.stride = att_stride(j.M, j.qw, dq, j.dvp);
     j.nblocks = (L + ATT_BN - 1) / ATT_BN;
     j.kbytes = att_kblock_bytes(j.qw, dq);
     j.vbytes = att_vblock_bytes(j.dvp);
+    int hc = att_heads_per_pass(Hkv, j.nblocks, j.kbytes + j.vbytes);
     j.kstore = (uint8_t *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
-    j.vstore = j.kstore + (int64_t)Hkv * j.nblocks * j.kbytes;
-    j.scratch = j.vstore + (int64_t)Hkv * j.nblocks * j.vbytes;
-    atomic_init(&j.next, 0);
-    int conv = Hkv * j.nblocks;
-    pool_run(att_convert_worker, &j, conv < nthreads ? conv : nthreads);
-    pool_run(att_worker, &j, j.ntasks < nthreads ? j.ntasks : nthreads);
+    j.vstore = j.kstore + (int64_t)hc * j.nblocks * j.kbytes;
+    j.scratch = j.vstore + (int64_t)hc * j.nblocks * j.vbytes;
+    for (j.g0 = 0; j.g0 < Hkv; j.g0 += hc) {
+        j.hc = Hkv - j.g0 < hc ? Hkv - j.g0 : hc;
+        j.ntasks = j.ntiles * j.hc;
+        atomic_init(&j.next, 0);
+        int conv = j.hc * j.nblocks;
+        pool_run(att_convert_worker, &j, conv < nthreads ? conv : nthreads);
+        pool_run(att_worker, &j, j.ntasks < nthreads ? j.ntasks : nthreads);
+    }
+}
+
+/* Set the per-pass store limit (bytes > 0); returns the previous one. */
+static int64_t attention_store_limit(int64_t bytes) {
+    int64_t old = g_att_store_bytes;
+    if (bytes > 0) g_att_store_bytes = bytes;
+    return old;
 }

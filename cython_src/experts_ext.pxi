@@ -148,6 +148,7 @@ cdef extern from "attention_kernels.c" nogil:
     void attention_forward(att_operand q, att_operand k, att_operand v, int n, int L, int H,
                            int Hkv, int dq, int dv, float scale, float *out,
                            uint8_t *workspace, int nthreads)
+    int64_t attention_store_limit(int64_t nbytes)
 
 
 cdef att_operand _operand(tuple x):
@@ -172,3 +173,9 @@ def attention(tuple q, tuple k, tuple v, int n, int L, int H, int Hkv, int dq, i
     with nogil:
         attention_forward(qo, ko, vo, n, L, H, Hkv, dq, dv, scale, <float *>out,
                           <uint8_t *>workspace, nthreads)
+
+
+def attention_store(int64_t nbytes=0):
+    """Bytes of converted K/V one pass may hold (kv heads are split into passes
+    past it); nbytes > 0 sets it. Returns the previous value."""
+    return attention_store_limit(nbytes)

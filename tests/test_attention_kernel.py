@@ -152,6 +152,24 @@ def test_sharp_softmax_with_rising_scores(isa):
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
+def test_kv_heads_split_into_passes_match_one_pass(isa):
+    # a store limit below one kv head's blocks: one pass per kv head
+    kernels = kernels_or_error(isa)
+    if kernels is None:
+        return
+    q, k, v = make_inputs(70, 130, 4, 40, 24, torch.float32, seed=4)   # Hkv 2, L 200
+    whole = causal_attention(q, k, v, 0.15, threads=2, kernels=kernels)
+    old = kernels.attention_store(1)
+    try:
+        split = causal_attention(q, k, v, 0.15, threads=2, kernels=kernels)
+    finally:
+        kernels.attention_store(old)
+    assert kernels.attention_store() == old
+    assert torch.equal(whole, split)
+    check(split, reference(q, k, v, 0.15), isa, f"{isa} split passes")
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
 def test_thread_count_does_not_change_results(isa):
     kernels = kernels_or_error(isa)
     if kernels is None:
