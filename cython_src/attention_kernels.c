@@ -22,15 +22,23 @@
  * EXAMPLE  Qwen3-30B-A3B, 4K-token prompt: H 32, Hkv 4, d 128 -> 4 kv heads x
  *   256 row tiles of 16 queries x 8 heads = 128 query vectors per task;
  *   the last tile reads all 64 key blocks of 64 keys, the first reads one.
+ *   Measured (2 AVX-512 EPYC cores, BF16 peak ~950 GFLOP/s): 512 tokens 3.5 ms,
+ *   4096 tokens 185 ms (~750 GFLOP/s), 4.5-6x torch SDPA in FP32.
  *
- * PLAN  tasks (kv head, tile of bm query rows) claimed from an atomic cursor,
- *   last tiles first (a causal row's cost grows with its position, so the
- *   long tasks start early and the short ones fill the tail). A task holds
- *   all G query heads of its kv head for its rows (M = bm * G query vectors):
- *   each K/V block is converted once into per-thread scratch and read by all
- *   M of them, which is what lifts the arithmetic intensity to the dot-product
- *   units' rate. Key blocks past the tile's last position are skipped; only
- *   blocks that cross a row's position are masked.
+ * PLAN  phase 1: every (kv head, key block of BN) is converted once into a
+ *   shared store (BF16 pair layout below, or FP32), split over the threads.
+ *   Phase 2: tasks (kv head, tile of bm query rows) claimed from an atomic
+ *   cursor, last tiles first (a causal row's cost grows with its position,
+ *   so the long tasks start early and the short ones fill the tail), one
+ *   claimed ahead so its q and out rows are prefetched. A task holds all G
+ *   query heads of its kv head for its rows (M = bm * G query vectors), so
+ *   each converted K/V block is read by all M of them: that reuse lifts the
+ *   arithmetic intensity to the dot-product units' rate. Key blocks past the
+ *   tile's last position are skipped; only blocks that cross a row's
+ *   position are masked, and there each register tile stops at the last key
+ *   its rows see. Kv heads go in passes when the store would pass
+ *   g_att_store_bytes. Each task owns its output rows: no reduction, the
+ *   result does not depend on the thread count.
  *
  * AVX-512 (Zen 4, Sapphire Rapids and later): Q.K^T and P.V with vdpbf16ps on
  *   BF16 inputs (round to nearest even), FP32 accumulation; softmax statistics
@@ -40,8 +48,9 @@
  *     Kb [dq/2 pairs][BN keys] words  (k[j][2p], k[j][2p+1])
  *     Vb [BN/2 key pairs][dvp] words  (v[2t][c], v[2t+1][c])
  *     Qb [M][dq/2] words, Pb [M][BN/2] words
- * AVX2 and generic: the same blocks in FP32 (the compiler vectorises the key-
- *   and column-major inner loops; AVX2 uses exp256).
+ * AVX2: the same blocks in FP32 from the given inputs, register-tiled FMA
+ *   bodies (3 query vectors x 32 keys or output columns) and exp256.
+ * Generic: the same blocks as plain loops (the FP32 oracle's twin).
  */
 #include <math.h>
 #include <stdatomic.h>
