@@ -17,7 +17,11 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def causal_attention(q, k, v, scale, threads=None, out=None, kernels=None):
     """q [n, H, dq], k [L, Hkv, dq], v [L, Hkv, dv] (float32 or bfloat16, any strides)
-    -> out [n, H, dv] float32 (written into `out` when given: contiguous float32)."""
+    -> out [n, H, dv] float32 (written into `out` when given: contiguous float32).
+
+    `threads` defaults to MOED_THREADS or the affinity set; `kernels` to the
+    selected ISA's extension. Safe to call from several Python threads (the
+    pool serialises calls; the workspace is per Python thread)."""
     from moed.cpu import expert_kernels
     n, H, dq, L, Hkv, dv = _check_shapes(q, k, v)
     out = _check_out(out, (n, H, dv))
@@ -25,7 +29,7 @@ def causal_attention(q, k, v, scale, threads=None, out=None, kernels=None):
         return out
     kernels = kernels or expert_kernels()
     threads = threads or default_threads()
-    q, k, v = _rows(q, "q"), _rows(k, "k"), _rows(v, "v")
+    q, k, v = _rows(q), _rows(k), _rows(v)
     ws = _workspace_for(kernels.attention_workspace(n, L, H, Hkv, dq, dv, threads))
     kernels.attention(_operand(q), _operand(k), _operand(v), n, L, H, Hkv, dq, dv,
                       float(scale), out.data_ptr(), ws.ctypes.data, threads)
@@ -67,7 +71,7 @@ def _check_out(out, shape):
     return out
 
 
-def _rows(x, name):
+def _rows(x):
     # the kernel takes any token and head strides but a contiguous head dimension
     x = x.detach()
     return x if x.stride(2) == 1 else x.contiguous()
