@@ -170,7 +170,10 @@ static void att_load_q(const att_job *j, att_scratch *s, int g, int i0, int rows
 
 /* Kb [qw][BN] words: a 64 x qw word transpose of the BF16 rows (the pairs
  * are already adjacent in a row); keys past nk are zero. */
-static int64_t att_kblock_bytes(int qw, int dq) { (void)dq; return att_align(4 * (int64_t)qw * ATT_BN); }
+static int64_t att_kblock_bytes(int qw, int dq) {
+    (void)dq;
+    return att_align(4 * (int64_t)qw * ATT_BN);
+}
 static int64_t att_vblock_bytes(int dvp) { return att_align(2 * (int64_t)ATT_BN * dvp); }
 
 static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk) {
@@ -296,7 +299,9 @@ static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float sc
     s->alpha[m] = alpha;
 }
 
-static float att_row_sum(const att_scratch *s, int m) { return _mm512_reduce_add_ps(_mm512_loadu_ps(s->l + 16 * m)); }
+static float att_row_sum(const att_scratch *s, int m) {
+    return _mm512_reduce_add_ps(_mm512_loadu_ps(s->l + 16 * m));
+}
 
 /* O[R][c0 + 16 NV) = alpha O + P . Vb over the key pairs [0, np). */
 ALWAYS_INLINE void att_pv_tile(const uint32_t *p, const uint32_t *vb, int dvp, int np, float *o,
@@ -317,7 +322,8 @@ ALWAYS_INLINE void att_pv_tile(const uint32_t *p, const uint32_t *vb, int dvp, i
         }
     }
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) _mm512_storeu_ps(o + (int64_t)r * dvp + c0 + 16 * v, acc[r][v]);
+        for (int v = 0; v < NV; v++)
+            _mm512_storeu_ps(o + (int64_t)r * dvp + c0 + 16 * v, acc[r][v]);
 }
 
 #define ATT_PV_CASE(R, NV) att_pv_tile(p, vb, j->dvp, np, o, al, c0, R, NV)
@@ -362,7 +368,10 @@ static void att_load_q(const att_job *j, att_scratch *s, int g, int i0, int rows
 }
 
 /* Kt [dq][BN]: key-major inner rows so the score loop runs over keys. */
-static int64_t att_kblock_bytes(int qw, int dq) { (void)qw; return att_align(4 * (int64_t)dq * ATT_BN); }
+static int64_t att_kblock_bytes(int qw, int dq) {
+    (void)qw;
+    return att_align(4 * (int64_t)dq * ATT_BN);
+}
 static int64_t att_vblock_bytes(int dvp) { return att_align(4 * (int64_t)ATT_BN * dvp); }
 
 static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk) {
@@ -386,7 +395,8 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk)
 #define ATT_R2 3                /* rows per AVX2 register tile: 3 x 4 accumulators */
 
 /* S[R][32 keys from t0] = Q[R] . Kt: one Kt load feeds R rows. */
-ALWAYS_INLINE void att_qk_tile8(const float *q, int dq, const float *kt, float *s, int t0, const int R) {
+ALWAYS_INLINE void att_qk_tile8(const float *q, int dq, const float *kt, float *s, int t0,
+                                const int R) {
     __m256 acc[ATT_R2][4];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();
@@ -563,7 +573,8 @@ static void att_prefetch_some(att_prefetch *p, int count) {
     int end = p->done + count < p->total ? p->done + count : p->total;
     for (int i = p->done; i < end; i++) {
         int qn = p->rows * p->q_lines;
-        if (i < qn) __builtin_prefetch(p->q + (i / p->q_lines) * p->q_ld + 64 * (i % p->q_lines), 0, 2);
+        if (i < qn)
+            __builtin_prefetch(p->q + (i / p->q_lines) * p->q_ld + 64 * (i % p->q_lines), 0, 2);
         else {
             int k = i - qn;
             __builtin_prefetch(p->o + (k / p->o_lines) * p->o_ld + 64 * (k % p->o_lines), 1, 2);
@@ -596,7 +607,8 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
     }
     for (int m = 0; m < M; m++) {
         int r = m / j->G, h = g * j->G + m % j->G;
-        float inv = 1.0f / att_row_sum(s, m), *dst = j->out + ((int64_t)(i0 + r) * j->H + h) * j->dv;
+        float inv = 1.0f / att_row_sum(s, m);
+        float *dst = j->out + ((int64_t)(i0 + r) * j->H + h) * j->dv;
         const float *o = s->o + (int64_t)m * j->dvp;
         for (int c = 0; c < j->dv; c++) dst[c] = o[c] * inv;
     }
