@@ -80,10 +80,13 @@ def install_cpu_paths(model, model_dir, experts, linears):
 
 def install_cpu_attention(model):
     """Prefill chunks of grouped-query attention through the compiled flash-attention
-    kernel (BF16 dot products, never a [T, T] score matrix); decode stays batched in
-    torch. Returns the number of layers switched."""
+    kernel (BF16 dot products, never a [T, T] score matrix) where the CPU has
+    AVX-512 BF16; decode stays batched in torch. Returns the number of layers switched."""
+    from moed.cpu import expert_kernels
     from moed.experts.attention import causal_attention
     from moed.model.attention import GQAttention
+    if expert_kernels().ISA != "avx512":
+        return 0        # FP32 paths: about torch's speed with AVX2, slower in portable C
     layers = [layer.attn for layer in model.layers if isinstance(layer.attn, GQAttention)]
     for attn in layers:
         attn.prefill_kernel = causal_attention
