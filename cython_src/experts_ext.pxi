@@ -179,3 +179,18 @@ def attention_store(int64_t nbytes=0):
     """Bytes of converted K/V one pass may hold (kv heads are split into passes
     past it); nbytes > 0 sets it. Returns the previous value."""
     return attention_store_limit(nbytes)
+
+
+cdef extern from "glue_kernels.c" nogil:
+    void qk_norm_rope(const float *x, int64_t ldx, int N, int R, int d, const float *w,
+                      float eps, const float *cs, const float *sn, int64_t ldcs, float *out,
+                      int nthreads)
+
+
+def norm_rope(uintptr_t x, int64_t ldx, int N, int R, int d, uintptr_t w, float eps,
+              uintptr_t cos, uintptr_t sin, int64_t ldcs, uintptr_t out, int nthreads):
+    """out[N, R, d] = rotary(w * x / rms(x)) per (token, head) row; w == 0: rotary only.
+    Pointers and strides are checked by the caller (moed/experts/glue.py)."""
+    with nogil:
+        qk_norm_rope(<const float *>x, ldx, N, R, d, <const float *>w, eps,
+                     <const float *>cos, <const float *>sin, ldcs, <float *>out, nthreads)

@@ -79,17 +79,20 @@ def install_cpu_paths(model, model_dir, experts, linears):
 
 
 def install_cpu_attention(model):
-    """Prefill chunks of grouped-query attention through the compiled flash-attention
-    kernel (BF16 dot products, never a [T, T] score matrix) where the CPU has
-    AVX-512 BF16; decode stays batched in torch. Returns the number of layers switched."""
+    """Grouped-query attention's glue and prefill on the compiled kernels: q/k norm and
+    rotary in one pass (every ISA), and prefill chunks through the flash-attention
+    kernel (BF16 dot products, never a [T, T] score matrix) where the CPU has AVX-512
+    BF16; decode attention stays batched in torch. Returns the layers switched."""
     from moed.cpu import expert_kernels
     from moed.experts.attention import causal_attention
+    from moed.experts.glue import norm_rope
     from moed.model.attention import GQAttention
-    if expert_kernels().ISA != "avx512":
-        return 0        # FP32 paths: about torch's speed with AVX2, slower in portable C
     layers = [layer.attn for layer in model.layers if isinstance(layer.attn, GQAttention)]
+    flash = expert_kernels().ISA == "avx512"   # FP32 paths: about torch's speed, or slower
     for attn in layers:
-        attn.prefill_kernel = causal_attention
+        attn.norm_rope = norm_rope
+        if flash:
+            attn.prefill_kernel = causal_attention
     return len(layers)
 
 

@@ -16,6 +16,8 @@ class GQAttention:
         # prefill chunks through the compiled flash-attention kernel when installed:
         # fn(q [n, H, d], k [L, Hkv, d], v [L, Hkv, d], scale, out=) (causal, offset L - n)
         self.prefill_kernel = None
+        # q/k norm + rotary in one compiled pass when installed (moed.experts.glue.norm_rope)
+        self.norm_rope = None
         self.rotary = rotary
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.q_norm, self.k_norm = q_norm, k_norm         # per-head RMSNorm [d] (Qwen3)
@@ -37,9 +39,15 @@ class GQAttention:
         joint = self._joint_qk(q, k)
         if joint is not None:       # q and k side by side: norm and rotate them as one
             qk = joint.view(N, self.heads + self.kv_heads, self.head_dim)
-            if self.q_norm is not None:
-                qk = self.q_norm.normalize(qk) * self._qk_weight
-            qk = self.rotary(qk, *cos_sin)
+            if self.norm_rope is not None and not self.rotary.interleaved:
+                norm = self.q_norm is not None
+                qk = self.norm_rope(qk, *self.rotary.halves(*cos_sin),
+                                    self._qk_weight if norm else None,
+                                    self.q_norm.eps if norm else 0.0)
+            else:
+                if self.q_norm is not None:
+                    qk = self.q_norm.normalize(qk) * self._qk_weight
+                qk = self.rotary(qk, *cos_sin)
             q, k = qk[:, :self.heads], qk[:, self.heads:]
         else:
             q = q.view(N, self.heads, self.head_dim)

@@ -99,6 +99,11 @@ class Rotary:
         return (torch.stack((cos, cos), dim=1)[:, None],
                 torch.stack((-sin, sin), dim=1)[:, None])
 
+    @staticmethod
+    def halves(cos, sin):
+        """cos_sin's tables as plain [N, d/2] cos and sin views (the compiled glue)."""
+        return cos[:, 0, 0], sin[:, 0, 1]
+
     def __call__(self, x, cos, sin):
         # x [N, h, d]; cos, sin from cos_sin -> [N, h, d]
         n, h, d = x.shape

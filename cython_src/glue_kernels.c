@@ -1,0 +1,80 @@
+/* Per-head RMS norm and rotary embedding of attention's q and k in one pass
+ * (the glue between the fused q/k/v projection and the KV cache).
+ *
+ * SHAPES (N tokens, R = heads of q and k together, d head dim, h = d / 2)
+ *   x      [N, R, d] FP32, token stride ldx (a column view of the fused q/k/v
+ *          projection output), head stride d
+ *   w      [R, d] FP32 per-head norm weights, or NULL: rotary only (no norm)
+ *   cs, sn [N, h] FP32 cos and sin of each token's position (attention
+ *          scaling folded in), token stride ldcs
+ *   out    [N, R, d] FP32, contiguous
+ *
+ * DEFINITION (rotate-half convention; the torch path in moed/model/layers.py)
+ *   y = w ? w * x / sqrt(mean(x^2) + eps) : x           per (token, head) row
+ *   out[j]     = y[j] * cs[j] - y[j + h] * sn[j]        j < h
+ *   out[j + h] = y[j + h] * cs[j] + y[j] * sn[j]
+ *
+ * REGULARITIES  decode: N = 1..64 (a few rows: one thread); prefill chunks:
+ *   N = 512 -> 18K rows of 128 that torch runs as ~10 full passes over
+ *   9 MB tensors; here one read and one write, split by rows over the pool.
+ *   Plain C: the compiler vectorises the loops for each ISA build.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "thread_pool.h"
+
+#define GLUE_PARALLEL_ROWS 256      /* fewer (token, head) rows: the caller's thread */
+
+typedef struct {
+    const float *x, *w, *cs, *sn;
+    float *out;
+    int64_t ldx, ldcs;
+    int N, R, d;
+    float eps;
+} qk_job;
+
+static void qk_rows(const qk_job *j, int64_t r0, int64_t r1) {
+    const int d = j->d, h = d / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t t = r / j->R;
+        const int head = (int)(r % j->R);
+        const float *x = j->x + t * j->ldx + (int64_t)head * d;
+        const float *c = j->cs + t * j->ldcs, *s = j->sn + t * j->ldcs;
+        float *o = j->out + r * d;
+        float inv = 1.0f;
+        const float *w = NULL;
+        if (j->w) {
+            float ss = 0.0f;
+            for (int i = 0; i < d; i++) ss += x[i] * x[i];
+            inv = 1.0f / sqrtf(ss / (float)d + j->eps);
+            w = j->w + (int64_t)head * d;
+        }
+        for (int i = 0; i < h; i++) {
+            float a = x[i] * inv, b = x[i + h] * inv;
+            if (w) {
+                a *= w[i];
+                b *= w[i + h];
+            }
+            o[i] = a * c[i] - b * s[i];
+            o[i + h] = b * c[i] + a * s[i];
+        }
+    }
+}
+
+static void qk_worker(void *arg, int tid, int n) {
+    const qk_job *j = (const qk_job *)arg;
+    const int64_t rows = (int64_t)j->N * j->R;
+    qk_rows(j, rows * tid / n, rows * (tid + 1) / n);
+}
+
+static void qk_norm_rope(const float *x, int64_t ldx, int N, int R, int d, const float *w,
+                         float eps, const float *cs, const float *sn, int64_t ldcs, float *out,
+                         int nthreads) {
+    qk_job j = {.x = x, .w = w, .cs = cs, .sn = sn, .out = out, .ldx = ldx, .ldcs = ldcs,
+                .N = N, .R = R, .d = d, .eps = eps};
+    if ((int64_t)N * R < GLUE_PARALLEL_ROWS || nthreads <= 1)
+        qk_rows(&j, 0, (int64_t)N * R);
+    else
+        pool_run(qk_worker, &j, nthreads);
+}

@@ -1,0 +1,37 @@
+"""The glue between attention's fused q/k/v projection and the KV cache on the
+compiled kernels (cython_src/glue_kernels.c): per-head RMS norm and rotary of q
+and k together, one pass instead of torch's ~10 passes over the chunk.
+Shape legend: N tokens, R heads of q and k together, d head dim, h = d / 2.
+"""
+import torch
+
+from moed.errors import InvalidRequestError
+from moed.experts.layer import default_threads
+
+
+def norm_rope(qk, cos, sin, weight=None, eps=0.0, threads=None, kernels=None):
+    """qk [N, R, d] float32 (any token stride; heads and dims contiguous), cos, sin
+    [N, h] (token stride any, dims contiguous), weight [R, d] float32 or None (rotary
+    only) -> [N, R, d] float32: rotate-half rotary of weight * qk / rms(qk)."""
+    from moed.cpu import expert_kernels
+    N, R, d = qk.shape
+    if qk.dtype != torch.float32 or qk.stride(2) != 1 or qk.stride(1) != d or d % 2:
+        raise InvalidRequestError(f"qk must be float32 [N, R, d] with contiguous heads and an "
+                                  f"even d, got {qk.dtype} {tuple(qk.shape)} strides "
+                                  f"{qk.stride()}", field="qk")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (N, d // 2) or t.stride(1) != 1 \
+                or t.stride(0) != cos.stride(0):
+            raise InvalidRequestError(f"{name} must be float32 [{N}, {d // 2}] like cos, got "
+                                      f"{t.dtype} {tuple(t.shape)}", field=name)
+    if weight is not None and (tuple(weight.shape) != (R, d) or weight.dtype != torch.float32
+                               or not weight.is_contiguous()):
+        raise InvalidRequestError(f"weight must be contiguous float32 [{R}, {d}]", field="weight")
+    kernels = kernels or expert_kernels()
+    out = torch.empty(N, R, d, dtype=torch.float32)
+    if N:
+        kernels.norm_rope(qk.data_ptr(), qk.stride(0), N, R, d,
+                          0 if weight is None else weight.data_ptr(), float(eps),
+                          cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
+                          threads or default_threads())
+    return out

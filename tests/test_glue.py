@@ -1,0 +1,90 @@
+"""q/k norm + rotary on the compiled kernels (moed.experts.glue): every ISA against
+the torch path it replaces, on ragged shapes and strided inputs; bad arguments; the
+attention layer's joint path with and without the kernel."""
+import pytest
+import torch
+
+import moed.cpu as cpu
+from moed.errors import ConfigError, InvalidRequestError
+from moed.experts.glue import norm_rope
+from moed.model.layers import RMSNorm, Rotary
+from moed.model.model_config import RopeConfig
+
+
+def kernels_or_error(isa):
+    if isa not in cpu.supported_isas():
+        with pytest.raises(ConfigError):
+            cpu.expert_kernels(isa)
+        return None
+    return cpu.expert_kernels(isa)
+
+
+def torch_path(qk, rotary, cos_sin, weight, eps):
+    if weight is not None:
+        qk = RMSNorm(torch.ones(qk.shape[-1]), eps).normalize(qk) * weight
+    return rotary(qk, *cos_sin)
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+@pytest.mark.parametrize("N,R,d", [(1, 36, 128), (3, 5, 24), (300, 6, 48), (17, 3, 2)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_every_isa_matches_the_torch_path(isa, N, R, d, norm):
+    kernels = kernels_or_error(isa)
+    if kernels is None:
+        return                                  # asserted: the unsupported ISA is refused
+    torch.manual_seed(N + R + d)
+    rotary = Rotary(RopeConfig("yarn", 10000.0, d, {"factor": 4.0,
+                                                    "original_max_position_embeddings": 64},
+                               4096))
+    wide = torch.randn(N, R * d + 40) * 3                      # q/k as a column view
+    qk = wide[:, 8:8 + R * d].view(N, R, d)
+    weight = torch.rand(R, d) + 0.5 if norm else None
+    cos_sin = rotary.cos_sin(torch.arange(100, 100 + N))
+    want = torch_path(qk, rotary, cos_sin, weight, 1e-6)
+    got = norm_rope(qk, *rotary.halves(*cos_sin), weight, 1e-6, threads=2, kernels=kernels)
+    err = (got - want).abs().max().item()
+    print(f"{isa} N={N} R={R} d={d} norm={norm}: max abs {err:.1e}")
+    assert got.shape == (N, R, d) and err <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_bad_arguments_name_the_field():
+    qk, c = torch.randn(2, 3, 8), torch.randn(2, 4)
+    with pytest.raises(InvalidRequestError) as e:
+        norm_rope(qk.double(), c, c)
+    assert e.value.field == "qk"
+    with pytest.raises(InvalidRequestError) as e:
+        norm_rope(torch.randn(2, 3, 7), c, c)
+    assert e.value.field == "qk"
+    with pytest.raises(InvalidRequestError) as e:
+        norm_rope(qk, c, torch.randn(2, 3))
+    assert e.value.field == "sin"
+    with pytest.raises(InvalidRequestError) as e:
+        norm_rope(qk, c, c, torch.randn(3, 4))
+    assert e.value.field == "weight"
+    assert norm_rope(torch.randn(0, 3, 8), torch.randn(0, 4), torch.randn(0, 4)).shape == (0, 3, 8)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_joint_path_with_the_kernel_matches_torch(qk_norm):
+    from moed.experts.dense import CPUFusedLinear, CPULinear
+    from moed.experts.dense_store import concat_rows, pack_weight
+    from moed.model.attention import GQAttention
+    from moed.model.formats import Weight
+    from moed.model.layers import Linear
+    torch.manual_seed(1)
+    H, Hkv, d, D = 4, 2, 32, 96
+    ws = [Weight(torch.randn(r, D).bfloat16(), None, None) for r in (H * d, Hkv * d, Hkv * d)]
+    norms = (RMSNorm(torch.rand(d) + 0.5, 1e-6), RMSNorm(torch.rand(d) + 0.5, 1e-6)) \
+        if qk_norm else (None, None)
+    rotary = Rotary(RopeConfig("default", 10000.0, d, {}, 4096))
+    attn = GQAttention(*[CPULinear(w) for w in ws], None, rotary, H, Hkv, d, *norms)
+    attn.qkv = CPUFusedLinear.over(pack_weight(concat_rows(ws, "qkv"), "qkv"),
+                                   [Linear(w) for w in ws], None, None)
+    x, cos_sin = torch.randn(300, D), rotary.cos_sin(torch.arange(300))
+    want = attn.project(x, cos_sin)
+    calls = []
+    attn.norm_rope = lambda *a: calls.append(1) or norm_rope(*a)
+    got = attn.project(x, cos_sin)
+    assert calls                                                # the kernel ran
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
