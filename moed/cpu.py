@@ -3,6 +3,7 @@
 `MOED_ISA=avx512|avx2|generic` forces a path; forcing one the CPU lacks is an
 error, never a crash (SIGILL) later.
 """
+import functools
 import os
 
 from moed.errors import ConfigError
@@ -10,10 +11,13 @@ from moed.errors import ConfigError
 ISAS = ("avx512", "avx2", "generic")
 
 
+@functools.cache
 def supported_isas():
-    """Best first; `generic` is always there."""
+    """Best first; `generic` is always there. Probed once (CPUID and the OS's saved
+    register state do not change while the process runs; the probe costs ~50 us,
+    which per kernel call would show in a decode step)."""
     from moed import _cpu_guard
-    return _cpu_guard.supported_isas()
+    return tuple(_cpu_guard.supported_isas())
 
 
 def selected_isa():
