@@ -18,8 +18,10 @@ import pytest
 import torch
 
 import moed.cpu as cpu
-from moed.errors import ConfigError, InvalidRequestError
+from moed.errors import InvalidRequestError
 from moed.experts.attention import causal_attention
+
+from isa_kernels import kernels_or_refused
 
 TOKENS = [1, 3, 17, 130]
 PREFIX = [0, 5, 200]
@@ -52,14 +54,6 @@ def make_inputs(n, prefix, G, dq, dv, dtype, seed=0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def kernels_or_error(isa):
-    if isa not in cpu.supported_isas():
-        with pytest.raises(ConfigError):
-            cpu.expert_kernels(isa)
-        return None
-    return cpu.expert_kernels(isa)
-
-
 def check(out, ref, isa, label):
     mean_tol, max_tol = BOUNDS[isa]
     assert not torch.isnan(out).any(), f"{label}: NaN left in out"
@@ -78,7 +72,7 @@ CASES = [(TOKENS[c % 4], PREFIX[c % 3], G, dims, dtype)
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_every_isa_matches_float64_on_ragged_shapes(isa):
-    kernels = kernels_or_error(isa)
+    kernels = kernels_or_refused(isa)
     if kernels is None:
         return                                   # asserted: the unsupported ISA is refused
     worst = (0.0, 0.0)
@@ -101,7 +95,7 @@ def test_cases_cover_every_shape_pair():
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_strided_inputs_and_mixed_dtypes(isa):
     # q a slice of a packed qkv projection, k/v views of a longer cache, BF16 cache
-    kernels = kernels_or_error(isa)
+    kernels = kernels_or_refused(isa)
     if kernels is None:
         return
     n, L, H, Hkv, d = 33, 90, 8, 2, 64
@@ -121,7 +115,7 @@ def test_strided_inputs_and_mixed_dtypes(isa):
 def test_mla_latent_shape(isa):
     # DeepSeek MLA latent form: 128 query heads share one 576-wide latent key; the
     # value is the key's first 512 columns (a strided view of the same cache)
-    kernels = kernels_or_error(isa)
+    kernels = kernels_or_refused(isa)
     if kernels is None:
         return
     n, L, H = 5, 70, 128
@@ -137,7 +131,7 @@ def test_sharp_softmax_with_rising_scores(isa):
     # scores spanning +-60 that grow along the keys: the running max moves many
     # times (AVX-512 rescales lazily, past +8). BF16 inputs, so the reference
     # sees exactly what the kernel multiplies.
-    kernels = kernels_or_error(isa)
+    kernels = kernels_or_refused(isa)
     if kernels is None:
         return
     n, L, Hkv, G, d = 40, 300, 2, 4, 64
@@ -154,7 +148,7 @@ def test_sharp_softmax_with_rising_scores(isa):
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_kv_heads_split_into_passes_match_one_pass(isa):
     # a store limit below one kv head's blocks: one pass per kv head
-    kernels = kernels_or_error(isa)
+    kernels = kernels_or_refused(isa)
     if kernels is None:
         return
     q, k, v = make_inputs(70, 130, 4, 40, 24, torch.float32, seed=4)   # Hkv 2, L 200
@@ -171,7 +165,7 @@ def test_kv_heads_split_into_passes_match_one_pass(isa):
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_thread_count_does_not_change_results(isa):
-    kernels = kernels_or_error(isa)
+    kernels = kernels_or_refused(isa)
     if kernels is None:
         return
     q, k, v = make_inputs(70, 60, 4, 128, 128, torch.float32, seed=3)

@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 import moed.cpu as cpu
-from moed.errors import ConfigError, InvalidRequestError
+from moed.errors import InvalidRequestError
 from moed.experts.dense import CPUFusedLinear, CPUGatedMLP, CPULinear
 from moed.experts.dense_store import concat_rows, pack_weight
 from moed.model.formats import Weight, quantize_fp8
 from moed.model.layers import Linear
+
+from isa_kernels import kernels_or_refused
 
 SHAPES = [(200, 300), (131, 67), (64, 128), (3, 257)]    # (out, in): ragged vs 128, 64, 16, 8
 TOKENS = [1, 3, 17, 130]
@@ -44,18 +46,10 @@ def reference(x, w):
     return xd @ wd.T, xd.abs() @ wd.abs().T
 
 
-def kernels_or_error(isa):
-    if isa not in cpu.supported_isas():
-        with pytest.raises(ConfigError):
-            cpu.expert_kernels(isa)
-        return None
-    return cpu.expert_kernels(isa)
-
-
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_every_isa_matches_float64_on_ragged_shapes(isa, fmt):
-    kernels = kernels_or_error(isa)
+    kernels = kernels_or_refused(isa)
     if kernels is None:
         return                                  # asserted: the unsupported ISA is refused
     for i, (out, inp) in enumerate(SHAPES):

@@ -117,34 +117,6 @@ def test_engine_installs_linears_unless_torch_and_install_is_idempotent(models, 
     assert install_cpu_linears(llm.engine.model, d) == 0           # nothing left to replace
 
 
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_joint_q_k_norm_and_rotary_equal_the_separate_path(qk_norm):
-    # H * d a multiple of 128, so the fused projection holds k right after q
-    import torch
-
-    from moed.experts.dense_store import concat_rows, pack_weight
-    from moed.model.attention import GQAttention
-    from moed.model.formats import Weight
-    from moed.model.layers import RMSNorm, Rotary
-    from moed.model.model_config import RopeConfig
-    torch.manual_seed(0)
-    H, Hkv, d, D = 4, 2, 32, 96
-    ws = [Weight(torch.randn(r, D).bfloat16(), None, None) for r in (H * d, Hkv * d, Hkv * d)]
-    norms = (RMSNorm(torch.rand(d) + 0.5, 1e-6), RMSNorm(torch.rand(d) + 0.5, 1e-6)) \
-        if qk_norm else (None, None)
-    rotary = Rotary(RopeConfig("default", 10000.0, d, {}, 4096))
-    lins = [CPULinear(w) for w in ws]
-    plain = GQAttention(*lins, None, rotary, H, Hkv, d, *norms)
-    joint = GQAttention(*lins, None, rotary, H, Hkv, d, *norms)
-    joint.qkv = CPUFusedLinear.over(pack_weight(concat_rows(ws, "qkv"), "qkv"),
-                                    [Linear(w) for w in ws], None, None)
-    x, cos_sin = torch.randn(5, D), rotary.cos_sin(torch.arange(7, 12))
-    q, k, _ = joint.project(x, cos_sin)
-    assert joint._joint_qk(*joint.qkv(x)[:2]) is not None     # the joint path ran
-    for got, want in zip((q, k), plain.project(x, cos_sin)[:2]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
 def chunked_logits(llm, ids, chunk):
     """Logits at every position, the prompt forwarded `chunk` tokens at a time: every
     chunk after the first attends to the tokens cached before it."""

@@ -5,18 +5,12 @@ import pytest
 import torch
 
 import moed.cpu as cpu
-from moed.errors import ConfigError, InvalidRequestError
+from moed.errors import InvalidRequestError
 from moed.experts.glue import norm_rope
 from moed.model.layers import RMSNorm, Rotary
 from moed.model.model_config import RopeConfig
 
-
-def kernels_or_error(isa):
-    if isa not in cpu.supported_isas():
-        with pytest.raises(ConfigError):
-            cpu.expert_kernels(isa)
-        return None
-    return cpu.expert_kernels(isa)
+from isa_kernels import kernels_or_refused
 
 
 def torch_path(qk, rotary, cos_sin, weight, eps):
@@ -29,7 +23,7 @@ def torch_path(qk, rotary, cos_sin, weight, eps):
 @pytest.mark.parametrize("N,R,d", [(1, 36, 128), (3, 5, 24), (300, 6, 48), (17, 3, 2)])
 @pytest.mark.parametrize("norm", [True, False])
 def test_every_isa_matches_the_torch_path(isa, N, R, d, norm):
-    kernels = kernels_or_error(isa)
+    kernels = kernels_or_refused(isa)
     if kernels is None:
         return                                  # asserted: the unsupported ISA is refused
     torch.manual_seed(N + R + d)
@@ -64,23 +58,39 @@ def test_bad_arguments_name_the_field():
     assert norm_rope(torch.randn(0, 3, 8), torch.randn(0, 4), torch.randn(0, 4)).shape == (0, 3, 8)
 
 
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_attention_joint_path_with_the_kernel_matches_torch(qk_norm):
+def tiny_attention(qk_norm, fused):
+    """GQA with H * d a multiple of 128, so the fused projection holds k right after q."""
     from moed.experts.dense import CPUFusedLinear, CPULinear
     from moed.experts.dense_store import concat_rows, pack_weight
     from moed.model.attention import GQAttention
     from moed.model.formats import Weight
     from moed.model.layers import Linear
-    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
     H, Hkv, d, D = 4, 2, 32, 96
-    ws = [Weight(torch.randn(r, D).bfloat16(), None, None) for r in (H * d, Hkv * d, Hkv * d)]
-    norms = (RMSNorm(torch.rand(d) + 0.5, 1e-6), RMSNorm(torch.rand(d) + 0.5, 1e-6)) \
-        if qk_norm else (None, None)
+    ws = [Weight(torch.randn(r, D, generator=g).bfloat16(), None, None)
+          for r in (H * d, Hkv * d, Hkv * d)]
+    norms = (RMSNorm(torch.rand(d, generator=g) + 0.5, 1e-6),
+             RMSNorm(torch.rand(d, generator=g) + 0.5, 1e-6)) if qk_norm else (None, None)
     rotary = Rotary(RopeConfig("default", 10000.0, d, {}, 4096))
     attn = GQAttention(*[CPULinear(w) for w in ws], None, rotary, H, Hkv, d, *norms)
-    attn.qkv = CPUFusedLinear.over(pack_weight(concat_rows(ws, "qkv"), "qkv"),
-                                   [Linear(w) for w in ws], None, None)
-    x, cos_sin = torch.randn(300, D), rotary.cos_sin(torch.arange(300))
+    if fused:
+        attn.qkv = CPUFusedLinear.over(pack_weight(concat_rows(ws, "qkv"), "qkv"),
+                                       [Linear(w) for w in ws], None, None)
+    return attn, torch.randn(300, D, generator=g), rotary.cos_sin(torch.arange(300))
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_joint_q_k_norm_and_rotary_equal_the_separate_path(qk_norm):
+    plain, x, cos_sin = tiny_attention(qk_norm, fused=False)
+    joint, _, _ = tiny_attention(qk_norm, fused=True)
+    assert joint._joint_qk(*joint.qkv(x)[:2]) is not None     # the joint path runs
+    for got, want in zip(joint.project(x, cos_sin), plain.project(x, cos_sin)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)   # the same products
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_joint_path_with_the_kernel_matches_torch(qk_norm):
+    attn, x, cos_sin = tiny_attention(qk_norm, fused=True)
     want = attn.project(x, cos_sin)
     calls = []
     attn.norm_rope = lambda *a: calls.append(1) or norm_rope(*a)

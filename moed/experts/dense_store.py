@@ -198,10 +198,10 @@ def open_or_build(model_dir, sources):
 
 
 def concat_rows(weights, name):
-    """Weights with the same columns stacked by rows (fused gate/up), FP8 scales too.
+    """Weights with the same columns stacked by rows (fused q/k/v, gate/up), FP8 scales too.
     Each part but the last is padded with zero rows to a multiple of 128, so every
     part starts on a scale block and a row tile: part i's rows start at `starts[i]`."""
-    parts, scales = [], []
+    parts = []
     for w in weights[:-1]:
         pad = -w.shape[0] % 128
         parts.append(torch.cat([w.data, w.data.new_zeros(pad, w.shape[1])]) if pad else w.data)
