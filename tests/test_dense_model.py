@@ -135,7 +135,8 @@ def chunked_logits(llm, ids, chunk):
     return np.concatenate(outs)
 
 
-@pytest.mark.parametrize("key", [("qwen3_moe", "fp8"), ("mixtral", "bf16")])
+@pytest.mark.parametrize("key", [("qwen3_moe", "fp8"), ("mixtral", "bf16"),
+                                 ("deepseek_v3", "fp8")])
 def test_prefill_attention_kernel_matches_the_reference_across_chunks(models, key):
     from moed.experts.attention import causal_attention
     ref = LLM(models[key], device="cpu", experts="torch")
@@ -150,3 +151,26 @@ def test_prefill_attention_kernel_matches_the_reference_across_chunks(models, ke
         print(f"{key}: prefill through the attention kernel, logits mean rel L1 {rel:.2e}")
         assert a.shape == b.shape and rel < TOL
     assert fast.generate(prompt, GREEDY)[0].token_ids == ref.generate(prompt, GREEDY)[0].token_ids
+
+
+def test_mla_expanded_prefill_through_the_kernel_matches_the_reference(models, monkeypatch):
+    # the tiny model always finds the latent form cheaper: force the expanded one
+    from moed.model.deepseek_v3 import MLAttention
+    monkeypatch.setattr(MLAttention, "absorbed_is_cheaper", lambda self, n: n == 1)
+    d = models[("deepseek_v3", "fp8")]
+    ref = LLM(d, device="cpu", experts="torch")
+    fast = LLM(d, device="cpu")
+    seen = []
+    for layer in fast.engine.model.layers:
+        if layer.attn.prefill_kernel is not None:
+            f = layer.attn.prefill_kernel
+            layer.attn.prefill_kernel = lambda q, k, v, s, f=f: seen.append(k.shape[1]) or f(q, k, v, s)
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, 200, size=45)]
+    b = ref.logits(prompt)
+    for a in (fast.logits(prompt), chunked_logits(fast, prompt, 16)):
+        rel = np.abs(a - b).mean() / np.abs(b).mean()
+        print(f"MLA expanded prefill, logits mean rel L1 {rel:.2e}")
+        assert rel < TOL
+    from moed.cpu import expert_kernels
+    if expert_kernels().ISA == "avx512":
+        assert seen and all(h > 1 for h in seen)       # every chunk went the expanded way

@@ -79,21 +79,27 @@ def install_cpu_paths(model, model_dir, experts, linears):
 
 
 def install_cpu_attention(model):
-    """Grouped-query attention's glue and prefill on the compiled kernels: q/k norm and
-    rotary in one pass (every ISA), and prefill chunks through the flash-attention
-    kernel (BF16 dot products, never a [T, T] score matrix) where the CPU has AVX-512
-    BF16; decode attention stays batched in torch. Returns the layers switched."""
+    """Attention's glue and prefill on the compiled kernels: GQA's q/k norm and rotary
+    in one pass (every ISA), and prefill chunks of GQA and MLA (both of its forms)
+    through the flash-attention kernel (BF16 dot products, never a [T, T] score
+    matrix) where the CPU has AVX-512 BF16; decode attention stays batched in torch.
+    Returns the attention layers seen."""
     from moed.cpu import expert_kernels
     from moed.experts.attention import causal_attention
     from moed.experts.glue import norm_rope
     from moed.model.attention import GQAttention
-    layers = [layer.attn for layer in model.layers if isinstance(layer.attn, GQAttention)]
+    from moed.model.deepseek_v3 import MLAttention
     flash = expert_kernels().ISA == "avx512"   # FP32 paths: about torch's speed, or slower
-    for attn in layers:
-        attn.norm_rope = norm_rope
-        if flash:
-            attn.prefill_kernel = causal_attention
-    return len(layers)
+    n = 0
+    for layer in model.layers:
+        attn = layer.attn
+        if isinstance(attn, GQAttention):
+            attn.norm_rope = norm_rope
+        if isinstance(attn, (GQAttention, MLAttention)):
+            n += 1
+            if flash:
+                attn.prefill_kernel = causal_attention
+    return n
 
 
 class LLMEngine:

@@ -24,6 +24,9 @@ class MLAttention:
         self.scale = scale
         # kv_b read whole every step by both attention forms: dequantized once
         self.w_kv = kv_b.weight.dequantize().view(self.H, self.dn + self.dv, self.r)  # [H, dn+dv, r]
+        # prefill chunks through the compiled flash-attention kernel when installed:
+        # fn(q [n, H, dq], k [L, Hk, dq], v [L, Hk, dv], scale) (causal, offset L - n)
+        self.prefill_kernel = None
 
     def queries(self, x):
         # x [N, D] -> q [N, H, dn + dr]
@@ -53,7 +56,7 @@ class MLAttention:
             n, cached = p.rows.stop - p.rows.start, kv_cache[p.slots].float()    # [L, r + dr]
             if self.absorbed_is_cheaper(n):
                 out[p.rows] = self.absorbed(q[None, p.rows], w_kv, cached[None, :, None],
-                                            batched_mask(p.mask))[0]
+                                            batched_mask(p.mask), self.prefill_kernel)[0]
             else:
                 out[p.rows] = self.expanded(q[p.rows], w_kv, cached, p.mask)
         return out
@@ -64,17 +67,21 @@ class MLAttention:
         r, dn, dr, dv = self.r, self.dn, self.dr, self.dv
         return n * (2 * r + dr) < r * (dn + dv) + n * (dn + dr + dv)
 
-    def absorbed(self, q, w_kv, cached, mask):
+    def absorbed(self, q, w_kv, cached, mask, kernel=None):
         """Weights absorbed: attend in the latent space, never expanding the cache.
 
         q.k = (q_nope W_uk) . latent + q_rot . k_rot, and the output is
         W_uv (sum_l p_l latent_l): the same products, regrouped.
         q [B, n, H, dn + dr], cached [B, L, 1, r + dr], mask [B, n, L] -> [B, n, H, dv]
+        (`kernel`: one causal chunk, B = 1, through the compiled kernel)
         """
         dn, r = self.dn, self.r
         q_lat = torch.einsum("bshn,hnr->bshr", q[..., :dn], w_kv[:, :dn])     # [B, n, H, r]
         q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                    # [B, n, H, r + dr]
-        o_lat = sdpa(q_abs, cached, cached[..., :r], mask, self.scale)      # [B, n, H, r]
+        if kernel is not None:
+            o_lat = kernel(q_abs[0], cached[0], cached[0, ..., :r], self.scale)[None]
+        else:
+            o_lat = sdpa(q_abs, cached, cached[..., :r], mask, self.scale)  # [B, n, H, r]
         return torch.einsum("bshr,hvr->bshv", o_lat, w_kv[:, dn:])
 
     def expanded(self, q, w_kv, cached, mask):
@@ -83,6 +90,8 @@ class MLAttention:
         H, r, dn, dr = self.H, self.r, self.dn, self.dr
         kv = torch.einsum("lr,hjr->lhj", cached[:, :r], w_kv)             # [L, H, dn + dv]
         k = torch.cat((kv[..., :dn], cached[:, None, r:].expand(-1, H, dr)), dim=-1)
+        if self.prefill_kernel is not None:
+            return self.prefill_kernel(q, k, kv[..., dn:], self.scale)
         return sdpa(q[None], k[None], kv[None, ..., dn:], batched_mask(mask), self.scale)[0]
 
 
