@@ -185,6 +185,8 @@ cdef extern from "glue_kernels.c" nogil:
     void qk_norm_rope(const float *x, int64_t ldx, int N, int R, int d, const float *w,
                       float eps, const float *cs, const float *sn, int64_t ldcs, float *out,
                       int nthreads)
+    void router_softmax_topk(const float *x, const float *w, int T, int D, int E, int k,
+                             int renorm, float *logits, int64_t *ids, float *wts, int nthreads)
 
 
 def norm_rope(uintptr_t x, int64_t ldx, int N, int R, int d, uintptr_t w, float eps,
@@ -194,3 +196,12 @@ def norm_rope(uintptr_t x, int64_t ldx, int N, int R, int d, uintptr_t w, float 
     with nogil:
         qk_norm_rope(<const float *>x, ldx, N, R, d, <const float *>w, eps,
                      <const float *>cos, <const float *>sin, ldcs, <float *>out, nthreads)
+
+
+def softmax_topk(uintptr_t x, uintptr_t w, int T, int D, int E, int k, bint renorm,
+                 uintptr_t logits, uintptr_t ids, uintptr_t wts, int nthreads):
+    """ids[T, k], wts[T, k] = top-k of softmax(x @ w^T) (renormalised when asked).
+    Pointers and shapes are checked by the caller (moed/experts/glue.py)."""
+    with nogil:
+        router_softmax_topk(<const float *>x, <const float *>w, T, D, E, k, renorm,
+                            <float *>logits, <int64_t *>ids, <float *>wts, nthreads)

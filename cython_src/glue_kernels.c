@@ -78,3 +78,74 @@ static void qk_norm_rope(const float *x, int64_t ldx, int N, int R, int d, const
     else
         pool_run(qk_worker, &j, nthreads);
 }
+
+/* Softmax routing (Mixtral, Qwen-MoE) for T tokens over E experts: logits
+ * x . W^T in FP32 (like the torch path's float32 matmul, another summation
+ * order), softmax, the k largest (lowest id first on ties), optionally
+ * renormalised to sum 1.
+ *
+ * SHAPES  x [T, D] FP32, W [E, D] FP32 -> ids [T, k] int64, wts [T, k] FP32;
+ *         logits [T, E] FP32 scratch from the caller.
+ * PARALLEL PLAN  the T x E dot products split in equal flat ranges over the
+ *   pool (decode: one token, the experts split); softmax and selection per
+ *   token on the caller (E values a token).
+ */
+typedef struct {
+    const float *x, *w;
+    float *logits;
+    int T, D, E;
+} router_job;
+
+static void router_dots(const router_job *j, int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; f++) {
+        const float *x = j->x + (f / j->E) * j->D, *w = j->w + (f % j->E) * j->D;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        int i = 0;
+        for (; i + 4 <= j->D; i += 4) {
+            s0 += x[i] * w[i];
+            s1 += x[i + 1] * w[i + 1];
+            s2 += x[i + 2] * w[i + 2];
+            s3 += x[i + 3] * w[i + 3];
+        }
+        for (; i < j->D; i++) s0 += x[i] * w[i];
+        j->logits[f] = (s0 + s1) + (s2 + s3);
+    }
+}
+
+static void router_worker(void *arg, int tid, int n) {
+    const router_job *j = (const router_job *)arg;
+    const int64_t all = (int64_t)j->T * j->E;
+    router_dots(j, all * tid / n, all * (tid + 1) / n);
+}
+
+static void router_softmax_topk(const float *x, const float *w, int T, int D, int E, int k,
+                                int renorm, float *logits, int64_t *ids, float *wts,
+                                int nthreads) {
+    router_job j = {.x = x, .w = w, .logits = logits, .T = T, .D = D, .E = E};
+    if ((int64_t)T * E * D < (1 << 16) || nthreads <= 1) router_dots(&j, 0, (int64_t)T * E);
+    else pool_run(router_worker, &j, nthreads);
+    for (int t = 0; t < T; t++) {
+        float *l = logits + (int64_t)t * E;
+        float mx = l[0], sum = 0.0f;
+        for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        for (int e = 0; e < E; e++) sum += (l[e] = expf(l[e] - mx));
+        float picked = 0.0f;
+        for (int s = 0; s < k; s++) {          /* k scans: k is small (2..8) */
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (l[e] >= 0.0f && (best < 0 || l[e] > l[best])) best = e;
+            if (best < 0) {                      /* NaN logits: a valid id, NaN weight */
+                ids[(int64_t)t * k + s] = s % E;
+                wts[(int64_t)t * k + s] = NAN;
+                picked = NAN;
+                continue;
+            }
+            ids[(int64_t)t * k + s] = best;
+            wts[(int64_t)t * k + s] = l[best] / sum;
+            picked += l[best] / sum;
+            l[best] = -1.0f;                     /* taken (probabilities are >= 0) */
+        }
+        if (renorm)
+            for (int s = 0; s < k; s++) wts[(int64_t)t * k + s] /= picked;
+    }
+}

@@ -53,7 +53,9 @@ def test_qwen_every_projection_and_the_lm_head_move_routers_stay(models):
     m = llm.engine.model
     moe = [layer.mlp for layer in m.layers if hasattr(layer.mlp, "router")]
     dense = [layer.mlp for layer in m.layers if not hasattr(layer.mlp, "router")]
-    assert moe and all(type(mlp.router.gate) is Linear for mlp in moe)   # routing stays torch
+    from moed.experts.glue import CPUSoftmaxRouter
+    assert moe and all(type(mlp.router.gate) is Linear for mlp in moe)   # FP32 router weights
+    assert all(isinstance(mlp.router, CPUSoftmaxRouter) for mlp in moe)  # compiled routing
     for layer in m.layers:
         assert all(isinstance(getattr(layer.attn, p), CPULinear) for p in "qkvo")
     for mlp in dense:

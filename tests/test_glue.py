@@ -98,3 +98,39 @@ def test_attention_joint_path_with_the_kernel_matches_torch(qk_norm):
     assert calls                                                # the kernel ran
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+@pytest.mark.parametrize("T,E,D,k,renorm", [(1, 128, 2048, 8, True), (37, 60, 200, 4, False),
+                                            (5, 8, 33, 2, True), (300, 16, 64, 1, False)])
+def test_softmax_router_matches_the_torch_router(isa, T, E, D, k, renorm):
+    from moed.experts.glue import CPUSoftmaxRouter
+    from moed.model.formats import Weight
+    from moed.model.layers import Linear
+    from moed.model.moe import SoftmaxRouter
+    kernels = kernels_or_refused(isa)
+    if kernels is None:
+        return
+    g = torch.Generator().manual_seed(T + E)
+    ref = SoftmaxRouter(Linear(Weight(torch.randn(E, D, generator=g).bfloat16(), None, None)),
+                        k, renorm)
+    fast = CPUSoftmaxRouter(ref, threads=2, kernels=kernels)
+    x = torch.randn(T, D, generator=g)
+    (ids, wts), (rid, rwts) = fast(x), ref(x)
+    assert ids.dtype == torch.int64 and torch.equal(ids, rid)     # no near-ties at this seed
+    torch.testing.assert_close(wts, rwts, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_router_keeps_ids_valid_on_nan_input():
+    from moed.experts.glue import CPUSoftmaxRouter
+    from moed.model.formats import Weight
+    from moed.model.layers import Linear
+    from moed.model.moe import SoftmaxRouter
+    fast = CPUSoftmaxRouter(SoftmaxRouter(Linear(Weight(torch.randn(8, 16), None, None)), 2, True))
+    x = torch.randn(3, 16)
+    x[1, 4] = float("nan")
+    ids, wts = fast(x)
+    assert ((ids >= 0) & (ids < 8)).all()                         # never out of range
+    assert torch.isnan(wts[1]).all() and not torch.isnan(wts[[0, 2]]).any()
+    with pytest.raises(InvalidRequestError):
+        fast(torch.randn(3, 15))

@@ -67,6 +67,7 @@ def install_cpu_paths(model, model_dir, experts, linears):
         isa = None
         if experts != "torch" and model.moe_layers():
             isa = install_cpu_experts(model, model_dir)
+            install_cpu_routers(model)
         replaced = install_cpu_linears(model, model_dir) if linears != "torch" else 0
         if linears != "torch":
             install_cpu_attention(model)
@@ -76,6 +77,19 @@ def install_cpu_paths(model, model_dir, experts, linears):
         log.warning("CPU kernels unavailable (%s); the torch reference runs instead", e)
         return "torch", "torch"
     return (f"cpu-{isa}" if isa else "torch"), (f"cpu ({replaced} linears)" if replaced else "torch")
+
+
+def install_cpu_routers(model):
+    """Softmax routers (Mixtral, Qwen-MoE) on the compiled glue: logits, softmax and
+    top-k in one call. Returns the number switched."""
+    from moed.experts.glue import CPUSoftmaxRouter
+    from moed.model.moe import SoftmaxRouter
+    n = 0
+    for _, moe in model.moe_layers():
+        if type(moe.router) is SoftmaxRouter:
+            moe.router = CPUSoftmaxRouter(moe.router)
+            n += 1
+    return n
 
 
 def install_cpu_attention(model):

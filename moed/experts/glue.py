@@ -35,3 +35,38 @@ def norm_rope(qk, cos, sin, weight=None, eps=0.0, threads=None, kernels=None):
                           cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
                           threads or default_threads())
     return out
+
+
+class CPUSoftmaxRouter:
+    """A softmax router (Mixtral, Qwen-MoE) on the compiled glue: FP32 logits, softmax
+    and top-k in one call instead of five torch ops on a [T, E] tensor. The logits
+    stay FP32 like the torch path's (only the summation order differs), so the
+    selection is that of the reference but for exact near-ties."""
+
+    def __init__(self, router, threads=None, kernels=None):
+        from moed.cpu import expert_kernels
+        self.reference = router                                   # moed.model.moe.SoftmaxRouter
+        self.gate = router.gate                                   # its float32 Linear [E, D]
+        self.weight = router.gate.weight.data.float().contiguous()   # [E, D]
+        self.k, self.renorm = router.k, router.norm_topk_prob
+        self.kernels = kernels or expert_kernels()
+        self.threads = threads or default_threads()
+
+    def __call__(self, x):
+        # x [T, D] float32 -> ids [T, k] int64, weights [T, k] float32
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
+                or self.gate.bias is not None:
+            return self.reference(x)
+        x = x.contiguous()
+        T, (E, D) = x.shape[0], self.weight.shape
+        if x.shape[1] != D:
+            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {D}]",
+                                      field="x")
+        ids = torch.empty(T, self.k, dtype=torch.int64)
+        wts = torch.empty(T, self.k, dtype=torch.float32)
+        if T:
+            logits = torch.empty(T, E, dtype=torch.float32)
+            self.kernels.softmax_topk(x.data_ptr(), self.weight.data_ptr(), T, D, E, self.k,
+                                      self.renorm, logits.data_ptr(), ids.data_ptr(),
+                                      wts.data_ptr(), self.threads)
+        return ids, wts
