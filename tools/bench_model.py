@@ -73,7 +73,7 @@ def engine(model_dir, fast, **kwargs):
 
 class StepClock:
     """Per engine step: wall seconds, whether every sequence decoded one token, and
-    the seconds inside the weight kernels (dense linears + routed experts, CPU or
+    the seconds inside the weight kernels (dense linears, routers, routed experts; CPU or
     torch path) and inside attention proper (`attend`: scores, softmax, values),
     plus the bytes of the distinct routed experts the step read.
 
@@ -95,9 +95,13 @@ class StepClock:
         from moed.experts.layer import CPUExpertLayer
         from moed.model.attention import GQAttention
         from moed.model.layers import Linear
+        from moed.experts.glue import CPUSoftmaxRouter
         from moed.model.moe import TorchExperts
+        # a compiled router call is mostly its FP32 weight read (the torch path's
+        # router is a Linear, counted here too); its softmax/top-k rides along
         for cls, name in ((CPULinear, "__call__"), (Linear, "__call__"),
-                          (CPUExpertLayer, "forward"), (TorchExperts, "forward")):
+                          (CPUExpertLayer, "forward"), (TorchExperts, "forward"),
+                          (CPUSoftmaxRouter, "__call__")):
             self._wrap(cls, name, "kernels")
         self._wrap(GQAttention, "attend", "attention")
         self._wrap_step(LLMEngine, ModelRunner)
