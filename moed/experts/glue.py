@@ -1,7 +1,9 @@
-"""The glue between attention's fused q/k/v projection and the KV cache on the
-compiled kernels (cython_src/glue_kernels.c): per-head RMS norm and rotary of q
-and k together, one pass instead of torch's ~10 passes over the chunk.
-Shape legend: N tokens, R heads of q and k together, d head dim, h = d / 2.
+"""The glue between the weight kernels on the compiled kernels
+(cython_src/glue_kernels.c): per-head RMS norm and rotary of attention's q and k
+together, one pass instead of torch's ~10 passes over the chunk; and softmax
+routing (logits, softmax, top-k) in one call.
+Shape legend: N tokens, R heads of q and k together, d head dim, h = d / 2;
+T tokens, E experts, D hidden.
 """
 import torch
 
