@@ -21,7 +21,7 @@ import torch
 
 from moed.errors import CheckpointError
 from moed.experts.layout import UNIT_ROWS, MatrixShape, pack_matrix
-from moed.experts.store import PREFIX, _align, _crc, cache_dir, map_store, source_key
+from moed.experts.store import PREFIX, MappedStore, _align, _crc, cache_dir, source_key
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +76,16 @@ def store_path(model_dir):
     return cache_dir() / f"{d.name}-{source_key(d)[:16]}.moed-dense"
 
 
-class DenseStore:
+class DenseStore(MappedStore):
     """A mapped store: `matrix(name)` -> PackedMatrix whose arrays view the file."""
+    MAGIC, VERSION, KIND = MAGIC, VERSION, "dense store"
 
     def __init__(self, path, mm, header):
-        self.path, self._mm, self.header = Path(path), mm, header
+        super().__init__(path, mm, header)
         self.entries = {e["name"]: e for e in header["entries"]}
 
-    @classmethod
-    def open(cls, path, key=None, verify=True):
-        path = Path(path)
-        store = cls(path, *map_store(path, key, MAGIC, VERSION, "dense store"))
-        if verify:
-            store.verify()
-        return store
-
-    def verify(self):
-        for e in self.header["entries"]:
-            if _crc(self._mm, e["offset"], e["nbytes"]) != e["crc32"]:
-                raise CheckpointError(f"{self.path}: {e['name']} fails its checksum "
-                                      "(corrupt dense store)", path=str(self.path))
+    def sections(self):
+        return [(e["name"], e) for e in self.header["entries"]]
 
     def matrix(self, name):
         e = self.entries[name]

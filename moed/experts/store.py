@@ -75,28 +75,42 @@ def _crc(mm, start, nbytes):
     return c
 
 
-class ExpertStore:
-    """A mapped store: `layer(i)` -> PackedExperts whose buffers view the file."""
+class MappedStore:
+    """A store file mapped read-only and shared, its header checked; each section
+    (`sections()`: (label, header entry with offset, nbytes, crc32)) checksummed."""
+    MAGIC, VERSION, KIND = MAGIC, VERSION, "expert store"
 
     def __init__(self, path, mm, header):
         self.path, self._mm, self.header = Path(path), mm, header
-        self.layers = {int(L["index"]): L for L in header["layers"]}
 
-    # -- opening
     @classmethod
     def open(cls, path, key=None, verify=True):
         """Map an existing store; CheckpointError says why it is unusable."""
         path = Path(path)
-        store = cls(path, *map_store(path, key))
+        store = cls(path, *map_store(path, key, cls.MAGIC, cls.VERSION, cls.KIND))
         if verify:
             store.verify()
         return store
 
     def verify(self):
-        for L in self.header["layers"]:
-            if _crc(self._mm, L["offset"], L["nbytes"]) != L["crc32"]:
-                raise CheckpointError(f"{self.path}: layer {L['index']} fails its checksum "
-                                      "(corrupt expert store)", path=str(self.path))
+        for label, e in self.sections():
+            if _crc(self._mm, e["offset"], e["nbytes"]) != e["crc32"]:
+                raise CheckpointError(f"{self.path}: {label} fails its checksum "
+                                      f"(corrupt {self.KIND})", path=str(self.path))
+
+    def sections(self):
+        raise NotImplementedError
+
+
+class ExpertStore(MappedStore):
+    """A mapped store: `layer(i)` -> PackedExperts whose buffers view the file."""
+
+    def __init__(self, path, mm, header):
+        super().__init__(path, mm, header)
+        self.layers = {int(L["index"]): L for L in header["layers"]}
+
+    def sections(self):
+        return [(f"layer {L['index']}", L) for L in self.header["layers"]]
 
     def layer(self, index):
         L = self.layers[index]
