@@ -22,6 +22,12 @@ class GQAttention:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.q_norm, self.k_norm = q_norm, k_norm         # per-head RMSNorm [d] (Qwen3)
         self.scale = head_dim ** -0.5
+        # both norms' weights for q and k normed as one tensor [H + Hkv, d] (None: they
+        # cannot be, their eps differ; or there are no norms)
+        self._qk_weight = None
+        if q_norm is not None and q_norm.eps == k_norm.eps:
+            self._qk_weight = torch.cat([q_norm.weight.expand(heads, head_dim),
+                                         k_norm.weight.expand(kv_heads, head_dim)])
 
     def __call__(self, x, cos_sin, batch, kv_cache):
         # x [N, D] -> [N, D]; kv_cache [S, 2, Hkv, d]
@@ -65,12 +71,8 @@ class GQAttention:
         if self.qkv is None or q.stride() != k.stride() or \
                 k.data_ptr() != q.data_ptr() + q.shape[-1] * q.element_size():
             return None
-        if self.q_norm is not None and not hasattr(self, "_qk_weight"):
-            if self.q_norm.eps != self.k_norm.eps:
-                return None
-            d = self.head_dim
-            self._qk_weight = torch.cat([self.q_norm.weight.expand(self.heads, d),
-                                         self.k_norm.weight.expand(self.kv_heads, d)])
+        if self.q_norm is not None and self._qk_weight is None:
+            return None
         return q.as_strided((q.shape[0], q.shape[-1] + k.shape[-1]), q.stride())
 
     def attend(self, q, batch, kv_cache):
