@@ -47,12 +47,13 @@ class AttentionBatch:
     decode_slots: torch.Tensor    # [B, Lmax] int64 (padding repeats a valid slot)
     decode_mask: torch.Tensor     # [B, 1, Lmax] bool: False on padding
     prefills: list                # [Prefill]
+    decode_context: torch.Tensor = None   # [B] int64: cached tokens of each decode (this one's too)
 
     @classmethod
     def build(cls, slices, kv_caches, device):
         slot_mapping = torch.cat([s.slots[s.context - s.length:] for s in slices])
         decodes = [s for s in slices if s.length == 1]
-        rows = slots = mask = None
+        rows = slots = mask = ctx = None
         if decodes:
             Lmax = max(s.context for s in decodes)
             rows = torch.tensor([s.start for s in decodes], dtype=torch.int64, device=device)
@@ -64,7 +65,7 @@ class AttentionBatch:
                             None if s.length == s.context else
                             causal_mask(s.length, s.context, device))
                     for s in slices if s.length > 1]
-        return cls(slot_mapping, kv_caches, rows, slots, mask, prefills)
+        return cls(slot_mapping, kv_caches, rows, slots, mask, prefills, ctx)
 
 
 def causal_mask(n, L, device):
