@@ -149,3 +149,107 @@ static void router_softmax_topk(const float *x, const float *w, int T, int D, in
             for (int s = 0; s < k; s++) wts[(int64_t)t * k + s] /= picked;
     }
 }
+
+/* Residual add and RMS norm in one pass (the glue around every decoder layer).
+ *
+ * SHAPES  x [N, D] FP32 (token stride ldx): the residual stream, updated in place
+ *         when delta is given; delta [N, D] FP32 (token stride ldd) or NULL;
+ *         w [D] FP32; out [N, D] FP32 contiguous.
+ * DEFINITION (moed/model/layers.py RMSNorm.add / __call__)
+ *   x   <- x + delta                                   (when delta)
+ *   out  = w * (x * (1 / sqrt(mean(x^2) + eps)))        per token
+ * REGULARITIES  decode: N = 1..64 rows of D = 2K..7K (caller's thread, one read
+ *   of x and delta, one write each of x and out, where torch runs 7 ops with a
+ *   temporary each); prefill chunks split by rows over the pool. The sum of
+ *   squares runs in 16 independent lanes so that every ISA build vectorises it
+ *   (a plain serial sum would not be reordered without -ffast-math).
+ */
+#define NORM_LANES 16
+#define NORM_PARALLEL_ELEMS (1 << 16)   /* fewer elements: the caller's thread */
+
+typedef struct {
+    float *x, *out;
+    const float *delta, *w;
+    int64_t ldx, ldd;
+    int N, D;
+    float eps;
+} norm_job;
+
+static void norm_rows(const norm_job *j, int t0, int t1) {
+    const int D = j->D;
+    for (int t = t0; t < t1; t++) {
+        float *x = j->x + (int64_t)t * j->ldx, *o = j->out + (int64_t)t * D;
+        float acc[NORM_LANES] = {0};
+        int i = 0;
+        if (j->delta) {
+            const float *dl = j->delta + (int64_t)t * j->ldd;
+            for (; i + NORM_LANES <= D; i += NORM_LANES)
+                for (int l = 0; l < NORM_LANES; l++) {
+                    float v = x[i + l] + dl[i + l];
+                    x[i + l] = v;
+                    acc[l] += v * v;
+                }
+            for (; i < D; i++) {
+                x[i] += dl[i];
+                acc[0] += x[i] * x[i];
+            }
+        } else {
+            for (; i + NORM_LANES <= D; i += NORM_LANES)
+                for (int l = 0; l < NORM_LANES; l++) acc[l] += x[i + l] * x[i + l];
+            for (; i < D; i++) acc[0] += x[i] * x[i];
+        }
+        float ss = 0.0f;
+        for (int l = 0; l < NORM_LANES; l++) ss += acc[l];
+        const float inv = 1.0f / sqrtf(ss / (float)D + j->eps);
+        for (i = 0; i < D; i++) o[i] = j->w[i] * (x[i] * inv);
+    }
+}
+
+static void norm_worker(void *arg, int tid, int n) {
+    const norm_job *j = (const norm_job *)arg;
+    norm_rows(j, (int)((int64_t)j->N * tid / n), (int)((int64_t)j->N * (tid + 1) / n));
+}
+
+static void add_rms_norm(float *x, int64_t ldx, const float *delta, int64_t ldd, int N, int D,
+                         const float *w, float eps, float *out, int nthreads) {
+    norm_job j = {.x = x, .out = out, .delta = delta, .w = w, .ldx = ldx, .ldd = ldd,
+                  .N = N, .D = D, .eps = eps};
+    if ((int64_t)N * D < NORM_PARALLEL_ELEMS || nthreads <= 1 || N < 2)
+        norm_rows(&j, 0, N);
+    else
+        pool_run(norm_worker, &j, nthreads < N ? nthreads : N);
+}
+
+/* Greedy sampling: the index of each row's largest value (the first on ties;
+ * the first NaN when a row has one, like torch.argmax).
+ *
+ * SHAPES  x [B, V] FP32, row stride ldx -> ids [B] int64.
+ * REGULARITIES  V = 32K..256K logits a row, read twice from cache-warm memory:
+ *   a 16-lane max (vectorised by every ISA build; NaNs counted aside), then the
+ *   first index holding it. Caller's thread: one row is ~10 us.
+ */
+static int64_t argmax_row(const float *x, int64_t V) {
+    float mx[NORM_LANES];
+    int nan = 0;
+    int64_t i = 0;
+    for (int l = 0; l < NORM_LANES; l++) mx[l] = -INFINITY;
+    for (; i + NORM_LANES <= V; i += NORM_LANES)
+        for (int l = 0; l < NORM_LANES; l++) {
+            const float v = x[i + l];
+            nan |= v != v;
+            mx[l] = v > mx[l] ? v : mx[l];
+        }
+    float m = -INFINITY;
+    for (; i < V; i++) {
+        nan |= x[i] != x[i];
+        m = x[i] > m ? x[i] : m;
+    }
+    for (int l = 0; l < NORM_LANES; l++) m = mx[l] > m ? mx[l] : m;
+    for (i = 0; i < V; i++)
+        if (nan ? x[i] != x[i] : x[i] == m) return i;
+    return 0;                                  /* all -inf: the first, like torch */
+}
+
+static void argmax_rows(const float *x, int64_t ldx, int B, int64_t V, int64_t *ids) {
+    for (int b = 0; b < B; b++) ids[b] = argmax_row(x + (int64_t)b * ldx, V);
+}

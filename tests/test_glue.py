@@ -134,3 +134,62 @@ def test_softmax_router_keeps_ids_valid_on_nan_input():
     assert torch.isnan(wts[1]).all() and not torch.isnan(wts[[0, 2]]).any()
     with pytest.raises(InvalidRequestError):
         fast(torch.randn(3, 15))
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+@pytest.mark.parametrize("N,D", [(1, 2048), (3, 7), (130, 1000), (700, 96)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_residual_add_and_norm_match_torch(isa, N, D, with_delta):
+    from moed.experts.glue import CPURMSNorm
+    kernels = kernels_or_refused(isa)
+    if kernels is None:
+        return
+    g = torch.Generator().manual_seed(N + D)
+    ref = RMSNorm(torch.rand(D, generator=g) + 0.5, 1e-5)
+    fast = CPURMSNorm(ref, threads=2, kernels=kernels)
+    wide = torch.randn(N, D + 5, generator=g) * 4                  # strided residual rows
+    x = wide[:, 3:3 + D]
+    delta = torch.randn(N, D, generator=g)
+    want_x, want_h = ref.add(x.clone(), delta) if with_delta else (x.clone(), ref(x))
+    got_x, got_h = fast.add(x, delta) if with_delta else (x, fast(x))
+    assert got_x.data_ptr() == x.data_ptr()                          # the stream, in place
+    torch.testing.assert_close(got_x, want_x, rtol=0, atol=0)       # the add is exact
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5)
+    assert torch.equal(wide[:, :3], wide[:, :3]) and got_h.is_contiguous()
+
+
+def test_norm_falls_back_to_torch_off_its_shapes():
+    from moed.experts.glue import CPURMSNorm
+    ref = RMSNorm(torch.rand(16) + 0.5, 1e-6)
+    fast = CPURMSNorm(ref)
+    x3 = torch.randn(2, 3, 16)                                        # 3-D: the torch path
+    torch.testing.assert_close(fast(x3), ref(x3))
+    xd = torch.randn(4, 16, dtype=torch.float64)
+    torch.testing.assert_close(fast(xd), ref(xd))
+    x, d = torch.randn(4, 16), torch.randn(4, 16)
+    s, h = fast.add(x, d.double())                                    # mixed dtypes: torch's
+    torch.testing.assert_close(h, ref(x + d.double()))
+    assert fast(torch.randn(0, 16)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_argmax_is_torch_argmax(isa):
+    from moed.experts.glue import argmax
+    kernels = kernels_or_refused(isa)
+    if kernels is None:
+        return
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(6, 151936 + 9, generator=g)
+    x = wide[:, :151936]                                              # strided rows
+    x[1, 5] = x[1, 77] = x[1].max() + 1                               # a tie: the first wins
+    x[2, 151935] = 1e9                                                # the tail past the lanes
+    x[3, 100:] = float("-inf")
+    x[4, 9] = x[4, 3] = float("nan")                                  # the first NaN wins
+    x[5] = float("-inf")                                              # all -inf: 0
+    got = argmax(x, kernels)
+    assert got.tolist() == x.argmax(dim=-1).tolist()
+    assert got.tolist()[1:3] == [5, 151935] and got[4] == 3
+    for V in (1, 15, 16, 17, 33):
+        y = torch.randn(3, V, generator=g)
+        assert torch.equal(argmax(y, kernels), y.argmax(dim=-1))
+    assert torch.equal(argmax(x.double()), x.double().argmax(dim=-1))   # not float32: torch's

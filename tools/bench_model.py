@@ -125,8 +125,8 @@ class StepClock:
             cur = clock._cur
             if cur is not None:
                 cur[bucket] += time.perf_counter() - t0
-                if name == "forward":                                # routed experts
-                    cur["expert_bytes"] += len(args[1].unique()) * expert_bytes(obj)
+                if name == "forward":      # routed experts: counted after the step's clock
+                    cur["routed"].append((obj, args[1]))
             return out
         self._patched.append((cls, name, fn))
         setattr(cls, name, timed)
@@ -136,11 +136,14 @@ class StepClock:
         clock = self
 
         def timed_step(eng):
-            clock._cur = dict(wall=0.0, decode=False, kernels=0.0, attention=0.0, expert_bytes=0)
+            clock._cur = dict(wall=0.0, decode=False, kernels=0.0, attention=0.0, routed=[])
             t0 = time.perf_counter()
             out = step(eng)
-            clock._cur["wall"] = time.perf_counter() - t0
-            clock.steps.append(clock._cur)
+            cur = clock._cur
+            cur["wall"] = time.perf_counter() - t0
+            cur["expert_bytes"] = sum(len(ids.unique()) * expert_bytes(experts)
+                                      for experts, ids in cur.pop("routed"))
+            clock.steps.append(cur)
             clock._cur = None
             if clock.after_step is not None:
                 clock.after_step(clock.steps[-1])

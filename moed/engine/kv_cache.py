@@ -4,6 +4,7 @@ A sequence owns a block table; token position p lives in slot
 block_table[p // block_size] * block_size + p % block_size of every layer's
 cache tensor [S, *kv_token_shape] (S = num_blocks * block_size).
 """
+import numpy as np
 import torch
 
 
@@ -52,8 +53,11 @@ def allocate_kv_caches(model, num_blocks, block_size, dtype, device):
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
 
 
-def slots_of(block_table, start, end, block_size, device):
-    """[end - start] int64 cache slots of positions start..end-1."""
-    pos = torch.arange(start, end, dtype=torch.int64)
-    table = torch.tensor(block_table, dtype=torch.int64)
-    return (table[pos // block_size] * block_size + pos % block_size).to(device)
+def slots_of(block_table, start, end, block_size):
+    """[end - start] int64 cache slots of positions start..end-1, as a host array
+    (numpy: built every step for every sequence, where torch's per-op cost would
+    be ~10 us an op)."""
+    first = start // block_size
+    table = np.asarray(block_table[first:blocks_for(end, block_size)], dtype=np.int64)
+    slots = (table[:, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(-1)
+    return slots[start - first * block_size:end - first * block_size]

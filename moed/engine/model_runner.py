@@ -43,8 +43,8 @@ class ModelRunner:
             first, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.tokens(first, end))
             positions.extend(range(first, end))
-            slots = slots_of(seq.block_table, 0, end, self.block_size, self.device)
-            slices.append(SeqSlice(start, n, end, slots))
+            slices.append(SeqSlice(start, n, end, slots_of(seq.block_table, 0, end,
+                                                           self.block_size)))
             start += n
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
         batch = AttentionBatch.build(slices, self.kv_caches, self.device)

@@ -7,8 +7,8 @@ V vocab, S cache slots.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moed.errors import CheckpointError
 from moed.model.layers import Linear, Loader
@@ -22,7 +22,7 @@ class SeqSlice:
     start: int              # first row of its new tokens in the flattened step
     length: int             # new tokens this step
     context: int            # tokens in the cache after this step (past + new)
-    slots: torch.Tensor     # [context] int64: cache slot of positions 0..context-1
+    slots: np.ndarray       # [context] int64 (host): cache slot of positions 0..context-1
 
 
 @dataclass
@@ -51,17 +51,23 @@ class AttentionBatch:
 
     @classmethod
     def build(cls, slices, kv_caches, device):
-        slot_mapping = torch.cat([s.slots[s.context - s.length:] for s in slices])
+        # host-side numpy, then one copy each to the device: a decode step builds this
+        # for every sequence, and torch's per-op cost (~10 us) would add up
+        on = lambda a: torch.from_numpy(a).to(device)                   # noqa: E731
+        slot_mapping = on(np.concatenate([s.slots[s.context - s.length:] for s in slices]))
         decodes = [s for s in slices if s.length == 1]
         rows = slots = mask = ctx = None
         if decodes:
-            Lmax = max(s.context for s in decodes)
-            rows = torch.tensor([s.start for s in decodes], dtype=torch.int64, device=device)
-            slots = torch.stack([F.pad(s.slots, (0, Lmax - s.context), value=int(s.slots[0]))
-                                 for s in decodes])
-            ctx = torch.tensor([s.context for s in decodes], device=device)
-            mask = (torch.arange(Lmax, device=device)[None, :] < ctx[:, None])[:, None, :]
-        prefills = [Prefill(slice(s.start, s.start + s.length), s.slots,
+            context = np.array([s.context for s in decodes], dtype=np.int64)
+            Lmax = int(context.max())
+            table = np.empty((len(decodes), Lmax), dtype=np.int64)
+            for row, s in zip(table, decodes):
+                row[:s.context] = s.slots
+                row[s.context:] = s.slots[0]              # padding: a valid slot, masked
+            rows = on(np.array([s.start for s in decodes], dtype=np.int64))
+            slots, ctx = on(table), on(context)
+            mask = on(np.arange(Lmax)[None, None, :] < context[:, None, None])
+        prefills = [Prefill(slice(s.start, s.start + s.length), on(s.slots),
                             None if s.length == s.context else
                             causal_mask(s.length, s.context, device))
                     for s in slices if s.length > 1]
@@ -74,13 +80,18 @@ def causal_mask(n, L, device):
 
 
 class DecoderLayer:
+    """Pre-norm residual block. The norms are applied by whoever adds to the residual
+    stream: `norm.add(x, delta)` -> (x + delta, norm(x + delta)), one pass on the
+    compiled glue; the model's forward chains the layers that way."""
+
     def __init__(self, input_norm, attn, post_norm, mlp):
         self.input_norm, self.attn = input_norm, attn
         self.post_norm, self.mlp = post_norm, mlp
 
-    def __call__(self, x, cos_sin, batch, kv_cache):
-        x = x + self.attn(self.input_norm(x), cos_sin, batch, kv_cache)
-        return x + self.mlp(self.post_norm(x))
+    def __call__(self, x, h, cos_sin, batch, kv_cache, next_norm):
+        # x [N, D] residual stream, h = input_norm(x) -> (x', next_norm(x'))
+        x, h = self.post_norm.add(x, self.attn(h, cos_sin, batch, kv_cache))
+        return next_norm.add(x, self.mlp(h))
 
 
 class CausalLM:
@@ -143,9 +154,11 @@ class CausalLM:
         # input_ids, positions [N] int64 -> hidden [N, D] float32
         x = self.embed[input_ids].float()
         cos_sin = self.rotary.cos_sin(positions)
-        for layer, kv_cache in zip(self.layers, batch.kv_caches):
-            x = layer(x, cos_sin, batch, kv_cache)
-        return self.norm(x)
+        h = self.layers[0].input_norm(x)
+        nexts = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, kv_cache, next_norm in zip(self.layers, batch.kv_caches, nexts):
+            x, h = layer(x, h, cos_sin, batch, kv_cache, next_norm)
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden):

@@ -22,6 +22,11 @@ class RMSNorm:
         # x [..., D] float32
         return self.weight * self.normalize(x)
 
+    def add(self, x, delta):
+        """The residual add with this norm after it -> (x + delta, norm(x + delta))."""
+        x = x + delta
+        return x, self(x)
+
     def normalize(self, x):
         """x / rms(x), before the weight."""
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
