@@ -187,6 +187,9 @@ cdef extern from "glue_kernels.c" nogil:
                       int nthreads)
     void router_softmax_topk(const float *x, const float *w, int T, int D, int E, int k,
                              int renorm, float *logits, int64_t *ids, float *wts, int nthreads)
+    void add_rms_norm(float *x, int64_t ldx, const float *delta, int64_t ldd, int N, int D,
+                      const float *w, float eps, float *out, int nthreads)
+    void argmax_rows(const float *x, int64_t ldx, int B, int64_t V, int64_t *ids)
 
 
 def norm_rope(uintptr_t x, int64_t ldx, int N, int R, int d, uintptr_t w, float eps,
@@ -205,3 +208,18 @@ def softmax_topk(uintptr_t x, uintptr_t w, int T, int D, int E, int k, bint reno
     with nogil:
         router_softmax_topk(<const float *>x, <const float *>w, T, D, E, k, renorm,
                             <float *>logits, <int64_t *>ids, <float *>wts, nthreads)
+
+
+def rms_norm(uintptr_t x, int64_t ldx, uintptr_t delta, int64_t ldd, int N, int D,
+             uintptr_t w, float eps, uintptr_t out, int nthreads):
+    """x += delta (delta != 0), then out[N, D] = w * x / rms(x) per row.
+    Pointers and strides are checked by the caller (moed/experts/glue.py)."""
+    with nogil:
+        add_rms_norm(<float *>x, ldx, <const float *>delta, ldd, N, D, <const float *>w, eps,
+                     <float *>out, nthreads)
+
+
+def argmax(uintptr_t x, int64_t ldx, int B, int64_t V, uintptr_t ids):
+    """ids[B] = index of each row's largest value (first on ties, first NaN wins)."""
+    with nogil:
+        argmax_rows(<const float *>x, ldx, B, V, <int64_t *>ids)

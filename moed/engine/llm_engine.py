@@ -71,6 +71,7 @@ def install_cpu_paths(model, model_dir, experts, linears):
         replaced = install_cpu_linears(model, model_dir) if linears != "torch" else 0
         if linears != "torch":
             install_cpu_attention(model)
+            install_cpu_norms(model)
     except ImportError as e:
         if "cpu" in (experts, linears):
             raise
@@ -88,6 +89,22 @@ def install_cpu_routers(model):
     for _, moe in model.moe_layers():
         if type(moe.router) is SoftmaxRouter:
             moe.router = CPUSoftmaxRouter(moe.router)
+            n += 1
+    return n
+
+
+def install_cpu_norms(model):
+    """Every decoder layer's RMS norms and the final one on the compiled glue, each
+    with the residual add before it folded in (moed.experts.glue.CPURMSNorm).
+    Returns the number switched."""
+    from moed.experts.glue import CPURMSNorm
+    from moed.model.layers import RMSNorm
+    n = 0
+    for owner, name in [(layer, a) for layer in model.layers
+                        for a in ("input_norm", "post_norm")] + [(model, "norm")]:
+        norm = getattr(owner, name)
+        if type(norm) is RMSNorm:
+            setattr(owner, name, CPURMSNorm(norm))
             n += 1
     return n
 
