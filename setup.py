@@ -27,7 +27,8 @@ def extensions():
     kernels = ["cython_src/" + f for f in ("expert_kernels.c", "expert_units.h",
                                            "thread_pool.h", "probe_kernels.c",
                                            "dense_kernels.c", "attention_kernels.c",
-                                           "glue_kernels.c", "experts_ext.pxi")]
+                                           "glue_kernels.c", "decode_kernels.c",
+                                           "experts_ext.pxi")]
     exts = [
         Extension("moed._cpu_guard", ["cython_src/cpu_guard.pyx"],
                   include_dirs=["cython_src"], extra_compile_args=["-O2"]),
