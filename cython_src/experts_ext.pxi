@@ -223,3 +223,64 @@ def argmax(uintptr_t x, int64_t ldx, int B, int64_t V, uintptr_t ids):
     """ids[B] = index of each row's largest value (first on ties, first NaN wins)."""
     with nogil:
         argmax_rows(<const float *>x, ldx, B, V, <int64_t *>ids)
+
+
+# ---------------------------------------------------------------- decode attention
+# Paged decode attention and the KV cache store (cython_src/decode_kernels.c).
+cdef extern from "decode_kernels.c" nogil:
+    ctypedef struct kv_operand:
+        const void *p
+        int64_t ld
+        int64_t hs
+        int bf16
+    int64_t decode_workspace_bytes(int B, int H, int Hkv, int dq, int dv, int nthreads)
+    int64_t decode_attention(const float *q, int64_t q_ld, int64_t q_hs, kv_operand k,
+                             kv_operand v, const int64_t *slots, int64_t ldslots,
+                             const int64_t *context, int64_t S, int B, int H, int Hkv,
+                             int dq, int dv, float scale, float *out, uint8_t *workspace,
+                             int nthreads)
+    int64_t kv_store(kv_operand kc, kv_operand vc, const float *k, int64_t k_ld, int64_t k_hs,
+                     const float *v, int64_t v_ld, int64_t v_hs, const int64_t *slot_mapping,
+                     int N, int64_t S, int Hkv, int dk, int dv)
+
+
+cdef kv_operand _kv_operand(tuple x):
+    # x = (data ptr, BF16?, elements between slots, elements between kv heads)
+    cdef kv_operand o
+    o.p = <const void *><uintptr_t>x[0]
+    o.bf16 = x[1]
+    o.ld = x[2]
+    o.hs = x[3]
+    return o
+
+
+def decode_workspace(int B, int H, int Hkv, int dq, int dv, int nthreads):
+    return decode_workspace_bytes(B, H, Hkv, dq, dv, nthreads)
+
+
+def paged_decode(uintptr_t q, int64_t q_ld, int64_t q_hs, tuple k, tuple v, uintptr_t slots,
+                 int64_t ldslots, uintptr_t context, int64_t S, int B, int H, int Hkv, int dq,
+                 int dv, float scale, uintptr_t out, uintptr_t workspace, int nthreads):
+    """out[B, H, dv] = decode attention through the slot table; k/v = (ptr, bf16, slot
+    stride, head stride). Returns 0, 1 + b for a bad context[b], -1 - i for a bad
+    slots.flat[i]. Shapes are checked by the caller (moed/experts/decode_attention.py)."""
+    cdef kv_operand ko = _kv_operand(k), vo = _kv_operand(v)
+    cdef int64_t rc
+    with nogil:
+        rc = decode_attention(<const float *>q, q_ld, q_hs, ko, vo, <const int64_t *>slots,
+                              ldslots, <const int64_t *>context, S, B, H, Hkv, dq, dv, scale,
+                              <float *>out, <uint8_t *>workspace, nthreads)
+    return rc
+
+
+def store_kv(tuple kc, tuple vc, uintptr_t k, int64_t k_ld, int64_t k_hs, uintptr_t v,
+             int64_t v_ld, int64_t v_hs, uintptr_t slot_mapping, int N, int64_t S, int Hkv,
+             int dk, int dv):
+    """Cache rows slot_mapping[n] <- k[n] (and v[n] when v != 0), FP32 in, FP32 or BF16
+    out. Returns 0, or -1 - n for a bad slot_mapping[n] (nothing written then)."""
+    cdef kv_operand ko = _kv_operand(kc), vo = _kv_operand(vc)
+    cdef int64_t rc
+    with nogil:
+        rc = kv_store(ko, vo, <const float *>k, k_ld, k_hs, <const float *>v, v_ld, v_hs,
+                      <const int64_t *>slot_mapping, N, S, Hkv, dk, dv)
+    return rc
