@@ -213,11 +213,17 @@ static void dec_scores(const float *q, const float *const *krow, int nk, int dq,
     }
 }
 #else
+/* Eight partial sums per dot: lanes the compiler can keep in SSE registers (a
+ * single running sum is a serial chain it may not reorder). */
 static void dec_scores(const float *q, const float *const *krow, int nk, int dq, float *s) {
     for (int t = 0; t < nk; t++) {
-        float a = 0.0f;
-        for (int d = 0; d < dq; d++) a += q[d] * krow[t][d];
-        s[t] = a;
+        const float *k = krow[t];
+        float a[8] = {0};
+        int d = 0;
+        for (; d + 8 <= dq; d += 8)
+            for (int i = 0; i < 8; i++) a[i] += q[d + i] * k[d + i];
+        for (; d < dq; d++) a[0] += q[d] * k[d];
+        s[t] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
     }
 }
 #endif

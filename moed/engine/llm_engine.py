@@ -113,10 +113,12 @@ def install_cpu_attention(model):
     """Attention's glue and prefill on the compiled kernels: GQA's q/k norm and rotary
     in one pass (every ISA), and prefill chunks of GQA and MLA (both of its forms)
     through the flash-attention kernel (BF16 dot products, never a [T, T] score
-    matrix) where the CPU has AVX-512 BF16; decode attention stays batched in torch.
+    matrix) where the CPU has AVX-512 BF16; GQA decodes read K/V in place from the
+    paged cache and the new k/v are stored in one call (every ISA).
     Returns the attention layers seen."""
     from moed.cpu import expert_kernels
     from moed.experts.attention import causal_attention
+    from moed.experts.decode_attention import paged_decode_attention, store_kv
     from moed.experts.glue import norm_rope
     from moed.model.attention import GQAttention
     from moed.model.deepseek_v3 import MLAttention
@@ -126,6 +128,11 @@ def install_cpu_attention(model):
         attn = layer.attn
         if isinstance(attn, GQAttention):
             attn.norm_rope = norm_rope
+            # tools/bench_attention.py --decode, Qwen3-30B shape, 2 threads (vs gather +
+            # torch decode_attention): avx512 x2.3 (B 1, L 64) .. x9 (B 8, L 1K),
+            # avx2 x2.5 .. x10, generic x1.1 .. x3.4
+            attn.decode_kernel = paged_decode_attention
+            attn.kv_store = store_kv
         if isinstance(attn, (GQAttention, MLAttention)):
             n += 1
             if flash:

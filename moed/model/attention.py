@@ -16,6 +16,12 @@ class GQAttention:
         # prefill chunks through the compiled flash-attention kernel when installed:
         # fn(q [n, H, d], k [L, Hkv, d], v [L, Hkv, d], scale, out=) (causal, offset L - n)
         self.prefill_kernel = None
+        # decodes read K/V in place from the paged cache when installed (no gathered copy):
+        # fn(q [B, H, d] float32, kv_cache, slots [B, Lmax], context [B], scale, out=)
+        self.decode_kernel = None
+        # the step's new k/v written into their slots in one call when installed:
+        # fn(kv_cache, slot_mapping [N], k [N, Hkv, d], v [N, Hkv, d]) (float32 k, v)
+        self.kv_store = None
         # q/k norm + rotary in one compiled pass when installed (moed.experts.glue.norm_rope)
         self.norm_rope = None
         self.rotary = rotary
@@ -33,9 +39,19 @@ class GQAttention:
         # x [N, D] -> [N, D]; kv_cache [S, 2, Hkv, d]
         N = x.shape[0]
         q, k, v = self.project(x, cos_sin)
-        kv_cache[batch.slot_mapping, 0] = k.to(kv_cache.dtype)
-        kv_cache[batch.slot_mapping, 1] = v.to(kv_cache.dtype)
+        if self.kv_store is not None and self._compiled(kv_cache, k):
+            self.kv_store(kv_cache, batch.slot_mapping, k, v)
+        else:
+            kv_cache[batch.slot_mapping, 0] = k.to(kv_cache.dtype)
+            kv_cache[batch.slot_mapping, 1] = v.to(kv_cache.dtype)
         return self.o(self.attend(q, batch, kv_cache).view(N, -1))
+
+    @staticmethod
+    def _compiled(kv_cache, x):
+        """Whether the compiled kernels take this step: CPU tensors, FP32 activations
+        and a float32 or bfloat16 cache (other cache dtypes stay on torch)."""
+        return kv_cache.device.type == "cpu" and x.dtype == torch.float32 and \
+            kv_cache.dtype in (torch.float32, torch.bfloat16)
 
     def project(self, x, cos_sin):
         # x [N, D] -> q [N, H, d], k [N, Hkv, d] (normed, rotated), v [N, Hkv, d]
@@ -78,13 +94,10 @@ class GQAttention:
     def attend(self, q, batch, kv_cache):
         # q [N, H, d] -> [N, H, d]
         if not batch.prefills:       # decode-only step: rows are the decodes, in order
-            kv = kv_cache[batch.decode_slots]                      # [B, Lmax, 2, Hkv, d]
-            return decode_attention(q, kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
+            return self.attend_decodes(q, batch, kv_cache)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)      # contiguous
         if batch.decode_rows is not None:
-            kv = kv_cache[batch.decode_slots]                      # [B, Lmax, 2, Hkv, d]
-            out[batch.decode_rows] = decode_attention(q[batch.decode_rows], kv[:, :, 0],
-                                                      kv[:, :, 1], batch.decode_mask, self.scale)
+            out[batch.decode_rows] = self.attend_decodes(q[batch.decode_rows], batch, kv_cache)
         for p in batch.prefills:
             kv = kv_cache[p.slots][None]                           # [1, L, 2, Hkv, d]
             if self.prefill_kernel is not None and q.dtype == torch.float32:
@@ -94,6 +107,15 @@ class GQAttention:
                 out[p.rows] = sdpa(q[None, p.rows], kv[:, :, 0], kv[:, :, 1],
                                    batched_mask(p.mask), self.scale)[0]
         return out
+
+    def attend_decodes(self, q, batch, kv_cache):
+        # q [B, H, d] (the decodes' rows) -> [B, H, d]
+        if self.decode_kernel is not None and batch.decode_context is not None and \
+                self._compiled(kv_cache, q):
+            return self.decode_kernel(q, kv_cache, batch.decode_slots, batch.decode_context,
+                                      self.scale)
+        kv = kv_cache[batch.decode_slots]                          # [B, Lmax, 2, Hkv, d]
+        return decode_attention(q, kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
 
 
 def load_gqa(load, prefix, rotary, hidden, heads, kv_heads, head_dim, qkv_bias=False,
