@@ -45,7 +45,7 @@
  *
  * KV STORE  rows k [N, Hkv, dq] and v [N, Hkv, dv] (FP32, given strides) are
  *   written to slots slot_mapping[N]; BF16 rounds to nearest even (NaN ->
- *   0x7fc0, as torch's conversion). All slots are checked before any write.
+ *   0xffff, as torch's conversion). All slots are checked before any write.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -412,9 +412,10 @@ static int64_t decode_attention(const float *q, int64_t q_ld, int64_t q_hs, kv_o
 }
 
 /* ====================================================== KV store */
-/* torch's float -> bfloat16: round to nearest even, any NaN -> 0x7fc0. */
+/* torch's float -> bfloat16 (its vectorised conversion, the one .to() and index_put
+ * run): round to nearest even, any NaN -> 0xffff. */
 static inline uint16_t dec_bf16(float f) {
-    return f != f ? (uint16_t)0x7fc0 : f32_to_bf16(f);
+    return f != f ? (uint16_t)0xffff : f32_to_bf16(f);
 }
 
 static void dec_store_row(const kv_operand *c, int64_t slot, int g, const float *src, int n) {
