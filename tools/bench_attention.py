@@ -8,6 +8,16 @@ float32 inputs (best of N as well; the chunk case gives SDPA its boolean mask, a
 the model does).
 Usage: python tools/bench_attention.py [--cases 512,4096,512@3584] [--repeat 5]
                                        [--threads N] [--dtype float32|bfloat16]
+
+--decode: decode attention instead, one new token per sequence attending to its
+context in the paged cache [S, 2, Hkv, d] through a slot table of shuffled 16-slot
+blocks (as the KV block manager leaves it). Compiled (moed/experts/decode_attention.py)
+against the torch path GQAttention used before (gather kv_cache[slots], then
+moed.model.layers.decode_attention), best of N each; the K/V bytes read per second
+against the plain read bandwidth measured in the same run; and the store of one
+step's new k/v (store_kv) against two torch index_put.
+Usage: python tools/bench_attention.py --decode [--cases 1x64,1x4096,1x32768,8x1024]
+                                       [--dtype float32|bfloat16]
 """
 import argparse
 import os
@@ -23,6 +33,8 @@ from bench_model import env_threads, machine  # noqa: E402
 
 from moed.cpu import expert_kernels  # noqa: E402
 from moed.experts.attention import causal_attention  # noqa: E402
+from moed.experts.decode_attention import paged_decode_attention, store_kv  # noqa: E402
+from moed.model.layers import decode_attention  # noqa: E402
 
 H, HKV, D = 32, 4, 128
 
@@ -73,6 +85,47 @@ def bench_case(n, L, dtype, kernels, threads, repeat):
           f"-> x{t_ref / t:4.2f} | max abs diff {err:.1e}", flush=True)
 
 
+def decode_inputs(B, L, dtype, g):
+    """Cache [S, 2, Hkv, d] in `dtype`, slot table [B, L] of shuffled 16-slot blocks,
+    context [B], q [B, H, d]."""
+    blocks = B * L // 16 + 1
+    cache = torch.randn(blocks * 16, 2, HKV, D, generator=g).to(dtype)
+    order = torch.randperm(blocks, generator=g)[:, None] * 16 + torch.arange(16)
+    slots = order.reshape(-1)[:B * L].reshape(B, L).contiguous()
+    return cache, slots, torch.full((B,), L, dtype=torch.int64), torch.randn(B, H, D, generator=g)
+
+
+def torch_decode(q, cache, slots, mask, scale):
+    kv = cache[slots]                                          # [B, L, 2, Hkv, d]
+    return decode_attention(q, kv[:, :, 0], kv[:, :, 1], mask, scale)
+
+
+def torch_store(cache, slot_mapping, k, v):
+    cache[slot_mapping, 0] = k.to(cache.dtype)
+    cache[slot_mapping, 1] = v.to(cache.dtype)
+
+
+def bench_decode(B, L, dtype, kernels, threads, repeat, read_bw):
+    g = torch.Generator().manual_seed(0)
+    cache, slots, context, q = decode_inputs(B, L, dtype, g)
+    mask, scale = torch.ones(B, 1, L, dtype=torch.bool), D ** -0.5
+    out = torch.empty(B, H, D)
+    t = best_time(lambda: paged_decode_attention(q, cache, slots, context, scale, out=out,
+                                                 threads=threads, kernels=kernels), repeat)
+    t_ref = best_time(lambda: torch_decode(q, cache, slots, mask, scale), repeat)
+    err = (out - torch_decode(q, cache, slots, mask, scale)).abs().max().item()
+    bw = 2 * B * L * HKV * D * cache.element_size() / t
+    k = torch.randn(B, H + HKV, D, generator=g)[:, H:]       # the projection's strided k
+    v = torch.randn(B, HKV, D, generator=g)
+    new = slots[:, -1].contiguous()
+    t_st = best_time(lambda: store_kv(cache, new, k, v, kernels=kernels), repeat)
+    t_st_ref = best_time(lambda: torch_store(cache, new, k, v), repeat)
+    print(f"B={B:<3d} L={L:<6d} {t * 1e6:9.1f} us  K/V {bw / 1e9:5.1f} GB/s = {bw / read_bw:4.0%} "
+          f"of read | torch {t_ref * 1e6:9.1f} us -> x{t_ref / t:5.2f} | max abs diff {err:.1e} | "
+          f"store {t_st * 1e6:5.1f} us vs index_put {t_st_ref * 1e6:5.1f} us -> "
+          f"x{t_st_ref / t_st:4.2f}", flush=True)
+
+
 def parse_case(s):
     # "T" = plain causal prompt of T tokens; "n@c" = n queries after c cached tokens
     if "@" in s:
@@ -83,15 +136,22 @@ def parse_case(s):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="512,4096,512@3584")
+    ap.add_argument("--cases", default=None)
+    ap.add_argument("--decode", action="store_true", help="decode attention cases (BxL)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
     kernels, threads = expert_kernels(), args.threads or env_threads()
     print(f"isa={kernels.ISA} threads={threads} torch threads={torch.get_num_threads()} "
-          f"H={H} Hkv={HKV} d={D} inputs {args.dtype}")
-    for case in args.cases.split(","):
+          f"H={H} Hkv={HKV} d={D} {'cache' if args.decode else 'inputs'} {args.dtype}")
+    if args.decode:
+        read_bw, _ = machine(kernels, threads)
+        for case in (args.cases or "1x64,1x4096,1x32768,8x1024").split(","):
+            B, L = (int(x) for x in case.split("x"))
+            bench_decode(B, L, getattr(torch, args.dtype), kernels, threads, args.repeat, read_bw)
+        return
+    for case in (args.cases or "512,4096,512@3584").split(","):
         bench_case(*parse_case(case), getattr(torch, args.dtype), kernels, threads, args.repeat)
 
 
