@@ -85,10 +85,14 @@ def test_simd_matches_scalar_twin(fmt):
 
 def test_thread_count_does_not_change_the_result():
     # each task owns its rows of y: no reduction across threads, bitwise identical
-    w = make_weight(300, 260, "fp8")
-    x = torch.randn(130, 260)
-    ys = [CPULinear(w, threads=n)(x) for n in (1, 2, 3)]
-    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    # (decode, T <= 2: tiles claimed one ahead per thread; 20 tiles over 1-3 threads)
+    w = make_weight(1240, 260, "fp8")
+    for T in (1, 2, 130):
+        x = torch.randn(T, 260)
+        ys = [CPULinear(w, threads=n)(x) for n in (1, 2, 3)]
+        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+        ref, scale = reference(x, w)
+        assert ((ys[0].double() - ref).abs() / (scale + 1e-30)).max() < TOL
 
 
 def test_bias_leading_dims_and_bf16_input():
