@@ -228,45 +228,112 @@ static void dec_scores(const float *q, const float *const *krow, int nk, int dq,
 }
 #endif
 
+/* ====================================================== softmax and P V of one block
+ * dec_softmax: sr[t] = exp(scale sr[t] - m') for t < nk (0 past nk) where m' =
+ * max(*mx, scale sr[..nk]); *mx = m'; returns the block's sum.
+ * dec_pv: o[c] = alpha o[c] + sum_t p[t] vrow[t][c], c < dv. */
+#if defined(__AVX512F__)
+static float dec_softmax(float *sr, int nk, float scale, float *mx) {
+    __mmask16 m = nk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nk) - 1);
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr), _mm512_set1_ps(scale));
+    float hi = fmaxf(*mx, _mm512_mask_reduce_max_ps(m, x));
+    __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(x, _mm512_set1_ps(hi))));
+    _mm512_storeu_ps(sr, e);
+    *mx = hi;
+    return _mm512_reduce_add_ps(e);
+}
+
+/* Columns [c, c + 16 NV) in registers across the block's keys: o is read and
+ * written once per block, and NV independent chains keep both FMA ports busy. */
+ALWAYS_INLINE void dec_pv_cols(float *o, const float *p, const float *const *vrow, int nk,
+                               __m512 alpha, int c, __mmask16 tail, const int NV) {
+    __m512 acc[8];
+    for (int v = 0; v < NV; v++)
+        acc[v] = _mm512_mul_ps(alpha, _mm512_maskz_loadu_ps(v == NV - 1 ? tail : 0xffff, o + c + 16 * v));
+    for (int t = 0; t < nk; t++) {
+        __m512 pt = _mm512_set1_ps(p[t]);
+        for (int v = 0; v < NV; v++)
+            acc[v] = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(v == NV - 1 ? tail : 0xffff,
+                                                               vrow[t] + c + 16 * v), acc[v]);
+    }
+    for (int v = 0; v < NV; v++)
+        _mm512_mask_storeu_ps(o + c + 16 * v, v == NV - 1 ? tail : 0xffff, acc[v]);
+}
+
+static void dec_pv(float *o, const float *p, const float *const *vrow, int nk, int dv,
+                   float alpha) {
+    const __m512 a = _mm512_set1_ps(alpha);
+    int c = 0;
+    for (; c + 128 <= dv; c += 128) dec_pv_cols(o, p, vrow, nk, a, c, 0xffff, 8);
+    for (; c < dv; c += 16) {
+        __mmask16 tail = dv - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dv - c)) - 1);
+        dec_pv_cols(o, p, vrow, nk, a, c, tail, 1);
+    }
+}
+#else
 /* e[t] = exp(x[t] - mx), t < n. */
 static void dec_exp(float *x, float mx, int n) {
     int t = 0;
-#if defined(__AVX512F__)
-    for (; t + 16 <= n; t += 16)
-        _mm512_storeu_ps(x + t, exp512(_mm512_sub_ps(_mm512_loadu_ps(x + t), _mm512_set1_ps(mx))));
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)
     for (; t + 8 <= n; t += 8)
         _mm256_storeu_ps(x + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(mx))));
 #endif
     for (; t < n; t++) x[t] = expf(x[t] - mx);
 }
 
+static float dec_softmax(float *sr, int nk, float scale, float *mx) {
+    float hi = *mx, sum = 0.0f;
+    for (int t = 0; t < nk; t++) { sr[t] *= scale; hi = fmaxf(hi, sr[t]); }
+    dec_exp(sr, hi, nk);
+    for (int t = 0; t < nk; t++) sum += sr[t];
+    *mx = hi;
+    return sum;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+ALWAYS_INLINE void dec_pv_cols(float *o, const float *p, const float *const *vrow, int nk,
+                               __m256 alpha, int c, const int NV) {
+    __m256 acc[8];
+    for (int v = 0; v < NV; v++) acc[v] = _mm256_mul_ps(alpha, _mm256_loadu_ps(o + c + 8 * v));
+    for (int t = 0; t < nk; t++) {
+        __m256 pt = _mm256_set1_ps(p[t]);
+        for (int v = 0; v < NV; v++)
+            acc[v] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vrow[t] + c + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + c + 8 * v, acc[v]);
+}
+#endif
+
+static void dec_pv(float *o, const float *p, const float *const *vrow, int nk, int dv,
+                   float alpha) {
+    int c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 a = _mm256_set1_ps(alpha);
+    for (; c + 64 <= dv; c += 64) dec_pv_cols(o, p, vrow, nk, a, c, 8);
+    for (; c + 8 <= dv; c += 8) dec_pv_cols(o, p, vrow, nk, a, c, 1);
+#endif
+    if (c == dv) return;
+    for (int e = c; e < dv; e++) o[e] *= alpha;
+    int t = 0;
+    for (; t + 4 <= nk; t += 4) {   /* four keys per pass over o: a quarter of its stores */
+        const float p0 = p[t], p1 = p[t + 1], p2 = p[t + 2], p3 = p[t + 3];
+        const float *v0 = vrow[t], *v1 = vrow[t + 1], *v2 = vrow[t + 2], *v3 = vrow[t + 3];
+        for (int e = c; e < dv; e++) o[e] += p0 * v0[e] + p1 * v1[e] + p2 * v2[e] + p3 * v3[e];
+    }
+    for (; t < nk; t++)
+        for (int e = c; e < dv; e++) o[e] += p[t] * vrow[t][e];
+}
+#endif
+
 /* ====================================================== one item */
 /* Online softmax of query row r over a block of nk scores, then o += p V. */
 static void dec_update(const dec_job *j, dec_scratch *s, int r, int nk) {
-    float *sr = s->s + r * DEC_BN, mx = s->mx[r];
-    for (int t = 0; t < nk; t++) { sr[t] *= j->scale; mx = fmaxf(mx, sr[t]); }
-    float alpha = mx == s->mx[r] ? 1.0f : expf(s->mx[r] - mx);    /* -inf -> 0 */
-    dec_exp(sr, mx, nk);
-    float sum = 0.0f;
-    for (int t = 0; t < nk; t++) sum += sr[t];
+    float *sr = s->s + r * DEC_BN, old = s->mx[r], mx = old;
+    float sum = dec_softmax(sr, nk, j->scale, &mx);
+    float alpha = mx == old ? 1.0f : expf(old - mx);                /* -inf -> 0 */
     s->l[r] = s->l[r] * alpha + sum;
     s->mx[r] = mx;
-    float *o = s->o + (int64_t)r * j->dv;
-    const int dv = j->dv;
-    if (alpha != 1.0f)
-        for (int c = 0; c < dv; c++) o[c] *= alpha;
-    int t = 0;
-    for (; t + 4 <= nk; t += 4) {   /* four keys per pass over o: a quarter of its stores */
-        const float p0 = sr[t], p1 = sr[t + 1], p2 = sr[t + 2], p3 = sr[t + 3];
-        const float *v0 = s->vrow[t], *v1 = s->vrow[t + 1], *v2 = s->vrow[t + 2],
-                    *v3 = s->vrow[t + 3];
-        for (int c = 0; c < dv; c++) o[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c];
-    }
-    for (; t < nk; t++) {
-        const float p = sr[t], *v = s->vrow[t];
-        for (int c = 0; c < dv; c++) o[c] += p * v[c];
-    }
+    dec_pv(s->o + (int64_t)r * j->dv, sr, s->vrow, nk, j->dv, alpha);
 }
 
 /* Keys [k0, k1) of pair (b, g) into s->o, s->mx, s->l; 0 or a bad slot's error. */

@@ -116,23 +116,32 @@ def install_cpu_attention(model):
     matrix) where the CPU has AVX-512 BF16; GQA decodes read K/V in place from the
     paged cache and the new k/v are stored in one call (every ISA).
     Returns the attention layers seen."""
+    import functools
+
     from moed.cpu import expert_kernels
     from moed.experts.attention import causal_attention
     from moed.experts.decode_attention import paged_decode_attention, store_kv
     from moed.experts.glue import norm_rope
+    from moed.experts.layer import default_threads
     from moed.model.attention import GQAttention
     from moed.model.deepseek_v3 import MLAttention
-    flash = expert_kernels().ISA == "avx512"   # FP32 paths: about torch's speed, or slower
+    kernels = expert_kernels()
+    flash = kernels.ISA == "avx512"   # FP32 paths: about torch's speed, or slower
+    # the kernels and threads looked up once, not per layer per step (~2 us a call)
+    decode = functools.partial(paged_decode_attention, kernels=kernels, threads=default_threads())
+    store = functools.partial(store_kv, kernels=kernels)
     n = 0
     for layer in model.layers:
         attn = layer.attn
         if isinstance(attn, GQAttention):
             attn.norm_rope = norm_rope
-            # tools/bench_attention.py --decode, Qwen3-30B shape, 2 threads (vs gather +
-            # torch decode_attention): avx512 x2.3 (B 1, L 64) .. x9 (B 8, L 1K),
-            # avx2 x2.5 .. x10, generic x1.1 .. x3.4
-            attn.decode_kernel = paged_decode_attention
-            attn.kv_store = store_kv
+            # tools/bench_attention.py --decode, Qwen3-30B shape, 2 threads, vs gather +
+            # torch decode_attention: avx512 x2.6 (B 1, L 64) .. x12 (B 8, L 1K), avx2
+            # x2.2 .. x10.5; generic (SSE2 only) x0.5-0.7 at B 1, L <= 4K: torch there.
+            # The store beats two index_put on every ISA (x1.0-2.0).
+            if kernels.ISA != "generic":
+                attn.decode_kernel = decode
+            attn.kv_store = store
         if isinstance(attn, (GQAttention, MLAttention)):
             n += 1
             if flash:

@@ -9,10 +9,14 @@ path (moed.model.layers.decode_attention on a gathered copy) within FP32 roundin
 Shape legend: B decodes, H query heads, Hkv kv heads, d head dim, S cache slots,
 Lmax slot-row length, N new tokens.
 """
+import threading
+
 import torch
 
 from moed.errors import InvalidRequestError
 from moed.experts.layer import _workspace_for, default_threads
+
+_address = threading.local()       # this thread's workspace buffer and its address
 
 CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -34,11 +38,12 @@ def paged_decode_attention(q, kv_cache, slots, context, scale, out=None, threads
     threads = threads or default_threads()
     ptr, bf16, es = kv_cache.data_ptr(), kv_cache.dtype == torch.bfloat16, kv_cache.element_size()
     ld = 2 * Hkv * d
-    ws = _workspace_for(kernels.decode_workspace(B, H, Hkv, d, d, threads))
-    rc = kernels.paged_decode(q.data_ptr(), q.stride(0), q.stride(1), (ptr, bf16, ld, d),
+    ws = _workspace(kernels.decode_workspace(B, H, Hkv, d, d, threads))
+    q_ld, q_hs, _ = q.stride()
+    rc = kernels.paged_decode(q.data_ptr(), q_ld, q_hs, (ptr, bf16, ld, d),
                               (ptr + Hkv * d * es, bf16, ld, d), slots.data_ptr(), Lmax,
                               context.data_ptr(), S, B, H, Hkv, d, d, float(scale),
-                              out.data_ptr(), ws.ctypes.data, threads)
+                              out.data_ptr(), ws, threads)
     if rc > 0:
         b = rc - 1
         raise InvalidRequestError(f"context[{b}] = {int(context[b])} is outside [1, {Lmax}]",
@@ -65,25 +70,36 @@ def store_kv(kv_cache, slot_mapping, k, v, kernels=None):
     kernels = kernels or expert_kernels()
     ptr, bf16, es = kv_cache.data_ptr(), kv_cache.dtype == torch.bfloat16, kv_cache.element_size()
     ld = 2 * Hkv * d
+    (k_ld, k_hs, _), (v_ld, v_hs, _) = k.stride(), v.stride()
     rc = kernels.store_kv((ptr, bf16, ld, d), (ptr + Hkv * d * es, bf16, ld, d),
-                          k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
-                          v.stride(1), slot_mapping.data_ptr(), N, S, Hkv, d, d)
+                          k.data_ptr(), k_ld, k_hs, v.data_ptr(), v_ld, v_hs,
+                          slot_mapping.data_ptr(), N, S, Hkv, d, d)
     if rc:
         n = -1 - rc
         raise InvalidRequestError(f"slot_mapping[{n}] = {int(slot_mapping[n])} is outside "
                                   f"the cache's [0, {S})", field="slot_mapping")
 
 
+def _workspace(nbytes):
+    """Address of this thread's workspace of >= nbytes (numpy's .ctypes.data costs ~1 us:
+    looked up again only when the buffer changes)."""
+    buf = _workspace_for(nbytes)
+    if getattr(_address, "buf", None) is not buf:
+        _address.buf, _address.ptr = buf, buf.ctypes.data
+    return _address.ptr
+
+
 def _check_cpu(x, name):
+    # checks here cost ~50 ns each (x.device.type ~250): they run per layer per step
     if not isinstance(x, torch.Tensor):
         raise InvalidRequestError(f"{name} is {type(x).__name__}, expected a tensor", field=name)
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise InvalidRequestError(f"{name} is on {x.device}, expected the CPU", field=name)
 
 
 def _check_q(q):
     _check_cpu(q, "q")
-    if q.dim() != 3 or q.dtype != torch.float32 or q.stride(2) != 1:
+    if q.dim() != 3 or q.dtype != torch.float32 or q.stride()[2] != 1:
         raise InvalidRequestError(f"q is {q.dtype} {tuple(q.shape)}, expected float32 "
                                   "[B, H, d] with a contiguous last dim", field="q")
     if min(q.shape[1:]) == 0:
@@ -131,7 +147,7 @@ def _check_table(slots, context, B):
 def _check_new(x, name, Hkv, d):
     _check_cpu(x, name)
     if x.dim() != 3 or x.dtype != torch.float32 or tuple(x.shape[1:]) != (Hkv, d) \
-            or x.stride(2) != 1:
+            or x.stride()[2] != 1:
         raise InvalidRequestError(f"{name} is {x.dtype} {tuple(x.shape)}, expected float32 "
                                   f"[N, {Hkv}, {d}] with a contiguous last dim", field=name)
     return x.shape[0]
@@ -141,7 +157,7 @@ def _check_out(out, shape):
     if out is None:
         return torch.empty(shape, dtype=torch.float32)
     if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous() \
-            or out.device.type != "cpu":
+            or not out.is_cpu:
         raise InvalidRequestError(f"out must be contiguous float32 {list(shape)} on the CPU",
                                   field="out")
     return out
