@@ -18,7 +18,8 @@ import torch
 import moed.cpu as cpu
 from moed import LLM, SamplingParams
 from moed.errors import InvalidRequestError
-from moed.experts.decode_attention import paged_decode_attention, store_kv
+from moed.experts.decode_attention import (latent_decode_attention, paged_decode_attention,
+                                           store_kv)
 from moed.model.layers import decode_attention
 from moed.model.tiny import build_tiny_model
 
@@ -109,6 +110,35 @@ def test_strided_q_and_one_thread(isa):
                                  kernels=kernels)
     ref = torch_path(qk[:, :H], cache, slots, context, 0.2)
     assert (out - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_mla_latent_cache(isa):
+    # DeepSeek MLA absorbed decode: H heads share one latent row [r + dr] per token, the
+    # value its first r columns (the same cache row read as K and V); B = 1 is one
+    # (sequence, kv head) pair, so its 3000 keys take the split path on 2 threads
+    kernels = kernels_or_refused(isa)
+    if kernels is None:
+        return
+    H, r, dr = 16, 64, 16
+    for i, (contexts, dtype) in enumerate((([3000], torch.bfloat16), ([7, 40, 1], torch.float32))):
+        g = torch.Generator().manual_seed(20 + i)
+        S = 2 * sum(contexts) + 3
+        cache = torch.randn(S, r + dr, generator=g).to(dtype)
+        slots, context = slot_table(contexts, S, g), torch.tensor(contexts)
+        q = torch.randn(len(contexts), H, r + dr, generator=g)
+        out = latent_decode_attention(q, cache, r, slots, context, 0.1, threads=2,
+                                      kernels=kernels)
+        rows = cache[slots][:, :, None]                       # [B, Lmax, 1, r + dr]
+        mask = torch.arange(slots.shape[1])[None, None, :] < context[:, None, None]
+        ref = decode_attention(q, rows, rows[..., :r], mask, 0.1)
+        err = (out - ref).abs().max().item()
+        print(f"{isa} MLA {contexts} {dtype}: max abs err {err:.2e}")
+        assert out.shape == (len(contexts), H, r) and err <= TOL
+    with pytest.raises(InvalidRequestError):
+        latent_decode_attention(q, cache, r + dr + 1, slots, context, 0.1, kernels=kernels)
+    with pytest.raises(InvalidRequestError):
+        latent_decode_attention(q, cache[:, :r], r, slots, context, 0.1, kernels=kernels)
 
 
 def bf16_edge_values(n, g):

@@ -3,9 +3,11 @@
 
 `paged_decode_attention` attends one new token per sequence to its context, read
 in place from the paged GQA cache through the sequence's slot row: no gathered
-copy. `store_kv` writes the step's new keys and values into their slots. Both
-compute in FP32 (a BF16 cache is widened exactly), so results equal the torch
-path (moed.model.layers.decode_attention on a gathered copy) within FP32 rounding.
+copy; `latent_decode_attention` is the same kernel over DeepSeek MLA's latent cache
+(one kv head, the value a prefix of the key). `store_kv` writes the step's new keys
+and values into their slots. All compute in FP32 (a BF16 cache is widened
+exactly), so results equal the torch path (moed.model.layers.decode_attention on a
+gathered copy) within FP32 rounding.
 Shape legend: B decodes, H query heads, Hkv kv heads, d head dim, S cache slots,
 Lmax slot-row length, N new tokens.
 """
@@ -27,22 +29,47 @@ def paged_decode_attention(q, kv_cache, slots, context, scale, out=None, threads
     bfloat16, contiguous; key at 0, value at 1), slots [B, Lmax] int64 (row b valid on
     its first context[b] entries), context [B] int64 -> out [B, H, d] float32 (written
     into `out` when given: contiguous float32)."""
-    from moed.cpu import expert_kernels
     B, H, d = _check_q(q)
     S, Hkv = _check_cache(kv_cache, H, d)
+    ptr, bf16, es = kv_cache.data_ptr(), kv_cache.dtype == torch.bfloat16, kv_cache.element_size()
+    ld = 2 * Hkv * d
+    return _decode(q, (ptr, bf16, ld, d), (ptr + Hkv * d * es, bf16, ld, d), S, Hkv, d, slots,
+                   context, scale, out, threads, kernels)
+
+
+def latent_decode_attention(q, cache, dv, slots, context, scale, out=None, threads=None,
+                            kernels=None):
+    """DeepSeek MLA's absorbed decode: every head attends to one latent per token.
+    q [B, H, dq] float32 (q_nope W_uk beside q_rot), cache [S, dq] (float32 or bfloat16,
+    contiguous: latent then k_rot), the value the latent's first dv columns -> out
+    [B, H, dv] float32 (the latent-space output, before W_uv)."""
+    B, H, dq = _check_q(q)
+    _check_cpu(cache, "cache")
+    if cache.dim() != 2 or cache.shape[1] != dq or cache.dtype not in CACHE_DTYPES \
+            or not cache.is_contiguous():
+        raise InvalidRequestError(f"cache is {cache.dtype} {tuple(cache.shape)}, expected "
+                                  f"contiguous float32 or bfloat16 [S, {dq}]", field="cache")
+    if not 0 < dv <= dq:
+        raise InvalidRequestError(f"dv {dv} is outside [1, {dq}]", field="dv")
+    operand = (cache.data_ptr(), cache.dtype == torch.bfloat16, dq, 0)
+    return _decode(q, operand, operand, cache.shape[0], 1, dq, slots, context, scale, out,
+                   threads, kernels, dv)
+
+
+def _decode(q, k, v, S, Hkv, dq, slots, context, scale, out, threads, kernels, dv=None):
+    # k, v: (address, bf16, elements between slots, between kv heads) over the cache
+    from moed.cpu import expert_kernels
+    B, H, dv = q.shape[0], q.shape[1], dv or dq
     Lmax = _check_table(slots, context, B)
-    out = _check_out(out, (B, H, d))
+    out = _check_out(out, (B, H, dv))
     if B == 0:
         return out
     kernels = kernels or expert_kernels()
     threads = threads or default_threads()
-    ptr, bf16, es = kv_cache.data_ptr(), kv_cache.dtype == torch.bfloat16, kv_cache.element_size()
-    ld = 2 * Hkv * d
-    ws = _workspace(kernels.decode_workspace(B, H, Hkv, d, d, threads))
+    ws = _workspace(kernels.decode_workspace(B, H, Hkv, dq, dv, threads))
     q_ld, q_hs, _ = q.stride()
-    rc = kernels.paged_decode(q.data_ptr(), q_ld, q_hs, (ptr, bf16, ld, d),
-                              (ptr + Hkv * d * es, bf16, ld, d), slots.data_ptr(), Lmax,
-                              context.data_ptr(), S, B, H, Hkv, d, d, float(scale),
+    rc = kernels.paged_decode(q.data_ptr(), q_ld, q_hs, k, v, slots.data_ptr(), Lmax,
+                              context.data_ptr(), S, B, H, Hkv, dq, dv, float(scale),
                               out.data_ptr(), ws, threads)
     if rc > 0:
         b = rc - 1
