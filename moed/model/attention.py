@@ -50,7 +50,7 @@ class GQAttention:
     def _compiled(kv_cache, x):
         """Whether the compiled kernels take this step: CPU tensors, FP32 activations
         and a float32 or bfloat16 cache (other cache dtypes stay on torch)."""
-        return kv_cache.device.type == "cpu" and x.dtype == torch.float32 and \
+        return kv_cache.is_cpu and x.dtype == torch.float32 and \
             kv_cache.dtype in (torch.float32, torch.bfloat16)
 
     def project(self, x, cos_sin):
