@@ -25,6 +25,8 @@
  *
  * EXAMPLE  Qwen3-30B-A3B, B = 1, context 4096, FP32 cache: 4 (sequence, kv
  *   head) pairs of 8 query heads x 4096 keys x 128 dims; 16 MB of K/V read.
+ *   Measured (2 AVX-512 EPYC cores): 0.6-0.8 ms, 21-28 GB/s (about half the
+ *   streaming read rate), x2.8 the gathered torch path; BF16 cache 0.5 ms.
  *
  * PLAN  items = (sequence, kv head, key chunk). A pair is split into key
  *   chunks only when there are fewer pairs than threads (B = 1 MLA: one pair);
@@ -36,7 +38,9 @@
  *   read once for all G), online softmax in FP32, then O += P V. BF16 rows
  *   are widened into an FP32 block first; FP32 rows are read in place.
  *   Slots are checked against S before each read: a bad one stops the call
- *   with an error, never a read outside the cache.
+ *   with an error, never a read outside the cache. The rows of the block
+ *   DEC_AHEAD ahead are prefetched: each slot is its own page (Qwen3: 4 KB a
+ *   slot), which the hardware prefetchers do not cross.
  *
  * AVX-512: 16 keys' dot products accumulate in 16 registers (one q vector
  *   feeds all 16 loads) and a transpose-add tree folds them into one vector
