@@ -185,8 +185,9 @@ cdef extern from "glue_kernels.c" nogil:
     void qk_norm_rope(const float *x, int64_t ldx, int N, int R, int d, const float *w,
                       float eps, const float *cs, const float *sn, int64_t ldcs, float *out,
                       int nthreads)
-    void router_softmax_topk(const float *x, const float *w, int T, int D, int E, int k,
-                             int renorm, float *logits, int64_t *ids, float *wts, int nthreads)
+    void router_softmax_topk(const float *x, const void *w, int w_bf16, int T, int D, int E,
+                             int k, int renorm, float *logits, int64_t *ids, float *wts,
+                             int nthreads)
     void add_rms_norm(float *x, int64_t ldx, const float *delta, int64_t ldd, int N, int D,
                       const float *w, float eps, float *out, int nthreads)
     void argmax_rows(const float *x, int64_t ldx, int B, int64_t V, int64_t *ids)
@@ -201,12 +202,12 @@ def norm_rope(uintptr_t x, int64_t ldx, int N, int R, int d, uintptr_t w, float 
                      <const float *>cos, <const float *>sin, ldcs, <float *>out, nthreads)
 
 
-def softmax_topk(uintptr_t x, uintptr_t w, int T, int D, int E, int k, bint renorm,
-                 uintptr_t logits, uintptr_t ids, uintptr_t wts, int nthreads):
-    """ids[T, k], wts[T, k] = top-k of softmax(x @ w^T) (renormalised when asked).
-    Pointers and shapes are checked by the caller (moed/experts/glue.py)."""
+def softmax_topk(uintptr_t x, uintptr_t w, bint w_bf16, int T, int D, int E, int k,
+                 bint renorm, uintptr_t logits, uintptr_t ids, uintptr_t wts, int nthreads):
+    """ids[T, k], wts[T, k] = top-k of softmax(x @ w^T) (renormalised when asked); w FP32
+    or BF16. Pointers and shapes are checked by the caller (moed/experts/glue.py)."""
     with nogil:
-        router_softmax_topk(<const float *>x, <const float *>w, T, D, E, k, renorm,
+        router_softmax_topk(<const float *>x, <const void *>w, w_bf16, T, D, E, k, renorm,
                             <float *>logits, <int64_t *>ids, <float *>wts, nthreads)
 
 

@@ -50,7 +50,11 @@ class CPUSoftmaxRouter:
         from moed.cpu import expert_kernels
         self.reference = router                                   # moed.model.moe.SoftmaxRouter
         self.gate = router.gate                                   # its float32 Linear [E, D]
-        self.weight = router.gate.weight.data.float().contiguous()   # [E, D]
+        w = router.gate.weight.data.float()                          # [E, D]
+        # BF16 when every weight is a BF16 value (a BF16 router, upcast exactly by the
+        # reference): the kernel widens it exactly, same products from half the bytes
+        half = w.bfloat16()
+        self.weight = half.contiguous() if torch.equal(half.float(), w) else w.contiguous()
         self.k, self.renorm = router.k, router.norm_topk_prob
         self.kernels = kernels or expert_kernels()
         self.threads = threads or default_threads()
@@ -69,7 +73,8 @@ class CPUSoftmaxRouter:
         wts = torch.empty(T, self.k, dtype=torch.float32)
         if T:
             logits = torch.empty(T, E, dtype=torch.float32)
-            self.kernels.softmax_topk(x.data_ptr(), self.weight.data_ptr(), T, D, E, self.k,
+            self.kernels.softmax_topk(x.data_ptr(), self.weight.data_ptr(),
+                                      self.weight.dtype == torch.bfloat16, T, D, E, self.k,
                                       self.renorm, logits.data_ptr(), ids.data_ptr(),
                                       wts.data_ptr(), self.threads)
         return ids, wts
