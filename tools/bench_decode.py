@@ -26,7 +26,7 @@ from the kernels' pinned pool: run with --torch-threads 1 or
 OMP_WAIT_POLICY=PASSIVE to see the engine without that interference.
 
 Usage: python tools/bench_decode.py [--layers 6] [--tokens 32] [--batch 1]
-           [--ref-tokens 4] [--model-dir DIR (kept and reused)]
+           [--context 5 (prompt tokens)] [--ref-tokens 4] [--model-dir DIR (kept and reused)]
 """
 import argparse
 import os
@@ -83,13 +83,16 @@ def main():
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--ref-tokens", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=5,
+                    help="prompt tokens before decoding (attention reads grow with it)")
     args = ap.parse_args()
     tmp, model, kernels, threads, setup = model_setup(args)
     read, _ = machine(kernels, threads)
     print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8 (BF16 embed/LM head), batch "
-          f"{args.batch}, {setup}; streaming read {read / 1e9:.1f} GB/s "
+          f"{args.batch}, context {args.context}+, {setup}; streaming read {read / 1e9:.1f} GB/s "
           f"(same run, re-measured after every step)", flush=True)
-    prompts = [[3 + i, 17, 42, 99, 7] for i in range(args.batch)]
+    prompts = [[3 + i] + [(17 + 31 * j) % 150000 + 3 for j in range(args.context - 1)]
+               for i in range(args.batch)]
     fast = engine(model, fast=True)
     t_fast, a = report("engine", fast, prompts, args.tokens, kernels, threads)
     del fast
