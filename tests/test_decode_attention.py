@@ -199,6 +199,12 @@ def test_bad_inputs_are_refused_before_any_read_or_write():
     refused("slots", q, cache, slots[:1], context, 0.1)
     refused("context", q, cache, slots, torch.tensor([5, 0]), 0.1)
     refused("context", q, cache, slots, torch.tensor([5, 10]), 0.1)  # past the row
+    # the slot table is checked once per step (every layer shares it): not once per
+    # object, a q with another row count is refused with the same table
+    paged_decode_attention(q, cache, slots, context, 0.1)
+    refused("slots", torch.randn(3, 4, d), cache, slots, context, 0.1)
+    # a cache is checked once per tensor: a new tensor (even at a recycled address) again
+    refused("kv_cache", q, torch.zeros(S, 2, Hkv, d, dtype=torch.float16), slots, context, 0.1)
     for bad in (-1, S):
         s = slots.clone()
         s[1, 8] = bad

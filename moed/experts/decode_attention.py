@@ -12,6 +12,7 @@ Shape legend: B decodes, H query heads, Hkv kv heads, d head dim, S cache slots,
 Lmax slot-row length, N new tokens.
 """
 import threading
+import weakref
 
 import torch
 
@@ -29,12 +30,14 @@ def paged_decode_attention(q, kv_cache, slots, context, scale, out=None, threads
     bfloat16, contiguous; key at 0, value at 1), slots [B, Lmax] int64 (row b valid on
     its first context[b] entries), context [B] int64 -> out [B, H, d] float32 (written
     into `out` when given: contiguous float32)."""
-    B, H, d = _check_q(q)
-    S, Hkv = _check_cache(kv_cache, H, d)
-    ptr, bf16, es = kv_cache.data_ptr(), kv_cache.dtype == torch.bfloat16, kv_cache.element_size()
-    ld = 2 * Hkv * d
-    return _decode(q, (ptr, bf16, ld, d), (ptr + Hkv * d * es, bf16, ld, d), S, Hkv, d, slots,
-                   context, scale, out, threads, kernels)
+    lay = _gqa_layout(kv_cache)
+    if not _q_fits(q, lay.Hkv, lay.d):
+        _check_q(q)
+        raise InvalidRequestError(f"q {list(q.shape)} does not fit kv_cache [S, 2, {lay.Hkv}, "
+                                  f"{lay.d}] (head size must match, H a multiple of Hkv)",
+                                  field="q")
+    return _decode(q, lay.k, lay.v, lay.S, lay.Hkv, lay.d, slots, context, scale, out,
+                   threads, kernels)
 
 
 def latent_decode_attention(q, cache, dv, slots, context, scale, out=None, threads=None,
@@ -43,7 +46,8 @@ def latent_decode_attention(q, cache, dv, slots, context, scale, out=None, threa
     q [B, H, dq] float32 (q_nope W_uk beside q_rot), cache [S, dq] (float32 or bfloat16,
     contiguous: latent then k_rot), the value the latent's first dv columns -> out
     [B, H, dv] float32 (the latent-space output, before W_uv)."""
-    B, H, dq = _check_q(q)
+    _check_q(q)
+    B, H, dq = q.shape
     _check_cpu(cache, "cache")
     if cache.dim() != 2 or cache.shape[1] != dq or cache.dtype not in CACHE_DTYPES \
             or not cache.is_contiguous():
@@ -59,8 +63,9 @@ def latent_decode_attention(q, cache, dv, slots, context, scale, out=None, threa
 def _decode(q, k, v, S, Hkv, dq, slots, context, scale, out, threads, kernels, dv=None):
     # k, v: (address, bf16, elements between slots, between kv heads) over the cache
     from moed.cpu import expert_kernels
-    B, H, dv = q.shape[0], q.shape[1], dv or dq
-    Lmax = _check_table(slots, context, B)
+    B, H, _ = q.shape
+    dv = dv or dq
+    Lmax = _table(slots, context, B)
     out = _check_out(out, (B, H, dv))
     if B == 0:
         return out
@@ -88,23 +93,90 @@ def store_kv(kv_cache, slot_mapping, k, v, kernels=None):
     nearest even for a bfloat16 cache as torch's conversion. A slot outside the cache
     raises before anything is written."""
     from moed.cpu import expert_kernels
-    S, Hkv, d = _check_cache(kv_cache, None, None)
+    lay = _gqa_layout(kv_cache)
+    if not _new_fit(k, v, slot_mapping, lay.Hkv, lay.d):
+        _check_new_tokens(k, v, slot_mapping, lay.Hkv, lay.d)
+    kernels = kernels or expert_kernels()
+    (k_ld, k_hs, _), (v_ld, v_hs, _) = k.stride(), v.stride()
+    rc = kernels.store_kv(lay.k, lay.v, k.data_ptr(), k_ld, k_hs, v.data_ptr(), v_ld, v_hs,
+                          slot_mapping.data_ptr(), k.shape[0], lay.S, lay.Hkv, lay.d, lay.d)
+    if rc:
+        n = -1 - rc
+        raise InvalidRequestError(f"slot_mapping[{n}] = {int(slot_mapping[n])} is outside "
+                                  f"the cache's [0, {lay.S})", field="slot_mapping")
+
+
+# -- checks. They run per layer per decode step, where after the experts' weight
+# stream Python's own data is cold too: in a Qwen3-30B-shaped step the first version
+# of these checks cost ~18 us a call around a 4 us store. So each call's tensors are
+# checked in one expression (the detailed checks run only to word the error), and
+# what is fixed between steps is checked once: a cache tensor's layout (its shape,
+# dtype and storage do not change), the step's slot table (shared by every layer;
+# its values are checked by the kernel, which refuses a slot outside the cache).
+
+class _Layout:
+    """A validated GQA cache [S, 2, Hkv, d]: its key and value operands for the
+    kernels, (address, bf16, elements between slots, between kv heads)."""
+    __slots__ = ("ref", "S", "Hkv", "d", "k", "v")
+
+    def __init__(self, kv_cache):
+        S, Hkv, d = _check_cache(kv_cache)
+        ptr, bf16 = kv_cache.data_ptr(), kv_cache.dtype == torch.bfloat16
+        self.ref, self.S, self.Hkv, self.d = weakref.ref(kv_cache), S, Hkv, d
+        self.k = (ptr, bf16, 2 * Hkv * d, d)
+        self.v = (ptr + Hkv * d * kv_cache.element_size(), bf16, 2 * Hkv * d, d)
+
+
+_layouts = {}                   # id(cache tensor) -> _Layout
+_last_table = (None, None, -1, 0)   # (slots, context, B, Lmax) last checked
+
+
+def _gqa_layout(kv_cache):
+    lay = _layouts.get(id(kv_cache))
+    if lay is None or lay.ref() is not kv_cache:
+        lay = _Layout(kv_cache)
+        if len(_layouts) > 1024:            # engines come and go in one process (tests)
+            _layouts.clear()
+        _layouts[id(kv_cache)] = lay
+    return lay
+
+
+def _table(slots, context, B):
+    global _last_table
+    last = _last_table
+    if last[0] is slots and last[1] is context and last[2] == B:
+        return last[3]
+    Lmax = _check_table(slots, context, B)
+    _last_table = (slots, context, B, Lmax)
+    return Lmax
+
+
+def _q_fits(q, Hkv, d):
+    try:
+        return q.is_cpu and q.dtype == torch.float32 and q.dim() == 3 and \
+            q.shape[2] == d and q.shape[1] % Hkv == 0 and q.stride()[2] == 1 and q.shape[1] > 0
+    except AttributeError:
+        return False
+
+
+def _new_fit(k, v, slot_mapping, Hkv, d):
+    try:
+        f32 = torch.float32
+        return k.is_cpu and v.is_cpu and slot_mapping.is_cpu and k.dtype == f32 and \
+            v.dtype == f32 and slot_mapping.dtype == torch.int64 and \
+            k.shape == v.shape == (slot_mapping.shape[0], Hkv, d) and \
+            slot_mapping.dim() == 1 and slot_mapping.is_contiguous() and \
+            k.stride()[2] == 1 and v.stride()[2] == 1
+    except (AttributeError, IndexError):
+        return False
+
+
+def _check_new_tokens(k, v, slot_mapping, Hkv, d):
     N = _check_new(k, "k", Hkv, d)
     if _check_new(v, "v", Hkv, d) != N or _check_index(slot_mapping, "slot_mapping", 1) != (N,):
         raise InvalidRequestError(f"k, v and slot_mapping disagree on the token count "
                                   f"({N}, {v.shape[0]}, {tuple(slot_mapping.shape)})",
                                   field="slot_mapping")
-    kernels = kernels or expert_kernels()
-    ptr, bf16, es = kv_cache.data_ptr(), kv_cache.dtype == torch.bfloat16, kv_cache.element_size()
-    ld = 2 * Hkv * d
-    (k_ld, k_hs, _), (v_ld, v_hs, _) = k.stride(), v.stride()
-    rc = kernels.store_kv((ptr, bf16, ld, d), (ptr + Hkv * d * es, bf16, ld, d),
-                          k.data_ptr(), k_ld, k_hs, v.data_ptr(), v_ld, v_hs,
-                          slot_mapping.data_ptr(), N, S, Hkv, d, d)
-    if rc:
-        n = -1 - rc
-        raise InvalidRequestError(f"slot_mapping[{n}] = {int(slot_mapping[n])} is outside "
-                                  f"the cache's [0, {S})", field="slot_mapping")
 
 
 def _workspace(nbytes):
@@ -117,7 +189,6 @@ def _workspace(nbytes):
 
 
 def _check_cpu(x, name):
-    # checks here cost ~50 ns each (x.device.type ~250): they run per layer per step
     if not isinstance(x, torch.Tensor):
         raise InvalidRequestError(f"{name} is {type(x).__name__}, expected a tensor", field=name)
     if not x.is_cpu:
@@ -134,23 +205,18 @@ def _check_q(q):
     return q.shape
 
 
-def _check_cache(kv_cache, H, d):
-    # -> (S, Hkv); or (S, Hkv, d) when H is None (the store: d is the cache's)
+def _check_cache(kv_cache):
+    # -> (S, Hkv, d)
     _check_cpu(kv_cache, "kv_cache")
     if kv_cache.dim() != 4 or kv_cache.shape[1] != 2 or kv_cache.dtype not in CACHE_DTYPES \
             or not kv_cache.is_contiguous():
         raise InvalidRequestError(f"kv_cache is {kv_cache.dtype} {tuple(kv_cache.shape)}, "
                                   "expected contiguous float32 or bfloat16 [S, 2, Hkv, d]",
                                   field="kv_cache")
-    S, _, Hkv, dc = kv_cache.shape
-    if Hkv == 0 or dc == 0:
+    S, _, Hkv, d = kv_cache.shape
+    if Hkv == 0 or d == 0:
         raise InvalidRequestError("kv_cache has no heads", field="kv_cache")
-    if H is None:
-        return S, Hkv, dc
-    if dc != d or H % Hkv:
-        raise InvalidRequestError(f"q [B, {H}, {d}] does not fit kv_cache [S, 2, {Hkv}, {dc}] "
-                                  "(head size must match, H a multiple of Hkv)", field="q")
-    return S, Hkv
+    return S, Hkv, d
 
 
 def _check_index(x, name, dims):
