@@ -10,6 +10,7 @@ the kernel and the torch path differ only by FP32 rounding in a different order:
 max |err| <= 1e-5 on outputs of magnitude <= ~1 (measured <= 1.5e-6).
 """
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -139,6 +140,34 @@ def test_mla_latent_cache(isa):
         latent_decode_attention(q, cache, r + dr + 1, slots, context, 0.1, kernels=kernels)
     with pytest.raises(InvalidRequestError):
         latent_decode_attention(q, cache[:, :r], r, slots, context, 0.1, kernels=kernels)
+
+
+def test_two_python_threads_at_once():
+    # dual-batch overlap calls from two threads: the pool serialises the calls, each
+    # thread has its own workspace, and one thread's slot table never stands in for
+    # the other's
+    kernels = cpu.expert_kernels()
+    g = torch.Generator().manual_seed(11)
+    jobs = []
+    for contexts in ([300, 20], [7, 900, 64]):
+        S = 2 * sum(contexts)
+        cache = make_cache(S, 2, 64, torch.bfloat16, g)
+        slots, context = slot_table(contexts, S, g), torch.tensor(contexts)
+        q = torch.randn(len(contexts), 8, 64, generator=g)
+        jobs.append((q, cache, slots, context, torch_path(q, cache, slots, context, 0.125)))
+    errors = []
+
+    def run(q, cache, slots, context, ref):
+        for _ in range(30):
+            out = paged_decode_attention(q, cache, slots, context, 0.125, threads=2,
+                                         kernels=kernels)
+            errors.append((out - ref).abs().max().item())
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 60 and max(errors) <= TOL
 
 
 def bf16_edge_values(n, g):
