@@ -96,6 +96,8 @@ def main():
     fast = engine(model, fast=True)
     t_fast, a = report("engine", fast, prompts, args.tokens, kernels, threads)
     del fast
+    if args.ref_tokens <= 0:
+        return
     ref = engine(model, fast=False)
     t_ref, b = report("torch", ref, prompts, args.ref_tokens, kernels, threads)
     k = args.ref_tokens + 1
