@@ -176,7 +176,8 @@ class EngineLoop:
                 continue
             batch.append((tracked.sink, self._account(tracked, out)))
         self.rate.add(sum(len(o.new_token_ids) for o in outputs))
-        self._deliver(batch)
+        self._publish()         # before delivering: a client that saw its request end
+        self._deliver(batch)    # must find its KV blocks freed in the status
 
     def _track_prefill(self, prefilling, t0):
         """Count the prompt chunks each still-prefilling request got this step."""
