@@ -130,11 +130,12 @@ def install_cpu_attention(model):
     # the kernels and threads looked up once, not per layer per step (~2 us a call)
     decode = functools.partial(paged_decode_attention, kernels=kernels, threads=default_threads())
     store = functools.partial(store_kv, kernels=kernels)
+    rope = functools.partial(norm_rope, kernels=kernels, threads=default_threads())
     n = 0
     for layer in model.layers:
         attn = layer.attn
         if isinstance(attn, GQAttention):
-            attn.norm_rope = norm_rope
+            attn.norm_rope = rope
             # tools/bench_attention.py --decode, Qwen3-30B shape, 2 threads, vs gather +
             # torch decode_attention: avx512 x1.8 (B 1, L 64) .. x14 (B 8, L 1K), BF16
             # cache x2.6 .. x12; avx2 x1.6 .. x9.8; generic (SSE2 only) x0.4-0.55 at B 1,

@@ -15,8 +15,32 @@ from moed.experts.layer import default_threads
 def norm_rope(qk, cos, sin, weight=None, eps=0.0, threads=None, kernels=None):
     """qk [N, R, d] float32 (any token stride; heads and dims contiguous), cos, sin
     [N, h] (token stride any, dims contiguous), weight [R, d] float32 or None (rotary
-    only) -> [N, R, d] float32: rotate-half rotary of weight * qk / rms(qk)."""
-    from moed.cpu import expert_kernels
+    only) -> [N, R, d] float32: rotate-half rotary of weight * qk / rms(qk).
+    (The engine binds `threads` and `kernels` once: every layer calls this a step.)"""
+    N, R, d = qk.shape
+    h = d // 2
+    f32 = torch.float32
+    # one expression for the common case (every layer of every step); the reasons after
+    if not (qk.dtype == f32 and qk.stride(2) == 1 and qk.stride(1) == d and not d % 2
+            and cos.dtype == f32 and sin.dtype == f32 and cos.shape == (N, h)
+            and sin.shape == (N, h) and cos.stride(1) == 1 and sin.stride(1) == 1
+            and sin.stride(0) == cos.stride(0)
+            and (weight is None or (weight.shape == (R, d) and weight.dtype == f32
+                                    and weight.is_contiguous()))):
+        _norm_rope_refusal(qk, cos, sin, weight)
+    out = torch.empty(N, R, d, dtype=f32)
+    if N:
+        if kernels is None:
+            from moed.cpu import expert_kernels
+            kernels = expert_kernels()
+        kernels.norm_rope(qk.data_ptr(), qk.stride(0), N, R, d,
+                          0 if weight is None else weight.data_ptr(), float(eps),
+                          cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
+                          threads or default_threads())
+    return out
+
+
+def _norm_rope_refusal(qk, cos, sin, weight):
     N, R, d = qk.shape
     if qk.dtype != torch.float32 or qk.stride(2) != 1 or qk.stride(1) != d or d % 2:
         raise InvalidRequestError(f"qk must be float32 [N, R, d] with contiguous heads and an "
@@ -27,17 +51,7 @@ def norm_rope(qk, cos, sin, weight=None, eps=0.0, threads=None, kernels=None):
                 or t.stride(0) != cos.stride(0):
             raise InvalidRequestError(f"{name} must be float32 [{N}, {d // 2}] like cos, got "
                                       f"{t.dtype} {tuple(t.shape)}", field=name)
-    if weight is not None and (tuple(weight.shape) != (R, d) or weight.dtype != torch.float32
-                               or not weight.is_contiguous()):
-        raise InvalidRequestError(f"weight must be contiguous float32 [{R}, {d}]", field="weight")
-    kernels = kernels or expert_kernels()
-    out = torch.empty(N, R, d, dtype=torch.float32)
-    if N:
-        kernels.norm_rope(qk.data_ptr(), qk.stride(0), N, R, d,
-                          0 if weight is None else weight.data_ptr(), float(eps),
-                          cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
-                          threads or default_threads())
-    return out
+    raise InvalidRequestError(f"weight must be contiguous float32 [{R}, {d}]", field="weight")
 
 
 class CPUSoftmaxRouter:

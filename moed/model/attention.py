@@ -13,6 +13,7 @@ class GQAttention:
     def __init__(self, q, k, v, o, rotary, heads, kv_heads, head_dim, q_norm=None, k_norm=None):
         self.q, self.k, self.v, self.o = q, k, v, o       # Linear
         self.qkv = None          # q, k, v in one call when the CPU kernels fuse them
+        self._spans_of, self._spans = None, None        # _qk_spans' answer, and for which qkv
         # prefill chunks through the compiled flash-attention kernel when installed:
         # fn(q [n, H, d], k [L, Hkv, d], v [L, Hkv, d], scale, out=) (causal, offset L - n)
         self.prefill_kernel = None
@@ -56,14 +57,15 @@ class GQAttention:
     def project(self, x, cos_sin):
         # x [N, D] -> q [N, H, d], k [N, Hkv, d] (normed, rotated), v [N, Hkv, d]
         N = x.shape[0]
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
-        v = v.view(N, self.kv_heads, self.head_dim)
-        joint = self._joint_qk(q, k)
-        if joint is not None:       # q and k side by side: norm and rotate them as one
-            qk = joint.view(N, self.heads + self.kv_heads, self.head_dim)
+        spans = self._qk_spans()
+        if spans is not None:       # q and k side by side: norm and rotate them as one
+            y = self.qkv.fused(x)                                   # [N, q + k + v columns]
+            (a, b), (c, e) = spans
+            qk = y[:, a:b].view(N, self.heads + self.kv_heads, self.head_dim)
+            v = y[:, c:e].view(N, self.kv_heads, self.head_dim)
             if self.norm_rope is not None and not self.rotary.interleaved:
                 norm = self.q_norm is not None
-                qk = self.norm_rope(qk, *self.rotary.halves(*cos_sin),
+                qk = self.norm_rope(qk, *Rotary.halves(cos_sin),
                                     self._qk_weight if norm else None,
                                     self.q_norm.eps if norm else 0.0)
             else:
@@ -72,6 +74,8 @@ class GQAttention:
                 qk = self.rotary(qk, *cos_sin)
             q, k = qk[:, :self.heads], qk[:, self.heads:]
         else:
+            q, k, v = self.qkv(x) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
+            v = v.view(N, self.kv_heads, self.head_dim)
             q = q.view(N, self.heads, self.head_dim)
             k = k.view(N, self.kv_heads, self.head_dim)
             if self.q_norm is not None:
@@ -79,17 +83,20 @@ class GQAttention:
             q, k = self.rotary(q, *cos_sin), self.rotary(k, *cos_sin)
         return q, k, v
 
-    def _joint_qk(self, q, k):
-        """[N, (H + Hkv) * d] view holding q then k when one buffer has them side by side
-        (the fused CPU projection), else None. Per-head norms then use one weight
-        [H + Hkv, d] (q's for the query heads, k's for the key heads): the same
+    def _qk_spans(self):
+        """((q's first, k's last + 1), (v's first, last + 1)) columns of the fused q/k/v
+        output (`qkv.fused(x)`, the fused CPU projection) when q and k sit side by side
+        in it, else None; worked out once per qkv object. Per-head norms then use one
+        weight [H + Hkv, d] (q's for the query heads, k's for the key heads): the same
         products as two calls, in half the torch ops of a decode step."""
-        if self.qkv is None or q.stride() != k.stride() or \
-                k.data_ptr() != q.data_ptr() + q.shape[-1] * q.element_size():
-            return None
-        if self.q_norm is not None and self._qk_weight is None:
-            return None
-        return q.as_strided((q.shape[0], q.shape[-1] + k.shape[-1]), q.stride())
+        if self._spans_of is not self.qkv:
+            self._spans_of, self._spans = self.qkv, None
+            parts = getattr(self.qkv, "spans", None)
+            if parts is not None and len(parts) == 3 and parts[0][1] == parts[1][0] \
+                    and hasattr(self.qkv, "fused") \
+                    and (self.q_norm is None or self._qk_weight is not None):
+                self._spans = ((parts[0][0], parts[1][1]), parts[2])
+        return self._spans
 
     def attend(self, q, batch, kv_cache):
         # q [N, H, d] -> [N, H, d]

@@ -101,13 +101,21 @@ class Rotary:
         # x * cos + swap_halves(x) * sin (the same products as rotate_half, fewer ops)
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
-        return (torch.stack((cos, cos), dim=1)[:, None],
-                torch.stack((-sin, sin), dim=1)[:, None])
+        return CosSin((torch.stack((cos, cos), dim=1)[:, None],
+                       torch.stack((-sin, sin), dim=1)[:, None]))
 
     @staticmethod
-    def halves(cos, sin):
-        """cos_sin's tables as plain [N, d/2] cos and sin views (the compiled glue)."""
-        return cos[:, 0, 0], sin[:, 0, 1]
+    def halves(cos_sin):
+        """cos_sin's tables as plain [N, d/2] cos and sin views (the compiled glue); made
+        once a step when cos_sin came from `cos_sin` (every layer asks)."""
+        cached = getattr(cos_sin, "plain", None)
+        if cached is not None:
+            return cached
+        cos, sin = cos_sin
+        plain = cos[:, 0, 0], sin[:, 0, 1]
+        if isinstance(cos_sin, CosSin):
+            cos_sin.plain = plain
+        return plain
 
     def __call__(self, x, cos, sin):
         # x [N, h, d]; cos, sin from cos_sin -> [N, h, d]
@@ -116,6 +124,11 @@ class Rotary:
             x = x.view(n, h, d // 2, 2).transpose(-1, -2)
         x = x.reshape(n, h, 2, d // 2)                           # the two halves
         return (x * cos + x.flip(2) * sin).reshape(n, h, d)
+
+
+class CosSin(tuple):
+    """(cos, sin) of a step's positions, and their plain halves once asked for."""
+    plain = None
 
 
 def _inv_freq(rope):
