@@ -84,3 +84,27 @@ def test_waiting_queue_bound():
     sch.add(seq(2, 1))
     sch.add(seq(2, 2))
     assert not sch.can_add()
+
+
+def test_slots_and_prefill_cache_reads():
+    import numpy as np
+    import torch
+
+    from moed.engine.kv_cache import slots_of
+    from moed.model.base import AttentionBatch, SeqSlice, run_start
+    # positions 0..end-1 over a block table, and any start inside a block
+    assert slots_of([3, 0, 7], 0, 40, 16).tolist() == \
+        list(range(48, 64)) + list(range(0, 16)) + list(range(112, 120))
+    assert slots_of([3, 0, 7], 20, 35, 16).tolist() == list(range(4, 16)) + [112, 113, 114]
+    assert run_start(np.arange(32, 70)) == 32 and run_start(np.array([5])) == 5
+    assert run_start(np.array([0, 1, 3, 3])) is None            # same ends, not one run
+    assert run_start(np.array([16, 17, 0, 1])) is None
+    cache = torch.randn(128, 2, 3)
+    runs = [SeqSlice(0, 20, 20, slots_of([2, 3], 0, 20, 16)),       # one run: a view
+            SeqSlice(20, 9, 25, slots_of([5, 0], 0, 25, 16))]       # two runs: a copy
+    batch = AttentionBatch.build(runs, [cache], torch.device("cpu"))
+    for p, s in zip(batch.prefills, runs):
+        got = p.cached(cache)
+        assert torch.equal(got, cache[torch.from_numpy(s.slots)])
+    assert batch.prefills[0].cached(cache).data_ptr() == cache[32].data_ptr()
+    assert batch.prefills[1].first is None

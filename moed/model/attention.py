@@ -106,7 +106,7 @@ class GQAttention:
         if batch.decode_rows is not None:
             out[batch.decode_rows] = self.attend_decodes(q[batch.decode_rows], batch, kv_cache)
         for p in batch.prefills:
-            kv = kv_cache[p.slots][None]                           # [1, L, 2, Hkv, d]
+            kv = p.cached(kv_cache)[None]                          # [1, L, 2, Hkv, d]
             if self.prefill_kernel is not None and q.dtype == torch.float32:
                 self.prefill_kernel(q[p.rows], kv[0, :, 0], kv[0, :, 1], self.scale,
                                     out=out[p.rows])

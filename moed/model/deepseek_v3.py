@@ -53,7 +53,7 @@ class MLAttention:
             out[batch.decode_rows] = self.absorbed(q[batch.decode_rows, None], w_kv, cached,
                                                    batch.decode_mask)[:, 0]
         for p in batch.prefills:
-            n, cached = p.rows.stop - p.rows.start, kv_cache[p.slots].float()    # [L, r + dr]
+            n, cached = p.rows.stop - p.rows.start, p.cached(kv_cache).float()    # [L, r + dr]
             if self.absorbed_is_cheaper(n):
                 out[p.rows] = self.absorbed(q[None, p.rows], w_kv, cached[None, :, None],
                                             batched_mask(p.mask), self.prefill_kernel)[0]
