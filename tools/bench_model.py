@@ -211,7 +211,8 @@ def env_threads():
 
 def add_model_args(ap):
     """The options every model benchmark takes."""
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=12,
+                    help="decoder layers (12: as many as fit; see bench_decode.py)")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads for what stays in torch (default: torch's)")

@@ -9,7 +9,7 @@ router, 2 x 8 experts x 3 matrices per token, attention 4 x heads x head_dim
 per causal (query, key) pair, the LM head once (last token). The kernel line
 is the same for the weight kernels alone (their FLOPs / their time).
 
-Usage: python tools/bench_prefill.py [--layers 6] [--prompts 512,4096] [--chunk 512]
+Usage: python tools/bench_prefill.py [--layers 12] [--prompts 512,4096] [--chunk 512]
            [--torch (also time the torch reference at the first length)]
            [--model-dir DIR (kept and reused)]
 """
