@@ -97,6 +97,22 @@ def test_long_context_takes_the_split_path(isa):
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
+def test_one_long_sequence_among_short_ones_and_wide_batches(isa):
+    # items of very different lengths claimed by 2 and 3 threads, and a batch wider
+    # than the threads several times over
+    kernels = kernels_or_refused(isa)
+    if kernels is None:
+        return
+    cases = ((2, [3000, 5, 70]), (3, [2, 1500, 1, 900]), (2, [300, 7, 260, 1, 90, 512, 33,
+                                                              64, 129, 200]))
+    for threads, contexts in cases:
+        for dtype in DTYPES:
+            err = run_case(kernels, contexts, 4, 2, 64, dtype, seed=len(contexts),
+                           threads=threads)
+            assert err <= TOL, f"{isa} {contexts} on {threads} threads {dtype}: {err:.2e}"
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
 def test_strided_q_and_one_thread(isa):
     # q a slice of the joint q/k buffer of the projection (token stride (H + Hkv) d)
     kernels = kernels_or_refused(isa)
