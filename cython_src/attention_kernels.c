@@ -481,16 +481,6 @@ static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int ma
 }
 #endif
 
-/* e[t] = exp(x[t] - mx), t < n. */
-static void att_exp_row(const float *x, float mx, float *e, int n) {
-    int t = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    for (; t + 8 <= n; t += 8)
-        _mm256_storeu_ps(e + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(mx))));
-#endif
-    for (; t < n; t++) e[t] = expf(x[t] - mx);
-}
-
 /* Online softmax over one block (P kept FP32 in the S rows). */
 static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
     for (int m = 0; m < M; m++) {
@@ -501,7 +491,7 @@ static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int m
         for (int t = 0; t < nv; t++) { sr[t] *= j->scale; mx = fmaxf(mx, sr[t]); }
         float m_new = fmaxf(s->mx[m], mx);
         float alpha = m_new == s->mx[m] ? 1.0f : expf(s->mx[m] - m_new);
-        att_exp_row(sr, m_new, sr, nv > 0 ? nv : 0);
+        exp_sub_row(sr, m_new, sr, nv > 0 ? nv : 0);
         float sum = 0.0f;
         for (int t = 0; t < nv; t++) sum += sr[t];
         for (int t = nv < 0 ? 0 : nv; t < ATT_BN; t++) sr[t] = 0.0f;

@@ -278,20 +278,10 @@ static void dec_pv(float *o, const float *p, const float *const *vrow, int nk, i
     }
 }
 #else
-/* e[t] = exp(x[t] - mx), t < n. */
-static void dec_exp(float *x, float mx, int n) {
-    int t = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    for (; t + 8 <= n; t += 8)
-        _mm256_storeu_ps(x + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(mx))));
-#endif
-    for (; t < n; t++) x[t] = expf(x[t] - mx);
-}
-
 static float dec_softmax(float *sr, int nk, float scale, float *mx) {
     float hi = *mx, sum = 0.0f;
     for (int t = 0; t < nk; t++) { sr[t] *= scale; hi = fmaxf(hi, sr[t]); }
-    dec_exp(sr, hi, nk);
+    exp_sub_row(sr, hi, sr, nk);
     for (int t = 0; t < nk; t++) sum += sr[t];
     *mx = hi;
     return sum;

@@ -467,6 +467,19 @@ ALWAYS_INLINE __m128i bf16x8(__m256 v) {
 }
 #endif
 
+#if !defined(__AVX512F__)
+/* e[t] = exp(x[t] - mx), t < n (e may be x): the softmax rows of the attention
+ * kernels where no 16-lane path exists. */
+static void exp_sub_row(const float *x, float mx, float *e, int n) {
+    int t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; t + 8 <= n; t += 8)
+        _mm256_storeu_ps(e + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(mx))));
+#endif
+    for (; t < n; t++) e[t] = expf(x[t] - mx);
+}
+#endif
+
 static void silu_mul_bf16(const float *g, const float *u, uint16_t *h, int n) {
     int i = 0;
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
