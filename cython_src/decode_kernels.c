@@ -21,7 +21,8 @@
  * REGULARITIES  B 1..64, context 1..32K+. G 1 (Mixtral MHA) .. 8 (Qwen3-30B:
  *   32 / 4), 16 (MLA absorbed: 128 heads / 1 latent, dq 576, dv 512).
  *   GQA cache [S, 2, Hkv, d]: K at +0, V at +Hkv d, ld 2 Hkv d, hs d.
- *   MLA cache [S, r + dr]: K = V = the row, ld r + dr, hs 0, dv = r.
+ *   MLA cache [S, r + dr]: K = V = the row, ld r + dr, hs 0, dv = r (a BF16 row is
+ *   widened once for both).
  *
  * EXAMPLE  Qwen3-30B-A3B, B = 1, context 4096, FP32 cache: 4 (sequence, kv
  *   head) pairs of 8 query heads x 4096 keys x 128 dims; 16 MB of K/V read.
@@ -79,6 +80,7 @@ typedef struct {
     const int64_t *slots, *context;
     int64_t ldslots, S;
     int B, H, Hkv, G, dq, dv, nsplit, chunk;
+    int v_in_k;                     /* V rows are prefixes of the K rows (MLA): widened once */
     float scale;
     float *out;                     /* [B, H, dv] */
     float *part;                    /* nsplit > 1: [items][G][dv + 2] partials */
@@ -367,7 +369,8 @@ static int64_t dec_item(const dec_job *j, dec_scratch *s, int b, int g, int k0, 
             int64_t slot = slots[t0 + t];
             if (slot < 0 || slot >= j->S) return -1 - ((int64_t)b * j->ldslots + t0 + t);
             s->krow[t] = dec_row(&j->k, slot, g, j->dq, s->kb + (int64_t)t * j->dq);
-            s->vrow[t] = dec_row(&j->v, slot, g, j->dv, s->vb + (int64_t)t * j->dv);
+            s->vrow[t] = j->v_in_k ? s->krow[t]
+                                   : dec_row(&j->v, slot, g, j->dv, s->vb + (int64_t)t * j->dv);
         }
         for (int r = 0; r < G; r++) {
             dec_scores(q + (int64_t)r * j->q_hs, s->krow, nk, j->dq, s->s + r * DEC_BN);
@@ -476,6 +479,7 @@ static int64_t decode_attention(const float *q, int64_t q_ld, int64_t q_hs, kv_o
     j.slots = slots; j.context = context; j.ldslots = ldslots; j.S = S;
     j.B = B; j.H = H; j.Hkv = Hkv; j.G = H / Hkv; j.dq = dq; j.dv = dv;
     j.scale = scale; j.out = out;
+    j.v_in_k = k.p == v.p && k.ld == v.ld && k.hs == v.hs && k.bf16 == v.bf16 && dv <= dq;
     int pairs = B * Hkv;
     int64_t Lmax = dec_max_context(context, B);
     j.nsplit = dec_splits(pairs, Lmax, nthreads);
