@@ -21,6 +21,7 @@ from moed import LLM, SamplingParams
 from moed.errors import InvalidRequestError
 from moed.experts.decode_attention import (latent_decode_attention, paged_decode_attention,
                                            store_kv)
+from moed.model.deepseek_v3 import MLAttention
 from moed.model.layers import decode_attention
 from moed.model.tiny import build_tiny_model
 
@@ -268,13 +269,19 @@ def test_bad_inputs_are_refused_before_any_read_or_write():
     assert torch.equal(cache, before)
 
 
-# -- the model: a tiny Qwen3-MoE decoding through the hooks vs the torch path
+# -- the model: a tiny Qwen3-MoE (GQA) and DeepSeek-V3 (MLA) decoding through the hooks
+# vs the torch path
 PROMPT = [5, 17, 42, 99, 7, 3, 60, 8]
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("decode_model") / "qwen", "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("decode_model") / "deepseek", "deepseek_v3")
 
 
 def decode_logits(llm, ids):
@@ -301,29 +308,37 @@ def hooked(llm, kernels, calls):
             return fn(*args, kernels=kernels, **kw)
         return call
     for layer in llm.engine.model.layers:
-        layer.attn.decode_kernel = counted("decode", paged_decode_attention)
-        layer.attn.kv_store = counted("store", store_kv)
+        if isinstance(layer.attn, MLAttention):
+            layer.attn.decode_kernel = counted("decode", latent_decode_attention)
+        else:
+            layer.attn.decode_kernel = counted("decode", paged_decode_attention)
+            layer.attn.kv_store = counted("store", store_kv)
     return llm
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
 @pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
-def test_tiny_model_decode_logits_match_the_torch_path(qwen, isa, kv_dtype, monkeypatch):
-    monkeypatch.setenv("MOED_CACHE_DIR", str(qwen.parent / "cache"))
+@pytest.mark.parametrize("arch", ["qwen", "deepseek"])
+def test_tiny_model_decode_logits_match_the_torch_path(arch, isa, kv_dtype, monkeypatch, request):
+    model = request.getfixturevalue(arch)
+    monkeypatch.setenv("MOED_CACHE_DIR", str(model.parent / "cache"))
     kernels = kernels_or_refused(isa)
     if kernels is None:
         return
     # torch everywhere else on both sides, so attention is the only difference
-    ref = LLM(qwen, device="cpu", experts="torch", kv_cache_dtype=kv_dtype)
+    ref = LLM(model, device="cpu", experts="torch", kv_cache_dtype=kv_dtype)
     assert all(layer.attn.decode_kernel is None for layer in ref.engine.model.layers)
     calls = {}
-    fast = hooked(LLM(qwen, device="cpu", experts="torch", kv_cache_dtype=kv_dtype), kernels,
+    fast = hooked(LLM(model, device="cpu", experts="torch", kv_cache_dtype=kv_dtype), kernels,
                   calls)
     a, b = decode_logits(fast, PROMPT), decode_logits(ref, PROMPT)
     layers = len(fast.engine.model.layers)
-    assert calls == {"decode": layers * len(PROMPT), "store": layers * len(PROMPT)}
+    expected = {"decode": layers * len(PROMPT)}
+    if arch == "qwen":                           # MLA writes its latent with index_put
+        expected["store"] = layers * len(PROMPT)
+    assert calls == expected
     err = np.abs(a - b).max() / np.abs(b).max()
-    print(f"{isa} {kv_dtype} cache: decode logits max rel err {err:.2e}")
+    print(f"{arch} {isa} {kv_dtype} cache: decode logits max rel err {err:.2e}")
     assert a.shape == b.shape and err < 1e-5
     # a ragged batch of decodes (and prefills beside them), greedy, token for token
     prompts = [PROMPT, PROMPT[:3], [9, 4, 2, 11, 12]]
@@ -332,11 +347,15 @@ def test_tiny_model_decode_logits_match_the_torch_path(qwen, isa, kv_dtype, monk
            [o.token_ids for o in ref.generate(prompts, greedy)]
 
 
-def test_engine_installs_the_decode_hooks(qwen, monkeypatch):
-    # the store on every ISA; decode attention where it beats torch (not generic's SSE2)
+def test_engine_installs_the_decode_hooks(qwen, deepseek, monkeypatch):
+    # the store on every ISA; GQA decode attention where it beats torch (not generic's
+    # SSE2); MLA's latent decode on every ISA (torch's grouped-query SDPA is far slower)
     monkeypatch.setenv("MOED_CACHE_DIR", str(qwen.parent / "cache"))
-    llm = LLM(qwen, device="cpu")
     isa = cpu.expert_kernels().ISA
+    for layer in LLM(deepseek, device="cpu").engine.model.layers:
+        decode = layer.attn.decode_kernel
+        assert decode.func is latent_decode_attention and decode.keywords["kernels"].ISA == isa
+    llm = LLM(qwen, device="cpu")
     for layer in llm.engine.model.layers:
         store, decode = layer.attn.kv_store, layer.attn.decode_kernel
         assert store.func is store_kv and store.keywords["kernels"].ISA == isa

@@ -114,13 +114,15 @@ def install_cpu_attention(model):
     in one pass (every ISA), and prefill chunks of GQA and MLA (both of its forms)
     through the flash-attention kernel (BF16 dot products, never a [T, T] score
     matrix) where the CPU has AVX-512 BF16; GQA decodes read K/V in place from the
-    paged cache and the new k/v are stored in one call (every ISA).
+    paged cache and the new k/v are stored in one call (every ISA); MLA decodes
+    attend in the latent space out of the paged cache (every ISA).
     Returns the attention layers seen."""
     import functools
 
     from moed.cpu import expert_kernels
     from moed.experts.attention import causal_attention
-    from moed.experts.decode_attention import paged_decode_attention, store_kv
+    from moed.experts.decode_attention import (latent_decode_attention, paged_decode_attention,
+                                               store_kv)
     from moed.experts.glue import norm_rope
     from moed.experts.layer import default_threads
     from moed.model.attention import GQAttention
@@ -131,6 +133,8 @@ def install_cpu_attention(model):
     decode = functools.partial(paged_decode_attention, kernels=kernels, threads=default_threads())
     store = functools.partial(store_kv, kernels=kernels)
     rope = functools.partial(norm_rope, kernels=kernels, threads=default_threads())
+    latent = functools.partial(latent_decode_attention, kernels=kernels,
+                               threads=default_threads())
     n = 0
     for layer in model.layers:
         attn = layer.attn
@@ -145,6 +149,11 @@ def install_cpu_attention(model):
             if kernels.ISA != "generic":
                 attn.decode_kernel = decode
             attn.kv_store = store
+        if isinstance(attn, MLAttention):
+            # DeepSeek-V3 shape (128 heads, one 576-wide latent), 2 threads, vs gather +
+            # torch SDPA (its grouped-query path): B 1, L 1 x3; L 16 x4-8 (avx512), x2-3
+            # (generic); L >= 512 x50 (generic) .. x200 (avx512), FP32 or BF16 cache.
+            attn.decode_kernel = latent
         if isinstance(attn, (GQAttention, MLAttention)):
             n += 1
             if flash:

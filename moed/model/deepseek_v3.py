@@ -27,6 +27,10 @@ class MLAttention:
         # prefill chunks through the compiled flash-attention kernel when installed:
         # fn(q [n, H, dq], k [L, Hk, dq], v [L, Hk, dv], scale) (causal, offset L - n)
         self.prefill_kernel = None
+        # decodes attend in the latent space straight out of the paged cache when
+        # installed (no gathered copy): fn(q [B, H, r + dr] float32, kv_cache [S, r + dr],
+        # dv, slots [B, Lmax], context [B], scale) -> [B, H, dv] (dv = r: the latent)
+        self.decode_kernel = None
 
     def queries(self, x):
         # x [N, D] -> q [N, H, dn + dr]
@@ -49,9 +53,7 @@ class MLAttention:
         out = q.new_empty(q.shape[0], self.H, self.dv)
         w_kv = self.w_kv
         if batch.decode_rows is not None:
-            cached = kv_cache[batch.decode_slots][:, :, None]          # [B, Lmax, 1, r + dr]
-            out[batch.decode_rows] = self.absorbed(q[batch.decode_rows, None], w_kv, cached,
-                                                   batch.decode_mask)[:, 0]
+            out[batch.decode_rows] = self.attend_decodes(q[batch.decode_rows], batch, kv_cache)
         for p in batch.prefills:
             n, cached = p.rows.stop - p.rows.start, p.cached(kv_cache).float()    # [L, r + dr]
             if self.absorbed_is_cheaper(n):
@@ -60,6 +62,21 @@ class MLAttention:
             else:
                 out[p.rows] = self.expanded(q[p.rows], w_kv, cached, p.mask)
         return out
+
+    def attend_decodes(self, q, batch, kv_cache):
+        # q [B, H, dn + dr] (the decodes' rows) -> [B, H, dv]
+        w_kv = self.w_kv
+        if self.decode_kernel is not None and batch.decode_context is not None and \
+                kv_cache.is_cpu and q.dtype == torch.float32 and \
+                kv_cache.dtype in (torch.float32, torch.bfloat16):
+            dn, r = self.dn, self.r
+            q_lat = torch.einsum("bhn,hnr->bhr", q[..., :dn], w_kv[:, :dn])     # [B, H, r]
+            q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                  # [B, H, r + dr]
+            o_lat = self.decode_kernel(q_abs, kv_cache, r, batch.decode_slots,
+                                       batch.decode_context, self.scale)     # [B, H, r]
+            return torch.einsum("bhr,hvr->bhv", o_lat, w_kv[:, dn:])
+        cached = kv_cache[batch.decode_slots][:, :, None]              # [B, Lmax, 1, r + dr]
+        return self.absorbed(q[:, None], w_kv, cached, batch.decode_mask)[:, 0]
 
     def absorbed_is_cheaper(self, n):
         """FLOPs per cached token: absorbed ~ n H (2r + dr); expanded ~ H r (dn + dv) once
