@@ -18,6 +18,11 @@ against the plain read bandwidth measured in the same run; and the store of one
 step's new k/v (store_kv) against two torch index_put.
 Usage: python tools/bench_attention.py --decode [--cases 1x64,1x4096,1x32768,8x1024]
                                        [--dtype float32|bfloat16]
+
+--decode --mla: DeepSeek-V3's absorbed decode instead (128 heads attend to one latent
+cache row of 576 = 512 latent + 64 rotary per token; the value is the latent):
+latent_decode_attention against the torch path MLAttention takes without it (gather
+kv_cache[slots], then torch SDPA with the one latent head shared by all 128).
 """
 import argparse
 import os
@@ -33,10 +38,12 @@ from bench_model import env_threads, machine  # noqa: E402
 
 from moed.cpu import expert_kernels  # noqa: E402
 from moed.experts.attention import causal_attention  # noqa: E402
-from moed.experts.decode_attention import paged_decode_attention, store_kv  # noqa: E402
-from moed.model.layers import decode_attention  # noqa: E402
+from moed.experts.decode_attention import (latent_decode_attention,  # noqa: E402
+                                           paged_decode_attention, store_kv)
+from moed.model.layers import decode_attention, sdpa  # noqa: E402
 
 H, HKV, D = 32, 4, 128
+MLA_H, MLA_R, MLA_DR = 128, 512, 64          # DeepSeek-V3: heads, kv_lora_rank, rotary dims
 
 
 def best_time(fn, repeat):
@@ -126,6 +133,33 @@ def bench_decode(B, L, dtype, kernels, threads, repeat, read_bw):
           f"x{t_st_ref / t_st:4.2f}", flush=True)
 
 
+def bench_mla_decode(B, L, dtype, kernels, threads, repeat, read_bw):
+    g = torch.Generator().manual_seed(0)
+    S, dq = B * L + 16, MLA_R + MLA_DR
+    cache = torch.randn(S, dq, generator=g).to(dtype)
+    slots = torch.randperm(S, generator=g)[:B * L].reshape(B, L).contiguous()
+    context = torch.full((B,), L, dtype=torch.int64)
+    q = torch.randn(B, MLA_H, dq, generator=g)
+    mask, scale = torch.ones(B, 1, L, dtype=torch.bool), dq ** -0.5
+    out = torch.empty(B, MLA_H, MLA_R)
+
+    def torch_path():
+        cached = cache[slots][:, :, None]                   # [B, L, 1, r + dr]
+        return sdpa(q[:, None], cached, cached[..., :MLA_R], mask, scale)[:, 0]
+
+    t = best_time(lambda: latent_decode_attention(q, cache, MLA_R, slots, context, scale,
+                                                  out=out, threads=threads, kernels=kernels),
+                  repeat)
+    t_ref = best_time(torch_path, repeat)
+    err = (out - torch_path()).abs().max().item()
+    # every head against every key: dq multiply-adds for the score, MLA_R for the value
+    fl = 2 * B * L * MLA_H * (dq + MLA_R) / t
+    print(f"MLA B={B:<3d} L={L:<6d} {t * 1e6:9.1f} us  {fl / 1e9:6.1f} GFLOP/s (FP32; compute-"
+          f"bound: the cache at {B * L * dq * cache.element_size() / t / read_bw:4.1%} of read) | "
+          f"torch {t_ref * 1e6:10.1f} us -> x{t_ref / t:6.1f} | max abs diff {err:.1e}",
+          flush=True)
+
+
 def parse_case(s):
     # "T" = plain causal prompt of T tokens; "n@c" = n queries after c cached tokens
     if "@" in s:
@@ -138,13 +172,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default=None)
     ap.add_argument("--decode", action="store_true", help="decode attention cases (BxL)")
+    ap.add_argument("--mla", action="store_true",
+                    help="with --decode: DeepSeek-V3's latent (MLA) decode")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
     kernels, threads = expert_kernels(), args.threads or env_threads()
+    shape = (f"H={MLA_H} latent {MLA_R}+{MLA_DR}" if args.decode and args.mla
+             else f"H={H} Hkv={HKV} d={D}")
     print(f"isa={kernels.ISA} threads={threads} torch threads={torch.get_num_threads()} "
-          f"H={H} Hkv={HKV} d={D} {'cache' if args.decode else 'inputs'} {args.dtype}")
+          f"{shape} {'cache' if args.decode else 'inputs'} {args.dtype}")
+    if args.decode and args.mla:
+        read_bw, _ = machine(kernels, threads)
+        for case in (args.cases or "1x16,1x512,1x4096,8x1024").split(","):
+            B, L = (int(x) for x in case.split("x"))
+            bench_mla_decode(B, L, getattr(torch, args.dtype), kernels, threads, args.repeat,
+                             read_bw)
+        return
     if args.decode:
         read_bw, _ = machine(kernels, threads)
         for case in (args.cases or "1x64,1x4096,1x32768,8x1024").split(","):
