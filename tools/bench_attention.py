@@ -22,7 +22,7 @@ Usage: python tools/bench_attention.py --decode [--cases 1x64,1x4096,1x32768,8x1
 --decode --mla: DeepSeek-V3's absorbed decode instead (128 heads attend to one latent
 cache row of 576 = 512 latent + 64 rotary per token; the value is the latent):
 latent_decode_attention against the torch path MLAttention takes without it (gather
-kv_cache[slots], then torch SDPA with the one latent head shared by all 128).
+kv_cache[slots], then moed.model.layers.decode_attention: two batched matmuls).
 """
 import argparse
 import os
@@ -40,7 +40,7 @@ from moed.cpu import expert_kernels  # noqa: E402
 from moed.experts.attention import causal_attention  # noqa: E402
 from moed.experts.decode_attention import (latent_decode_attention,  # noqa: E402
                                            paged_decode_attention, store_kv)
-from moed.model.layers import decode_attention, sdpa  # noqa: E402
+from moed.model.layers import decode_attention  # noqa: E402
 
 H, HKV, D = 32, 4, 128
 MLA_H, MLA_R, MLA_DR = 128, 512, 64          # DeepSeek-V3: heads, kv_lora_rank, rotary dims
@@ -145,7 +145,7 @@ def bench_mla_decode(B, L, dtype, kernels, threads, repeat, read_bw):
 
     def torch_path():
         cached = cache[slots][:, :, None]                   # [B, L, 1, r + dr]
-        return sdpa(q[:, None], cached, cached[..., :MLA_R], mask, scale)[:, 0]
+        return decode_attention(q, cached, cached[..., :MLA_R], mask, scale)
 
     t = best_time(lambda: latent_decode_attention(q, cache, MLA_R, slots, context, scale,
                                                   out=out, threads=threads, kernels=kernels),

@@ -115,7 +115,7 @@ def install_cpu_attention(model):
     through the flash-attention kernel (BF16 dot products, never a [T, T] score
     matrix) where the CPU has AVX-512 BF16; GQA decodes read K/V in place from the
     paged cache and the new k/v are stored in one call (every ISA); MLA decodes
-    attend in the latent space out of the paged cache (every ISA).
+    attend in the latent space out of the paged cache (AVX-512, AVX2).
     Returns the attention layers seen."""
     import functools
 
@@ -149,10 +149,11 @@ def install_cpu_attention(model):
             if kernels.ISA != "generic":
                 attn.decode_kernel = decode
             attn.kv_store = store
-        if isinstance(attn, MLAttention):
-            # DeepSeek-V3 shape (128 heads, one 576-wide latent), 2 threads, vs gather +
-            # torch SDPA (its grouped-query path): B 1, L 1 x3; L 16 x4-8 (avx512), x2-3
-            # (generic); L >= 512 x50 (generic) .. x200 (avx512), FP32 or BF16 cache.
+        if isinstance(attn, MLAttention) and kernels.ISA != "generic":
+            # tools/bench_attention.py --decode --mla (DeepSeek-V3: 128 heads, one
+            # 576-wide latent), 2 threads, vs gather + two batched matmuls: avx512
+            # x1.2-1.6 (FP32 cache), x1.6-2.3 (BF16), ~260 GFLOP/s from 512 keys; avx2
+            # x1.0-1.3, x1.2-2.6; generic (SSE2 only) x0.4-0.7: torch decodes there.
             attn.decode_kernel = latent
         if isinstance(attn, (GQAttention, MLAttention)):
             n += 1
