@@ -154,3 +154,23 @@ def test_mla_absorbed_and_expanded_prefill_both_match_transformers(models):
         with torch.no_grad():
             theirs = ref(torch.tensor([ids])).logits[0].float().numpy()
         assert np.abs(ours - theirs).max() <= REL_TOL * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize("limit", [1 << 26, 64, 1])
+def test_latent_sdpa_folds_heads_and_matches_grouped_sdpa(limit, monkeypatch):
+    """MLA's absorbed attention without the compiled kernel: every head against the one
+    latent, heads folded into query rows, in row chunks of any size (limit 1: one row
+    a call), with a boolean mask or plain causal."""
+    import moed.model.deepseek_v3 as ds
+    from moed.model.layers import sdpa
+    monkeypatch.setattr(ds, "LATENT_MASK_BYTES", limit)
+    g = torch.Generator().manual_seed(limit)
+    for B, n, H, L, causal in ((2, 5, 4, 9, False), (1, 7, 3, 7, True), (1, 40, 8, 300, False),
+                               (2, 33, 4, 33, True)):
+        q, c = torch.randn(B, n, H, 20, generator=g), torch.randn(B, L, 1, 20, generator=g)
+        mask = None if causal else \
+            (torch.rand(B, n, L, generator=g) > 0.3) | (torch.arange(L) == 0)
+        ref = sdpa(q, c, c[..., :16], mask, 0.3)
+        got = ds.latent_sdpa(q, c, 16, mask, 0.3)
+        assert got.shape == (B, n, H, 16)
+        assert (got - ref).abs().max().item() < 1e-5, (B, n, H, L, causal)

@@ -15,6 +15,34 @@ from moed.model.model_config import yarn_mscale
 from moed.model.moe import GroupedSigmoidRouter, MoE, load_experts
 
 
+LATENT_MASK_BYTES = 1 << 26        # the folded mask of one latent_sdpa call, at most
+
+
+def latent_sdpa(q, cached, r, mask, scale):
+    """Attention of every query head to one shared latent head, with the heads folded
+    into the query rows: on the CPU, torch's grouped-query SDPA repeats the cache once
+    per head (x2 at 100 queries over 4K keys, x9 at 16 over 1K). Rows go in chunks
+    whose folded boolean mask stays within LATENT_MASK_BYTES.
+    q [B, n, H, r + dr], cached [B, L, 1, r + dr], mask [B, n, L] (None: plain causal,
+    n == L) -> [B, n, H, r]"""
+    B, n, H, dq = q.shape
+    L = cached.shape[1]
+    out = q.new_empty(B, n, H, r)
+    step = max(1, LATENT_MASK_BYTES // (H * L))
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        if mask is None:           # row i + j sees keys 0 .. i + j
+            rows = torch.arange(L, device=q.device)[None] <= \
+                torch.arange(i, i + m, device=q.device)[:, None]
+            rows = rows.expand(B, m, L)
+        else:
+            rows = mask[:, i:i + m]
+        folded = rows.repeat_interleave(H, dim=1)                     # [B, m H, L]
+        o = sdpa(q[:, i:i + m].reshape(B, m * H, 1, dq), cached, cached[..., :r], folded, scale)
+        out[:, i:i + m] = o.view(B, m, H, r)
+    return out
+
+
 class MLAttention:
     def __init__(self, q_a, q_a_norm, q_b, q_proj, kv_a, kv_a_norm, kv_b, o, rotary, dims, scale):
         self.q_a, self.q_a_norm, self.q_b, self.q_proj = q_a, q_a_norm, q_b, q_proj
@@ -102,6 +130,8 @@ class MLAttention:
         q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                    # [B, n, H, r + dr]
         if kernel is not None:
             o_lat = kernel(q_abs[0], cached[0], cached[0, ..., :r], self.scale)[None]
+        elif q.is_cpu:
+            o_lat = latent_sdpa(q_abs, cached, r, mask, self.scale)
         else:
             o_lat = sdpa(q_abs, cached, cached[..., :r], mask, self.scale)  # [B, n, H, r]
         return torch.einsum("bshr,hvr->bshv", o_lat, w_kv[:, dn:])
