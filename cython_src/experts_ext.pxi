@@ -226,6 +226,27 @@ def argmax(uintptr_t x, int64_t ldx, int B, int64_t V, uintptr_t ids):
         argmax_rows(<const float *>x, ldx, B, V, <int64_t *>ids)
 
 
+# ---------------------------------------------------------------- MLA absorbed decode
+# kv_b's per-head products in its checkpoint format (cython_src/mla_kernels.c).
+cdef extern from "mla_kernels.c" nogil:
+    int mla_absorb(const void *w, int fp8, const float *scale, int64_t scale_ld, int H,
+                   int dn, int dv, int r, const float *x, int64_t x_ld, int64_t x_hs, int B,
+                   float *out, int mode, int nthreads)
+
+
+def mla_absorb_rows(uintptr_t w, bint fp8, uintptr_t scale, int64_t scale_ld, int H, int dn,
+                    int dv, int r, uintptr_t x, int64_t x_ld, int64_t x_hs, int B,
+                    uintptr_t out, int mode, int nthreads):
+    """mode 0: out[B, H, r] = x[B, H, dn] W_uk; mode 1: out[B, H, dv] = x[B, H, r] W_uv^T
+    (cython_src/mla_kernels.c). Returns 0, or -1 when r is too wide. Pointers, shapes
+    and strides are checked by the caller (moed/experts/mla.py)."""
+    cdef int rc
+    with nogil:
+        rc = mla_absorb(<const void *>w, fp8, <const float *>scale, scale_ld, H, dn, dv, r,
+                        <const float *>x, x_ld, x_hs, B, <float *>out, mode, nthreads)
+    return rc
+
+
 # ---------------------------------------------------------------- decode attention
 # Paged decode attention and the KV cache store (cython_src/decode_kernels.c).
 cdef extern from "decode_kernels.c" nogil:

@@ -21,6 +21,7 @@ from moed import LLM, SamplingParams
 from moed.errors import InvalidRequestError
 from moed.experts.decode_attention import (latent_decode_attention, paged_decode_attention,
                                            store_kv)
+from moed.experts.mla import LatentAbsorb
 from moed.model.deepseek_v3 import MLAttention
 from moed.model.layers import decode_attention
 from moed.model.tiny import build_tiny_model
@@ -307,9 +308,24 @@ def hooked(llm, kernels, calls):
             calls[name] = calls.get(name, 0) + 1
             return fn(*args, kernels=kernels, **kw)
         return call
+    class CountedAbsorb:
+        def __init__(self, absorb):
+            self.absorb = absorb
+
+        def query(self, x):
+            calls["absorb"] = calls.get("absorb", 0) + 1
+            return self.absorb.query(x)
+
+        def output(self, x):
+            calls["absorb"] = calls.get("absorb", 0) + 1
+            return self.absorb.output(x)
+
     for layer in llm.engine.model.layers:
-        if isinstance(layer.attn, MLAttention):
-            layer.attn.decode_kernel = counted("decode", latent_decode_attention)
+        attn = layer.attn
+        if isinstance(attn, MLAttention):
+            attn.decode_kernel = counted("decode", latent_decode_attention)
+            attn.absorb = CountedAbsorb(LatentAbsorb(attn.kv_b.weight, attn.H, attn.dn, attn.dv,
+                                                     attn.r, kernels=kernels))
         else:
             layer.attn.decode_kernel = counted("decode", paged_decode_attention)
             layer.attn.kv_store = counted("store", store_kv)
@@ -336,6 +352,8 @@ def test_tiny_model_decode_logits_match_the_torch_path(arch, isa, kv_dtype, monk
     expected = {"decode": layers * len(PROMPT)}
     if arch == "qwen":                           # MLA writes its latent with index_put
         expected["store"] = layers * len(PROMPT)
+    else:                                        # kv_b's two products, as stored
+        expected["absorb"] = 2 * layers * len(PROMPT)
     assert calls == expected
     err = np.abs(a - b).max() / np.abs(b).max()
     print(f"{arch} {isa} {kv_dtype} cache: decode logits max rel err {err:.2e}")
@@ -353,11 +371,15 @@ def test_engine_installs_the_decode_hooks(qwen, deepseek, monkeypatch):
     monkeypatch.setenv("MOED_CACHE_DIR", str(qwen.parent / "cache"))
     isa = cpu.expert_kernels().ISA
     for layer in LLM(deepseek, device="cpu").engine.model.layers:
-        decode = layer.attn.decode_kernel
+        decode, absorb = layer.attn.decode_kernel, layer.attn.absorb
         if isa == "generic":
             assert decode is None
         else:
             assert decode.func is latent_decode_attention and decode.keywords["kernels"].ISA == isa
+        # kv_b as stored where it beats the einsums over its FP32 copy (AVX-512)
+        assert (absorb is not None) == (isa == "avx512")
+        if absorb is not None:
+            assert isinstance(absorb, LatentAbsorb) and absorb.kernels.ISA == isa
     llm = LLM(qwen, device="cpu")
     for layer in llm.engine.model.layers:
         store, decode = layer.attn.kv_store, layer.attn.decode_kernel

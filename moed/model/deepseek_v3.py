@@ -59,6 +59,10 @@ class MLAttention:
         # installed (no gathered copy): fn(q [B, H, r + dr] float32, kv_cache [S, r + dr],
         # dv, slots [B, Lmax], context [B], scale) -> [B, H, dv] (dv = r: the latent)
         self.decode_kernel = None
+        # decodes' products with kv_b read as stored when installed (its FP32 copy w_kv is
+        # 4x the bytes of FP8): .query(q_nope [B, H, dn]) -> [B, H, r] and
+        # .output(o_lat [B, H, r]) -> [B, H, dv] (moed.experts.mla.LatentAbsorb)
+        self.absorb = None
 
     def queries(self, x):
         # x [N, D] -> q [N, H, dn + dr]
@@ -98,7 +102,11 @@ class MLAttention:
         latent head shared by all H repeats the cache per head: x50-200 slower on the
         CPU at 512+ keys)."""
         w_kv, dn, r = self.w_kv, self.dn, self.r
-        q_lat = torch.einsum("bhn,hnr->bhr", q[..., :dn], w_kv[:, :dn])         # [B, H, r]
+        absorb = self.absorb if q.is_cpu and q.dtype == torch.float32 else None
+        if absorb is not None:
+            q_lat = absorb.query(q[..., :dn])
+        else:
+            q_lat = torch.einsum("bhn,hnr->bhr", q[..., :dn], w_kv[:, :dn])     # [B, H, r]
         q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                      # [B, H, r + dr]
         if self.decode_kernel is not None and batch.decode_context is not None and \
                 kv_cache.is_cpu and q.dtype == torch.float32 and \
@@ -109,6 +117,8 @@ class MLAttention:
             cached = kv_cache[batch.decode_slots][:, :, None]          # [B, Lmax, 1, r + dr]
             o_lat = decode_attention(q_abs, cached, cached[..., :r], batch.decode_mask,
                                      self.scale)
+        if absorb is not None:
+            return absorb.output(o_lat)
         return torch.einsum("bhr,hvr->bhv", o_lat, w_kv[:, dn:])
 
     def absorbed_is_cheaper(self, n):
