@@ -22,7 +22,11 @@ Usage: python tools/bench_attention.py --decode [--cases 1x64,1x4096,1x32768,8x1
 --decode --mla: DeepSeek-V3's absorbed decode instead (128 heads attend to one latent
 cache row of 576 = 512 latent + 64 rotary per token; the value is the latent):
 latent_decode_attention against the torch path MLAttention takes without it (gather
-kv_cache[slots], then moed.model.layers.decode_attention: two batched matmuls).
+kv_cache[slots], then moed.model.layers.decode_attention: two batched matmuls); then
+kv_b's two per-head products (q_nope into the latent, the latent output out through
+W_uv) read as stored, FP8 with block scales (moed/experts/mla.py), against the
+einsums over its FP32 copy, cold: 8 layers' copies in turn, as a decode step meets
+them.
 """
 import argparse
 import os
@@ -160,6 +164,33 @@ def bench_mla_decode(B, L, dtype, kernels, threads, repeat, read_bw):
           flush=True)
 
 
+def bench_mla_absorb(kernels, threads, repeat, layers=8):
+    from moed.experts.mla import LatentAbsorb
+    from moed.model.formats import Weight, quantize_fp8
+    H, dn, dv, r = MLA_H, 128, 128, MLA_R
+    g = torch.Generator().manual_seed(1)
+    weights = [Weight(*quantize_fp8(torch.randn(H * (dn + dv), r, generator=g) * 0.02),
+                      (128, 128)) for _ in range(layers)]
+    absorbs = [LatentAbsorb(w, H, dn, dv, r, threads=threads, kernels=kernels) for w in weights]
+    copies = [w.dequantize().view(H, dn + dv, r) for w in weights]
+    for B in (1, 8):
+        q, o = torch.randn(B, H, dn, generator=g), torch.randn(B, H, r, generator=g)
+
+        def ours():
+            for a in absorbs:
+                a.query(q), a.output(o)
+
+        def einsums():
+            for w in copies:
+                torch.einsum("bhn,hnr->bhr", q, w[:, :dn])
+                torch.einsum("bhr,hvr->bhv", o, w[:, dn:])
+
+        t, t_ref = best_time(ours, repeat) / layers, best_time(einsums, repeat) / layers
+        print(f"kv_b B={B:<3d} {t * 1e3:6.2f} ms a layer (FP8 as stored, "
+              f"{H * (dn + dv) * r / t / 1e9:5.1f} GB/s) | einsums over FP32 {t_ref * 1e3:6.2f} ms "
+              f"-> x{t_ref / t:4.2f}", flush=True)
+
+
 def parse_case(s):
     # "T" = plain causal prompt of T tokens; "n@c" = n queries after c cached tokens
     if "@" in s:
@@ -189,6 +220,7 @@ def main():
             B, L = (int(x) for x in case.split("x"))
             bench_mla_decode(B, L, getattr(torch, args.dtype), kernels, threads, args.repeat,
                              read_bw)
+        bench_mla_absorb(kernels, threads, args.repeat)
         return
     if args.decode:
         read_bw, _ = machine(kernels, threads)
