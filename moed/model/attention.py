@@ -6,7 +6,8 @@ Shape legend: N new tokens, H query heads, Hkv key/value heads, d head dim.
 import torch
 
 from moed.model.base import CausalLM, require_divisible
-from moed.model.layers import Rotary, batched_mask, decode_attention, sdpa
+from moed.model.layers import (Rotary, batched_mask, compiled_cache_step, decode_attention,
+                               sdpa)
 
 
 class GQAttention:
@@ -40,19 +41,12 @@ class GQAttention:
         # x [N, D] -> [N, D]; kv_cache [S, 2, Hkv, d]
         N = x.shape[0]
         q, k, v = self.project(x, cos_sin)
-        if self.kv_store is not None and self._compiled(kv_cache, k):
+        if self.kv_store is not None and compiled_cache_step(kv_cache, k):
             self.kv_store(kv_cache, batch.slot_mapping, k, v)
         else:
             kv_cache[batch.slot_mapping, 0] = k.to(kv_cache.dtype)
             kv_cache[batch.slot_mapping, 1] = v.to(kv_cache.dtype)
         return self.o(self.attend(q, batch, kv_cache).view(N, -1))
-
-    @staticmethod
-    def _compiled(kv_cache, x):
-        """Whether the compiled kernels take this step: CPU tensors, FP32 activations
-        and a float32 or bfloat16 cache (other cache dtypes stay on torch)."""
-        return kv_cache.is_cpu and x.dtype == torch.float32 and \
-            kv_cache.dtype in (torch.float32, torch.bfloat16)
 
     def project(self, x, cos_sin):
         # x [N, D] -> q [N, H, d], k [N, Hkv, d] (normed, rotated), v [N, Hkv, d]
@@ -118,7 +112,7 @@ class GQAttention:
     def attend_decodes(self, q, batch, kv_cache):
         # q [B, H, d] (the decodes' rows) -> [B, H, d]
         if self.decode_kernel is not None and batch.decode_context is not None and \
-                self._compiled(kv_cache, q):
+                compiled_cache_step(kv_cache, q):
             return self.decode_kernel(q, kv_cache, batch.decode_slots, batch.decode_context,
                                       self.scale)
         kv = kv_cache[batch.decode_slots]                          # [B, Lmax, 2, Hkv, d]

@@ -10,7 +10,8 @@ dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
 import torch
 
 from moed.model.base import CausalLM, require_divisible
-from moed.model.layers import Rotary, batched_mask, decode_attention, sdpa
+from moed.model.layers import (Rotary, batched_mask, compiled_cache_step, decode_attention,
+                               sdpa)
 from moed.model.model_config import yarn_mscale
 from moed.model.moe import GroupedSigmoidRouter, MoE, load_experts
 
@@ -109,8 +110,7 @@ class MLAttention:
             q_lat = torch.einsum("bhn,hnr->bhr", q[..., :dn], w_kv[:, :dn])     # [B, H, r]
         q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                      # [B, H, r + dr]
         if self.decode_kernel is not None and batch.decode_context is not None and \
-                kv_cache.is_cpu and q.dtype == torch.float32 and \
-                kv_cache.dtype in (torch.float32, torch.bfloat16):
+                compiled_cache_step(kv_cache, q):
             o_lat = self.decode_kernel(q_abs, kv_cache, r, batch.decode_slots,
                                        batch.decode_context, self.scale)     # [B, H, r]
         else:

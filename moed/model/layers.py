@@ -207,6 +207,14 @@ def decode_attention(q, k, v, mask, scale):
     return torch.matmul(p, v.float().transpose(1, 2)).reshape(B, H, -1)
 
 
+def compiled_cache_step(kv_cache, x):
+    """Whether the compiled KV-cache kernels (store, decode attention) take this step:
+    CPU tensors, FP32 activations and a float32 or bfloat16 cache (other cache dtypes
+    stay on torch)."""
+    return kv_cache.is_cpu and x.dtype == torch.float32 and \
+        kv_cache.dtype in (torch.float32, torch.bfloat16)
+
+
 def batched_mask(mask):
     """[n, L] -> [1, n, L]; None (plain causal) stays None."""
     return None if mask is None else mask[None]
