@@ -28,7 +28,8 @@ def extensions():
                                            "thread_pool.h", "probe_kernels.c",
                                            "dense_kernels.c", "attention_kernels.c",
                                            "glue_kernels.c", "decode_kernels.c",
-                                           "mla_kernels.c", "experts_ext.pxi")]
+                                           "mla_kernels.c", "decode_stack.c",
+                                           "experts_ext.pxi")]
     exts = [
         Extension("moed._cpu_guard", ["cython_src/cpu_guard.pyx"],
                   include_dirs=["cython_src"], extra_compile_args=["-O2"]),

@@ -114,14 +114,8 @@ cdef extern from "dense_kernels.c" nogil:
                        uint8_t *workspace, int nthreads, int scalar)
 
 
-def dense_workspace(int T, int kblocks, int nthreads):
-    return dense_workspace_bytes(T, kblocks, nthreads)
-
-
-def dense(tuple m, uintptr_t x, bint x_bf16, int T, uintptr_t y, uintptr_t workspace,
-          int nthreads, bint scalar=False):
-    """y[T, rows] = x[T, cols] @ W^T; m = (weights ptr, scales ptr, rows, cols, row tiles,
-    k blocks, fp8). `scalar` runs the scalar twin (tests)."""
+cdef dense_matrix _dense(tuple m):
+    # m = (weights ptr, scales ptr, rows, cols, row tiles, k blocks, fp8): CPULinear's args
     cdef dense_matrix d
     d.w = <const uint8_t *><uintptr_t>m[0]
     d.scale = <const float *><uintptr_t>m[1]
@@ -130,6 +124,18 @@ def dense(tuple m, uintptr_t x, bint x_bf16, int T, uintptr_t y, uintptr_t works
     d.tiles = m[4]
     d.kblocks = m[5]
     d.fp8 = m[6]
+    return d
+
+
+def dense_workspace(int T, int kblocks, int nthreads):
+    return dense_workspace_bytes(T, kblocks, nthreads)
+
+
+def dense(tuple m, uintptr_t x, bint x_bf16, int T, uintptr_t y, uintptr_t workspace,
+          int nthreads, bint scalar=False):
+    """y[T, rows] = x[T, cols] @ W^T; m = (weights ptr, scales ptr, rows, cols, row tiles,
+    k blocks, fp8). `scalar` runs the scalar twin (tests)."""
+    cdef dense_matrix d = _dense(m)
     with nogil:
         dense_forward(d, <const void *>x, x_bf16, T, <float *>y, <uint8_t *>workspace,
                       nthreads, scalar)
@@ -306,3 +312,105 @@ def store_kv(tuple kc, tuple vc, uintptr_t k, int64_t k_ld, int64_t k_hs, uintpt
         rc = kv_store(ko, vo, <const float *>k, k_ld, k_hs, <const float *>v, v_ld, v_hs,
                       <const int64_t *>slot_mapping, N, S, Hkv, dk, dv)
     return rc
+
+
+# ---------------------------------------------------------------- decode stack
+# A decode step's decoder layers in one call (cython_src/decode_stack.c); the
+# Python side (moed/experts/decode_stack.py) decides which models and steps.
+from libc.stdlib cimport calloc, free
+
+cdef extern from "decode_stack.c" nogil:
+    ctypedef struct stack_layer:
+        dense_matrix qkv
+        dense_matrix o
+        int qk0
+        int v0
+        int H
+        int Hkv
+        int d
+        const float *qk_w
+        float qk_eps
+        float scale
+        kv_operand kc
+        kv_operand vc
+        int64_t S
+        const float *post_w
+        float post_eps
+        const void *router_w
+        int router_bf16
+        int E
+        int topk
+        int renorm
+        packed_matrix gate
+        packed_matrix up
+        packed_matrix down
+        int fp8
+        int I
+        const float *next_w
+        float next_eps
+    int64_t stack_workspace_bytes(const stack_layer *L, int nl, int B, int D, int nthreads)
+    int64_t stack_run(const stack_layer *L, int nl, float *x, float *h, int B, int D,
+                      const float *cs, const float *sn, int64_t ldcs,
+                      const int64_t *slot_mapping, const int64_t *slots, int64_t ldslots,
+                      const int64_t *context, int64_t *routed, uint8_t *ws,
+                      int nthreads, int *fail_layer, int *fail_stage)
+
+
+cdef class DecodeStack:
+    """The layer table of a decode stack: one C struct per layer, filled once
+    from `layers` (tuples, see moed/experts/decode_stack.py) and, each step,
+    the caches' operands (`caches`)."""
+    cdef stack_layer *L
+    cdef int n
+    cdef readonly int hidden
+
+    def __cinit__(self, list layers, int hidden):
+        self.n = len(layers)
+        self.hidden = hidden
+        self.L = <stack_layer *>calloc(max(self.n, 1), sizeof(stack_layer))
+        if self.L == NULL:
+            raise MemoryError()
+        cdef stack_layer *s
+        for i, t in enumerate(layers):
+            s = &self.L[i]
+            (qkv, o, s.qk0, s.v0, s.H, s.Hkv, s.d, qk_w, s.qk_eps, s.scale, post_w,
+             s.post_eps, router_w, s.router_bf16, s.E, s.topk, s.renorm, gate, up, down,
+             s.fp8, s.I, next_w, s.next_eps) = t
+            s.qkv = _dense(qkv)
+            s.o = _dense(o)
+            s.qk_w = <const float *><uintptr_t>qk_w
+            s.post_w = <const float *><uintptr_t>post_w
+            s.router_w = <const void *><uintptr_t>router_w
+            s.gate = _matrix(gate)
+            s.up = _matrix(up)
+            s.down = _matrix(down)
+            s.next_w = <const float *><uintptr_t>next_w
+
+    def __dealloc__(self):
+        free(self.L)
+
+    def set_caches(self, list caches):
+        """caches: per layer ((k operand), (v operand), slots S), operands as paged_decode's."""
+        for i, (k, v, S) in enumerate(caches):
+            self.L[i].kc = _kv_operand(k)
+            self.L[i].vc = _kv_operand(v)
+            self.L[i].S = S
+
+    def workspace_bytes(self, int B, int nthreads):
+        return stack_workspace_bytes(self.L, self.n, B, self.hidden, nthreads)
+
+    def run(self, uintptr_t x, uintptr_t h, int B, uintptr_t cos, uintptr_t sin, int64_t ldcs,
+            uintptr_t slot_mapping, uintptr_t slots, int64_t ldslots, uintptr_t context,
+            uintptr_t routed, uintptr_t workspace, int nthreads):
+        """-> (0, -1, 0), or (the failing kernel's code, layer, stage: 1 store,
+        2 attention, 3 experts). routed: [layers, B, k] int64 for each layer's expert
+        ids, or 0. Pointers and shapes are checked by the caller."""
+        cdef int layer = -1, stage = 0
+        cdef int64_t rc
+        with nogil:
+            rc = stack_run(self.L, self.n, <float *>x, <float *>h, B, self.hidden,
+                           <const float *>cos, <const float *>sin, ldcs,
+                           <const int64_t *>slot_mapping, <const int64_t *>slots, ldslots,
+                           <const int64_t *>context, <int64_t *>routed,
+                           <uint8_t *>workspace, nthreads, &layer, &stage)
+        return rc, (layer if rc else -1), stage

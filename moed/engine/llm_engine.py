@@ -72,6 +72,8 @@ def install_cpu_paths(model, model_dir, experts, linears):
         if linears != "torch":
             install_cpu_attention(model)
             install_cpu_norms(model)
+            if isa:
+                install_decode_stack(model)
     except ImportError as e:
         if "cpu" in (experts, linears):
             raise
@@ -107,6 +109,15 @@ def install_cpu_norms(model):
             setattr(owner, name, CPURMSNorm(norm))
             n += 1
     return n
+
+
+def install_decode_stack(model):
+    """Decode-only steps through every layer in one compiled call where the whole
+    model is the compiled GQA + routed-experts form (moed.experts.decode_stack;
+    MOED_DECODE_STACK=0: off). Returns whether it was installed."""
+    from moed.experts.decode_stack import build_decode_stack, enabled
+    model.decode_stack = build_decode_stack(model) if enabled() else None
+    return model.decode_stack is not None
 
 
 def install_cpu_attention(model):

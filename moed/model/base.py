@@ -114,6 +114,9 @@ class CausalLM:
     """Embedding -> decoder layers -> norm -> LM head, over a paged KV cache."""
 
     architecture = None
+    # a decode-only step's layers in one compiled call, when installed
+    # (moed.experts.decode_stack); it may decline a step: the layer loop runs then
+    decode_stack = None
 
     def __init__(self, ckpt, device):
         self.cfg = HFConfig(ckpt.config, str(ckpt.dir / "config.json"))
@@ -171,8 +174,14 @@ class CausalLM:
         x = self.embed[input_ids].float()
         cos_sin = self.rotary.cos_sin(positions)
         h = self.layers[0].input_norm(x)
+        stack = self.decode_stack if not batch.prefills else None
         nexts = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
-        for layer, kv_cache, next_norm in zip(self.layers, batch.kv_caches, nexts):
+        for i, (layer, kv_cache, next_norm) in enumerate(zip(self.layers, batch.kv_caches,
+                                                             nexts)):
+            if stack is not None and i == stack.first:
+                out = stack(x, h, cos_sin, batch)     # layers first.. in one call, or None
+                if out is not None:
+                    return out
             x, h = layer(x, h, cos_sin, batch, kv_cache, next_norm)
         return h
 

@@ -1,0 +1,232 @@
+"""A decode-only step's decoder layers in one compiled call (cython_src/decode_stack.c).
+
+With every kernel of a GQA + routed-experts layer compiled, what is left of a
+decode step's time besides the weights' read is Python between the kernels:
+about 150 us a layer on 2 cores (views, checks, allocations, eight calls), ~1.7
+ms of a 24-30 ms Qwen3-30B-A3B-shaped step. `DecodeStack` runs the same kernel
+calls with the same inputs and thread count from C, so its hidden states are
+those of the Python path bit for bit; the model's forward hands it decode-only
+steps (`CausalLM.forward`) and falls back to the layer loop whenever it
+declines one.
+
+It is built (`build_decode_stack`) only for a model whose every layer is: GQA
+with the fused q/k/v projection and o_proj on the kernels (no biases), the
+compiled q/k norm + rotary (rotate-half), decode attention and KV store; RMS
+norms on the compiled glue; a softmax router on the compiled glue feeding the
+routed experts on the kernels, no shared experts. Anything else (DeepSeek's
+MLA, dense MLP layers, the generic ISA where torch decodes attention, the
+torch reference) keeps the Python path. Each step it declines when a layer's
+hooks were swapped since (tests count calls through them), the step has a
+prefill, or a cache is not a compiled one (FP32, BF16). MOED_DECODE_STACK=0
+turns it off (benchmarks compare both).
+Shape legend: B decodes, D hidden.
+"""
+import logging
+import os
+
+import torch
+
+from moed.errors import InvalidRequestError
+from moed.experts.decode_attention import _gqa_layout, _table
+from moed.experts.layer import _workspace_for
+
+log = logging.getLogger(__name__)
+
+
+def enabled():
+    return os.environ.get("MOED_DECODE_STACK", "1").strip() != "0"
+
+
+def build_decode_stack(model):
+    """A DecodeStack over the model's layers, or None (logged) when one of them is
+    not the compiled GQA + routed-experts form."""
+    try:
+        return DecodeStack(model)
+    except _NotEligible as e:
+        log.info("decode stack: not used (%s)", e)
+        return None
+
+
+class _NotEligible(Exception):
+    pass
+
+
+def _hooks(layer):
+    """What the stack read from a layer: the objects it took the weights and kernels
+    of (compared by identity every step)."""
+    a, m = layer.attn, layer.mlp
+    return (a, m, layer.post_norm, a.qkv, a.o, a.norm_rope, a.decode_kernel, a.kv_store,
+            a.rotary, getattr(m, "router", None), getattr(m, "experts", None),
+            getattr(m, "shared", None))
+
+
+def need(ok, why):
+    if not ok:
+        raise _NotEligible(why)
+
+
+def _row(i, layer, next_norm, kernels, threads, D):
+    """Layer i's entry of the C table, or _NotEligible saying why not."""
+    from moed.experts.dense import CPUFusedLinear, CPULinear
+    from moed.experts.glue import CPURMSNorm, CPUSoftmaxRouter
+    from moed.experts.layer import CPUExpertLayer
+    from moed.model.attention import GQAttention
+    from moed.model.moe import MoE
+    a, m = layer.attn, layer.mlp
+    need(type(a) is GQAttention, f"layer {i}: not GQA")
+    need(isinstance(a.qkv, CPUFusedLinear) and a._qk_spans() is not None,
+         f"layer {i}: q/k/v not one compiled projection")
+    fused = a.qkv.fused
+    need(type(fused) is CPULinear and fused.bias is None, f"layer {i}: q/k/v bias")
+    need(type(a.o) is CPULinear and a.o.bias is None, f"layer {i}: o_proj not compiled")
+    need(a.norm_rope is not None and not a.rotary.interleaved,
+         f"layer {i}: rotary not on the compiled glue")
+    need(a.decode_kernel is not None and a.kv_store is not None,
+         f"layer {i}: decode attention not compiled")
+    for hook in (a.norm_rope, a.decode_kernel, a.kv_store):
+        need(getattr(hook, "keywords", {}).get("kernels") is kernels,
+             f"layer {i}: a hook on other kernels")
+    need(type(m) is MoE and m.shared is None, f"layer {i}: not routed experts alone")
+    need(type(m.router) is CPUSoftmaxRouter and m.router.gate.bias is None,
+         f"layer {i}: router not compiled")
+    need(type(m.experts) is CPUExpertLayer, f"layer {i}: experts not compiled")
+    need(all(type(n) is CPURMSNorm for n in (layer.input_norm, layer.post_norm, next_norm)),
+         f"layer {i}: norms not compiled")
+    parts = (fused, a.o, m.router, m.experts, layer.post_norm, next_norm)
+    need(all(p.kernels is kernels and p.threads == threads for p in parts),
+         f"layer {i}: parts on other kernels or thread counts")
+    need(m.experts.packed.hidden == D, f"layer {i}: experts' hidden size")
+    (q0, _), (v0, _) = a._qk_spans()
+    qk_w = a._qk_weight if a.q_norm is not None else None
+    rw = m.router.weight
+    return (fused._args, a.o._args, q0, v0, a.heads, a.kv_heads, a.head_dim,
+            0 if qk_w is None else qk_w.data_ptr(),
+            a.q_norm.eps if a.q_norm is not None else 0.0, a.scale,
+            layer.post_norm.weight.data_ptr(), layer.post_norm.eps,
+            rw.data_ptr(), rw.dtype == torch.bfloat16, m.experts.num_experts,
+            m.router.k, bool(m.router.renorm), *m.experts._fixed[:4],
+            m.experts.packed.inter, next_norm.weight.data_ptr(), next_norm.eps)
+
+
+class DecodeStack:
+    """The compiled layers: the longest run of the model's last layers that are all
+    the compiled form (`first` on); the layers before it (a dense first layer, say)
+    run in the loop, then hand over."""
+
+    def __init__(self, model):
+        need(bool(model.layers), "no layers")
+        experts = [getattr(layer.mlp, "experts", None) for layer in model.layers]
+        top = next((e for e in reversed(experts) if hasattr(e, "kernels")), None)
+        need(top is not None, "no compiled routed experts")
+        kernels, threads = top.kernels, top.threads
+        need(hasattr(kernels, "DecodeStack"), "kernels without the stack")
+        D = model.hidden_size
+        nexts = [layer.input_norm for layer in model.layers[1:]] + [model.norm]
+        rows, why = [], None
+        for i in reversed(range(len(model.layers))):
+            try:
+                rows.append(_row(i, model.layers[i], nexts[i], kernels, threads, D))
+            except _NotEligible as e:
+                why = e
+                break
+        need(rows, str(why))
+        rows.reverse()
+        self.first = len(model.layers) - len(rows)
+        layers = model.layers[self.first:]
+        self.model = model
+        self.kernels, self.threads, self.hidden = kernels, threads, D
+        self._hooks = [_hooks(layer) for layer in layers]
+        self._nexts = nexts[self.first:]         # (also keeps what the table points into)
+        self._geometry = [(layer.attn.kv_heads, layer.attn.head_dim) for layer in layers]
+        self.table = kernels.DecodeStack(rows, D)
+        self._caches = None                 # the cache tensors the table points at
+        self._k = {layer.mlp.router.k for layer in layers}
+        # the last step's expert ids per layer [layers, B, k] (all layers' k equal), or None
+        self.routed = None
+        if why is not None:
+            log.info("decode stack: layers %d.. (layer %d: %s)", self.first, self.first - 1, why)
+
+    def _unchanged(self):
+        layers = self.model.layers
+        return len(layers) == self.first + len(self._hooks) and \
+            all(_hooks(layer) == h for layer, h in zip(layers[self.first:], self._hooks)) and \
+            [layer.input_norm for layer in layers[self.first + 1:]] + [self.model.norm] \
+            == self._nexts
+
+    def _point_at(self, caches, x):
+        """Table entries for this step's caches; False when one is not compiled."""
+        kept = self._caches
+        if kept is not None and len(kept) == len(caches) and \
+                all(a is b for a, b in zip(kept, caches)):
+            return True
+        ops = []
+        for kv, (Hkv, d) in zip(caches, self._geometry):
+            if not (kv.is_cpu and kv.dtype in (torch.float32, torch.bfloat16)) or \
+                    x.dtype != torch.float32:
+                return False
+            lay = _gqa_layout(kv)
+            if (lay.Hkv, lay.d) != (Hkv, d):
+                return False
+            ops.append((lay.k, lay.v, lay.S))
+        if len(ops) != len(self._geometry):
+            return False
+        self.table.set_caches(ops)
+        self._caches = tuple(caches)
+        return True
+
+    def __call__(self, x, h, cos_sin, batch):
+        """x [B, D] residual stream (updated in place), h = input_norm(x) of layer
+        `first` -> the final norm of x [B, D], or None: this step takes the layer loop."""
+        if batch.prefills or batch.decode_context is None or not self._unchanged():
+            return None
+        B, D = x.shape
+        if not (x.dtype == h.dtype == torch.float32 and x.is_contiguous() and h.is_contiguous()
+                and tuple(h.shape) == (B, D) and D == self.hidden and B > 0):
+            return None
+        from moed.model.layers import Rotary
+        cos, sin = Rotary.halves(cos_sin)
+        half = self._geometry[0][1] // 2
+        if not (cos.dtype == sin.dtype == torch.float32 and tuple(cos.shape) == (B, half)
+                and tuple(sin.shape) == (B, half) and cos.stride(1) == 1 and sin.stride(1) == 1
+                and cos.stride(0) == sin.stride(0)):
+            return None
+        if not self._point_at(batch.kv_caches[self.first:], x):
+            return None
+        slots, context, mapping = batch.decode_slots, batch.decode_context, batch.slot_mapping
+        Lmax = _table(slots, context, B)
+        if not (mapping.dtype == torch.int64 and mapping.is_contiguous() and mapping.is_cpu
+                and tuple(mapping.shape) == (B,)):
+            return None
+        ws = _workspace_for(self.table.workspace_bytes(B, self.threads))
+        routed = None
+        if len(self._k) == 1:
+            routed = torch.empty(len(self._hooks), B, *self._k, dtype=torch.int64)
+        rc, layer, stage = self.table.run(x.data_ptr(), h.data_ptr(), B, cos.data_ptr(),
+                                          sin.data_ptr(), cos.stride(0), mapping.data_ptr(),
+                                          slots.data_ptr(), Lmax, context.data_ptr(),
+                                          0 if routed is None else routed.data_ptr(),
+                                          ws.ctypes.data, self.threads)
+        self.routed = None if rc else routed
+        if rc:
+            raise _failure(rc, layer, stage, mapping, slots, context, Lmax,
+                           self._caches[layer].shape[0])
+        return h
+
+
+def _failure(rc, layer, stage, mapping, slots, context, Lmax, S):
+    """The error the layer loop would have raised, from the C call's code."""
+    if stage == 1:
+        n = -1 - rc
+        return InvalidRequestError(f"slot_mapping[{n}] = {int(mapping[n])} is outside the "
+                                   f"cache's [0, {S})", field="slot_mapping")
+    if stage == 2 and rc > 0:
+        b = rc - 1
+        return InvalidRequestError(f"context[{b}] = {int(context[b])} is outside [1, {Lmax}]",
+                                   field="context")
+    if stage == 2:
+        i = -1 - rc
+        return InvalidRequestError(f"slots[{i // Lmax}, {i % Lmax}] = "
+                                   f"{int(slots.view(-1)[i])} is outside the cache's [0, {S})",
+                                   field="slots")
+    return InvalidRequestError(f"layer {layer}: the routed experts refused the router's "
+                               f"choice (code {rc})", field="topk_ids")

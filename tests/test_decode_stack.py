@@ -1,0 +1,207 @@
+"""The compiled decode stack (moed/experts/decode_stack.py, cython_src/decode_stack.c)
+against the layer loop it stands in for. It makes the same kernel calls with the
+same inputs and thread count, so the logits must be equal bit for bit, on every
+ISA that builds it, for both cache dtypes, ragged batches included. It must also
+decline what it does not cover (prefills, swapped hooks, other models) and fail
+bad tables the way the layer loop does.
+"""
+import numpy as np
+import pytest
+import torch
+
+import moed.cpu as cpu
+from moed import LLM, SamplingParams
+from moed.engine.sequence import Sequence
+from moed.errors import ConfigError, InvalidRequestError
+from moed.experts.decode_stack import DecodeStack
+from moed.model.base import AttentionBatch
+from moed.model.tiny import build_tiny_model
+
+# staggered starts: contexts differ within every step, and batches of 1..3 decodes
+PROMPTS = [[5, 17, 42, 99, 7, 3, 60, 8, 11, 2], [9, 4, 2, 11, 12, 30, 31], [1, 2, 3, 4, 5]]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    # head dims of 64: q's rows a multiple of 128, so q and k sit side by side in the
+    # fused projection and take the compiled norm + rotary (real models' shapes); the
+    # tiny Qwen3's first layer is a dense MLP: the stack starts at layer 1
+    root = tmp_path_factory.mktemp("stack")
+    return {("qwen3_moe", "fp8"): build_tiny_model(root / "qwen-fp8", "qwen3_moe", "fp8",
+                                                   overrides={"head_dim": 64}),
+            ("mixtral", "bf16"): build_tiny_model(root / "mixtral", "mixtral", "bf16",
+                                                  overrides={"hidden_size": 256}),
+            ("deepseek_v3", "bf16"): build_tiny_model(root / "deepseek", "deepseek_v3", "bf16")}
+
+
+def use_isa(isa, monkeypatch):
+    """Select `isa` for the engines built next; False after asserting that this CPU,
+    lacking it, refuses it clearly."""
+    if isa not in cpu.supported_isas():
+        with pytest.raises(ConfigError):
+            cpu.expert_kernels(isa)
+        return False
+    monkeypatch.setenv("MOED_ISA", isa)
+    return True
+
+
+class Counted:
+    """The model's stack, counting the steps it took and those it declined."""
+
+    def __init__(self, stack):
+        self.stack, self.took, self.declined = stack, 0, 0
+        self.first = stack.first
+        self.routed = []                 # each step's expert ids [layers, B, k]
+
+    def __call__(self, *args):
+        out = self.stack(*args)
+        if out is None:
+            self.declined += 1
+        else:
+            self.took += 1
+            self.routed.append(self.stack.routed.clone())
+        return out
+
+
+class Recorded:
+    """A router, recording the expert ids it picks."""
+
+    def __init__(self, router, log):
+        self.router, self.log = router, log
+
+    def __call__(self, x):
+        ids, wts = self.router(x)
+        self.log.append(ids.clone())
+        return ids, wts
+
+
+def ragged_logits(llm, prompts):
+    """Logits of every step of one-token steps over the prompts, sequence i joining at
+    step i: every step is decode-only, with ragged contexts."""
+    eng = llm.engine
+    seqs = [Sequence(f"s{i}", ids, SamplingParams(max_new_tokens=1))
+            for i, ids in enumerate(prompts)]
+    for s, ids in zip(seqs, prompts):
+        eng.blocks.grow(s.block_table, len(ids))
+    outs = []
+    try:
+        for t in range(max(len(p) + i for i, p in enumerate(prompts))):
+            live = [s for i, s in enumerate(seqs) if i <= t and s.num_computed < len(prompts[i])]
+            if live:
+                outs.append(eng.runner.run([(s, 1) for s in live]).float().numpy())
+                for s in live:
+                    s.num_computed += 1
+    finally:
+        for s in seqs:
+            eng.blocks.free(s.block_table)
+    return outs
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch,fmt", [("qwen3_moe", "fp8"), ("mixtral", "bf16")])
+def test_stack_logits_equal_the_layer_loop_bit_for_bit(arch, fmt, kv_dtype, isa, models,
+                                                       monkeypatch):
+    if not use_isa(isa, monkeypatch):
+        return
+    model = models[(arch, fmt)]
+    fast = LLM(model, device="cpu", kv_cache_dtype=kv_dtype)
+    stack = fast.engine.model.decode_stack
+    if isa == "generic":               # torch decodes attention there: no stack
+        assert stack is None
+        return
+    assert isinstance(stack, DecodeStack) and stack.kernels.ISA == isa
+    counted = fast.engine.model.decode_stack = Counted(stack)
+    monkeypatch.setenv("MOED_DECODE_STACK", "0")
+    loop = LLM(model, device="cpu", kv_cache_dtype=kv_dtype)
+    assert loop.engine.model.decode_stack is None
+    picked = []
+    for layer in loop.engine.model.layers[stack.first:]:
+        layer.mlp.router = Recorded(layer.mlp.router, picked)
+    a, b = ragged_logits(fast, PROMPTS), ragged_logits(loop, PROMPTS)
+    assert counted.took == len(a) and counted.declined == 0
+    # the stack keeps each step's expert ids per layer: the loop's routers' picks
+    layers = len(loop.engine.model.layers) - stack.first
+    steps = [torch.stack(picked[i:i + layers]) for i in range(0, len(picked), layers)]
+    assert len(steps) == len(counted.routed) and \
+        all(torch.equal(x, y) for x, y in zip(counted.routed, steps))
+    assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)), \
+        max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+    # and through the engine: prefill chunks take the layer loop, decodes the stack
+    greedy = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    took = counted.took
+    assert [o.token_ids for o in fast.generate(PROMPTS, greedy)] == \
+           [o.token_ids for o in loop.generate(PROMPTS, greedy)]
+    assert counted.took > took and counted.declined == 0
+    print(f"{arch} {fmt} {isa} {kv_dtype}: {len(a)} ragged steps equal bit for bit, "
+          f"{counted.took} stack steps")
+
+
+def test_prefills_and_swapped_hooks_take_the_layer_loop(models, monkeypatch):
+    model = models[("qwen3_moe", "fp8")]
+    llm = LLM(model, device="cpu")
+    m = llm.engine.model
+    if m.decode_stack is None:
+        assert cpu.expert_kernels().ISA == "generic"
+        return
+    counted = m.decode_stack = Counted(m.decode_stack)
+    # a prompt of several tokens is a prefill: the forward never asks the stack
+    llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=1))
+    assert counted.took == counted.declined == 0
+    # a hook swapped after the build (tests count calls through them): declined
+    attn = m.layers[1].attn
+    calls = []
+    original = attn.decode_kernel
+    attn.decode_kernel = lambda *a, **k: calls.append(1) or original(*a, **k)
+    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=3,
+                                                    ignore_eos=True))
+    assert counted.took == 0 and counted.declined == 2 and len(calls) == 2
+    attn.decode_kernel = original
+    again = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=3,
+                                                      ignore_eos=True))
+    assert counted.took == 2 and again[0].token_ids == out[0].token_ids
+
+
+def test_built_only_for_what_it_covers(models, monkeypatch):
+    isa = cpu.expert_kernels().ISA
+    # MLA (DeepSeek) keeps the layer loop; so does the torch reference
+    assert LLM(models[("deepseek_v3", "bf16")], device="cpu").engine.model.decode_stack is None
+    ref = LLM(models[("qwen3_moe", "fp8")], device="cpu", experts="torch")
+    assert ref.engine.model.decode_stack is None
+    built = LLM(models[("qwen3_moe", "fp8")], device="cpu").engine.model.decode_stack
+    assert (built is not None) == (isa != "generic")
+    monkeypatch.setenv("MOED_DECODE_STACK", "0")
+    assert LLM(models[("qwen3_moe", "fp8")], device="cpu").engine.model.decode_stack is None
+
+
+def test_bad_tables_fail_as_in_the_layer_loop(models, monkeypatch):
+    llm = LLM(models[("mixtral", "bf16")], device="cpu")
+    m, runner = llm.engine.model, llm.engine.runner
+    if m.decode_stack is None:
+        assert cpu.expert_kernels().ISA == "generic"
+        return
+    S = runner.kv_caches[0].shape[0]
+    ids, positions = torch.tensor([5, 9]), torch.tensor([3, 0])
+
+    def batch(mapping, slots, context):
+        t = lambda a: torch.tensor(a, dtype=torch.int64)          # noqa: E731
+        rows, slots, context = t([0, 1]), t(slots), t(context)
+        mask = torch.arange(slots.shape[1])[None, None, :] < context[:, None, None]
+        return AttentionBatch(t(mapping), runner.kv_caches, rows, slots, mask, [], context)
+
+    cases = [(([3, S], [[0, 1, 2, 3], [S, S, S, S]], [4, 1]), "slot_mapping"),
+             (([3, 4], [[0, 1, 2, 3], [4, 4, 4, 4]], [4, 5]), "context"),
+             (([3, 4], [[0, 1, 2, 3], [4, S + 7, 4, 4]], [4, 2]), "slots")]
+    stack = m.decode_stack
+    for args, field in cases:
+        errors = []
+        for m.decode_stack in (stack, None):
+            with pytest.raises(InvalidRequestError) as e:
+                m.forward(ids, positions, batch(*args))
+            errors.append((e.value.field, str(e.value)))
+        assert errors[0] == errors[1] and errors[0][0] == field, errors
+    m.decode_stack = stack
+    # the engine still serves after the refusals
+    out = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_new_tokens=2))
+    assert len(out[0].token_ids) >= 1
