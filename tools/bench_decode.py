@@ -23,6 +23,11 @@ too, with the ratio against it (stricter: a peak against a median). Per-step ove
 time in the weight kernels - time in attention proper (scores, softmax,
 values): norms, rotary, KV writes, routing, sampling, scheduling, Python.
 
+The engine runs a decode step's layers in one compiled call (the decode stack,
+moed/experts/decode_stack.py): its line gives that call's time ("layers") beside
+the LM head's, and overhead = the rest; the `loop` line is the same engine with
+the Python layer loop instead, each kernel and attention timed on its own.
+
 Torch's OpenMP threads spin after each parallel region and steal the core
 from the kernels' pinned pool: run with --torch-threads 1 or
 OMP_WAIT_POLICY=PASSIVE to see the engine without that interference.
@@ -63,9 +68,9 @@ def report(name, llm, prompts, n, kernels, threads):
     best = max(best, machine(kernels, threads)[0])     # best of before/after: shared machine
     # medians: a step the OS preempted for another process says nothing about the engine
     med = lambda f: float(np.median([f(s) for s in steps]))   # noqa: E731
-    step, kern, attn = med(lambda s: s["wall"]), med(lambda s: s["kernels"]), \
-        med(lambda s: s["attention"])
-    over = med(lambda s: s["wall"] - s["kernels"] - s["attention"])
+    step, kern, attn, stack = med(lambda s: s["wall"]), med(lambda s: s["kernels"]), \
+        med(lambda s: s["attention"]), med(lambda s: s["stack"])
+    over = med(lambda s: s["wall"] - s["kernels"] - s["attention"] - s["stack"])
     per_step = cpu_b + torch_b + med(lambda s: s["expert_bytes"])
     bw = per_step / step
     paired = med(lambda s: (cpu_b + torch_b + s["expert_bytes"]) / s["wall"] / s["read"])
@@ -73,9 +78,11 @@ def report(name, llm, prompts, n, kernels, threads):
     print(f"{name:6s} {len(prompts) / step:7.2f} tok/s  step {step * 1e3:8.2f} ms | weights "
           f"{per_step / 1e6:6.0f} MB/step -> {bw / 1e9:5.1f} GB/s = {paired:5.1%} of read "
           f"{read / 1e9:4.1f} (paired), {bw / best:5.1%} of best read {best / 1e9:4.1f} | "
-          f"kernels {kern * 1e3:7.2f} ms ({per_step / kern / 1e9:5.1f} GB/s), attention "
-          f"{attn * 1e3:5.2f} ms, overhead {over * 1e3:6.2f} ms = {over / step:5.1%} of step",
-          flush=True)
+          + (f"kernels {kern * 1e3:7.2f} ms ({per_step / kern / 1e9:5.1f} GB/s), attention "
+             f"{attn * 1e3:5.2f} ms" if not stack else
+             f"compiled calls {(kern + stack) * 1e3:7.2f} ms ({per_step / (kern + stack) / 1e9:5.1f}"
+             f" GB/s: layers {stack * 1e3:.2f} ms in one, LM head {kern * 1e3:.2f} ms)")
+          + f", overhead {over * 1e3:6.2f} ms = {over / step:5.1%} of step", flush=True)
     return step, tokens
 
 
@@ -97,7 +104,10 @@ def main():
                for i in range(args.batch)]
     fast = engine(model, fast=True)
     t_fast, a = report("engine", fast, prompts, args.tokens, kernels, threads)
-    del fast
+    stack, fast.engine.model.decode_stack = fast.engine.model.decode_stack, None
+    if stack is not None:        # the same engine with the layer loop: the stack's gain
+        report("loop", fast, prompts, args.tokens, kernels, threads)
+    del fast, stack
     if args.ref_tokens <= 0:
         return
     ref = engine(model, fast=False)

@@ -83,7 +83,7 @@ class StepClock:
     within seconds)."""
 
     def __init__(self, after_step=None):
-        self.steps = []              # [dict(wall, decode, kernels, attention, expert_bytes)]
+        self.steps = []              # [dict(wall, decode, kernels, attention, stack, expert_bytes)]
         self.after_step = after_step
         self._cur = None
         self._patched = []
@@ -104,6 +104,7 @@ class StepClock:
                           (CPUSoftmaxRouter, "__call__")):
             self._wrap(cls, name, "kernels")
         self._wrap(GQAttention, "attend", "attention")
+        self._wrap_stack()
         self._wrap_step(LLMEngine, ModelRunner)
         return self
 
@@ -131,12 +132,34 @@ class StepClock:
         self._patched.append((cls, name, fn))
         setattr(cls, name, timed)
 
+    def _wrap_stack(self):
+        """The decode stack (moed.experts.decode_stack): every layer's kernels, attention
+        and glue in one compiled call, timed as "stack"; its routed experts counted from
+        the expert ids it keeps per layer."""
+        from moed.experts.decode_stack import DecodeStack
+        fn, clock = DecodeStack.__call__, self
+
+        def timed(stack, *args):
+            t0 = time.perf_counter()
+            out = fn(stack, *args)
+            cur = clock._cur
+            if cur is not None:
+                cur["stack"] += time.perf_counter() - t0
+                if out is not None:
+                    layers = stack.model.layers[stack.first:]
+                    cur["routed"] += [(layer.mlp.experts, ids)
+                                      for layer, ids in zip(layers, stack.routed)]
+            return out
+        self._patched.append((DecodeStack, "__call__", fn))
+        DecodeStack.__call__ = timed
+
     def _wrap_step(self, engine_cls, runner_cls):
         step, run = engine_cls.step, runner_cls.run
         clock = self
 
         def timed_step(eng):
-            clock._cur = dict(wall=0.0, decode=False, kernels=0.0, attention=0.0, routed=[])
+            clock._cur = dict(wall=0.0, decode=False, kernels=0.0, attention=0.0, stack=0.0,
+                              routed=[])
             t0 = time.perf_counter()
             out = step(eng)
             cur = clock._cur
