@@ -85,14 +85,23 @@ def test_simd_matches_scalar_twin(fmt):
 
 def test_thread_count_does_not_change_the_result():
     # each task owns its rows of y: no reduction across threads, bitwise identical
-    # (decode, T <= 2: tiles claimed one ahead per thread; 20 tiles over 1-3 threads)
-    w = make_weight(1240, 260, "fp8")
-    for T in (1, 2, 130):
-        x = torch.randn(T, 260)
-        ys = [CPULinear(w, threads=n)(x) for n in (1, 2, 3)]
-        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
-        ref, scale = reference(x, w)
-        assert ((ys[0].double() - ref).abs() / (scale + 1e-30)).max() < TOL
+    # (decode, T <= 2: each thread streams its own share of the tiles, then takes the
+    # others' from their back ends; 20 tiles over 1-8 threads, more threads than the
+    # 2 cores; and 2 tiles over up to 5 threads: shares left empty)
+    for rows in (1240, 100):
+        w = make_weight(rows, 260, "fp8")
+        for T in (1, 2, 130):
+            x = torch.randn(T, 260)
+            ys = [CPULinear(w, threads=n)(x) for n in (1, 2, 3, 5, 8)]
+            assert all(torch.equal(ys[0], y) for y in ys[1:])
+            ref, scale = reference(x, w)
+            assert ((ys[0].double() - ref).abs() / (scale + 1e-30)).max() < TOL
+    # many calls in a row: a claim race would show as a wrong or missing tile
+    w = make_weight(1240, 260, "bf16")
+    x = torch.randn(1, 260)
+    first = CPULinear(w, threads=3)(x)
+    lin = CPULinear(w, threads=3)
+    assert all(torch.equal(lin(x), first) for _ in range(200))
 
 
 def test_bias_leading_dims_and_bf16_input():

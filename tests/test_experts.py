@@ -91,11 +91,23 @@ def test_paths_agree_with_bf16_input(experts, isa):
 
 
 def test_deterministic_across_thread_counts(experts):
+    # decode batches (<= 8 slots an expert) run on per-thread shares of the tiles, gate/up
+    # before down; bigger ones on one cursor: the same bits from 1..8 threads either way,
+    # one expert taking every slot of a token included (a share's downs then wait on
+    # gate/up tiles of every other share)
     stored, _, scales = experts
-    x, ids, wts = torch.randn(9, H), torch.randint(0, E, (9, 4)), torch.rand(9, 4)
-    ys = [CPUExpertLayer.from_tensors(*stored, *scales, threads=n).forward(x, ids, wts)
-          for n in (1, 2, 3)]
-    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    layers = {n: CPUExpertLayer.from_tensors(*stored, *scales, threads=n) for n in (1, 2, 3, 5, 8)}
+    one = torch.zeros(1, 8, dtype=torch.int64)
+    for x, ids, wts in ((torch.randn(9, H), torch.randint(0, E, (9, 4)), torch.rand(9, 4)),
+                        (torch.randn(1, H), torch.randint(0, E, (1, 8)), torch.rand(1, 8)),
+                        (torch.randn(1, H), one + 3, torch.rand(1, 8)),
+                        (torch.randn(40, H), torch.randint(0, E, (40, 4)), torch.rand(40, 4))):
+        ys = [layer.forward(x, ids, wts) for layer in layers.values()]
+        assert all(torch.equal(ys[0], y) for y in ys[1:])
+    # many decode calls in a row: a claim race would show as a wrong sum or a hang
+    x, ids, wts = torch.randn(2, H), torch.randint(0, E, (2, 8)), torch.rand(2, 8)
+    first = layers[3].forward(x, ids, wts)
+    assert all(torch.equal(layers[3].forward(x, ids, wts), first) for _ in range(200))
 
 
 def test_bad_expert_id_names_field(experts):
