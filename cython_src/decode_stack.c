@@ -70,46 +70,51 @@ static int64_t stack_kernel_bytes(const stack_layer *L, int nl, int B, int nthre
     return stack_align(most + 64);
 }
 
-/* Bytes of workspace stack_run needs for B decodes. */
-static int64_t stack_workspace_bytes(const stack_layer *L, int nl, int B, int D, int nthreads) {
-    int64_t Q = 0, R = 0, A = 0, E = 0, K = 0;
+/* The largest per-token buffer sizes over the layers: q/k/v rows, q+k heads
+ * x d, q heads x d, experts, experts per token. */
+typedef struct { int64_t Q, R, A, E, K; } stack_dims;
+
+static stack_dims stack_max_dims(const stack_layer *L, int nl) {
+    stack_dims m = {0, 0, 0, 0, 0};
     for (int l = 0; l < nl; l++) {
         const stack_layer *s = &L[l];
-        Q = s->qkv.rows > Q ? s->qkv.rows : Q;
-        R = (int64_t)(s->H + s->Hkv) * s->d > R ? (int64_t)(s->H + s->Hkv) * s->d : R;
-        A = (int64_t)s->H * s->d > A ? (int64_t)s->H * s->d : A;
-        E = s->E > E ? s->E : E;
-        K = s->topk > K ? s->topk : K;
+        int64_t R = (int64_t)(s->H + s->Hkv) * s->d, A = (int64_t)s->H * s->d;
+        m.Q = s->qkv.rows > m.Q ? s->qkv.rows : m.Q;
+        m.R = R > m.R ? R : m.R;
+        m.A = A > m.A ? A : m.A;
+        m.E = s->E > m.E ? s->E : m.E;
+        m.K = s->topk > m.K ? s->topk : m.K;
     }
-    return 64 + stack_kernel_bytes(L, nl, B, nthreads)
-        + stack_align(4 * B * Q) + stack_align(4 * B * R) + stack_align(4 * B * A)
-        + stack_align(4 * (int64_t)B * D) + stack_align(4 * B * E) + stack_align(8 * B * K)
-        + stack_align(4 * B * K) + stack_align(4 * (int64_t)B * D);
+    return m;
 }
 
-static stack_buffers stack_carve(const stack_layer *L, int nl, int B, int D, int nthreads,
-                                 uint8_t *ws) {
-    int64_t Q = 0, R = 0, A = 0, E = 0, K = 0;
-    for (int l = 0; l < nl; l++) {
-        const stack_layer *s = &L[l];
-        Q = s->qkv.rows > Q ? s->qkv.rows : Q;
-        R = (int64_t)(s->H + s->Hkv) * s->d > R ? (int64_t)(s->H + s->Hkv) * s->d : R;
-        A = (int64_t)s->H * s->d > A ? (int64_t)s->H * s->d : A;
-        E = s->E > E ? s->E : E;
-        K = s->topk > K ? s->topk : K;
+/* Carves the buffers from ws (NULL: only sizes them); -> bytes used. */
+static int64_t stack_carve(const stack_layer *L, int nl, int B, int D, int nthreads,
+                           uint8_t *ws, stack_buffers *b) {
+    stack_dims m = stack_max_dims(L, nl);
+    int64_t sizes[9] = {stack_kernel_bytes(L, nl, B, nthreads), 4 * B * m.Q, 4 * B * m.R,
+                        4 * B * m.A, 4 * (int64_t)B * D, 4 * B * m.E, 8 * B * m.K,
+                        4 * B * m.K, 4 * (int64_t)B * D};
+    int64_t off[10] = {0};
+    for (int i = 0; i < 9; i++) off[i + 1] = off[i] + stack_align(sizes[i]);
+    if (ws) {
+        uint8_t *p = (uint8_t *)(((uintptr_t)ws + 63) & ~(uintptr_t)63);
+        b->kernel_ws = p;
+        b->y = (float *)(p + off[1]);
+        b->qk = (float *)(p + off[2]);
+        b->att = (float *)(p + off[3]);
+        b->o = (float *)(p + off[4]);
+        b->logits = (float *)(p + off[5]);
+        b->ids = (int64_t *)(p + off[6]);
+        b->wts = (float *)(p + off[7]);
+        b->moe = (float *)(p + off[8]);
     }
-    stack_buffers b;
-    uint8_t *p = (uint8_t *)(((uintptr_t)ws + 63) & ~(uintptr_t)63);
-    b.kernel_ws = p; p += stack_kernel_bytes(L, nl, B, nthreads);
-    b.y = (float *)p; p += stack_align(4 * B * Q);
-    b.qk = (float *)p; p += stack_align(4 * B * R);
-    b.att = (float *)p; p += stack_align(4 * B * A);
-    b.o = (float *)p; p += stack_align(4 * (int64_t)B * D);
-    b.logits = (float *)p; p += stack_align(4 * B * E);
-    b.ids = (int64_t *)p; p += stack_align(8 * B * K);
-    b.wts = (float *)p; p += stack_align(4 * B * K);
-    b.moe = (float *)p;
-    return b;
+    return 64 + off[9];
+}
+
+/* Bytes of workspace stack_run needs for B decodes. */
+static int64_t stack_workspace_bytes(const stack_layer *L, int nl, int B, int D, int nthreads) {
+    return stack_carve(L, nl, B, D, nthreads, NULL, NULL);
 }
 
 /* Runs every layer. Returns 0; else the failing kernel's code (kv_store's -1 - n
@@ -121,7 +126,8 @@ static int64_t stack_run(const stack_layer *L, int nl, float *x, float *h, int B
                          const int64_t *slot_mapping, const int64_t *slots, int64_t ldslots,
                          const int64_t *context, int64_t *routed, uint8_t *ws,
                          int nthreads, int *fail_layer, int *fail_stage) {
-    stack_buffers b = stack_carve(L, nl, B, D, nthreads, ws);
+    stack_buffers b;
+    stack_carve(L, nl, B, D, nthreads, ws, &b);
     for (int l = 0; l < nl; l++) {
         const stack_layer *s = &L[l];
         const int R = s->H + s->Hkv, Q = s->qkv.rows;

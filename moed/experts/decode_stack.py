@@ -23,6 +23,7 @@ Shape legend: B decodes, D hidden.
 """
 import logging
 import os
+import threading
 
 import torch
 
@@ -140,6 +141,9 @@ class DecodeStack:
         self._geometry = [(layer.attn.kv_heads, layer.attn.head_dim) for layer in layers]
         self.table = kernels.DecodeStack(rows, D)
         self._caches = None                 # the cache tensors the table points at
+        # one step at a time: the table's cache entries are per step (two Python threads
+        # decoding at once take turns, as they do on the kernels' pool anyway)
+        self._lock = threading.Lock()
         self._k = {layer.mlp.router.k for layer in layers}
         # the last step's expert ids per layer [layers, B, k] (all layers' k equal), or None
         self.routed = None
@@ -190,8 +194,6 @@ class DecodeStack:
                 and tuple(sin.shape) == (B, half) and cos.stride(1) == 1 and sin.stride(1) == 1
                 and cos.stride(0) == sin.stride(0)):
             return None
-        if not self._point_at(batch.kv_caches[self.first:], x):
-            return None
         slots, context, mapping = batch.decode_slots, batch.decode_context, batch.slot_mapping
         Lmax = _table(slots, context, B)
         if not (mapping.dtype == torch.int64 and mapping.is_contiguous() and mapping.is_cpu
@@ -201,15 +203,18 @@ class DecodeStack:
         routed = None
         if len(self._k) == 1:
             routed = torch.empty(len(self._hooks), B, *self._k, dtype=torch.int64)
-        rc, layer, stage = self.table.run(x.data_ptr(), h.data_ptr(), B, cos.data_ptr(),
-                                          sin.data_ptr(), cos.stride(0), mapping.data_ptr(),
-                                          slots.data_ptr(), Lmax, context.data_ptr(),
-                                          0 if routed is None else routed.data_ptr(),
-                                          ws.ctypes.data, self.threads)
-        self.routed = None if rc else routed
+        with self._lock:
+            if not self._point_at(batch.kv_caches[self.first:], x):
+                return None
+            rc, layer, stage = self.table.run(x.data_ptr(), h.data_ptr(), B, cos.data_ptr(),
+                                              sin.data_ptr(), cos.stride(0), mapping.data_ptr(),
+                                              slots.data_ptr(), Lmax, context.data_ptr(),
+                                              0 if routed is None else routed.data_ptr(),
+                                              ws.ctypes.data, self.threads)
+            self.routed = None if rc else routed
+            S = self._caches[layer].shape[0] if rc else 0
         if rc:
-            raise _failure(rc, layer, stage, mapping, slots, context, Lmax,
-                           self._caches[layer].shape[0])
+            raise _failure(rc, layer, stage, mapping, slots, context, Lmax, S)
         return h
 
 
