@@ -30,6 +30,7 @@ import torch
 from moed.errors import InvalidRequestError
 from moed.experts.decode_attention import _gqa_layout, _table
 from moed.experts.layer import _workspace_for
+from moed.model.layers import compiled_cache_step
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,7 @@ class DecodeStack:
             return True
         ops = []
         for kv, (Hkv, d) in zip(caches, self._geometry):
-            if not (kv.is_cpu and kv.dtype in (torch.float32, torch.bfloat16)) or \
-                    x.dtype != torch.float32:
+            if not compiled_cache_step(kv, x):
                 return False
             lay = _gqa_layout(kv)
             if (lay.Hkv, lay.d) != (Hkv, d):
