@@ -26,7 +26,7 @@ from moed.model.deepseek_v3 import MLAttention
 from moed.model.layers import decode_attention
 from moed.model.tiny import build_tiny_model
 
-from isa_kernels import kernels_or_refused
+from isa_kernels import kernels_or_skip
 
 TOL = 1e-5
 DTYPES = [torch.float32, torch.bfloat16]
@@ -73,9 +73,7 @@ def run_case(kernels, contexts, Hkv, G, d, dtype, seed, threads=2, S=None):
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_every_isa_matches_the_torch_path_on_ragged_batches(isa):
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return                                   # asserted: the unsupported ISA is refused
+    kernels = kernels_or_skip(isa)
     worst = 0.0
     for i, (contexts, Hkv, G, d) in enumerate(CASES):
         for dtype in DTYPES:
@@ -89,9 +87,7 @@ def test_every_isa_matches_the_torch_path_on_ragged_batches(isa):
 def test_long_context_takes_the_split_path(isa):
     # one (sequence, kv head) pair on 2 and 3 threads: the context is cut into key
     # chunks whose partial softmaxes are merged; 20000 keys is past any single block
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
+    kernels = kernels_or_skip(isa)
     for threads, contexts, dtype in ((2, [20000], torch.bfloat16), (3, [4099], torch.float32)):
         err = run_case(kernels, contexts, 1, 8, 64, dtype, seed=threads, threads=threads)
         print(f"{isa}: {contexts[0]} keys on {threads} threads, max abs err {err:.2e}")
@@ -102,9 +98,7 @@ def test_long_context_takes_the_split_path(isa):
 def test_one_long_sequence_among_short_ones_and_wide_batches(isa):
     # items of very different lengths claimed by 2 and 3 threads, and a batch wider
     # than the threads several times over
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
+    kernels = kernels_or_skip(isa)
     cases = ((2, [3000, 5, 70]), (3, [2, 1500, 1, 900]), (2, [300, 7, 260, 1, 90, 512, 33,
                                                               64, 129, 200]))
     for threads, contexts in cases:
@@ -117,9 +111,7 @@ def test_one_long_sequence_among_short_ones_and_wide_batches(isa):
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_strided_q_and_one_thread(isa):
     # q a slice of the joint q/k buffer of the projection (token stride (H + Hkv) d)
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
+    kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(3)
     B, H, Hkv, d = 3, 8, 2, 64
     qk = torch.randn(B, H + Hkv, d, generator=g)
@@ -136,9 +128,7 @@ def test_mla_latent_cache(isa):
     # DeepSeek MLA absorbed decode: H heads share one latent row [r + dr] per token, the
     # value its first r columns (the same cache row read as K and V); B = 1 is one
     # (sequence, kv head) pair, so its 3000 keys take the split path on 2 threads
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
+    kernels = kernels_or_skip(isa)
     H, r, dr = 16, 64, 16
     for i, (contexts, dtype) in enumerate((([3000], torch.bfloat16), ([7, 40, 1], torch.float32))):
         g = torch.Generator().manual_seed(20 + i)
@@ -202,9 +192,7 @@ def bf16_edge_values(n, g):
 @pytest.mark.parametrize("isa", cpu.ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_store_matches_index_put_bit_for_bit(isa, dtype):
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
+    kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(4)
     N, H, Hkv, d, S = 7, 8, 2, 72, 40              # d 72: a vector body and a tail
     qk = bf16_edge_values(N * (H + Hkv) * d, g).view(N, H + Hkv, d)[:, torch.randperm(H + Hkv)]
@@ -336,11 +324,9 @@ def hooked(llm, kernels, calls):
 @pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["qwen", "deepseek"])
 def test_tiny_model_decode_logits_match_the_torch_path(arch, isa, kv_dtype, monkeypatch, request):
+    kernels = kernels_or_skip(isa)              # before the model: a skip builds none
     model = request.getfixturevalue(arch)
     monkeypatch.setenv("MOED_CACHE_DIR", str(model.parent / "cache"))
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
     # torch everywhere else on both sides, so attention is the only difference
     ref = LLM(model, device="cpu", experts="torch", kv_cache_dtype=kv_dtype)
     assert all(layer.attn.decode_kernel is None for layer in ref.engine.model.layers)

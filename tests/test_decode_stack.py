@@ -12,10 +12,12 @@ import torch
 import moed.cpu as cpu
 from moed import LLM, SamplingParams
 from moed.engine.sequence import Sequence
-from moed.errors import ConfigError, InvalidRequestError
+from moed.errors import InvalidRequestError
 from moed.experts.decode_stack import DecodeStack
 from moed.model.base import AttentionBatch
 from moed.model.tiny import build_tiny_model
+
+from isa_kernels import kernels_or_skip
 
 # staggered starts: contexts differ within every step, and batches of 1..3 decodes
 PROMPTS = [[5, 17, 42, 99, 7, 3, 60, 8, 11, 2], [9, 4, 2, 11, 12, 30, 31], [1, 2, 3, 4, 5]]
@@ -34,15 +36,23 @@ def models(tmp_path_factory):
             ("deepseek_v3", "bf16"): build_tiny_model(root / "deepseek", "deepseek_v3", "bf16")}
 
 
+NO_STACK = "generic: no decode stack (torch decodes attention there); its absence checked"
+
+
 def use_isa(isa, monkeypatch):
-    """Select `isa` for the engines built next; False after asserting that this CPU,
-    lacking it, refuses it clearly."""
-    if isa not in cpu.supported_isas():
-        with pytest.raises(ConfigError):
-            cpu.expert_kernels(isa)
-        return False
+    """Select `isa` for the engines built next; for an ISA this CPU lacks, the refusal
+    is asserted and the test skipped."""
+    kernels_or_skip(isa)
     monkeypatch.setenv("MOED_ISA", isa)
-    return True
+
+
+def stack_or_skip(model):
+    """The model's decode stack; on generic, which builds none, its absence is
+    asserted and the test skipped."""
+    if model.decode_stack is None:
+        assert cpu.expert_kernels().ISA == "generic"
+        pytest.skip(NO_STACK)
+    return model.decode_stack
 
 
 class Counted:
@@ -102,14 +112,10 @@ def ragged_logits(llm, prompts):
 @pytest.mark.parametrize("arch,fmt", [("qwen3_moe", "fp8"), ("mixtral", "bf16")])
 def test_stack_logits_equal_the_layer_loop_bit_for_bit(arch, fmt, kv_dtype, isa, models,
                                                        monkeypatch):
-    if not use_isa(isa, monkeypatch):
-        return
+    use_isa(isa, monkeypatch)
     model = models[(arch, fmt)]
     fast = LLM(model, device="cpu", kv_cache_dtype=kv_dtype)
-    stack = fast.engine.model.decode_stack
-    if isa == "generic":               # torch decodes attention there: no stack
-        assert stack is None
-        return
+    stack = stack_or_skip(fast.engine.model)
     assert isinstance(stack, DecodeStack) and stack.kernels.ISA == isa
     counted = fast.engine.model.decode_stack = Counted(stack)
     monkeypatch.setenv("MOED_DECODE_STACK", "0")
@@ -142,10 +148,7 @@ def test_prefills_and_swapped_hooks_take_the_layer_loop(models, monkeypatch):
     model = models[("qwen3_moe", "fp8")]
     llm = LLM(model, device="cpu")
     m = llm.engine.model
-    if m.decode_stack is None:
-        assert cpu.expert_kernels().ISA == "generic"
-        return
-    counted = m.decode_stack = Counted(m.decode_stack)
+    counted = m.decode_stack = Counted(stack_or_skip(m))
     # a prompt of several tokens is a prefill: the forward never asks the stack
     llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=1))
     assert counted.took == counted.declined == 0
@@ -178,9 +181,7 @@ def test_built_only_for_what_it_covers(models, monkeypatch):
 def test_bad_tables_fail_as_in_the_layer_loop(models, monkeypatch):
     llm = LLM(models[("mixtral", "bf16")], device="cpu")
     m, runner = llm.engine.model, llm.engine.runner
-    if m.decode_stack is None:
-        assert cpu.expert_kernels().ISA == "generic"
-        return
+    stack = stack_or_skip(m)
     S = runner.kv_caches[0].shape[0]
     ids, positions = torch.tensor([5, 9]), torch.tensor([3, 0])
 
@@ -193,7 +194,6 @@ def test_bad_tables_fail_as_in_the_layer_loop(models, monkeypatch):
     cases = [(([3, S], [[0, 1, 2, 3], [S, S, S, S]], [4, 1]), "slot_mapping"),
              (([3, 4], [[0, 1, 2, 3], [4, 4, 4, 4]], [4, 5]), "context"),
              (([3, 4], [[0, 1, 2, 3], [4, S + 7, 4, 4]], [4, 2]), "slots")]
-    stack = m.decode_stack
     for args, field in cases:
         errors = []
         for m.decode_stack in (stack, None):

@@ -24,7 +24,7 @@ from moed.experts.dense_store import concat_rows, pack_weight
 from moed.model.formats import Weight, quantize_fp8
 from moed.model.layers import Linear
 
-from isa_kernels import kernels_or_refused
+from isa_kernels import kernels_or_skip
 
 SHAPES = [(200, 300), (131, 67), (64, 128), (3, 257)]    # (out, in): ragged vs 128, 64, 16, 8
 TOKENS = [1, 3, 17, 130]
@@ -49,9 +49,7 @@ def reference(x, w):
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_every_isa_matches_float64_on_ragged_shapes(isa, fmt):
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return                                  # asserted: the unsupported ISA is refused
+    kernels = kernels_or_skip(isa)
     for i, (out, inp) in enumerate(SHAPES):
         w = make_weight(out, inp, fmt, seed=i)
         lin = CPULinear(w, threads=2, kernels=kernels)
@@ -69,6 +67,8 @@ def test_every_isa_matches_float64_on_ragged_shapes(isa, fmt):
 
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
 def test_simd_matches_scalar_twin(fmt):
+    # on generic the unit body is the scalar twin (expert_units.h): the two runs are
+    # one code path there, so each is also held to the float64 reference
     kernels = cpu.expert_kernels()
     w = make_weight(200, 300, fmt)
     p = pack_weight(w, "w")
@@ -81,6 +81,8 @@ def test_simd_matches_scalar_twin(fmt):
                           2, scalar)
         ref, scale = reference(x, w)
         assert ((ys[0].double() - ys[1].double()).abs() / (scale + 1e-30)).max() < TOL
+        for y in ys:
+            assert ((y.double() - ref).abs() / (scale + 1e-30)).max() < TOL
 
 
 def test_thread_count_does_not_change_the_result():
@@ -153,14 +155,20 @@ def test_fused_gate_up_matches_the_mlp(fmt, inter):
     mlp = CPUGatedMLP(CPUFusedLinear.over(gu, [Linear(gate), Linear(up)], None, None),
                       CPULinear(down))
     parts = mlp.gate_up.parts
-    x = torch.randn(17, 200)
+    x = torch.randn(17, 200, generator=torch.Generator().manual_seed(inter))
     g, u = (x.bfloat16().double() @ w.dequantize().double().T for w in (gate, up))
     h = (F.silu(g) * u)
     ref = h.bfloat16().double() @ down.dequantize().double().T
     y = mlp(x)
-    rel = ((y.double() - ref).abs().mean() / ref.abs().mean()).item()
-    print(f"fused MLP {fmt}: mean rel {rel:.2e}")
-    assert rel < 1e-3                 # h is rounded to BF16 twice: once by torch, once here
+    err = (y.double() - ref).abs()
+    rel = (err.mean() / ref.abs().mean()).item()
+    worst = (err.max() / ref.abs().max()).item()
+    print(f"fused MLP {fmt}: mean rel {rel:.2e}, max {worst:.2e} of max |ref|")
+    # h is rounded to BF16 twice: once by torch, once here, from FP32 g and u; where
+    # the two land on neighbouring BF16 values one term of a sum moves by 2^-8 of
+    # itself (measured on avx2 and generic over several inputs: mean <= 4e-6, max <=
+    # 3.4e-5 of max |ref|)
+    assert rel < 1e-3 and worst < 1e-3
     for part, w in zip(parts, (gate, up)):
         torch.testing.assert_close(part(x), CPULinear(w)(x))   # the views are the halves
 

@@ -2,7 +2,11 @@
 
 Tolerance: activations are rounded to BF16 (x, and h = silu(g) * u between
 the projections), a relative error of up to 2^-9 per element, so a mean
-relative L1 error around 3e-3 is expected; the bound is 1e-2.
+relative L1 error around 3e-3 is expected; the bound is 1e-2. The largest
+error, over max |ref|: each output sums I rounded products of h (and each h
+sums H of x), the roundings' errors partly cancel, so it stays within a few
+2^-9 of the largest output: measured <= 4.6e-3 on avx2, generic and avx512emu
+(both formats, every shape here); the bound is 1.5e-2 (~8 x 2^-9).
 """
 import numpy as np
 import pytest
@@ -15,9 +19,11 @@ from moed.experts import CPUExpertLayer
 from moed.experts import layer as layer_mod
 from moed.model.formats import dequantize_fp8, quantize_fp8
 
-ISAS = [isa for isa in cpu.ISAS if isa in cpu.supported_isas()]
+from isa_kernels import kernels_or_skip
+
 E, H, I = 5, 203, 77            # ragged: not multiples of 128 nor of any vector width
-TOL = 1e-2
+TOL = 1e-2                      # mean |err| / mean |ref|
+MAX_TOL = 1.5e-2                # max |err| / max |ref|
 
 
 def quantized(t):
@@ -57,12 +63,12 @@ def poison_workspace():
     layer_mod._workspace.buf = np.full(8 << 20, 0xFF, dtype=np.uint8)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", cpu.ISAS)
 @pytest.mark.parametrize("T,k", [(1, 8), (3, 2), (17, 1), (130, 4)])
 def test_forward_matches_float64(experts, isa, T, k):
+    kernels = kernels_or_skip(isa)
     stored, exact, scales = experts
-    layer = CPUExpertLayer.from_tensors(*stored, *scales, threads=2,
-                                        kernels=cpu.expert_kernels(isa))
+    layer = CPUExpertLayer.from_tensors(*stored, *scales, threads=2, kernels=kernels)
     g = torch.Generator().manual_seed(T * 31 + k)
     x = torch.randn(T, H, generator=g)
     ids = torch.randint(0, E, (T, k), generator=g)
@@ -74,16 +80,18 @@ def test_forward_matches_float64(experts, isa, T, k):
     ref = reference(exact, x, ids, wts)
     err = (y.double() - ref).abs()
     rel = (err.mean() / ref.abs().mean()).item()
-    print(f"{isa} T={T} k={k}: mean rel L1 {rel:.2e}, max abs {err.max().item():.2e} "
-          f"(|ref| max {ref.abs().max().item():.2e}), tol {TOL}")
+    worst = (err.max() / ref.abs().max()).item()
+    print(f"{isa} T={T} k={k}: mean rel L1 {rel:.2e} (tol {TOL}), max abs {err.max().item():.2e} "
+          f"= {worst:.2e} of |ref| max {ref.abs().max().item():.2e} (tol {MAX_TOL})")
     assert not torch.isnan(y).any()
-    assert rel <= TOL
+    assert rel <= TOL and worst <= MAX_TOL
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", cpu.ISAS)
 def test_paths_agree_with_bf16_input(experts, isa):
+    kernels = kernels_or_skip(isa)
     stored, _, scales = experts
-    layer = CPUExpertLayer.from_tensors(*stored, *scales, kernels=cpu.expert_kernels(isa))
+    layer = CPUExpertLayer.from_tensors(*stored, *scales, kernels=kernels)
     x = torch.randn(4, H).bfloat16()
     ids, wts = torch.randint(0, E, (4, 3)), torch.rand(4, 3)
     # the float32 copy of a BF16 input converts back exactly: same result
@@ -143,12 +151,13 @@ def test_two_python_threads_on_two_layers(experts):
     assert not errors and len(results) == 40 and all(results)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", cpu.ISAS)
 def test_silu_over_a_wide_range_and_nan(isa):
     # gate pre-activations from -80 to 80 and down = identity, so y = silu(g) * u
     # row by row: the SIMD exp's clamping and range reduction against float64,
     # element by element (h is rounded to BF16: 2^-9 relative). A NaN input row
     # stays NaN and leaves the other row alone.
+    kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(11)
     gate = torch.zeros(1, 128, 128)
     gate[0, :, 0] = torch.linspace(-80, 80, 128)      # g[r] = ramp[r] * x[0]
@@ -156,7 +165,7 @@ def test_silu_over_a_wide_range_and_nan(isa):
     up[0, :, 0] += 1.0
     down = torch.eye(128).unsqueeze(0)
     ws = [t.bfloat16() for t in (gate, up, down)]
-    layer = CPUExpertLayer.from_tensors(*ws, kernels=cpu.expert_kernels(isa))
+    layer = CPUExpertLayer.from_tensors(*ws, kernels=kernels)
     x = torch.zeros(2, 128)
     x[:, 0] = 1.0
     x[:, 1:] = torch.randn(2, 127, generator=g).bfloat16().float()

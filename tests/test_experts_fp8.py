@@ -1,4 +1,5 @@
-"""All 256 e4m3 codes through the kernels' FP8 widening, each ISA, SIMD and scalar twin."""
+"""All 256 e4m3 codes through the kernels' FP8 widening, each ISA, SIMD and scalar twin;
+the SIMD unit body against its scalar twin and a float64 reference."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 import moed.cpu as cpu
 from moed.experts.layout import pack_matrix
 
-ISAS = [isa for isa in cpu.ISAS if isa in cpu.supported_isas()]
+from isa_kernels import kernels_or_skip
 
 
 def unit_of_codes(codes):
@@ -28,9 +29,9 @@ def widen(kernels, units, scalar):
 
 
 @pytest.mark.parametrize("scalar", [False, True])
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", cpu.ISAS)
 def test_every_e4m3_code_widens_exactly(isa, scalar):
-    kernels = cpu.expert_kernels(isa)
+    kernels = kernels_or_skip(isa)
     # every code 32 times at varied chunk positions; NaN codes (0x7f, 0xff) would
     # spill into their whole row through 0 * NaN, so they get their own unit below
     codes = (torch.arange(64 * 128) * 37 % 256).to(torch.uint8).view(64, 128)
@@ -49,9 +50,12 @@ def test_every_e4m3_code_widens_exactly(isa, scalar):
     assert rows_nan.nonzero().flatten().tolist() == [5, 40]
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", cpu.ISAS)
 def test_simd_body_matches_scalar_twin(isa):
-    kernels = cpu.expert_kernels(isa)
+    # on generic the unit body is the scalar twin (expert_units.h), so a == b there by
+    # construction: the float64 reference is what tests it. Bound: FP32 sums of exact
+    # products (BF16 x BF16/e4m3), 128 terms: <= 1e-6 of sum |x w| (measured <= 5e-8)
+    kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(3)
     for fp8 in (True, False):
         w = torch.randn(64, 128, generator=g)
@@ -62,6 +66,9 @@ def test_simd_body_matches_scalar_twin(isa):
             a, b = torch.zeros(nt, 64), torch.zeros(nt, 64)
             kernels.apply_unit(units.ctypes.data, fp8, x.data_ptr(), 128, nt, 0.5, a.data_ptr(), False)
             kernels.apply_unit(units.ctypes.data, fp8, x.data_ptr(), 128, nt, 0.5, b.data_ptr(), True)
-            ref = 0.5 * (x.float() @ data.float().T)
+            ref = 0.5 * (x.double() @ data.double().T)
+            scale = 0.5 * (x.double().abs() @ data.double().abs().T)
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (fp8, nt)
-            assert torch.allclose(a, ref, rtol=1e-5, atol=1e-4), (fp8, nt)
+            for got in (a, b):
+                err = ((got.double() - ref).abs() / scale).max().item()
+                assert err <= 1e-6, (isa, fp8, nt, err)

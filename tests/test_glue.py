@@ -10,7 +10,7 @@ from moed.experts.glue import norm_rope
 from moed.model.layers import RMSNorm, Rotary
 from moed.model.model_config import RopeConfig
 
-from isa_kernels import kernels_or_refused
+from isa_kernels import kernels_or_skip
 
 
 def torch_path(qk, rotary, cos_sin, weight, eps):
@@ -23,9 +23,7 @@ def torch_path(qk, rotary, cos_sin, weight, eps):
 @pytest.mark.parametrize("N,R,d", [(1, 36, 128), (3, 5, 24), (300, 6, 48), (17, 3, 2)])
 @pytest.mark.parametrize("norm", [True, False])
 def test_every_isa_matches_the_torch_path(isa, N, R, d, norm):
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return                                  # asserted: the unsupported ISA is refused
+    kernels = kernels_or_skip(isa)
     torch.manual_seed(N + R + d)
     rotary = Rotary(RopeConfig("yarn", 10000.0, d, {"factor": 4.0,
                                                     "original_max_position_embeddings": 64},
@@ -35,7 +33,9 @@ def test_every_isa_matches_the_torch_path(isa, N, R, d, norm):
     weight = torch.rand(R, d) + 0.5 if norm else None
     cos_sin = rotary.cos_sin(torch.arange(100, 100 + N))
     want = torch_path(qk, rotary, cos_sin, weight, 1e-6)
+    before = wide.clone()
     got = norm_rope(qk, *rotary.halves(cos_sin), weight, 1e-6, threads=2, kernels=kernels)
+    assert torch.equal(wide, before)                            # the input is only read
     err = (got - want).abs().max().item()
     print(f"{isa} N={N} R={R} d={d} norm={norm}: max abs {err:.1e}")
     assert got.shape == (N, R, d) and err <= 1e-5 * max(1.0, want.abs().max().item())
@@ -109,9 +109,7 @@ def test_softmax_router_matches_the_torch_router(isa, T, E, D, k, renorm, wdtype
     from moed.model.formats import Weight
     from moed.model.layers import Linear
     from moed.model.moe import SoftmaxRouter
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
+    kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(T + E)
     ref = SoftmaxRouter(Linear(Weight(torch.randn(E, D, generator=g).to(wdtype), None, None)),
                         k, renorm)
@@ -145,9 +143,7 @@ def test_softmax_router_keeps_ids_valid_on_nan_input():
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_residual_add_and_norm_match_torch(isa, N, D, with_delta):
     from moed.experts.glue import CPURMSNorm
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
+    kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(N + D)
     ref = RMSNorm(torch.rand(D, generator=g) + 0.5, 1e-5)
     fast = CPURMSNorm(ref, threads=2, kernels=kernels)
@@ -155,11 +151,15 @@ def test_residual_add_and_norm_match_torch(isa, N, D, with_delta):
     x = wide[:, 3:3 + D]
     delta = torch.randn(N, D, generator=g)
     want_x, want_h = ref.add(x.clone(), delta) if with_delta else (x.clone(), ref(x))
+    before = wide.clone()                                            # taken before the call
     got_x, got_h = fast.add(x, delta) if with_delta else (x, fast(x))
     assert got_x.data_ptr() == x.data_ptr()                          # the stream, in place
     torch.testing.assert_close(got_x, want_x, rtol=0, atol=0)       # the add is exact
     torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5)
-    assert torch.equal(wide[:, :3], wide[:, :3]) and got_h.is_contiguous()
+    # the columns beside the rows' view, on both sides, are left as they were
+    assert torch.equal(wide[:, :3], before[:, :3])
+    assert torch.equal(wide[:, 3 + D:], before[:, 3 + D:])
+    assert got_h.is_contiguous()
 
 
 def test_norm_falls_back_to_torch_off_its_shapes():
@@ -179,9 +179,7 @@ def test_norm_falls_back_to_torch_off_its_shapes():
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_argmax_is_torch_argmax(isa):
     from moed.experts.glue import argmax
-    kernels = kernels_or_refused(isa)
-    if kernels is None:
-        return
+    kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(7)
     wide = torch.randn(6, 151936 + 9, generator=g)
     x = wide[:, :151936]                                              # strided rows
