@@ -29,6 +29,7 @@ class Config:
     max_message_bytes: int = _setting(4 << 20, "server", int)
     drain_timeout_s: float = _setting(60.0, "server", float)
     log_level: str = _setting("info", "server", str)
+    tokenizer_processes: int = _setting(2, "server", int)        # 0: one thread in the daemon
     # engine
     device: str = _setting("auto", "engine", str)
     max_num_seqs: int = _setting(64, "engine", int)
@@ -58,7 +59,8 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 _bad(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("max_stop_strings", "max_stop_token_ids", "drain_timeout_s"):
+        for name in ("max_stop_strings", "max_stop_token_ids", "drain_timeout_s",
+                     "tokenizer_processes"):
             if getattr(self, name) < 0:
                 _bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -336,14 +336,15 @@ def test_drain_finishes_inflight_refuses_new_then_resume(client):
     next(call)
     client.admin.Drain(apb.DrainRequest(), metadata=ADMIN)
     try:
-        assert client.serving() == "NOT_SERVING" and client.serving("") == "SERVING"
+        # "" follows readiness, as load balancers and k8s gRPC probes read it
+        assert client.serving() == "NOT_SERVING" and client.serving("") == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as e:
             client.generate(greedy(3, text="new"))
         assert e.value.code() == CODE.UNAVAILABLE and "draining" in e.value.details()
         assert list(call)[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH
     finally:
         client.admin.Resume(apb.ResumeRequest(), metadata=ADMIN)
-    assert client.serving() == "SERVING"
+    assert client.serving() == "SERVING" and client.serving("") == "SERVING"
     assert client.generate(greedy(3, text="after resume"))[1].HasField("complete")
 
 
@@ -359,13 +360,13 @@ def test_unavailable_while_loading_then_serving(model_dir):
         wait_ready=False)
     try:
         c = Client(srv.target)
-        assert c.serving("") == "SERVING" and c.serving() == "NOT_SERVING"
+        assert c.serving("") == "NOT_SERVING" and c.serving() == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as e:
             c.generate(greedy(2, text="too early"))
         assert e.value.code() == CODE.UNAVAILABLE and "loading" in e.value.details()
         gate.set()
         srv.call(srv.app.wait_ready())
-        assert c.serving() == "SERVING"
+        assert c.serving() == "SERVING" and c.serving("") == "SERVING"
         assert c.generate(greedy(2, text="now"))[1].HasField("complete")
     finally:
         gate.set()

@@ -25,6 +25,7 @@ FLAGS = {   # flag -> (setting, type)
     "--max-num-batched-tokens": ("max_num_batched_tokens", int),
     "--num-kv-blocks": ("num_kv_blocks", int), "--max-waiting": ("max_waiting", int),
     "--experts": ("experts", str), "--log-level": ("log_level", str),
+    "--tokenizer-processes": ("tokenizer_processes", int),
 }
 
 

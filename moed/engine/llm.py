@@ -103,6 +103,8 @@ class LLM:
 
     @staticmethod
     def _merge(result, out):
+        if out.error is not None:       # the step failed under this request alone
+            raise out.error
         result.token_ids.extend(out.new_token_ids)
         result.text += out.new_text
         if out.logprobs is not None:

@@ -34,9 +34,10 @@ class RequestOutput:
     new_text: str
     logprobs: list = None           # per new token: (token_id, logprob, [(id, logprob)] * n)
     finished: bool = False
-    finish_reason: str = None       # eos | stop_sequence | stop_token | length | cancelled
+    finish_reason: str = None       # eos | stop_sequence | stop_token | length | cancelled | error
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    error: Exception = None         # finish_reason "error": what failed under this request
 
 
 def resolve_device(device):
@@ -187,7 +188,7 @@ def install_cpu_attention(model):
 class LLMEngine:
     def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=256,
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
-                 experts=None, linears=None):
+                 experts=None, linears=None, detokenize=True):
         if max_num_batched_tokens < max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
                               field="max_num_batched_tokens")
@@ -210,6 +211,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, block_size, dtype)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
         self.seqs = {}                              # request_id -> unfinished Sequence
+        # False: outputs carry token ids only, stop strings unchecked (the server does both
+        # on its own thread, off the step)
+        self.detokenize = detokenize
         self._ids = itertools.count()
         self.model_info = {
             "architecture": self.model.architecture,
@@ -268,8 +272,9 @@ class LLMEngine:
                                 f"{self.blocks.num_blocks}")
         if not self.scheduler.can_add():
             raise CapacityError(f"the waiting queue is full ({self.scheduler.max_waiting})")
-        seq = Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer, ids),
-                       StopChecker(params.stop))
+        seq = Sequence(request_id, ids, params, *(
+            (IncrementalDetokenizer(self.tokenizer, ids), StopChecker(params.stop))
+            if self.detokenize else ()))
         self.scheduler.add(seq)
         self.seqs[request_id] = seq
         return request_id
@@ -298,12 +303,52 @@ class LLMEngine:
             return []
         due = [i for i, (seq, n) in enumerate(chunks) if seq.num_computed + n == seq.num_tokens]
         with self.runner.torch_threads(sum(n for _, n in chunks)):
-            logits = self.runner.run(chunks, last_of=due)
+            try:
+                logits = self.runner.run(chunks, last_of=due)
+            except Exception:
+                return self._run_alone(chunks, due)
             for seq, n in chunks:
                 seq.num_computed += n
             seqs = [chunks[i][0] for i in due]
             sampled = sample(logits, seqs) if seqs else []
-        return [self.postprocess(seq, s) for seq, s in zip(seqs, sampled)]
+        return [self._postprocess_or_fail(seq, s) for seq, s in zip(seqs, sampled)]
+
+    def _run_alone(self, chunks, due):
+        """The batch's forward failed: run each chunk alone (re-writing its KV slots is
+        harmless), so the request that breaks it fails and the others step on."""
+        outputs = []
+        for i, (seq, n) in enumerate(chunks):
+            try:
+                logits = self.runner.run([(seq, n)], last_of=[0] if i in due else [])
+            except Exception as e:
+                outputs.append(self._fail(seq, e))
+                continue
+            seq.num_computed += n
+            if logits is not None:
+                outputs.append(self._postprocess_or_fail(seq, sample(logits, [seq])[0]))
+        return outputs
+
+    def _postprocess_or_fail(self, seq, s):
+        if isinstance(s, Exception):        # the sampler failed on this row's values
+            return self._fail(seq, s)
+        try:
+            return self.postprocess(seq, s)
+        except Exception as e:
+            return self._fail(seq, e)
+
+    def _fail(self, seq, error):
+        """End one request with the error that hit it; the rest of the step is unharmed."""
+        log.error("request %s failed in the step: %r", seq.request_id, error, exc_info=error)
+        self.seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        seq.finish_reason = "error"
+        return RequestOutput(seq.request_id, [], "", None, True, "error", len(seq.prompt_ids),
+                             len(seq.output_ids), error=error)
+
+    def _text(self, seq, token_id, reason):
+        if seq.detokenizer is None:
+            return "", False
+        return next_text(seq.detokenizer, seq.stops, token_id, reason)
 
     def postprocess(self, seq, s):
         p = seq.params
@@ -313,13 +358,10 @@ class LLMEngine:
             reason = "stop_token"
         elif not p.ignore_eos and s.token_id in self.tokenizer.eos_token_ids:
             reason = "eos"
-        delta = "" if reason else seq.detokenizer.push(s.token_id)
         if not reason and (len(seq.output_ids) >= p.max_new_tokens
                            or seq.num_tokens >= self.model.max_positions):
             reason = "length"
-        if reason:
-            delta += seq.detokenizer.flush()
-        text, hit = seq.stops.feed(delta, final=reason is not None)
+        text, hit = self._text(seq, s.token_id, reason)
         if hit:
             reason = "stop_sequence"
         if reason:
@@ -330,6 +372,15 @@ class LLMEngine:
         logprobs = None if s.logprob is None else [(s.token_id, s.logprob, s.top)]
         return RequestOutput(seq.request_id, [s.token_id], text, logprobs, reason is not None,
                              reason, len(seq.prompt_ids), len(seq.output_ids))
+
+
+def next_text(detokenizer, stops, token_id, reason):
+    """One output token's text, stop strings cut -> (text, stop hit). A token that ends
+    the request by itself (eos, stop token) adds no text."""
+    delta = "" if reason in ("eos", "stop_token") else detokenizer.push(token_id)
+    if reason:
+        delta += detokenizer.flush()
+    return stops.feed(delta, final=reason is not None)
 
 
 def _isa_name():

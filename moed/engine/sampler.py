@@ -30,7 +30,9 @@ def apply_penalties(logits, params, prompt_ids, output_ids):
         out = torch.tensor(output_ids, dtype=torch.int64, device=logits.device)
         counts = torch.bincount(out, minlength=logits.shape[0]).float()
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-    return logits
+    # a penalty near 0 divides logits past float range: +inf would make the softmax NaN
+    big = torch.finfo(logits.dtype).max
+    return logits.clamp_(-big, big)
 
 
 def truncate(probs, params):
@@ -44,6 +46,7 @@ def truncate(probs, params):
         sorted_p, order = probs.sort(descending=True)
         cum = sorted_p.cumsum(0)
         drop = (cum - sorted_p) >= params.top_p * cum[-1]     # mass before it already enough
+        drop[0] = False         # a top_p so small that top_p * mass underflows keeps the top token
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return probs
@@ -56,7 +59,10 @@ def sample_row(logits, params, prompt_ids, output_ids, generator):
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
-        probs = truncate(torch.softmax(logits / params.temperature, dim=-1), params)
+        # shifted so the top logit is 0 before the division: a tiny temperature sends the
+        # others to -inf (probability 0), never the top one to +inf (NaN)
+        probs = truncate(torch.softmax((logits - logits.max()) / params.temperature, dim=-1),
+                         params)
         token = int(torch.multinomial(probs, 1, generator=generator))
     if params.logprobs is None:
         return Sample(token)
@@ -74,7 +80,8 @@ def _plain_greedy(params):
 
 
 def sample(logits, seqs):
-    # logits [B, V] -> [Sample] * B, one per sequence in order
+    # logits [B, V] -> [Sample] * B, one per sequence in order (an Exception in place of
+    # a row the sampler failed on)
     out = [None] * len(seqs)
     plain = [i for i, s in enumerate(seqs) if _plain_greedy(s.params)]
     if plain:   # the common decode case in one vectorised argmax, on the logits' device
@@ -87,7 +94,10 @@ def sample(logits, seqs):
         rows = logits[rest].float().cpu()
         for j, i in enumerate(rest):
             s = seqs[i]
-            out[i] = sample_row(rows[j], s.params, s.prompt_ids, s.output_ids, s.generator)
+            try:
+                out[i] = sample_row(rows[j], s.params, s.prompt_ids, s.output_ids, s.generator)
+            except Exception as e:      # this row's values broke it: that request fails alone
+                out[i] = e
     return out
 
 

@@ -39,6 +39,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CancelRequest(self, request, context):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: is empty")
+        limit = self.app.cfg.max_request_id_chars
+        if len(request.request_id) > limit:        # it is echoed below
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_id: longer than {limit} characters")
         await self.app.require_loaded(context)
         if not await self.app.engine_loop.cancel(request.request_id):
             await context.abort(grpc.StatusCode.NOT_FOUND,

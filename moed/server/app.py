@@ -1,12 +1,15 @@
 """MoedServer: the grpc.aio server around one engine loop.
 
-Lifecycle:  start (bind; health "" SERVING, generation NOT_SERVING; load the model
-on the engine thread) -> ready (generation SERVING) -> drain / resume ->
-shutdown (drain, let in-flight streams finish, stop). While loading or draining,
-Generate gets UNAVAILABLE; in-flight streams are never cut by a drain.
+Lifecycle:  start (bind; health "" and generation NOT_SERVING; load the model on
+the engine thread, start the tokenizer workers) -> ready ("" and generation
+SERVING) -> drain / resume -> shutdown (drain, let in-flight streams finish,
+stop). While loading or draining, Generate gets UNAVAILABLE and health "" (what
+load balancers and k8s gRPC probes read) says NOT_SERVING; in-flight streams are
+never cut by a drain. If the engine thread dies, every service is NOT_SERVING.
 """
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from pathlib import Path
@@ -22,6 +25,8 @@ from moed.server.engine_loop import EngineLoop
 from moed.server.gen import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 from moed.server.generation import GenerationServicer
 from moed.server.telemetry import Telemetry
+from moed.server.tokenizer_pool import TokenizerPool
+from moed.server.wire import WireDecodeInterceptor
 
 log = logging.getLogger("moed.server")
 GENERATION = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -32,8 +37,24 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 def default_engine_factory(model_dir, cfg):
     def make():
         from moed.engine.llm_engine import LLMEngine
-        return LLMEngine(model_dir, **cfg.engine_kwargs())
+        # text is the server's text stage's job, off the engine thread
+        return LLMEngine(model_dir, **cfg.engine_kwargs(), detokenize=False)
     return make
+
+
+def plaintext_exposure(cfg):
+    """A warning when the daemon listens beyond this machine without TLS, else None."""
+    if cfg.tls:
+        return None
+    host = cfg.host.strip("[]")
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass                            # a host name: it may well be reachable
+    return (f"listening on {cfg.host} without TLS: prompts, outputs and the admin token "
+            "cross the network in the clear; set server.tls_cert_file and "
+            "server.tls_key_file, or bind 127.0.0.1")
 
 
 class MoedServer:
@@ -52,26 +73,49 @@ class MoedServer:
         self.engine_loop = None
         self.server = None
         self.health = health.aio.HealthServicer()
+        self.tokenizers = None                  # TokenizerPool, from start()
 
     # -- lifecycle
     async def start(self):
         """Bind and serve; the model loads in the background (see wait_ready)."""
         self.engine_loop = EngineLoop(self._make_engine, asyncio.get_running_loop(),
-                                      on_finish=self.telemetry.record)
+                                      on_finish=self.telemetry.record,
+                                      on_dead=self._engine_died)
+        self.tokenizers = TokenizerPool(self.model_dir, self.cfg.tokenizer_processes,
+                                        lambda: self.engine_loop.engine.tokenizer)
         self.server = self._build_server()
         self.port = self._bind()
+        warning = plaintext_exposure(self.cfg)
+        if warning:
+            log.warning(warning)
         self.telemetry.server_address = (self.cfg.host, self.port)
-        await self.health.set(GENERATION, NOT_SERVING)
+        await self._set_ready_health()
         await self.health.set(ADMIN, SERVING)
         await self.server.start()
+        self.tokenizers.start()
         self.engine_loop.start()
         self._load_task = asyncio.create_task(self._await_load())
         return self.port
 
+    async def _set_ready_health(self):
+        """"" and generation follow readiness: loaded, not draining, engine alive."""
+        up = self.ready and not self.draining and self.engine_loop.dead is None
+        for service in ("", GENERATION):
+            await self.health.set(service, SERVING if up else NOT_SERVING)
+
+    def _engine_died(self, error):
+        log.error("the engine thread died (%r): every service reports NOT_SERVING", error)
+        self.ready = False
+        asyncio.ensure_future(self._set_dead_health())
+
+    async def _set_dead_health(self):
+        await self._set_ready_health()
+        await self.health.set(ADMIN, NOT_SERVING)
+
     def _build_server(self):
         limit = self.cfg.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[AdminAuthInterceptor(self.cfg.admin_token)],
+            interceptors=[AdminAuthInterceptor(self.cfg.admin_token), WireDecodeInterceptor()],
             options=[("grpc.max_send_message_length", limit),
                      ("grpc.max_receive_message_length", limit),
                      ("grpc.so_reuseport", 0)])
@@ -110,8 +154,7 @@ class MoedServer:
         info = self.engine_loop.engine.model_info
         log.info("model loaded: %s (%s) on %s, experts %s, isa %s", info["architecture"],
                  info["weight_format"], info["device"], info["experts"], info["isa"])
-        if not self.draining:
-            await self.health.set(GENERATION, SERVING)
+        await self._set_ready_health()
 
     async def wait_ready(self):
         """Until the model is loaded; re-raises a load failure."""
@@ -121,12 +164,11 @@ class MoedServer:
 
     async def drain(self):
         self.draining = True
-        await self.health.set(GENERATION, NOT_SERVING)
+        await self._set_ready_health()
 
     async def resume(self):
         self.draining = False
-        if self.ready:
-            await self.health.set(GENERATION, SERVING)
+        await self._set_ready_health()
 
     async def shutdown(self, timeout=None):
         """Drain, wait up to `timeout` (default drain_timeout_s) for in-flight streams,
@@ -137,15 +179,23 @@ class MoedServer:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
         await self.server.stop(grace=1.0)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine_loop.stop, 10.0)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.engine_loop.stop, 10.0)
+        await loop.run_in_executor(None, self.tokenizers.shutdown)
         self.telemetry.shutdown()
 
     # -- admission, for the handlers
     async def require_loaded(self, context):
         if not self.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading"
-                                if self.engine_loop.load_error is None else "the model failed to load")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._not_ready_reason())
         return self.engine_loop.engine
+
+    def _not_ready_reason(self):
+        if self.engine_loop.dead is not None:
+            return "the engine stopped: this server cannot generate any more; retry on another"
+        if self.engine_loop.load_error is not None:
+            return "the model failed to load"
+        return "the model is still loading"
 
     async def require_serving(self, context):
         engine = await self.require_loaded(context)

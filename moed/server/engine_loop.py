@@ -3,10 +3,15 @@
 LLMEngine is not thread-safe and `step()` is blocking CPU work, so one thread
 owns it. Handlers on the asyncio loop send commands (add, abort, cancel) into a
 queue; the thread applies them between steps, so new requests join the next
-step (continuous batching), and pushes each step's outputs to the request's
-sink on the loop with one call_soon_threadsafe per step.
+step (continuous batching), and hands each step's outputs to the text stage
+(text_stage.py: detokenization and stop strings on their own thread), which
+pushes them to the requests' sinks on the loop.
 
-    loop:  commands -> step -> track phases -> deliver -> publish snapshot
+    loop:  commands -> step -> track phases -> publish snapshot -> deliver
+
+What goes wrong under one request fails that request: a bad admission, a step
+that breaks on its values. If the thread dies anyway, every waiting call gets
+UNAVAILABLE, later ones too, and `on_dead` tells the server (health NOT_SERVING).
 """
 import logging
 import queue
@@ -18,6 +23,7 @@ import grpc
 
 from moed.errors import MoedError
 from moed.server.status import RequestRejected, from_moed_error
+from moed.server.text_stage import TextStage, run_sinks
 from moed.server.throughput import TokenRate
 
 log = logging.getLogger("moed.server")
@@ -53,11 +59,15 @@ class Snapshot:
 
 
 class EngineLoop:
-    def __init__(self, make_engine, loop, on_finish=None):
+    def __init__(self, make_engine, loop, on_finish=None, on_dead=None):
         self._make_engine = make_engine         # () -> LLMEngine, run on the engine thread
         self._loop = loop
         self._on_finish = on_finish or (lambda tracked: None)
+        self._on_dead = on_dead or (lambda error: None)     # run on the loop
         self._commands = queue.Queue()
+        self._lock = threading.Lock()           # a command is queued, or `dead` is set: never both
+        self.dead = None                        # what killed the engine thread
+        self.text = None                        # TextStage, once the engine is loaded
         self._tracked = {}                      # request_id -> Tracked (engine thread only)
         self._thread = threading.Thread(target=self._run, name="moed-engine", daemon=True)
         self.engine = None
@@ -76,24 +86,33 @@ class EngineLoop:
     async def submit(self, tracked):
         """Admit a request; raises RequestRejected (engine validation, capacity)."""
         fut = self._loop.create_future()
-        self._commands.put(("add", tracked, fut))
+        self._put(("add", tracked, fut))
         return await fut
+
+    def _put(self, cmd):
+        with self._lock:
+            if self.dead is not None:
+                raise dead_engine(self.dead)
+            self._commands.put(cmd)
 
     def abort(self, tracked):
         """The client went away (cancel, deadline): free its blocks, deliver nothing more.
         Keyed by the Tracked itself, so a rejected duplicate id never aborts the original."""
-        self._commands.put(("abort", tracked, None))
+        with self._lock:
+            self._commands.put(("abort", tracked, None))
 
     async def cancel(self, request_id):
         """Operator cancel: free its blocks and end its stream as cancelled. -> found?"""
         fut = self._loop.create_future()
-        self._commands.put(("cancel", request_id, fut))
+        self._put(("cancel", request_id, fut))
         return await fut
 
     def stop(self, timeout=None):
         self._commands.put(("stop", None, None))
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self.text is not None:
+            self.text.stop(timeout)
 
     # -- the engine thread
     def _run(self):
@@ -103,14 +122,39 @@ class EngineLoop:
             self.load_error = e
             self.loaded.set()
             return
+        detokenizes = getattr(self.engine, "detokenize", True)
+        self.text = TextStage(self._loop, None if detokenizes else self.engine.tokenizer,
+                              on_stop=self._stopped_by_text)
+        self.text.start()
         self._publish()
         self.loaded.set()
+        try:
+            while True:
+                if not self._apply_commands(block=not self.engine.has_unfinished()):
+                    return
+                if self.engine.has_unfinished():
+                    self._step()
+                self._publish()
+        except BaseException as e:
+            log.exception("the engine thread died")
+            self._die(e)
+
+    def _die(self, error):
+        """No engine any more: fail what is in flight and what is queued, refuse the rest."""
+        with self._lock:
+            self.dead = error
+        rejected = dead_engine(error)
+        batch = [(t, Event(error=rejected)) for t in self._tracked.values()]
+        self._tracked.clear()
+        self._deliver(batch)
         while True:
-            if not self._apply_commands(block=not self.engine.has_unfinished()):
-                return
-            if self.engine.has_unfinished():
-                self._step()
-            self._publish()
+            try:
+                _, _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if fut is not None:
+                self._loop.call_soon_threadsafe(_resolve, fut, None, rejected)
+        self._loop.call_soon_threadsafe(self._on_dead, error)
 
     def _apply_commands(self, block):
         """Apply every queued command (waiting for one when idle). -> False on stop."""
@@ -124,7 +168,14 @@ class EngineLoop:
                 self._fail_all(RequestRejected(grpc.StatusCode.UNAVAILABLE,
                                                "the server is shutting down"))
                 return False
-            getattr(self, f"_cmd_{kind}")(arg, fut)
+            try:
+                getattr(self, f"_cmd_{kind}")(arg, fut)
+            except Exception as e:      # a bug under one command: it fails, the thread goes on
+                log.exception("engine command %s failed", kind)
+                if fut is not None:
+                    self._loop.call_soon_threadsafe(_resolve, fut, None, RequestRejected(
+                        grpc.StatusCode.INTERNAL, f"the server failed to {kind} the request "
+                        f"({type(e).__name__}); it keeps serving the others"))
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
@@ -135,13 +186,20 @@ class EngineLoop:
         try:
             rid = self.engine.add_request(tracked.prompt, tracked.params,
                                           request_id=tracked.request_id or None)
-        except MoedError as e:
-            rejected = from_moed_error(e) or e
+        except Exception as e:
+            rejected = from_moed_error(e) if isinstance(e, MoedError) else None
+            if rejected is None:            # a bug admitting this one: it fails, not the thread
+                log.exception("admitting request %s failed", tracked.request_id)
+                if tracked.request_id not in self._tracked:
+                    self.engine.abort_request(tracked.request_id)
+                rejected = RequestRejected(grpc.StatusCode.INTERNAL, "the server failed to "
+                                           f"admit the request ({type(e).__name__}); it keeps "
+                                           "serving the others")
             self._loop.call_soon_threadsafe(_resolve, fut, None, rejected)
             return
+        self._tracked[rid] = tracked
         tracked.request_id = rid
         tracked.num_prompt_tokens = len(self.engine.seqs[rid].prompt_ids)
-        self._tracked[rid] = tracked
         self._loop.call_soon_threadsafe(_resolve, fut, rid, None)
 
     def _cmd_abort(self, tracked, fut):
@@ -150,6 +208,20 @@ class EngineLoop:
         del self._tracked[tracked.request_id]
         self.engine.abort_request(tracked.request_id)
         self._finish(tracked, "cancelled", deliver=False)
+
+    def _stopped_by_text(self, tracked):
+        """The text stage cut `tracked` at a stop string (on its thread)."""
+        with self._lock:
+            self._commands.put(("stopped", tracked, None))
+
+    def _cmd_stopped(self, tracked, fut):
+        if self._tracked.get(tracked.request_id) is not tracked:
+            return                          # it ended in the engine meanwhile: the stage saw it
+        del self._tracked[tracked.request_id]
+        self.engine.abort_request(tracked.request_id)
+        tracked.num_output_tokens = tracked.stopped_at
+        self._publish()
+        self._finish(tracked, "stop_sequence", deliver=True, through_text=False)
 
     def _cmd_cancel(self, request_id, fut):
         tracked = self._tracked.pop(request_id, None)
@@ -174,7 +246,7 @@ class EngineLoop:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
-            batch.append((tracked.sink, self._account(tracked, out)))
+            batch.append((tracked, self._account(tracked, out)))
         self.rate.add(sum(len(o.new_token_ids) for o in outputs))
         self._publish()         # before delivering: a client that saw its request end
         self._deliver(batch)    # must find its KV blocks freed in the status
@@ -199,9 +271,12 @@ class EngineLoop:
         if not out.finished:
             return Event(out)
         self._tracked.pop(out.request_id, None)
-        return Event(out, self._finish(tracked, out.finish_reason, deliver=False))
+        timing = self._finish(tracked, out.finish_reason, deliver=False)
+        if getattr(out, "error", None) is not None:
+            return Event(error=out.error)
+        return Event(out, timing)
 
-    def _finish(self, tracked, reason, deliver):
+    def _finish(self, tracked, reason, deliver, through_text=True):
         tracked.t_finished = time.time_ns()
         tracked.finish_reason = reason
         self.requests_served += 1
@@ -213,7 +288,7 @@ class EngineLoop:
         if deliver:
             out = EndedOutput(tracked.request_id, reason, tracked.num_prompt_tokens,
                               tracked.num_output_tokens)
-            self._deliver([(tracked.sink, Event(out, timing))])
+            self._deliver([(tracked, Event(out, timing))], through_text)
         return timing
 
     def _fail_all(self, error):
@@ -221,14 +296,21 @@ class EngineLoop:
         for rid, tracked in list(self._tracked.items()):
             if self.engine is not None:
                 self.engine.abort_request(rid)
-            batch.append((tracked.sink, Event(error=error)))
+            batch.append((tracked, Event(error=error)))
         self._tracked.clear()
         self._deliver(batch)
 
-    def _deliver(self, batch):
-        batch = [(sink, ev) for sink, ev in batch if sink is not None]
-        if batch:
-            self._loop.call_soon_threadsafe(_run_sinks, batch)
+    def _deliver(self, batch, through_text=True):
+        """[(tracked, Event)] -> the sinks: through the text stage, or straight to the loop
+        (the end of a request the text stage already cut)."""
+        if not batch:
+            return
+        if through_text and self.text is not None:
+            self.text.put(batch)
+            return
+        sinks = [(t.sink, ev) for t, ev in batch if t.sink is not None]
+        if sinks:
+            self._loop.call_soon_threadsafe(run_sinks, sinks)
 
     def _publish(self):
         reqs = [(t.request_id, t.state, t.num_prompt_tokens, t.num_output_tokens, t.t_arrival)
@@ -245,6 +327,7 @@ def _resolve(fut, value, error):
         fut.set_result(value)
 
 
-def _run_sinks(batch):
-    for sink, event in batch:
-        sink(event)
+def dead_engine(error):
+    return RequestRejected(grpc.StatusCode.UNAVAILABLE,
+                           f"the engine stopped ({type(error).__name__}); this server cannot "
+                           "generate any more: retry on another")

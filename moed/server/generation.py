@@ -1,8 +1,9 @@
 """GenerationService: a thin adapter, protobuf -> Tracked -> engine loop -> protobuf.
 
-No scheduling here: a handler validates, submits, and relays its events. If the
-stream ends early (client cancel, deadline, server stop), the `finally` aborts
-the request on the engine thread, which frees its KV blocks at once.
+No scheduling here: a handler validates, has the tokenizer pool tokenize,
+submits, and relays its events. If the stream ends early (client cancel,
+deadline, server stop), the `finally` aborts the request on the engine thread,
+which frees its KV blocks at once.
 """
 import asyncio
 import uuid
@@ -11,6 +12,7 @@ import grpc
 from opentelemetry import propagate
 
 from moed.server import protocol
+from moed.server.auth import is_admin
 from moed.server.gen import generation_pb2 as pb
 from moed.server.gen import generation_pb2_grpc
 from moed.server.status import RequestRejected, abort, invalid
@@ -27,10 +29,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def Generate(self, request, context):
         engine = await self.app.require_serving(context)
+        ctx = engine.model_info["context_length"]
         try:
-            protocol.check_request(request, self.app.cfg, engine.model_info["vocab_size"])
+            protocol.check_request(request, self.app.cfg, engine.model_info["vocab_size"], ctx)
             params = protocol.sampling_params(request)
-            prompt = protocol.prompt_of(request, engine.tokenizer)
+            prompt = await protocol.prompt_ids(request, self.app.tokenizers, ctx)
+            protocol.fit_max_new_tokens(params, request, len(prompt), ctx)
         except RequestRejected as r:
             await abort(context, r)
         events = asyncio.Queue()
@@ -79,17 +83,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def _fail(self, context, error):
         if isinstance(error, RequestRejected):
             await abort(context, error)
-        await context.abort(grpc.StatusCode.INTERNAL,
-                            f"the engine failed while running this request: {error}")
+        # a bug, not the client's doing; the details (paths, values) are in the server's log
+        await context.abort(grpc.StatusCode.INTERNAL, "the engine failed while running this "
+                            f"request ({type(error).__name__}); other requests are unaffected")
 
     async def Tokenize(self, request, context):
-        engine = await self.app.require_loaded(context)
+        await self.app.require_loaded(context)
         if len(request.text) > self.app.cfg.max_prompt_chars:
             await abort(context, invalid("text", f"longer than "
                                                   f"{self.app.cfg.max_prompt_chars} characters"))
-        ids = engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
-        return pb.TokenizeResponse(token_ids=ids)
+        try:
+            return await self.app.tokenizers.tokenize(request.text, request.add_special_tokens)
+        except RequestRejected as r:
+            await abort(context, r)
 
     async def GetModelInfo(self, request, context):
         engine = await self.app.require_loaded(context)
-        return protocol.model_info_response(engine.model_info, self.app.model_dir)
+        admin = is_admin(context.invocation_metadata(), self.app.cfg.admin_token)
+        return protocol.model_info_response(engine.model_info,
+                                            self.app.model_dir if admin else None)

@@ -5,10 +5,12 @@ are not repeated here, only re-labelled with the protobuf field path."""
 import math
 import re
 
+import grpc
+
 from moed.engine.sampling_params import SamplingParams
 from moed.errors import InvalidRequestError
 from moed.server.gen import generation_pb2 as pb
-from moed.server.status import invalid
+from moed.server.status import RequestRejected, invalid
 
 FINISH_REASONS = {
     "eos": pb.FINISH_REASON_EOS,
@@ -26,12 +28,12 @@ def field_path(engine_field, req):
     """The engine's field name -> the protobuf field path a client sees."""
     if engine_field in SAMPLING_FIELDS:
         return f"sampling.{engine_field}"
-    if engine_field == "prompt":
+    if engine_field in ("prompt", "messages"):      # a chat request's one message is `text`
         return "token_ids" if req.WhichOneof("input") == "token_ids" else "text"
     return engine_field or "request"
 
 
-def check_request(req, cfg, vocab_size):
+def check_request(req, cfg, vocab_size, context_length):
     """Wire-level checks; raises RequestRejected naming the field."""
     if len(req.request_id) > cfg.max_request_id_chars:
         raise invalid("request_id", f"longer than {cfg.max_request_id_chars} characters")
@@ -40,6 +42,9 @@ def check_request(req, cfg, vocab_size):
     if req.prompt_format not in pb.PromptFormat.values():
         raise invalid("prompt_format", f"unknown value {req.prompt_format}")
     _check_input(req, cfg)
+    if req.WhichOneof("input") == "token_ids" and len(req.token_ids.ids) >= context_length:
+        raise invalid("token_ids", f"{len(req.token_ids.ids)} tokens; the context is "
+                      f"{context_length}")
     _check_sampling(req.sampling)
     _check_stops(req, cfg, vocab_size)
 
@@ -95,14 +100,32 @@ def sampling_params(req):
         raise invalid(field_path(e.field, req), str(e).split(": ", 1)[-1]) from None
 
 
-def prompt_of(req, tokenizer):
-    """The engine's prompt: a string, or token ids (chat-formatted text is tokenized here)."""
+async def prompt_ids(req, tokenizers, context_length):
+    """The engine's prompt as token ids, tokenized by the pool (chat text through the
+    chat template first); raises RequestRejected naming the field."""
     if req.WhichOneof("input") == "token_ids":
-        return list(req.token_ids.ids)
-    if req.prompt_format == pb.PROMPT_FORMAT_CHAT:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": req.text}])
-        return tokenizer.encode(text, add_special_tokens=False)
-    return req.text
+        return list(req.token_ids.ids)          # its length checked by check_request
+    try:
+        if req.prompt_format == pb.PROMPT_FORMAT_CHAT:
+            ids = await tokenizers.encode_chat([{"role": "user", "content": req.text}])
+        else:
+            ids = await tokenizers.encode(req.text)
+    except RequestRejected as r:
+        if r.field and r.code == grpc.StatusCode.INVALID_ARGUMENT:
+            why = str(r).removeprefix(f"{r.field}: ")
+            raise invalid(field_path(r.field, req), why) from None
+        raise
+    if len(ids) >= context_length:      # before a list of them is built
+        raise invalid("text", f"the prompt is {len(ids)} tokens; the context is "
+                      f"{context_length}")
+    return ids.tolist()
+
+
+def fit_max_new_tokens(params, req, num_prompt_tokens, context_length):
+    """Left unset, max_new_tokens is the default clipped to the context the prompt leaves."""
+    if not req.sampling.HasField("max_new_tokens"):
+        params.max_new_tokens = min(params.max_new_tokens, context_length - num_prompt_tokens)
+    return params
 
 
 def chunk_response(request_id, outputs):
@@ -129,8 +152,10 @@ def complete_response(request_id, out, timing):
                          total_seconds=timing.total_s)))
 
 
-def model_info_response(info, model_path):
+def model_info_response(info, model_path=None):
+    """model_path only for admin callers: it is a path on the server's disk."""
     return pb.GetModelInfoResponse(
         architecture=info["architecture"], context_length=info["context_length"],
         vocab_size=info["vocab_size"], weight_format=info["weight_format"], isa=info["isa"],
-        device=info["device"], experts=info.get("experts", ""), model_path=str(model_path))
+        device=info["device"], experts=info.get("experts", ""),
+        model_path=str(model_path) if model_path is not None else "")

@@ -6,6 +6,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from moed.errors import CapacityError, InvalidRequestError
+from moed.model.tokenizer import BrokenChatTemplate, NoChatTemplate
 
 
 class RequestRejected(Exception):
@@ -16,13 +17,21 @@ class RequestRejected(Exception):
         self.code = code
         self.field = field
 
+    def __reduce__(self):       # raised in tokenizer worker processes, re-raised here
+        return RequestRejected, (self.code, str(self), self.field)
+
 
 def invalid(field, message):
     return RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
 
 
 def from_moed_error(err):
-    """InvalidRequestError / CapacityError -> RequestRejected; anything else is ours (None)."""
+    """A request's error -> RequestRejected; anything else is ours (None)."""
+    if isinstance(err, NoChatTemplate):
+        return RequestRejected(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"prompt_format: PROMPT_FORMAT_CHAT: {err}")
+    if isinstance(err, BrokenChatTemplate):
+        return invalid("prompt_format", f"PROMPT_FORMAT_CHAT: {err}")
     if isinstance(err, InvalidRequestError):
         field = err.field or "request"
         msg = str(err) if field in str(err) else f"{field}: {err}"

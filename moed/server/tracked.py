@@ -14,7 +14,7 @@ class Timing:
 @dataclass
 class Tracked:
     request_id: str
-    prompt: object                  # str or list[int], as the engine takes it
+    prompt: list                    # token ids (tokenized before the engine sees them)
     params: object                  # SamplingParams
     sink: object = None             # callable(event) run on the asyncio loop; None: nobody listens
     trace_context: object = None    # OpenTelemetry parent context from the client's metadata
@@ -27,6 +27,10 @@ class Tracked:
     num_output_tokens: int = 0
     finish_reason: str = None
     computed: int = 0               # prompt tokens in the KV cache at the last look
+    # the text stage's (its thread only): text so far, stop strings, where one hit
+    detokenizer: object = None      # IncrementalDetokenizer
+    stops: object = None            # StopChecker
+    stopped_at: int = None          # output tokens when a stop string completed
 
     @property
     def state(self):
