@@ -196,6 +196,72 @@ def test_admin_cancel_ends_stream_as_cancelled_and_client_cancel_aborts():
     run(body())
 
 
+def test_unexpected_admission_error_fails_that_request_only():
+    async def body():
+        engine = ScriptedEngine()
+        app, ch, gen, _ = await started(engine)
+        real = engine.add_request
+
+        def add_request(prompt, params, request_id=None):
+            if request_id == "breaks":
+                raise TypeError("/secret/path")
+            return real(prompt, params, request_id)
+        engine.add_request = add_request
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(gen, greedy("abc", 3, request_id="breaks"))
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "/secret" not in e.value.details()
+        msgs = await collect(gen, greedy("ok", 2))
+        assert msgs[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH
+        await ch.close()
+        await app.shutdown(timeout=1)
+    run(body())
+
+
+def test_dead_engine_thread_turns_health_not_serving_and_calls_unavailable():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def body():
+        engine = ScriptedEngine()
+        app, ch, gen, _ = await started(engine)
+        health = health_pb2_grpc.HealthStub(ch)
+
+        async def status(service=""):
+            r = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+        assert await status() == "SERVING"
+        engine.gate.clear()
+        waiting = gen.Generate(greedy("abc", 50))
+        while not engine.seqs:
+            await asyncio.sleep(0.01)
+
+        def stats():                    # outside any request: the thread itself dies
+            raise SystemError("engine thread broken")
+        engine.stats = stats
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            [m async for m in waiting]
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        while await status() != "NOT_SERVING":
+            await asyncio.sleep(0.01)
+        assert await status("moed.v1.GenerationService") == "NOT_SERVING"
+        assert await status("moed.v1.AdminService") == "NOT_SERVING"    # liveness: restart me
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(gen, greedy("later", 2))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        await ch.close()
+        await app.shutdown(timeout=1)
+    run(body())
+
+
+def test_plaintext_non_loopback_bind_warns_at_start(caplog):
+    async def body():
+        app, ch, _, _ = await started(ScriptedEngine(), host="0.0.0.0")
+        await ch.close()
+        await app.shutdown(timeout=1)
+    with caplog.at_level("WARNING", logger="moed.server"):
+        run(body())
+    assert any("without TLS" in r.getMessage() for r in caplog.records)
+
+
 def test_bearer_token_parsing_and_token_rate_window():
     assert bearer_token((("authorization", "Bearer abc"),)) == "abc"
     assert bearer_token((("authorization", "Basic abc"),)) is None
