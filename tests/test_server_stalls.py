@@ -57,6 +57,39 @@ def big_requests(channel):
     return codes
 
 
+def descendants(pid):
+    """Pids of every process below `pid` (Linux /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def gone(pids, patience_s=30):
+    """Whether every one of `pids` has exited (the forkserver exits once the daemon has)."""
+    end = time.monotonic() + patience_s
+    while any(alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    return not any(alive(p) for p in pids)
+
+
 def test_big_prompts_never_stall_running_streams(tiny_model_dir):
     # 8 layers: a ~16 ms step, well above the scheduling jitter of a busy 2-core machine
     model = tiny_model_dir("qwen3_moe", "bf16", num_hidden_layers=8)
@@ -90,6 +123,11 @@ def test_big_prompts_never_stall_running_streams(tiny_model_dir):
               f"max {gaps[-1] * 1e3:.1f} ms")
         assert len(gaps) > 500
         assert p99 <= 3 * p50, f"p99 {p99 * 1e3:.1f} ms > 3 x median {p50 * 1e3:.1f} ms"
+        workers = descendants(proc.pid)         # the forkserver and its tokenizer workers
+        assert len(workers) >= 2
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        assert gone(workers), [open(f"/proc/{p}/cmdline").read() for p in workers if alive(p)]
     finally:
         proc.terminate()
         try:

@@ -3,11 +3,14 @@ engine thread.
 
 In the daemon's own process a 1 MB prompt held the GIL for 1.1 s (the Rust
 encode) and a chat template is Jinja, pure Python: either froze every decoding
-stream (measured: 1 to 2.7 s). Threads cannot fix the template, so both run in
-`server.tokenizer_processes` worker processes (forkserver: none inherits the
-daemon's threads), each loading the tokenizer once from the checkpoint's files
-and running at a lower CPU priority than the engine. Ids come back as packed
-int32 bytes: no half-million-element list to unpickle next to the engine.
+stream (measured: 1 to 2.7 s). Even with the GIL-releasing encode, a thread
+left the gaps between the tokens of 6 decoding streams at p99 3.4x their median
+(tests/test_server_stalls.py, 2 cores: 64 ms against 19); processes keep it
+under 2x. So both run in `server.tokenizer_processes` worker processes
+(forkserver: none inherits the daemon's threads), each loading the tokenizer
+once from the checkpoint's files and running at a lower CPU priority than the
+engine. Ids come back as packed int32 bytes: no half-million-element list to
+unpickle next to the engine.
 
 Without a tokenizer.json on disk (scripted engines in tests) or with
 `tokenizer_processes: 0`, the engine's tokenizer runs on one thread instead.
