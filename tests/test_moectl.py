@@ -45,7 +45,9 @@ def test_status_requests_models_health(capsys, target):
     rc, out, _ = ctl(capsys, target, "requests")
     assert rc == 0 and (out.strip() == "(none)" or out.startswith("ID"))
     rc, out, _ = ctl(capsys, target, "--json", "models")
-    assert rc == 0 and json.loads(out)["architecture"]
+    assert rc == 0 and json.loads(out)["architecture"] and json.loads(out)["model_path"]
+    rc, out, _ = ctl(capsys, target, "--json", "models", token="")
+    assert rc == 0 and not json.loads(out).get("model_path")      # admin callers only
     rc, out, _ = ctl(capsys, target, "health")
     assert rc == 0 and "SERVING" in out
 

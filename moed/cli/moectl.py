@@ -155,7 +155,9 @@ def _health(stub, service):
 
 def cmd_models(client, args):
     with client.channel() as ch:
-        r = client.generation(ch).GetModelInfo(pb.GetModelInfoRequest())
+        # with the admin token the answer includes model_path (the server's disk is theirs)
+        r = client.generation(ch).GetModelInfo(pb.GetModelInfoRequest(),
+                                               metadata=client.admin_metadata())
     tables.emit(json_format.MessageToDict(r, preserving_proto_field_name=True), args.json)
 
 
