@@ -10,7 +10,6 @@ import threading
 import time
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moed.server.gen import generation_pb2 as pb

@@ -65,7 +65,7 @@ class EngineLoop:
         self._on_finish = on_finish or (lambda tracked: None)
         self._on_dead = on_dead or (lambda error: None)     # run on the loop
         self._commands = queue.Queue()
-        self._lock = threading.Lock()           # a command is queued, or `dead` is set: never both
+        self._lock = threading.Lock()           # submit checks `dead` and queues in one step
         self.dead = None                        # what killed the engine thread
         self.text = None                        # TextStage, once the engine is loaded
         self._tracked = {}                      # request_id -> Tracked (engine thread only)

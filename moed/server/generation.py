@@ -13,7 +13,6 @@ from opentelemetry import propagate
 
 from moed.server import protocol
 from moed.server.auth import is_admin
-from moed.server.gen import generation_pb2 as pb
 from moed.server.gen import generation_pb2_grpc
 from moed.server.status import RequestRejected, abort, invalid
 from moed.server.tracked import Tracked
