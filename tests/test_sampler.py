@@ -83,3 +83,17 @@ def test_bad_sampling_params_name_the_field(field, kwargs):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)
     assert e.value.field == field and field in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=1e-45),                               # logits / T past float range
+    dict(temperature=0.7, repetition_penalty=1e-38),       # 4 / 1e-38: past it too
+    dict(temperature=1e-45, repetition_penalty=1e-38),
+    dict(temperature=1.0, top_p=1e-45),                    # top_p * mass at float32's smallest
+])
+def test_values_so_small_they_overflow_are_computed_safely(kwargs):
+    """No NaN, no empty distribution: the top token (boosted by a penalty below 1) is
+    drawn, as the limit of each knob says."""
+    s = sample_row(LOGITS.clone(), SamplingParams(**kwargs), [0], [],
+                   torch.Generator().manual_seed(0))
+    assert s.token_id == 0
