@@ -23,12 +23,16 @@ def extensions():
                    "-mavx512bf16", "-mavx2", "-mfma"],
         "avx2": ["-mavx2", "-mfma"],
         "generic": [],
+        # the AVX-512 kernels with vdpbf16ps emulated (cython_src/bf16_emu.h): tests
+        # the AVX-512 code on AVX-512 CPUs without AVX512_BF16; never auto-selected
+        "avx512emu": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi",
+                      "-mavx2", "-mfma", "-DMOED_BF16_EMULATED"],
     }
     kernels = ["cython_src/" + f for f in ("expert_kernels.c", "expert_units.h",
                                            "thread_pool.h", "probe_kernels.c",
                                            "dense_kernels.c", "attention_kernels.c",
                                            "glue_kernels.c", "decode_kernels.c",
-                                           "mla_kernels.c", "decode_stack.c",
+                                           "mla_kernels.c", "decode_stack.c", "bf16_emu.h",
                                            "experts_ext.pxi")]
     exts = [
         Extension("moed._cpu_guard", ["cython_src/cpu_guard.pyx"],

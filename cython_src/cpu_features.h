@@ -39,20 +39,27 @@ static inline int moed_cpu_avx2_fma(void) {
     return (b & (1u << 5)) != 0;                                        /* AVX2 */
 }
 
-/* AVX-512 F + BW + VL + VBMI + BF16: the FP8 kernel needs vpermt2b-class
- * byte shuffles (VBMI) and vdpbf16ps (AVX512_BF16). */
-static inline int moed_cpu_avx512_bf16(void) {
+/* AVX-512 F + BW + VL + VBMI: the FP8 kernel needs vpermt2b-class byte
+ * shuffles (VBMI). Enough for the avx512emu build (BF16 dots emulated). */
+static inline int moed_cpu_avx512_vbmi(void) {
     unsigned a, b, c, d;
     if (!moed_os_avx512()) return 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
     int vbmi = (c >> 1) & 1;
-    if (!(f && bw && vl && vbmi)) return 0;
+    return f && bw && vl && vbmi;
+}
+
+/* ... + AVX512_BF16 (vdpbf16ps): the avx512 build. */
+static inline int moed_cpu_avx512_bf16(void) {
+    unsigned a, b, c, d;
+    if (!moed_cpu_avx512_vbmi()) return 0;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
     return (a >> 5) & 1;                                                /* AVX512_BF16 */
 }
 #else
 static inline int moed_cpu_avx2_fma(void) { return 0; }
+static inline int moed_cpu_avx512_vbmi(void) { return 0; }
 static inline int moed_cpu_avx512_bf16(void) { return 0; }
 #endif
 

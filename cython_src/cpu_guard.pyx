@@ -4,6 +4,7 @@
 cdef extern from "cpu_features.h":
     int moed_cpu_avx2_fma() nogil
     int moed_cpu_avx512_bf16() nogil
+    int moed_cpu_avx512_vbmi() nogil
 
 
 def supported_isas():
@@ -14,4 +15,6 @@ def supported_isas():
     if moed_cpu_avx2_fma():
         isas.append("avx2")
     isas.append("generic")
+    if moed_cpu_avx512_vbmi():
+        isas.append("avx512emu")      # for tests: never the default (see moed/cpu.py)
     return isas

@@ -35,6 +35,9 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(MOED_BF16_EMULATED) && defined(__AVX512F__)
+#include "bf16_emu.h"
+#endif
 
 #define UNIT_ROWS 64
 #define UNIT_K 128
@@ -130,7 +133,11 @@ static void unit_scalar(const uint8_t *w, int fp8, const uint16_t *const *x, int
 
 /* ---------------------------------------------------------------- AVX-512 */
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#ifdef MOED_BF16_EMULATED
+#define UNIT_ISA "avx512emu"
+#else
 #define UNIT_ISA "avx512"
+#endif
 #define UNIT_WIDEN 1
 
 typedef struct { __m512i hi0, hi1, lo0, lo1, sign; } fp8_lut;

@@ -1,14 +1,18 @@
 """Instruction-set dispatch: which compiled kernel path this process uses.
 
-`MOED_ISA=avx512|avx2|generic` forces a path; forcing one the CPU lacks is an
-error, never a crash (SIGILL) later.
+`MOED_ISA=avx512|avx2|generic|avx512emu` forces a path; forcing one the CPU
+lacks is an error, never a crash (SIGILL) later. `avx512emu` is the AVX-512
+build with its BF16 dot products emulated by FP32 FMAs (cython_src/bf16_emu.h):
+it runs the AVX-512 code on AVX-512 CPUs without AVX512_BF16 so that its
+precision and reduction orders are tested there; it is never the default.
 """
 import functools
 import os
 
 from moed.errors import ConfigError
 
-ISAS = ("avx512", "avx2", "generic")
+ISAS = ("avx512", "avx2", "generic", "avx512emu")
+TEST_ONLY = ("avx512emu",)
 
 
 @functools.cache
@@ -24,7 +28,7 @@ def selected_isa():
     forced = os.environ.get("MOED_ISA", "").strip().lower()
     supported = supported_isas()
     if not forced:
-        return supported[0]
+        return next(isa for isa in supported if isa not in TEST_ONLY)
     if forced not in ISAS:
         raise ConfigError(f"MOED_ISA={forced!r} is not one of {', '.join(ISAS)}", field="MOED_ISA")
     if forced not in supported:
