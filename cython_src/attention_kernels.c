@@ -52,6 +52,8 @@
  *   bodies (3 query vectors x 32 keys or output columns) and exp256.
  * Generic: the same blocks as plain loops (the FP32 oracle's twin).
  */
+#ifndef MOED_ATTENTION_KERNELS_C
+#define MOED_ATTENTION_KERNELS_C
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -91,6 +93,13 @@ typedef struct {
     atomic_int next;
     uint8_t *scratch;
     int64_t stride;             /* scratch bytes per thread */
+    /* paged (decodes): query row b attends keys 0..context[b]-1 read through its
+     * slot table; each task converts its own key blocks (no shared store) */
+    int paged;
+    const int64_t *kslots;      /* [B][ldslots] cache slot of each key position */
+    const int64_t *context;     /* [B] keys of each query row */
+    int64_t ldslots;
+    int hgroups, hn;            /* query heads of a kv head split into hgroups of hn */
 } att_job;
 
 typedef struct {                /* one thread's scratch, carved 64-aligned */
@@ -102,16 +111,20 @@ typedef struct {                /* one thread's scratch, carved 64-aligned */
     float *o;                   /* [M][dvp] unnormalised output */
     float *mx, *alpha;          /* [M] running max, rescale of this block */
     float *l;                   /* [M][16] running sum, per lane (AVX-512) or in lane 0 */
+    uint8_t *kblk, *vblk;       /* paged: this thread's converted K / V block */
+    int G;                      /* query heads per row in the current task (vector m
+                                   belongs to row m / G) */
 } att_scratch;
 
 static int64_t att_align(int64_t b) { return (b + 63) & ~(int64_t)63; }
 
-/* Per-thread scratch bytes: the FP32 sizes, which bound the BF16 ones. */
-static int64_t att_stride(int M, int qw, int dq, int dvp) {
+/* Per-thread scratch bytes: the FP32 sizes, which bound the BF16 ones; `blocks`
+ * more for a paged job's own converted K/V block. */
+static int64_t att_stride(int M, int qw, int dq, int dvp, int64_t blocks) {
     int64_t dq2 = 2 * (int64_t)qw > dq ? 2 * (int64_t)qw : dq;
     return att_align(4 * (int64_t)M * dq2) + att_align(4 * (int64_t)M * ATT_BN)
          + att_align(2 * (int64_t)M * ATT_BN) + att_align(4 * (int64_t)M * dvp)
-         + 2 * att_align(4 * (int64_t)M) + att_align(64 * (int64_t)M);
+         + 3 * att_align(4 * (int64_t)M) + att_align(64 * (int64_t)M) + blocks;
 }
 
 static int att_bm(int G) { return G >= ATT_ROWS ? 1 : ATT_ROWS / G; }
@@ -128,7 +141,13 @@ static att_scratch att_carve(uint8_t *base, const att_job *j) {
     s.o = (float *)cur;  cur += att_align(4 * (int64_t)j->M * j->dvp);
     s.mx = (float *)cur;  cur += att_align(4 * (int64_t)j->M);
     s.l = (float *)cur;  cur += att_align(64 * (int64_t)j->M);
-    s.alpha = (float *)cur;
+    s.alpha = (float *)cur;  cur += att_align(4 * (int64_t)j->M);
+    s.kblk = s.vblk = NULL;
+    if (j->paged) {
+        s.kblk = cur;  cur += j->kbytes;
+        s.vblk = cur;
+    }
+    s.G = j->G;
     return s;
 }
 
@@ -138,6 +157,9 @@ static inline const void *att_row(const att_operand *x, int64_t t, int h) {
     return x->bf16 ? (const void *)((const uint16_t *)x->p + off)
                    : (const void *)((const float *)x->p + off);
 }
+
+/* Key position t's token row: through the slot table when paged. */
+static inline int64_t att_key(const int64_t *slots, int64_t t) { return slots ? slots[t] : t; }
 
 static inline float att_elem(const att_operand *x, const void *row, int d) {
     return x->bf16 ? bf16_to_f32(((const uint16_t *)row)[d]) : ((const float *)row)[d];
@@ -160,12 +182,12 @@ static void att_row_bf16(const att_operand *x, const void *row, int d, uint16_t 
     for (int i = d; i < 2 * words; i++) dst[i] = 0;
 }
 
-static void att_load_q(const att_job *j, att_scratch *s, int g, int i0, int rows) {
+static void att_load_q(const att_job *j, att_scratch *s, int h0, int i0, int rows) {
     uint16_t *q = (uint16_t *)s->q;
     for (int r = 0; r < rows; r++)
-        for (int h = 0; h < j->G; h++)
-            att_row_bf16(&j->q, att_row(&j->q, i0 + r, g * j->G + h), j->dq,
-                         q + (int64_t)(r * j->G + h) * 2 * j->qw, j->qw);
+        for (int h = 0; h < s->G; h++)
+            att_row_bf16(&j->q, att_row(&j->q, i0 + r, h0 + h), j->dq,
+                         q + (int64_t)(r * s->G + h) * 2 * j->qw, j->qw);
 }
 
 /* Kb [qw][BN] words: a 64 x qw word transpose of the BF16 rows (the pairs
@@ -176,11 +198,12 @@ static int64_t att_kblock_bytes(int qw, int dq) {
 }
 static int64_t att_vblock_bytes(int dvp) { return att_align(2 * (int64_t)ATT_BN * dvp); }
 
-static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk) {
+static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
     uint32_t *kb = (uint32_t *)dst;
     uint32_t row[j->qw + 1];
     for (int t = 0; t < ATT_BN; t++) {
-        if (t < nk) att_row_bf16(&j->k, att_row(&j->k, k0 + t, g), j->dq, (uint16_t *)row, j->qw);
+        if (t < nk) att_row_bf16(&j->k, att_row(&j->k, att_key(slots, k0 + t), g), j->dq,
+                                 (uint16_t *)row, j->qw);
         else memset(row, 0, 4 * (size_t)j->qw);
         for (int p = 0; p < j->qw; p++) kb[p * ATT_BN + t] = row[p];
     }
@@ -196,13 +219,14 @@ static inline __m512i att_v16(const att_operand *x, const void *row, int c, int 
 }
 
 /* Vb [BN/2][dvp] words: rows 2t and 2t+1 interleaved; keys past nk are zero. */
-static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk) {
+static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
+                       const int64_t *slots) {
     uint32_t *vb = (uint32_t *)dst_block;
     for (int t = 0; t < ATT_BN / 2; t++) {
         uint32_t *dst = vb + (int64_t)t * j->dvp;
         int a = 2 * t < nk, b = 2 * t + 1 < nk;
-        const void *ra = a ? att_row(&j->v, k0 + 2 * t, g) : NULL;
-        const void *rb = b ? att_row(&j->v, k0 + 2 * t + 1, g) : NULL;
+        const void *ra = a ? att_row(&j->v, att_key(slots, k0 + 2 * t), g) : NULL;
+        const void *rb = b ? att_row(&j->v, att_key(slots, k0 + 2 * t + 1), g) : NULL;
         for (int c = 0; c < j->dvp; c += 16) {
             __m512i lo = a ? att_v16(&j->v, ra, c, j->dv) : _mm512_setzero_si512();
             __m512i hi = b ? att_v16(&j->v, rb, c, j->dv) : _mm512_setzero_si512();
@@ -247,7 +271,7 @@ static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int ma
         const int R = M - m < ATT_R ? M - m : ATT_R;
         int nv = 4;
         if (masked) {
-            int lim = lim0 + (m + R - 1) / j->G;        /* the tile's last row sees most */
+            int lim = lim0 + (m + R - 1) / s->G;        /* the tile's last row sees most */
             nv = lim < 0 ? 0 : lim / 16 + 1 < 4 ? lim / 16 + 1 : 4;
         }
         switch (nv) {
@@ -339,7 +363,7 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0
     const uint32_t *vb = (const uint32_t *)s->v;
     for (int m = 0; m < M; m += ATT_R) {
         const int R = M - m < ATT_R ? M - m : ATT_R;
-        int seen = masked ? lim0 + (m + R - 1) / j->G + 1 : nk;
+        int seen = masked ? lim0 + (m + R - 1) / s->G + 1 : nk;
         const int np = ((seen < nk ? seen : nk) + 1) / 2;
         const uint32_t *p = s->p + m * (ATT_BN / 2);
         float *o = s->o + (int64_t)m * j->dvp;
@@ -351,18 +375,18 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0
 }
 
 static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
-    for (int m = 0; m < M; m++) att_softmax_row(s, m, lim0 + m / j->G, masked, j->scale);
+    for (int m = 0; m < M; m++) att_softmax_row(s, m, lim0 + m / s->G, masked, j->scale);
 }
 
 /* ====================================================== FP32 path */
 #else
 
-static void att_load_q(const att_job *j, att_scratch *s, int g, int i0, int rows) {
+static void att_load_q(const att_job *j, att_scratch *s, int h0, int i0, int rows) {
     float *q = (float *)s->q;
     for (int r = 0; r < rows; r++)
-        for (int h = 0; h < j->G; h++) {
-            const void *src = att_row(&j->q, i0 + r, g * j->G + h);
-            float *dst = q + (int64_t)(r * j->G + h) * j->dq;
+        for (int h = 0; h < s->G; h++) {
+            const void *src = att_row(&j->q, i0 + r, h0 + h);
+            float *dst = q + (int64_t)(r * s->G + h) * j->dq;
             for (int d = 0; d < j->dq; d++) dst[d] = att_elem(&j->q, src, d);
         }
 }
@@ -374,18 +398,19 @@ static int64_t att_kblock_bytes(int qw, int dq) {
 }
 static int64_t att_vblock_bytes(int dvp) { return att_align(4 * (int64_t)ATT_BN * dvp); }
 
-static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk) {
+static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
     float *kt = (float *)dst;
     for (int t = 0; t < ATT_BN; t++) {
-        const void *src = t < nk ? att_row(&j->k, k0 + t, g) : NULL;
+        const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
         for (int d = 0; d < j->dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
     }
 }
 
-static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk) {
+static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
+                       const int64_t *slots) {
     float *vf = (float *)dst_block;
     for (int t = 0; t < ATT_BN; t++) {
-        const void *src = t < nk ? att_row(&j->v, k0 + t, g) : NULL;
+        const void *src = t < nk ? att_row(&j->v, att_key(slots, k0 + t), g) : NULL;
         float *dst = vf + (int64_t)t * j->dvp;
         for (int c = 0; c < j->dvp; c++) dst[c] = src && c < j->dv ? att_elem(&j->v, src, c) : 0.0f;
     }
@@ -485,7 +510,7 @@ static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int ma
 static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
     for (int m = 0; m < M; m++) {
         float *sr = s->s + m * ATT_BN;
-        int lim = masked ? lim0 + m / j->G : ATT_BN - 1;
+        int lim = masked ? lim0 + m / s->G : ATT_BN - 1;
         int nv = lim + 1 < ATT_BN ? lim + 1 : ATT_BN;     /* visible keys: [0, nv) */
         float mx = -INFINITY;
         for (int t = 0; t < nv; t++) { sr[t] *= j->scale; mx = fmaxf(mx, sr[t]); }
@@ -520,15 +545,31 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0
 #endif
 
 /* ====================================================== shared driver */
-typedef struct { int g, i0, rows; } att_tile;
+/* One task: query rows [qrow, qrow + rows) of heads [h0, h0 + hn) (of kv head g),
+ * the first at position pos0, against keys [0, L) (through `slots` when paged). */
+typedef struct { int g, h0, hn, qrow, rows, pos0, L; const int64_t *slots; } att_tile;
 
-/* Task t of a pass: last tiles first (they cost the most), kv heads side by side. */
+/* Task t of a pass: last tiles first (they cost the most), kv heads side by side.
+ * Paged: t -> (query row b, kv head g, head group), every row one task per group. */
 static att_tile att_tile_of(const att_job *j, int t) {
     att_tile a;
+    if (j->paged) {
+        int per_row = j->Hkv * j->hgroups, b = t / per_row, hg = t % j->hgroups;
+        a.g = t % per_row / j->hgroups;
+        a.h0 = a.g * j->G + hg * j->hn;
+        a.hn = j->G - hg * j->hn < j->hn ? j->G - hg * j->hn : j->hn;
+        a.qrow = b; a.rows = 1;
+        a.L = (int)j->context[b]; a.pos0 = a.L - 1;
+        a.slots = j->kslots + (int64_t)b * j->ldslots;
+        return a;
+    }
     int tile = j->ntiles - 1 - t / j->hc;
     a.g = j->g0 + t % j->hc;
-    a.i0 = tile * j->bm;
-    a.rows = j->n - a.i0 < j->bm ? j->n - a.i0 : j->bm;
+    a.h0 = a.g * j->G; a.hn = j->G;
+    a.qrow = tile * j->bm;
+    a.rows = j->n - a.qrow < j->bm ? j->n - a.qrow : j->bm;
+    a.L = j->L; a.pos0 = j->L - j->n + a.qrow;
+    a.slots = NULL;
     return a;
 }
 
@@ -544,17 +585,17 @@ typedef struct {
 static att_prefetch att_prefetch_for(const att_job *j, int t) {
     att_prefetch p;
     memset(&p, 0, sizeof(p));
-    if (t >= j->ntasks) return p;
+    if (t >= j->ntasks || j->paged) return p;
     att_tile a = att_tile_of(j, t);
     int es = j->q.bf16 ? 2 : 4;
     p.rows = a.rows;
-    p.q = (const uint8_t *)att_row(&j->q, a.i0, a.g * j->G);
+    p.q = (const uint8_t *)att_row(&j->q, a.qrow, a.h0);
     p.q_ld = j->q.ld * es;
     /* heads contiguous: one span per token; otherwise leave q to demand misses */
-    p.q_lines = j->q.hs == j->dq ? (int)((4 + (int64_t)j->G * j->dq * es + 63) / 64) : 0;
-    p.o = (uint8_t *)(j->out + ((int64_t)a.i0 * j->H + a.g * j->G) * j->dv);
+    p.q_lines = j->q.hs == j->dq ? (int)((4 + (int64_t)a.hn * j->dq * es + 63) / 64) : 0;
+    p.o = (uint8_t *)(j->out + ((int64_t)a.qrow * j->H + a.h0) * j->dv);
     p.o_ld = 4 * (int64_t)j->H * j->dv;
-    p.o_lines = (int)((4 + 4 * (int64_t)j->G * j->dv + 63) / 64);
+    p.o_lines = (int)((4 + 4 * (int64_t)a.hn * j->dv + 63) / 64);
     p.total = p.rows * (p.q_lines + p.o_lines);
     return p;
 }
@@ -573,30 +614,44 @@ static void att_prefetch_some(att_prefetch *p, int count) {
     p->done = end;
 }
 
-/* One task: query rows [i0, i0 + rows) x the G heads of kv head g. */
+/* One task. A query's arithmetic depends on its position and its keys only:
+ * key blocks of ATT_BN from key 0, each lane's products in one order, the same
+ * online-softmax steps, whichever rows, heads or threads share the task, and
+ * whether the rows are a prefill chunk or decodes (paged). So a position's
+ * output is bit-identical however the engine batches or chunks it. (A masked
+ * block's tile may run past a row's last key; there its probabilities are
+ * exact zeros, which add nothing.) */
 static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch *pf) {
-    const int g = a.g, i0 = a.i0, rows = a.rows, M = rows * j->G;
-    const int pos0 = j->L - j->n + i0, last = pos0 + rows - 1;
+    const int g = a.g, i0 = a.qrow, rows = a.rows, M = rows * a.hn;
+    const int pos0 = a.pos0, last = pos0 + rows - 1;
     const int per_block = (pf->total + last / ATT_BN) / (last / ATT_BN + 1);
-    att_load_q(j, s, g, i0, rows);
+    s->G = a.hn;
+    att_load_q(j, s, a.h0, i0, rows);
     for (int m = 0; m < M; m++) s->mx[m] = -INFINITY;
     memset(s->l, 0, 64 * (size_t)M);
     memset(s->o, 0, 4 * (size_t)M * j->dvp);
     /* block 0 shows key 0 to every row, so each running max is finite after it */
     for (int k0 = 0; k0 <= last; k0 += ATT_BN) {
-        int nk = j->L - k0 < ATT_BN ? j->L - k0 : ATT_BN;
+        int nk = a.L - k0 < ATT_BN ? a.L - k0 : ATT_BN;
         int masked = k0 + ATT_BN - 1 > pos0;      /* crosses some row's position */
+        if (j->paged) {
+            att_load_k(j, s->kblk, g, k0, nk, a.slots);
+            att_load_v(j, s->vblk, g, k0, nk, a.slots);
+            s->k = s->kblk;
+            s->v = s->vblk;
+        } else {
+            int64_t b = (int64_t)(g - j->g0) * j->nblocks + k0 / ATT_BN;
+            s->k = j->kstore + b * j->kbytes;
+            s->v = j->vstore + b * j->vbytes;
+        }
         if (masked && last + 1 - k0 < nk) nk = last + 1 - k0;   /* P is 0 past last */
-        int64_t b = (int64_t)(g - j->g0) * j->nblocks + k0 / ATT_BN;
-        s->k = j->kstore + b * j->kbytes;
-        s->v = j->vstore + b * j->vbytes;
         att_prefetch_some(pf, per_block);
         att_scores(j, s, M, pos0 - k0, masked);
         att_softmax(j, s, M, pos0 - k0, masked);
         att_values(j, s, M, nk, pos0 - k0, masked);
     }
     for (int m = 0; m < M; m++) {
-        int r = m / j->G, h = g * j->G + m % j->G;
+        int r = m / a.hn, h = a.h0 + m % a.hn;
         float inv = 1.0f / att_row_sum(s, m);
         float *dst = j->out + ((int64_t)(i0 + r) * j->H + h) * j->dv;
         const float *o = s->o + (int64_t)m * j->dvp;
@@ -613,8 +668,8 @@ static void att_convert_worker(void *arg, int tid, int nthreads) {
     for (int b = tid; b < all; b += nthreads) {
         int g = j->g0 + b / j->nblocks, k0 = (b % j->nblocks) * ATT_BN;
         int nk = j->L - k0 < ATT_BN ? j->L - k0 : ATT_BN;
-        att_load_k(j, j->kstore + b * j->kbytes, g, k0, nk);
-        att_load_v(j, j->vstore + b * j->vbytes, g, k0, nk);
+        att_load_k(j, j->kstore + b * j->kbytes, g, k0, nk, NULL);
+        att_load_v(j, j->vstore + b * j->vbytes, g, k0, nk, NULL);
     }
 }
 
@@ -648,7 +703,7 @@ static int64_t attention_workspace_bytes(int n, int L, int H, int Hkv, int dq, i
     int64_t block = att_kblock_bytes(qw, dq) + att_vblock_bytes(dvp);
     if (bm > n) bm = n;
     return 64 + att_heads_per_pass(Hkv, nblocks, block) * nblocks * block
-         + (int64_t)nthreads * att_stride(bm * G, qw, dq, dvp);
+         + (int64_t)nthreads * att_stride(bm * G, qw, dq, dvp, 0);
 }
 
 /* out [n, H, dv] = causal attention of the chunk (see the spec block). The
@@ -667,7 +722,7 @@ static void attention_forward(att_operand q, att_operand k, att_operand v, int n
     j.qw = (dq + 1) / 2;
     j.dvp = (dv + 15) & ~15;
     j.ntiles = (n + j.bm - 1) / j.bm;
-    j.stride = att_stride(j.M, j.qw, dq, j.dvp);
+    j.stride = att_stride(j.M, j.qw, dq, j.dvp, 0);
     j.nblocks = (L + ATT_BN - 1) / ATT_BN;
     j.kbytes = att_kblock_bytes(j.qw, dq);
     j.vbytes = att_vblock_bytes(j.dvp);
@@ -691,3 +746,68 @@ static int64_t attention_store_limit(int64_t bytes) {
     if (bytes > 0) g_att_store_bytes = bytes;
     return old;
 }
+
+/* ====================================================== paged (decodes)
+ * Query row b (one decode: q [B, H, dq]) attends keys 0 .. context[b] - 1, read
+ * through its slot table: key t of kv head g is the row at
+ * k.p + slots[b][t] * k.ld + g * k.hs (the same for v). The same per-query
+ * arithmetic as attention_forward (att_task): a decode's output equals the
+ * prefill's at that position, bit for bit. Tasks are (row, kv head, head
+ * group), each converting its own key blocks into per-thread scratch (every
+ * block is read by one task); a kv head's query heads are split into groups
+ * only when there are fewer (row, kv head) pairs than threads (MLA's one
+ * latent head). */
+static int att_hgroups(int B, int Hkv, int G, int nthreads) {
+    int pairs = B * Hkv, want = (nthreads + pairs - 1) / pairs;
+    return want < 1 ? 1 : want > G ? G : want;
+}
+
+static int64_t attention_paged_workspace_bytes(int B, int H, int Hkv, int dq, int dv,
+                                               int nthreads) {
+    int G = H / Hkv, hg = att_hgroups(B, Hkv, G, nthreads), hn = (G + hg - 1) / hg;
+    int qw = (dq + 1) / 2, dvp = (dv + 15) & ~15;
+    int64_t blocks = att_kblock_bytes(qw, dq) + att_vblock_bytes(dvp);
+    return 64 + (int64_t)nthreads * att_stride(hn, qw, dq, dvp, blocks);
+}
+
+/* Multiply-adds below which no thread is woken (a pool wake-up costs more). */
+#define ATT_PAGED_SMALL (1024 * 1024)
+
+/* out [B, H, dv] (contiguous) = each row's attention over its context. Returns 0;
+ * 1 + b when context[b] is outside [1, ldslots]; -1 - i when slots.flat[i] (a
+ * position some row reads) is outside [0, S). Nothing is read before the checks. */
+static int64_t attention_paged(att_operand q, att_operand k, att_operand v,
+                               const int64_t *slots, int64_t ldslots, const int64_t *context,
+                               int64_t S, int B, int H, int Hkv, int dq, int dv, float scale,
+                               float *out, uint8_t *workspace, int nthreads) {
+    int64_t work = 0;
+    for (int b = 0; b < B; b++) {
+        if (context[b] < 1 || context[b] > ldslots) return 1 + b;
+        const int64_t *row = slots + (int64_t)b * ldslots;
+        for (int64_t t = 0; t < context[b]; t++)
+            if (row[t] < 0 || row[t] >= S) return -1 - ((int64_t)b * ldslots + t);
+        work += context[b];
+    }
+    work *= (int64_t)H * (dq + dv);
+    if (work < ATT_PAGED_SMALL || nthreads < 1) nthreads = 1;
+    att_job j;
+    memset(&j, 0, sizeof(j));
+    j.q = q; j.k = k; j.v = v;
+    j.n = B; j.H = H; j.Hkv = Hkv; j.dq = dq; j.dv = dv; j.G = H / Hkv;
+    j.scale = scale; j.out = out;
+    j.paged = 1; j.kslots = slots; j.context = context; j.ldslots = ldslots;
+    j.hgroups = att_hgroups(B, Hkv, j.G, nthreads);
+    j.hn = (j.G + j.hgroups - 1) / j.hgroups;
+    j.bm = 1; j.M = j.hn;
+    j.qw = (dq + 1) / 2;
+    j.dvp = (dv + 15) & ~15;
+    j.kbytes = att_kblock_bytes(j.qw, dq);
+    j.vbytes = att_vblock_bytes(j.dvp);
+    j.stride = att_stride(j.M, j.qw, dq, j.dvp, j.kbytes + j.vbytes);
+    j.scratch = (uint8_t *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
+    j.ntasks = B * Hkv * j.hgroups;
+    atomic_init(&j.next, 0);
+    pool_run(att_worker, &j, j.ntasks < nthreads ? j.ntasks : nthreads);
+    return 0;
+}
+#endif

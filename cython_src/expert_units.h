@@ -181,26 +181,25 @@ ALWAYS_INLINE __m512bh bcast_pair(const uint16_t *x) {
     return (__m512bh)_mm512_set1_epi32(v);
 }
 
-/* unit_body with an explicit prefetch target: `pf` (or NULL) is the unit this
- * thread will stream PF_BYTES from now, FP8 when pf_fp8 (it may differ from
- * w's format: prefill widens FP8 units into BF16 scratch); every line of it
- * is fetched once while this unit computes. The caller knows its own future reads (the next tiles of
- * its task and of the tasks it has claimed), which a fixed distance past `w`
- * does not: that lands in tiles other threads own. */
-/* One or two tokens (decode): row group by row group, so the unit is read
- * front to back like a plain stream (the hardware prefetcher follows it; in
- * chunk order the reads hop between four streams 2 KiB apart). U chunks are
- * unrolled with an accumulator per chunk and half, keeping the vdpbf16ps
- * chains short (U = 4 for one token, 2 for two: 8 accumulators either way).
- * Measured against the chunk-order body: FP8 decode +21-25%, BF16 +5-8%. */
-ALWAYS_INLINE void unit_body_few(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
-                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
-    enum { U_MAX = 4 };
-    const int U = nt == 1 ? 4 : 2;
-    fp8_lut l = fp8_lut_load();
+/* One accumulation order for every token count (a token's result must not
+ * depend on how many others share the unit: batch-invariant output). Per
+ * (row group, token) eight FP32 accumulators: chunk c's A half goes to
+ * a[2 (c % 4)], its B half to a[2 (c % 4) + 1]; they are summed a[0] + a[1]
+ * + ... + a[7] and added to out as sum * scale + out. Row group by row
+ * group, so the unit is read front to back like a plain stream (the hardware
+ * prefetcher follows it; in chunk order the reads hop between four streams
+ * 2 KiB apart). Eight independent vdpbf16ps chains per token keep the
+ * instruction's latency hidden at one token (decode), where the chunk-order
+ * body with one chain per group measured 21-25% slower on FP8. Tokens go in
+ * pairs (16 accumulators); the prefill GEMM (widened BF16 units, nt 3-4)
+ * runs the same pairs over the unit, which stays in L1. */
+ALWAYS_INLINE void unit_pair(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+                             float scale, float *out, const uint8_t *pf, int pf_fp8,
+                             const fp8_lut *l) {
+    enum { U = 4 };
     const __m512 s = _mm512_set1_ps(scale);
     for (int g = 0; g < 4; g++) {
-        __m512 a[2][2 * U_MAX];
+        __m512 a[2][2 * U];
         for (int t = 0; t < nt; t++)
             for (int i = 0; i < 2 * U; i++) a[t][i] = _mm512_setzero_ps();
         for (int c = 0; c < CHUNKS; c += U) {
@@ -210,7 +209,7 @@ ALWAYS_INLINE void unit_body_few(const uint8_t *w, int fp8, const uint16_t *cons
             }
             for (int j = 0; j < U; j++) {
                 __m512i A, B;
-                load_chunk(w, fp8, g, c + j, &l, &A, &B);
+                load_chunk(w, fp8, g, c + j, l, &A, &B);
                 for (int t = 0; t < nt; t++) {
                     a[t][2 * j] = _mm512_dpbf16_ps(a[t][2 * j], (__m512bh)A, bcast_pair(x[t] + 4 * (c + j)));
                     a[t][2 * j + 1] = _mm512_dpbf16_ps(a[t][2 * j + 1], (__m512bh)B,
@@ -227,54 +226,20 @@ ALWAYS_INLINE void unit_body_few(const uint8_t *w, int fp8, const uint16_t *cons
     }
 }
 
+/* unit_body with an explicit prefetch target: `pf` (or NULL) is the unit this
+ * thread will stream PF_BYTES from now, FP8 when pf_fp8 (it may differ from
+ * w's format: prefill widens FP8 units into BF16 scratch); every line of it
+ * is fetched once, during the first token pair. The caller knows its own
+ * future reads (the next tiles of its task and of the tasks it has claimed),
+ * which a fixed distance past `w` does not: that lands in tiles other threads
+ * own. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
-    if (nt <= 2) {
-        unit_body_few(w, fp8, x, nt, scale, out, pf, pf_fp8);
-        return;
-    }
     fp8_lut l = fp8_lut_load();
-    /* A and B halves go to separate accumulators when nt <= 2: with one chain
-     * per (group, token), each chunk adds two dependent vdpbf16ps (2 x 6 cycles
-     * on Zen 5), which capped a decode core at ~21 bytes of FP8 per cycle, about
-     * the DRAM share of the core; two chains halve that latency. */
-    const int split = nt <= 2;
-    __m512 acc[4][MAX_NT], accb[4][MAX_NT];
-    for (int g = 0; g < 4; g++)
-        for (int t = 0; t < nt; t++) acc[g][t] = accb[g][t] = _mm512_setzero_ps();
-    for (int c = 0; c < CHUNKS; c++) {
-        /* decode streams each unit once from DRAM: fetch PF_BYTES ahead, every line
-         * of the unit once (measured: 64 KiB ahead lifts T=1 from ~60% to ~95%
-         * of the streaming-read bandwidth on Zen 5; the hardware prefetcher alone
-         * does not keep enough lines in flight) */
-        if (pf)
-            for (int g = 0; g < 4; g++) {
-                const char *p = (const char *)pf + g * (pf_fp8 ? 2048 : 4096) + c * (pf_fp8 ? 64 : 128);
-                _mm_prefetch(p, PF_HINT);
-                if (!pf_fp8) _mm_prefetch(p + 64, PF_HINT);
-            }
-        __m512bh xa[MAX_NT], xb[MAX_NT];
-        for (int t = 0; t < nt; t++) {
-            xa[t] = bcast_pair(x[t] + 4 * c);
-            xb[t] = bcast_pair(x[t] + 4 * c + 2);
-        }
-        for (int g = 0; g < 4; g++) {
-            __m512i A, B;
-            load_chunk(w, fp8, g, c, &l, &A, &B);
-            for (int t = 0; t < nt; t++) {
-                acc[g][t] = _mm512_dpbf16_ps(acc[g][t], (__m512bh)A, xa[t]);
-                if (split) accb[g][t] = _mm512_dpbf16_ps(accb[g][t], (__m512bh)B, xb[t]);
-                else acc[g][t] = _mm512_dpbf16_ps(acc[g][t], (__m512bh)B, xb[t]);
-            }
-        }
-    }
-    __m512 s = _mm512_set1_ps(scale);
-    for (int t = 0; t < nt; t++)
-        for (int g = 0; g < 4; g++) {
-            float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
-            __m512 a = split ? _mm512_add_ps(acc[g][t], accb[g][t]) : acc[g][t];
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(a, s, _mm512_loadu_ps(o)));
-        }
+    if (nt == 1) { unit_pair(w, fp8, x, 1, scale, out, pf, pf_fp8, &l); return; }
+    unit_pair(w, fp8, x, 2, scale, out, pf, pf_fp8, &l);
+    if (nt == 3) unit_pair(w, fp8, x + 2, 1, scale, out + 2 * UNIT_ROWS, NULL, pf_fp8, &l);
+    if (nt == 4) unit_pair(w, fp8, x + 2, 2, scale, out + 2 * UNIT_ROWS, NULL, pf_fp8, &l);
 }
 
 ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,

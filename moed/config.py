@@ -38,6 +38,7 @@ class Config:
     block_size: int = _setting(16, "engine", int)
     max_waiting: int = _setting(256, "engine", int)
     experts: str = _setting("auto", "engine", str)
+    deterministic: bool = _setting(True, "engine", bool)
     # limits (per request, checked before the engine sees it)
     max_stop_strings: int = _setting(8, "limits", int)
     max_stop_string_chars: int = _setting(128, "limits", int)
@@ -88,7 +89,8 @@ class Config:
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
                     max_waiting=self.max_waiting,
                     # "auto" defers to the engine, which honours MOED_EXPERTS
-                    experts=None if self.experts == "auto" else self.experts)
+                    experts=None if self.experts == "auto" else self.experts,
+                    deterministic=self.deterministic)
 
 
 def qualified(name):
@@ -110,7 +112,7 @@ def _check_type(cfg, f):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         setattr(cfg, f.name, float(value))
         return
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         _bad(f.name, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
 
 

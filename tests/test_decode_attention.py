@@ -29,6 +29,13 @@ from moed.model.tiny import build_tiny_model
 from isa_kernels import kernels_or_skip
 
 TOL = 1e-5
+
+
+def tol(isa):
+    """Max abs error against the FP32 torch path: FP32 kernels 1e-5; the AVX-512 builds
+    take the prefill kernel's BF16 dot products (Q, K, P and V rounded to nearest even,
+    ~2^-9 relative on outputs of size ~1), so a decode equals a prefill bit for bit."""
+    return 3e-2 if isa in ("avx512", "avx512emu") else TOL
 DTYPES = [torch.float32, torch.bfloat16]
 # (contexts of the batch, Hkv, G, d): ragged rows, groups 1/4/8, head dims 64/128
 CASES = [([1], 4, 8, 128), ([5, 37, 100], 2, 4, 64), ([64, 1, 17, 300], 3, 1, 128),
@@ -78,9 +85,9 @@ def test_every_isa_matches_the_torch_path_on_ragged_batches(isa):
     for i, (contexts, Hkv, G, d) in enumerate(CASES):
         for dtype in DTYPES:
             err = run_case(kernels, contexts, Hkv, G, d, dtype, seed=i)
-            assert err <= TOL, f"{isa} {contexts} Hkv={Hkv} G={G} d={d} {dtype}: {err:.2e}"
+            assert err <= tol(isa), f"{isa} {contexts} Hkv={Hkv} G={G} d={d} {dtype}: {err:.2e}"
             worst = max(worst, err)
-    print(f"{isa}: worst max abs err {worst:.2e} (<= {TOL})")
+    print(f"{isa}: worst max abs err {worst:.2e} (<= {tol(isa)})")
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
@@ -91,7 +98,7 @@ def test_long_context_takes_the_split_path(isa):
     for threads, contexts, dtype in ((2, [20000], torch.bfloat16), (3, [4099], torch.float32)):
         err = run_case(kernels, contexts, 1, 8, 64, dtype, seed=threads, threads=threads)
         print(f"{isa}: {contexts[0]} keys on {threads} threads, max abs err {err:.2e}")
-        assert err <= TOL
+        assert err <= tol(isa)
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
@@ -105,7 +112,7 @@ def test_one_long_sequence_among_short_ones_and_wide_batches(isa):
         for dtype in DTYPES:
             err = run_case(kernels, contexts, 4, 2, 64, dtype, seed=len(contexts),
                            threads=threads)
-            assert err <= TOL, f"{isa} {contexts} on {threads} threads {dtype}: {err:.2e}"
+            assert err <= tol(isa), f"{isa} {contexts} on {threads} threads {dtype}: {err:.2e}"
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
@@ -120,7 +127,7 @@ def test_strided_q_and_one_thread(isa):
     out = paged_decode_attention(qk[:, :H], cache, slots, context, 0.2, threads=1,
                                  kernels=kernels)
     ref = torch_path(qk[:, :H], cache, slots, context, 0.2)
-    assert (out - ref).abs().max().item() <= TOL
+    assert (out - ref).abs().max().item() <= tol(isa)
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
@@ -143,7 +150,7 @@ def test_mla_latent_cache(isa):
         ref = decode_attention(q, rows, rows[..., :r], mask, 0.1)
         err = (out - ref).abs().max().item()
         print(f"{isa} MLA {contexts} {dtype}: max abs err {err:.2e}")
-        assert out.shape == (len(contexts), H, r) and err <= TOL
+        assert out.shape == (len(contexts), H, r) and err <= tol(isa)
     with pytest.raises(InvalidRequestError):
         latent_decode_attention(q, cache, r + dr + 1, slots, context, 0.1, kernels=kernels)
     with pytest.raises(InvalidRequestError):
@@ -175,7 +182,7 @@ def test_two_python_threads_at_once():
         t.start()
     for t in threads:
         t.join()
-    assert len(errors) == 60 and max(errors) <= TOL
+    assert len(errors) == 60 and max(errors) <= tol(kernels.ISA)
 
 
 def bf16_edge_values(n, g):
@@ -343,7 +350,8 @@ def test_tiny_model_decode_logits_match_the_torch_path(arch, isa, kv_dtype, monk
     assert calls == expected
     err = np.abs(a - b).max() / np.abs(b).max()
     print(f"{arch} {isa} {kv_dtype} cache: decode logits max rel err {err:.2e}")
-    assert a.shape == b.shape and err < 1e-5
+    # the AVX-512 builds round Q, K, P and V to BF16 like the prefill kernel
+    assert a.shape == b.shape and err < (1e-2 if isa in ("avx512", "avx512emu") else 1e-5)
     # a ragged batch of decodes (and prefills beside them), greedy, token for token
     prompts = [PROMPT, PROMPT[:3], [9, 4, 2, 11, 12]]
     greedy = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
@@ -351,26 +359,34 @@ def test_tiny_model_decode_logits_match_the_torch_path(arch, isa, kv_dtype, monk
            [o.token_ids for o in ref.generate(prompts, greedy)]
 
 
-def test_engine_installs_the_decode_hooks(qwen, deepseek, monkeypatch):
-    # the store on every ISA; GQA and MLA decode attention where they beat torch (not
-    # generic's SSE2)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_engine_installs_the_decode_hooks(qwen, deepseek, monkeypatch, deterministic):
+    # deterministic (the default): on every ISA the kernels whose per-query arithmetic
+    # is one for prefill and decode (flash prefill, paged decode, MLA in one form);
+    # otherwise the fastest: GQA and MLA decode kernels where they beat torch (not
+    # generic's SSE2), kv_b as stored and the flash prefill with BF16 dots (AVX-512)
     monkeypatch.setenv("MOED_CACHE_DIR", str(qwen.parent / "cache"))
     isa = cpu.expert_kernels().ISA
-    for layer in LLM(deepseek, device="cpu").engine.model.layers:
-        decode, absorb = layer.attn.decode_kernel, layer.attn.absorb
-        if isa == "generic":
+    bf16 = isa in ("avx512", "avx512emu")
+    kernel_decodes = deterministic or isa != "generic"
+    for layer in LLM(deepseek, device="cpu", deterministic=deterministic).engine.model.layers:
+        attn = layer.attn
+        decode, absorb = attn.decode_kernel, attn.absorb
+        if not kernel_decodes:
             assert decode is None
         else:
             assert decode.func is latent_decode_attention and decode.keywords["kernels"].ISA == isa
-        # kv_b as stored where it beats the einsums over its FP32 copy (AVX-512)
-        assert (absorb is not None) == (isa == "avx512")
+        assert (absorb is not None) == (deterministic or bf16)
+        assert attn.one_form == deterministic
+        assert (attn.prefill_kernel is not None) == (deterministic or bf16)
         if absorb is not None:
             assert isinstance(absorb, LatentAbsorb) and absorb.kernels.ISA == isa
-    llm = LLM(qwen, device="cpu")
+    llm = LLM(qwen, device="cpu", deterministic=deterministic)
     for layer in llm.engine.model.layers:
         store, decode = layer.attn.kv_store, layer.attn.decode_kernel
         assert store.func is store_kv and store.keywords["kernels"].ISA == isa
-        if isa == "generic":
+        assert (layer.attn.prefill_kernel is not None) == (deterministic or bf16)
+        if not kernel_decodes:
             assert decode is None
         else:
             assert decode.func is paged_decode_attention and decode.keywords["kernels"].ISA == isa

@@ -4,6 +4,7 @@
 
 Not thread-safe: one thread owns it (the server's engine thread, or LLM).
 """
+from numbers import Integral
 import itertools
 import logging
 import os
@@ -50,7 +51,7 @@ def resolve_device(device):
     return torch.device(device)
 
 
-def install_cpu_paths(model, model_dir, experts, linears):
+def install_cpu_paths(model, model_dir, experts, linears, deterministic=True):
     """Put the compiled CPU kernels behind the routed experts and the dense linears.
 
     Each choice is 'auto', 'cpu' or 'torch' (the reference). With 'auto', a build
@@ -71,7 +72,7 @@ def install_cpu_paths(model, model_dir, experts, linears):
             install_cpu_routers(model)
         replaced = install_cpu_linears(model, model_dir) if linears != "torch" else 0
         if linears != "torch":
-            install_cpu_attention(model)
+            install_cpu_attention(model, deterministic)
             install_cpu_norms(model)
             if isa:
                 install_decode_stack(model)
@@ -121,7 +122,7 @@ def install_decode_stack(model):
     return model.decode_stack is not None
 
 
-def install_cpu_attention(model):
+def install_cpu_attention(model, deterministic=True):
     """Attention's glue and prefill on the compiled kernels: GQA's q/k norm and rotary
     in one pass (every ISA), and prefill chunks of GQA and MLA (both of its forms)
     through the flash-attention kernel (BF16 dot products, never a [T, T] score
@@ -129,6 +130,12 @@ def install_cpu_attention(model):
     paged cache and the new k/v are stored in one call (every ISA); MLA decodes
     attend in the latent space out of the paged cache (AVX-512, AVX2), their products
     with kv_b reading it as stored (AVX-512).
+    With `deterministic` (the default) every ISA takes the kernels whose per-query
+    arithmetic is one for prefill and decode alike: the flash kernel for every prefill
+    chunk, the paged kernel (the same arithmetic) for every decode, and for MLA one
+    form (absorbed, kv_b's products through the row kernels) in both. A position's
+    logits then do not depend on the batch, the chunking or preemption; on AVX2 and
+    generic that costs some prefill speed against torch's SDPA and einsums.
     Returns the attention layers seen."""
     import functools
 
@@ -142,7 +149,8 @@ def install_cpu_attention(model):
     from moed.model.attention import GQAttention
     from moed.model.deepseek_v3 import MLAttention
     kernels = expert_kernels()
-    flash = kernels.ISA == "avx512"   # FP32 paths: about torch's speed, or slower
+    bf16_dots = kernels.ISA in ("avx512", "avx512emu")
+    flash = bf16_dots or deterministic      # FP32 paths: about torch's speed, or slower
     # the kernels and threads looked up once, not per layer per step (~2 us a call)
     decode = functools.partial(paged_decode_attention, kernels=kernels, threads=default_threads())
     store = functools.partial(store_kv, kernels=kernels)
@@ -160,16 +168,17 @@ def install_cpu_attention(model):
             # L <= 4K: torch decodes there. The store beats two index_put on every ISA
             # (x1.4-2.6). In a 2-layer Qwen3-30B-shaped decode step (store + attend per
             # layer, avx512): 157 -> 81 us at 64 keys, 1.5 -> 0.5 ms at 2K, B 8: 2.7 -> 0.4 ms.
-            if kernels.ISA != "generic":
+            if kernels.ISA != "generic" or deterministic:
                 attn.decode_kernel = decode
             attn.kv_store = store
-        if isinstance(attn, MLAttention) and kernels.ISA != "generic":
+        if isinstance(attn, MLAttention) and (kernels.ISA != "generic" or deterministic):
             # tools/bench_attention.py --decode --mla (DeepSeek-V3: 128 heads, one
             # 576-wide latent), 2 threads, vs gather + two batched matmuls: avx512
             # x1.2-1.6 (FP32 cache), x1.6-2.3 (BF16), ~260 GFLOP/s from 512 keys; avx2
             # x1.0-1.3, x1.2-2.6; generic (SSE2 only) x0.4-0.7: torch decodes there.
             attn.decode_kernel = latent
         if isinstance(attn, MLAttention) and flash:
+            attn.one_form = deterministic
             # kv_b as stored: DeepSeek-V3 shape, FP8, cold, 2 threads: 0.69 ms a layer
             # against 2.1 ms for the einsums over its FP32 copy (B 1; B 8: 1.4 vs 4.0);
             # the plain-C build (AVX2, generic) is slower than the einsums
@@ -188,7 +197,7 @@ def install_cpu_attention(model):
 class LLMEngine:
     def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=256,
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
-                 experts=None, linears=None, detokenize=True):
+                 experts=None, linears=None, detokenize=True, deterministic=True):
         if max_num_batched_tokens < max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
                               field="max_num_batched_tokens")
@@ -200,7 +209,9 @@ class LLMEngine:
         experts = experts or os.environ.get("MOED_EXPERTS", "auto")
         linears = linears or os.environ.get("MOED_LINEARS") or (
             "torch" if experts == "torch" else "auto")
-        self.experts, self.linears = install_cpu_paths(self.model, model_dir, experts, linears)
+        self.experts, self.linears = install_cpu_paths(self.model, model_dir, experts, linears,
+                                                       deterministic)
+        self.deterministic = deterministic
         self.block_size = block_size
         dtype = getattr(torch, kv_cache_dtype, None)
         if not isinstance(dtype, torch.dtype):
@@ -245,11 +256,16 @@ class LLMEngine:
                 raise InvalidRequestError("prompt is empty", field="prompt")
             V = self.model.vocab_size
             # the C-speed test first: a 100k-token prompt is checked on the engine thread
-            fine = set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < V
-            bad = [] if fine else [t for t in ids if not isinstance(t, int)
-                                   or isinstance(t, bool) or not 0 <= t < V]
-            if bad:
-                raise InvalidRequestError(f"token_ids: {bad[0]!r} is outside the vocabulary "
+            if set(map(type, ids)) != {int}:      # numpy integers too; never bools or floats
+                kinds = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral)]
+                if kinds:
+                    raise InvalidRequestError(f"token_ids: {kinds[0]!r} is not an integer",
+                                              field="token_ids")
+                ids = [int(t) for t in ids]
+            # the C-speed test first: a 100k-token prompt is checked on the engine thread
+            if not (min(ids) >= 0 and max(ids) < V):
+                bad = next(t for t in ids if not 0 <= t < V)
+                raise InvalidRequestError(f"token_ids: {bad} is outside the vocabulary "
                                           f"[0, {V})", field="token_ids")
         params.validate()
         ctx = self.model.max_positions

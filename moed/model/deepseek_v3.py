@@ -64,6 +64,10 @@ class MLAttention:
         # 4x the bytes of FP8): .query(q_nope [B, H, dn]) -> [B, H, r] and
         # .output(o_lat [B, H, r]) -> [B, H, dv] (moed.experts.mla.LatentAbsorb)
         self.absorb = None
+        # prefill chunks in the absorbed form with the decodes' products (set by a
+        # deterministic backend): a position's output then does not depend on whether
+        # a decode or a prefill chunk computed it
+        self.one_form = False
 
     def queries(self, x):
         # x [N, D] -> q [N, H, dn + dr]
@@ -89,7 +93,12 @@ class MLAttention:
             out[batch.decode_rows] = self.attend_decodes(q[batch.decode_rows], batch, kv_cache)
         for p in batch.prefills:
             n, cached = p.rows.stop - p.rows.start, p.cached(kv_cache).float()    # [L, r + dr]
-            if self.absorbed_is_cheaper(n):
+            if self.one_form and self.prefill_kernel is not None:
+                q_abs = self.latent_queries(q[p.rows])                      # [n, H, r + dr]
+                o_lat = self.prefill_kernel(q_abs, cached[:, None], cached[:, None, :self.r],
+                                            self.scale)
+                out[p.rows] = self.latent_output(o_lat)
+            elif self.absorbed_is_cheaper(n):
                 out[p.rows] = self.absorbed(q[None, p.rows], w_kv, cached[None, :, None],
                                             batched_mask(p.mask), self.prefill_kernel)[0]
             else:
@@ -102,13 +111,8 @@ class MLAttention:
         otherwise over a gathered copy as two batched matmuls (torch's SDPA with one
         latent head shared by all H repeats the cache per head: x50-200 slower on the
         CPU at 512+ keys)."""
-        w_kv, dn, r = self.w_kv, self.dn, self.r
-        absorb = self.absorb if q.is_cpu and q.dtype == torch.float32 else None
-        if absorb is not None:
-            q_lat = absorb.query(q[..., :dn])
-        else:
-            q_lat = torch.einsum("bhn,hnr->bhr", q[..., :dn], w_kv[:, :dn])     # [B, H, r]
-        q_abs = torch.cat((q_lat, q[..., dn:]), dim=-1)                      # [B, H, r + dr]
+        r = self.r
+        q_abs = self.latent_queries(q)                                       # [B, H, r + dr]
         if self.decode_kernel is not None and batch.decode_context is not None and \
                 compiled_cache_step(kv_cache, q):
             o_lat = self.decode_kernel(q_abs, kv_cache, r, batch.decode_slots,
@@ -117,9 +121,27 @@ class MLAttention:
             cached = kv_cache[batch.decode_slots][:, :, None]          # [B, Lmax, 1, r + dr]
             o_lat = decode_attention(q_abs, cached, cached[..., :r], batch.decode_mask,
                                      self.scale)
+        return self.latent_output(o_lat)
+
+    def _absorb_for(self, x):
+        return self.absorb if x.is_cpu and x.dtype == torch.float32 else None
+
+    def latent_queries(self, q):
+        """q [B, H, dn + dr] -> [B, H, r + dr]: the no-rope part into the latent
+        (q_nope W_uk, kv_b as stored when the row kernels are installed), rope part as is."""
+        dn, absorb = self.dn, self._absorb_for(q)
         if absorb is not None:
-            return absorb.output(o_lat)
-        return torch.einsum("bhr,hvr->bhv", o_lat, w_kv[:, dn:])
+            q_lat = absorb.query(q[..., :dn].contiguous())
+        else:
+            q_lat = torch.einsum("bhn,hnr->bhr", q[..., :dn], self.w_kv[:, :dn])  # [B, H, r]
+        return torch.cat((q_lat, q[..., dn:]), dim=-1)
+
+    def latent_output(self, o_lat):
+        """o_lat [B, H, r] -> [B, H, dv]: back out of the latent through W_uv."""
+        absorb = self._absorb_for(o_lat)
+        if absorb is not None:
+            return absorb.output(o_lat.contiguous())
+        return torch.einsum("bhr,hvr->bhv", o_lat, self.w_kv[:, self.dn:])
 
     def absorbed_is_cheaper(self, n):
         """FLOPs per cached token: absorbed ~ n H (2r + dr); expanded ~ H r (dn + dv) once

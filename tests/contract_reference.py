@@ -1,0 +1,100 @@
+"""The precision contract, emulated on the transformers reference (test helper).
+
+moed's contract (README, "Precision contract"): weights as published, every
+linear's input and the attention dot products' operands in BF16, accumulation,
+softmax, norms, the router and the residual stream in FP32. `contract_logits`
+runs the transformers model of a checkpoint (float32, dequantized weights; see
+hf_reference.py) with exactly these roundings applied and nothing else:
+  - every nn.Linear but the routers rounds its input to BF16 (round to nearest
+    even), then computes in float32;
+  - attention rounds Q and K to BF16 before QK^T, takes the scores, max and
+    sum in float32, rounds the unnormalised probabilities exp(s - max) and V
+    to BF16 before PV, and divides by the float32 sum.
+Fast paths are judged against it: their mean KL divergence from the float32
+reference may be at most 2x the emulation's, and they may miss no top-1 token
+at a clear-margin position that the emulation gets right.
+"""
+import torch
+from torch import nn
+
+from hf_reference import hf_model
+
+ROUTER_NAMES = ("gate", "shared_expert_gate")      # routers and Qwen2-MoE's shared gate
+_IMPL = "moed_contract"
+
+
+def bf16(x):
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def contract_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **_):
+    # query [B, H, n, dq], key [B, Hkv, L, dq], value [B, Hkv, L, dv] -> [B, n, H, dv]
+    G = query.shape[1] // key.shape[1]
+    k = bf16(key).repeat_interleave(G, dim=1)
+    v = bf16(value).repeat_interleave(G, dim=1)
+    s = torch.matmul(bf16(query), k.transpose(2, 3)) * scaling
+    n, L = s.shape[-2:]
+    visible = torch.arange(L)[None, :] <= torch.arange(n)[:, None] + (L - n)
+    s = s.masked_fill(~visible, float("-inf"))
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    out = torch.matmul(bf16(e), v) / e.sum(-1, keepdim=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class _BF16Input(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(bf16(x))
+
+
+def _emulating(model):
+    from transformers import AttentionInterface
+    AttentionInterface.register(_IMPL, contract_attention)
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear) and child_name not in ROUTER_NAMES:
+                setattr(mod, child_name, _BF16Input(child))
+    model.config._attn_implementation = _IMPL
+    for mod in model.modules():
+        if hasattr(mod, "config") and mod.config is not model.config:
+            mod.config._attn_implementation = _IMPL
+    return model
+
+
+_emulations = {}
+
+
+def contract_model(model_dir):
+    """A transformers model of `model_dir` under the contract's roundings (cached; a
+    separate copy from hf_model's float32 one)."""
+    from pathlib import Path
+    from hf_reference import load_reference
+    key = Path(model_dir).resolve()
+    if key not in _emulations:
+        _emulations[key] = _emulating(load_reference(key))
+    return _emulations[key]
+
+
+@torch.no_grad()
+def reference_logits(model_dir, ids):
+    """(float32 reference logits [T, V], contract emulation's logits [T, V]), float64."""
+    x = torch.tensor([list(ids)])
+    ref = hf_model(model_dir)(x).logits[0].double()
+    emu = contract_model(model_dir)(x).logits[0].double()
+    return ref, emu
+
+
+def mean_kl(ref, logits):
+    """Mean over positions of KL(softmax(ref) || softmax(logits))."""
+    p = torch.log_softmax(ref, -1)
+    q = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def clear_margin(ref, margin):
+    """Positions whose reference top-1 beats the runner-up by `margin` logits."""
+    top2 = ref.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]) > margin
