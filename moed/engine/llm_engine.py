@@ -86,13 +86,17 @@ def install_cpu_paths(model, model_dir, experts, linears, deterministic=True):
 
 def install_cpu_routers(model):
     """Softmax routers (Mixtral, Qwen-MoE) on the compiled glue: logits, softmax and
-    top-k in one call. Returns the number switched."""
-    from moed.experts.glue import CPUSoftmaxRouter
-    from moed.model.moe import SoftmaxRouter
+    top-k in one call; DeepSeek's grouped sigmoid router takes its logits from the same
+    per-row dots (batch-invariant, unlike torch's matmul). Returns the number switched."""
+    from moed.experts.glue import CPUGroupedSigmoidRouter, CPUSoftmaxRouter
+    from moed.model.moe import GroupedSigmoidRouter, SoftmaxRouter
     n = 0
     for _, moe in model.moe_layers():
         if type(moe.router) is SoftmaxRouter:
             moe.router = CPUSoftmaxRouter(moe.router)
+            n += 1
+        elif type(moe.router) is GroupedSigmoidRouter:
+            moe.router = CPUGroupedSigmoidRouter(moe.router)
             n += 1
     return n
 

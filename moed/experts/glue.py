@@ -8,6 +8,8 @@ T tokens, E experts, D hidden.
 """
 import torch
 
+from moed.model.moe import grouped_sigmoid_topk
+
 from moed.errors import InvalidRequestError
 from moed.experts.layer import default_threads
 
@@ -92,6 +94,35 @@ class CPUSoftmaxRouter:
                                       self.renorm, logits.data_ptr(), ids.data_ptr(),
                                       wts.data_ptr(), self.threads)
         return ids, wts
+
+
+class CPUGroupedSigmoidRouter(CPUSoftmaxRouter):
+    """DeepSeek-V3's router with its logits from the compiled glue (the same per-row
+    FP32 dots as CPUSoftmaxRouter), then the group-limited sigmoid top-k of the
+    reference on them. torch's matmul picks its blocking by the number of rows, so a
+    token's logits (and near-tie expert picks) changed with the batch; these do not."""
+
+    def __call__(self, x):
+        # x [T, D] float32 -> ids [T, k] int64, weights [T, k] float32
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
+                or self.gate.bias is not None:
+            return self.reference(x)
+        x = x.contiguous()
+        T, (E, D) = x.shape[0], self.weight.shape
+        if x.shape[1] != D:
+            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {D}]",
+                                      field="x")
+        logits = torch.empty(T, E, dtype=torch.float32)
+        if T:
+            ids = torch.empty(T, 1, dtype=torch.int64)
+            wts = torch.empty(T, 1, dtype=torch.float32)
+            self.kernels.softmax_topk(x.data_ptr(), self.weight.data_ptr(),
+                                      self.weight.dtype == torch.bfloat16, T, D, E, 1, False,
+                                      logits.data_ptr(), ids.data_ptr(), wts.data_ptr(),
+                                      self.threads)
+        r = self.reference
+        return grouped_sigmoid_topk(logits, r.bias, r.k, r.n_group, r.topk_group,
+                                    r.norm_topk_prob, r.scaling)
 
 
 class CPURMSNorm:

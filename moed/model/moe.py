@@ -69,10 +69,33 @@ def softmax_topk(logits, k, norm_topk_prob):
     return ids, weights
 
 
+def rowwise_sigmoid(x):
+    """x [T, E] float32 -> sigmoid(x), each row's values independent of T: torch's
+    vectorised sigmoid computes the tail of the flat buffer (and of each thread's
+    share) on another path, so rows are padded to whole 64-element vectors first."""
+    T, E = x.shape
+    Ep = -(-E // 64) * 64
+    if Ep == E:
+        return x.sigmoid()
+    padded = x.new_zeros(T, Ep)
+    padded[:, :E] = x
+    return padded.sigmoid_()[:, :E]
+
+
+def rowwise_sum(w):
+    """w [T, k] -> [T, 1]: columns added left to right (torch's reduction order over a
+    short last dim changes with the number of rows)."""
+    total = w[:, :1].clone()
+    for j in range(1, w.shape[1]):
+        total += w[:, j:j + 1]
+    return total
+
+
 def grouped_sigmoid_topk(logits, bias, k, n_group, topk_group, norm_topk_prob, scaling):
     # DeepSeek-V3: logits [T, E], bias [E] (e_score_correction_bias) -> ids, weights [T, k].
-    # The bias only steers selection; weights come from the unbiased scores.
-    scores = logits.float().sigmoid()                                     # [T, E]
+    # The bias only steers selection; weights come from the unbiased scores. A row's
+    # result does not depend on the other rows (batch-invariant).
+    scores = rowwise_sigmoid(logits.float())                              # [T, E]
     biased = scores + bias                                                # [T, E]
     T, E = biased.shape
     grouped = biased.view(T, n_group, E // n_group)                       # [T, G, E/G]
@@ -83,7 +106,7 @@ def grouped_sigmoid_topk(logits, bias, k, n_group, topk_group, norm_topk_prob, s
     ids = biased.masked_fill(expert_mask == 0, 0.0).topk(k, dim=-1).indices  # [T, k]
     weights = scores.gather(1, ids)
     if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights / (rowwise_sum(weights) + 1e-20)
     return ids, weights * scaling
 
 
