@@ -88,10 +88,13 @@ def install_cpu_routers(model):
     """Softmax routers (Mixtral, Qwen-MoE) on the compiled glue: logits, softmax and
     top-k in one call; DeepSeek's grouped sigmoid router takes its logits from the same
     per-row dots (batch-invariant, unlike torch's matmul). Returns the number switched."""
-    from moed.experts.glue import CPUGroupedSigmoidRouter, CPUSoftmaxRouter
+    from moed.experts.glue import CPUGateLogits, CPUGroupedSigmoidRouter, CPUSoftmaxRouter
+    from moed.model.layers import Linear
     from moed.model.moe import GroupedSigmoidRouter, SoftmaxRouter
     n = 0
     for _, moe in model.moe_layers():
+        if type(moe.shared_gate) is Linear:        # Qwen2-MoE's [1, D] shared-expert gate
+            moe.shared_gate = CPUGateLogits(moe.shared_gate)
         if type(moe.router) is SoftmaxRouter:
             moe.router = CPUSoftmaxRouter(moe.router)
             n += 1

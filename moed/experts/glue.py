@@ -96,6 +96,38 @@ class CPUSoftmaxRouter:
         return ids, wts
 
 
+class CPUGateLogits:
+    """A small FP32 gate Linear [E, D] (Qwen2-MoE's shared-expert gate, E = 1) as the
+    router kernel's per-row dots: torch's matmul picks its blocking by the number of
+    rows, so a token's gate changed with the batch; these do not."""
+
+    def __init__(self, linear, threads=None, kernels=None):
+        from moed.cpu import expert_kernels
+        self.reference = linear
+        self.weight = linear.weight.dequantize().contiguous()          # [E, D] float32
+        self.kernels = kernels or expert_kernels()
+        self.threads = threads or default_threads()
+
+    def __call__(self, x):
+        # x [T, D] float32 -> [T, E] float32
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
+                or self.reference.bias is not None:
+            return self.reference(x)
+        x = x.contiguous()
+        T, (E, D) = x.shape[0], self.weight.shape
+        if x.shape[1] != D:
+            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {D}]",
+                                      field="x")
+        logits = torch.empty(T, E, dtype=torch.float32)
+        if T:
+            ids = torch.empty(T, 1, dtype=torch.int64)
+            wts = torch.empty(T, 1, dtype=torch.float32)
+            self.kernels.softmax_topk(x.data_ptr(), self.weight.data_ptr(), False, T, D, E, 1,
+                                      False, logits.data_ptr(), ids.data_ptr(), wts.data_ptr(),
+                                      self.threads)
+        return logits
+
+
 class CPUGroupedSigmoidRouter(CPUSoftmaxRouter):
     """DeepSeek-V3's router with its logits from the compiled glue (the same per-row
     FP32 dots as CPUSoftmaxRouter), then the group-limited sigmoid top-k of the

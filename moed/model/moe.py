@@ -149,7 +149,7 @@ class MoE:
         if self.shared is not None:
             s = self.shared(x)
             if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(x)) * s
+                s = rowwise_sigmoid(self.shared_gate(x).float()) * s
             y = y + s
         return y
 
