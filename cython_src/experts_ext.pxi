@@ -191,6 +191,8 @@ cdef extern from "glue_kernels.c" nogil:
     void qk_norm_rope(const float *x, int64_t ldx, int N, int R, int d, const float *w,
                       float eps, const float *cs, const float *sn, int64_t ldcs, float *out,
                       int nthreads)
+    void router_logits(const float *x, const void *w, int w_bf16, int T, int D, int E,
+                       float *logits, int nthreads)
     void router_softmax_topk(const float *x, const void *w, int w_bf16, int T, int D, int E,
                              int k, int renorm, float *logits, int64_t *ids, float *wts,
                              int nthreads)
@@ -206,6 +208,15 @@ def norm_rope(uintptr_t x, int64_t ldx, int N, int R, int d, uintptr_t w, float 
     with nogil:
         qk_norm_rope(<const float *>x, ldx, N, R, d, <const float *>w, eps,
                      <const float *>cos, <const float *>sin, ldcs, <float *>out, nthreads)
+
+
+def gate_logits(uintptr_t x, uintptr_t w, bint w_bf16, int T, int D, int E, uintptr_t logits,
+                int nthreads):
+    """logits[T, E] = x @ w^T (FP32 dots in one order per row); w FP32 or BF16. Pointers
+    and shapes are checked by the caller (moed/experts/glue.py)."""
+    with nogil:
+        router_logits(<const float *>x, <const void *>w, w_bf16, T, D, E, <float *>logits,
+                      nthreads)
 
 
 def softmax_topk(uintptr_t x, uintptr_t w, bint w_bf16, int T, int D, int E, int k,

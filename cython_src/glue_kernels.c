@@ -147,12 +147,19 @@ static void router_worker(void *arg, int tid, int n) {
     router_dots(j, all * tid / n, all * (tid + 1) / n);
 }
 
-static void router_softmax_topk(const float *x, const void *w, int w_bf16, int T, int D, int E,
-                                int k, int renorm, float *logits, int64_t *ids, float *wts,
-                                int nthreads) {
+/* logits [T, E] = x W^T: each dot in the one order above, whichever thread takes it
+ * (a token's logits do not depend on the batch). */
+static void router_logits(const float *x, const void *w, int w_bf16, int T, int D, int E,
+                          float *logits, int nthreads) {
     router_job j = {.x = x, .w = w, .logits = logits, .T = T, .D = D, .E = E, .w_bf16 = w_bf16};
     if ((int64_t)T * E * D < (1 << 16) || nthreads <= 1) router_dots(&j, 0, (int64_t)T * E);
     else pool_run(router_worker, &j, nthreads);
+}
+
+static void router_softmax_topk(const float *x, const void *w, int w_bf16, int T, int D, int E,
+                                int k, int renorm, float *logits, int64_t *ids, float *wts,
+                                int nthreads) {
+    router_logits(x, w, w_bf16, T, D, E, logits, nthreads);
     for (int t = 0; t < T; t++) {
         float *l = logits + (int64_t)t * E;
         float mx = l[0], sum = 0.0f;

@@ -50,40 +50,42 @@ class _BF16Input(nn.Module):
         return self.linear(bf16(x))
 
 
-def _emulating(model):
+def _emulating(model, bf16_attention):
     from transformers import AttentionInterface
-    AttentionInterface.register(_IMPL, contract_attention)
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear) and child_name not in ROUTER_NAMES:
                 setattr(mod, child_name, _BF16Input(child))
-    model.config._attn_implementation = _IMPL
-    for mod in model.modules():
-        if hasattr(mod, "config") and mod.config is not model.config:
-            mod.config._attn_implementation = _IMPL
+    if bf16_attention:
+        AttentionInterface.register(_IMPL, contract_attention)
+        for mod in model.modules():
+            if hasattr(mod, "config"):
+                mod.config._attn_implementation = _IMPL
     return model
 
 
 _emulations = {}
 
 
-def contract_model(model_dir):
+def contract_model(model_dir, bf16_attention=True):
     """A transformers model of `model_dir` under the contract's roundings (cached; a
-    separate copy from hf_model's float32 one)."""
+    separate copy from hf_model's float32 one). bf16_attention=False keeps attention
+    in float32: the roundings of a path more precise than the contract there (the
+    AVX2 and generic kernels), which is judged against its own roundings."""
     from pathlib import Path
     from hf_reference import load_reference
-    key = Path(model_dir).resolve()
+    key = (Path(model_dir).resolve(), bf16_attention)
     if key not in _emulations:
-        _emulations[key] = _emulating(load_reference(key))
+        _emulations[key] = _emulating(load_reference(key[0]), bf16_attention)
     return _emulations[key]
 
 
 @torch.no_grad()
-def reference_logits(model_dir, ids):
-    """(float32 reference logits [T, V], contract emulation's logits [T, V]), float64."""
+def reference_logits(model_dir, ids, bf16_attention=True):
+    """(float32 reference logits [T, V], the emulation's logits [T, V]), float64."""
     x = torch.tensor([list(ids)])
     ref = hf_model(model_dir)(x).logits[0].double()
-    emu = contract_model(model_dir)(x).logits[0].double()
+    emu = contract_model(model_dir, bf16_attention)(x).logits[0].double()
     return ref, emu
 
 

@@ -120,11 +120,8 @@ class CPUGateLogits:
                                       field="x")
         logits = torch.empty(T, E, dtype=torch.float32)
         if T:
-            ids = torch.empty(T, 1, dtype=torch.int64)
-            wts = torch.empty(T, 1, dtype=torch.float32)
-            self.kernels.softmax_topk(x.data_ptr(), self.weight.data_ptr(), False, T, D, E, 1,
-                                      False, logits.data_ptr(), ids.data_ptr(), wts.data_ptr(),
-                                      self.threads)
+            self.kernels.gate_logits(x.data_ptr(), self.weight.data_ptr(), False, T, D, E,
+                                     logits.data_ptr(), self.threads)
         return logits
 
 
@@ -146,12 +143,9 @@ class CPUGroupedSigmoidRouter(CPUSoftmaxRouter):
                                       field="x")
         logits = torch.empty(T, E, dtype=torch.float32)
         if T:
-            ids = torch.empty(T, 1, dtype=torch.int64)
-            wts = torch.empty(T, 1, dtype=torch.float32)
-            self.kernels.softmax_topk(x.data_ptr(), self.weight.data_ptr(),
-                                      self.weight.dtype == torch.bfloat16, T, D, E, 1, False,
-                                      logits.data_ptr(), ids.data_ptr(), wts.data_ptr(),
-                                      self.threads)
+            self.kernels.gate_logits(x.data_ptr(), self.weight.data_ptr(),
+                                     self.weight.dtype == torch.bfloat16, T, D, E,
+                                     logits.data_ptr(), self.threads)
         r = self.reference
         return grouped_sigmoid_topk(logits, r.bias, r.k, r.n_group, r.topk_group,
                                     r.norm_topk_prob, r.scaling)
