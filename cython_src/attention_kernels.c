@@ -40,6 +40,14 @@
  *   g_att_store_bytes. Each task owns its output rows: no reduction, the
  *   result does not depend on the thread count.
  *
+ * PRECISION CONTRACT (README): Q and K rounded to BF16 before QK^T, the
+ *   unnormalised probabilities and V rounded to BF16 before PV; scores, max,
+ *   sums and the output accumulate in FP32. One reduction order per query:
+ *   key blocks of BN from key 0, each score lane a vdpbf16ps chain over the
+ *   head dims in order, the same online-softmax steps, whichever rows, heads,
+ *   threads or chunk share the task; decodes run this arithmetic through the
+ *   slot table (attention_paged), so a position's output does not depend on
+ *   how the engine batched or chunked it.
  * AVX-512 (Zen 4, Sapphire Rapids and later): Q.K^T and P.V with vdpbf16ps on
  *   BF16 inputs (round to nearest even), FP32 accumulation; softmax statistics
  *   in FP32 with exp512 (expert_units.h). Scratch layouts put a pair of

@@ -10,6 +10,8 @@
  *
  * DEFINITION (the scalar twin below is this loop)
  *   for t, r < 64: out[t][r] += scale * sum_{k<128} W[r][k] * x[t][k]
+ *   (precision contract: x is BF16, products exact, sums FP32; a token's sum
+ *   runs in one order whatever nt is, so the output is batch-invariant)
  *
  * LAYOUT of one chunk (16 rows r, 4 columns k of one row group):
  *   BF16: A = 32 words [r0k0 r0k1 r1k0 r1k1 .. r15k1], then B = same for k2, k3.
