@@ -114,7 +114,7 @@ def test_softmax_router_matches_the_torch_router(isa, T, E, D, k, renorm, wdtype
     ref = SoftmaxRouter(Linear(Weight(torch.randn(E, D, generator=g).to(wdtype), None, None)),
                         k, renorm)
     fast = CPUSoftmaxRouter(ref, threads=2, kernels=kernels)
-    assert fast.weight.dtype == wdtype        # a BF16 router is read as BF16, exactly
+    assert fast.gate.weight.dtype == wdtype        # a BF16 router is read as BF16, exactly
     x = torch.randn(T, D, generator=g)
     (ids, wts), (rid, rwts) = fast(x), ref(x)
     assert ids.dtype == torch.int64 and torch.equal(ids, rid)     # no near-ties at this seed

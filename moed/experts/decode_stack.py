@@ -89,18 +89,18 @@ def _row(i, layer, next_norm, kernels, threads, D):
         need(getattr(hook, "keywords", {}).get("kernels") is kernels,
              f"layer {i}: a hook on other kernels")
     need(type(m) is MoE and m.shared is None, f"layer {i}: not routed experts alone")
-    need(type(m.router) is CPUSoftmaxRouter and m.router.gate.bias is None,
+    need(type(m.router) is CPUSoftmaxRouter and m.router.gate.reference.bias is None,
          f"layer {i}: router not compiled")
     need(type(m.experts) is CPUExpertLayer, f"layer {i}: experts not compiled")
     need(all(type(n) is CPURMSNorm for n in (layer.input_norm, layer.post_norm, next_norm)),
          f"layer {i}: norms not compiled")
-    parts = (fused, a.o, m.router, m.experts, layer.post_norm, next_norm)
+    parts = (fused, a.o, m.router.gate, m.experts, layer.post_norm, next_norm)
     need(all(p.kernels is kernels and p.threads == threads for p in parts),
          f"layer {i}: parts on other kernels or thread counts")
     need(m.experts.packed.hidden == D, f"layer {i}: experts' hidden size")
     (q0, _), (v0, _) = a._qk_spans()
     qk_w = a._qk_weight if a.q_norm is not None else None
-    rw = m.router.weight
+    rw = m.router.gate.weight
     return (fused._args, a.o._args, q0, v0, a.heads, a.kv_heads, a.head_dim,
             0 if qk_w is None else qk_w.data_ptr(),
             a.q_norm.eps if a.q_norm is not None else 0.0, a.scale,

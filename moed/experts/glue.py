@@ -56,6 +56,45 @@ def _norm_rope_refusal(qk, cos, sin, weight):
     raise InvalidRequestError(f"weight must be contiguous float32 [{R}, {d}]", field="weight")
 
 
+class CPUGateLogits:
+    """A gate Linear [E, D] (a router's, or Qwen2-MoE's shared-expert gate with E = 1)
+    as the router kernel's per-row FP32 dots: torch's matmul picks its blocking by the
+    number of rows, so a token's logits changed with the batch; these do not."""
+
+    def __init__(self, linear, threads=None, kernels=None):
+        from moed.cpu import expert_kernels
+        self.reference = linear
+        w = linear.weight.dequantize().float()                             # [E, D]
+        # BF16 when every weight is a BF16 value (a BF16 router, upcast exactly by the
+        # reference): the kernel widens it exactly, same products from half the bytes
+        half = w.bfloat16()
+        self.weight = half.contiguous() if torch.equal(half.float(), w) else w.contiguous()
+        self.kernels = kernels or expert_kernels()
+        self.threads = threads or default_threads()
+
+    def takes(self, x):
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
+                or self.reference.bias is not None:
+            return False
+        if x.shape[1] != self.weight.shape[1]:
+            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected "
+                                      f"[T, {self.weight.shape[1]}]", field="x")
+        return True
+
+    def __call__(self, x):
+        # x [T, D] float32 -> [T, E] float32
+        if not self.takes(x):
+            return self.reference(x)
+        x = x.contiguous()
+        logits = torch.empty(x.shape[0], self.weight.shape[0], dtype=torch.float32)
+        if x.shape[0]:
+            self.kernels.gate_logits(x.data_ptr(), self.weight.data_ptr(),
+                                     self.weight.dtype == torch.bfloat16, x.shape[0],
+                                     self.weight.shape[1], self.weight.shape[0],
+                                     logits.data_ptr(), self.threads)
+        return logits
+
+
 class CPUSoftmaxRouter:
     """A softmax router (Mixtral, Qwen-MoE) on the compiled glue: FP32 logits, softmax
     and top-k in one call instead of five torch ops on a [T, E] tensor. The logits
@@ -63,91 +102,43 @@ class CPUSoftmaxRouter:
     selection is that of the reference but for exact near-ties."""
 
     def __init__(self, router, threads=None, kernels=None):
-        from moed.cpu import expert_kernels
         self.reference = router                                   # moed.model.moe.SoftmaxRouter
-        self.gate = router.gate                                   # its float32 Linear [E, D]
-        w = router.gate.weight.data.float()                          # [E, D]
-        # BF16 when every weight is a BF16 value (a BF16 router, upcast exactly by the
-        # reference): the kernel widens it exactly, same products from half the bytes
-        half = w.bfloat16()
-        self.weight = half.contiguous() if torch.equal(half.float(), w) else w.contiguous()
+        self.gate = CPUGateLogits(router.gate, threads, kernels)  # its float32 Linear [E, D]
         self.k, self.renorm = router.k, router.norm_topk_prob
-        self.kernels = kernels or expert_kernels()
-        self.threads = threads or default_threads()
 
     def __call__(self, x):
         # x [T, D] float32 -> ids [T, k] int64, weights [T, k] float32
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
-                or self.gate.bias is not None:
+        g = self.gate
+        if not g.takes(x):
             return self.reference(x)
         x = x.contiguous()
-        T, (E, D) = x.shape[0], self.weight.shape
-        if x.shape[1] != D:
-            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {D}]",
-                                      field="x")
+        T, (E, D) = x.shape[0], g.weight.shape
         ids = torch.empty(T, self.k, dtype=torch.int64)
         wts = torch.empty(T, self.k, dtype=torch.float32)
         if T:
             logits = torch.empty(T, E, dtype=torch.float32)
-            self.kernels.softmax_topk(x.data_ptr(), self.weight.data_ptr(),
-                                      self.weight.dtype == torch.bfloat16, T, D, E, self.k,
-                                      self.renorm, logits.data_ptr(), ids.data_ptr(),
-                                      wts.data_ptr(), self.threads)
+            g.kernels.softmax_topk(x.data_ptr(), g.weight.data_ptr(),
+                                   g.weight.dtype == torch.bfloat16, T, D, E, self.k,
+                                   self.renorm, logits.data_ptr(), ids.data_ptr(),
+                                   wts.data_ptr(), g.threads)
         return ids, wts
 
 
-class CPUGateLogits:
-    """A small FP32 gate Linear [E, D] (Qwen2-MoE's shared-expert gate, E = 1) as the
-    router kernel's per-row dots: torch's matmul picks its blocking by the number of
-    rows, so a token's gate changed with the batch; these do not."""
-
-    def __init__(self, linear, threads=None, kernels=None):
-        from moed.cpu import expert_kernels
-        self.reference = linear
-        self.weight = linear.weight.dequantize().contiguous()          # [E, D] float32
-        self.kernels = kernels or expert_kernels()
-        self.threads = threads or default_threads()
-
-    def __call__(self, x):
-        # x [T, D] float32 -> [T, E] float32
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
-                or self.reference.bias is not None:
-            return self.reference(x)
-        x = x.contiguous()
-        T, (E, D) = x.shape[0], self.weight.shape
-        if x.shape[1] != D:
-            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {D}]",
-                                      field="x")
-        logits = torch.empty(T, E, dtype=torch.float32)
-        if T:
-            self.kernels.gate_logits(x.data_ptr(), self.weight.data_ptr(), False, T, D, E,
-                                     logits.data_ptr(), self.threads)
-        return logits
-
-
-class CPUGroupedSigmoidRouter(CPUSoftmaxRouter):
+class CPUGroupedSigmoidRouter:
     """DeepSeek-V3's router with its logits from the compiled glue (the same per-row
     FP32 dots as CPUSoftmaxRouter), then the group-limited sigmoid top-k of the
-    reference on them. torch's matmul picks its blocking by the number of rows, so a
-    token's logits (and near-tie expert picks) changed with the batch; these do not."""
+    reference on them (batch-invariant: moed.model.moe.grouped_sigmoid_topk)."""
+
+    def __init__(self, router, threads=None, kernels=None):
+        self.reference = router                                   # GroupedSigmoidRouter
+        self.gate = CPUGateLogits(router.gate, threads, kernels)
 
     def __call__(self, x):
         # x [T, D] float32 -> ids [T, k] int64, weights [T, k] float32
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 \
-                or self.gate.bias is not None:
+        if not self.gate.takes(x):
             return self.reference(x)
-        x = x.contiguous()
-        T, (E, D) = x.shape[0], self.weight.shape
-        if x.shape[1] != D:
-            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {D}]",
-                                      field="x")
-        logits = torch.empty(T, E, dtype=torch.float32)
-        if T:
-            self.kernels.gate_logits(x.data_ptr(), self.weight.data_ptr(),
-                                     self.weight.dtype == torch.bfloat16, T, D, E,
-                                     logits.data_ptr(), self.threads)
         r = self.reference
-        return grouped_sigmoid_topk(logits, r.bias, r.k, r.n_group, r.topk_group,
+        return grouped_sigmoid_topk(self.gate(x), r.bias, r.k, r.n_group, r.topk_group,
                                     r.norm_topk_prob, r.scaling)
 
 
