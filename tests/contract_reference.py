@@ -41,6 +41,24 @@ def contract_attention(module, query, key, value, attention_mask, scaling, dropo
     return out.transpose(1, 2).contiguous(), None
 
 
+def _legacy_contract_forward(self, hidden_states, attention_mask=None, position_ids=None,
+                             past_key_values=None, output_attentions=False, use_cache=False,
+                             cache_position=None, position_embeddings=None, **_):
+    """Attention modules that inline eager attention instead of calling the attention
+    interface (Qwen2-MoE in transformers 4.57): the same projections and rotary, then
+    contract_attention. No cache: the tests run whole prompts."""
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import apply_rotary_pos_emb
+    bsz, q_len, _ = hidden_states.size()
+    shape = (bsz, q_len, -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, position_ids)
+    out, _ = contract_attention(self, q, k, v, None, self.head_dim ** -0.5)
+    return self.o_proj(out.reshape(bsz, q_len, -1)), None
+
+
 class _BF16Input(nn.Module):
     def __init__(self, linear):
         super().__init__()
@@ -61,6 +79,8 @@ def _emulating(model, bf16_attention):
         for mod in model.modules():
             if hasattr(mod, "config"):
                 mod.config._attn_implementation = _IMPL
+            if type(mod).__name__ == "Qwen2MoeAttention":
+                mod.forward = _legacy_contract_forward.__get__(mod)
     return model
 
 

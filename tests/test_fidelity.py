@@ -16,12 +16,12 @@ from contract_reference import clear_margin, mean_kl, reference_logits
 from isa_kernels import kernels_or_skip
 from moed import LLM
 
-# DeepSeek-V3 and Qwen2-MoE are left out for now: their tiny random checkpoints'
-# router near-ties flip experts at a few positions under any rounding (the
-# emulation's own KL moves x10 between prompts), so the pooled KL over three
-# prompts does not yet judge them (a checkpoint with clear router margins would)
-ARCHS = [("qwen3_moe", "fp8"), ("qwen3_moe", "bf16"), ("mixtral", "bf16")]
-LENGTHS = (16, 100, 512)
+ARCHS = [("qwen3_moe", "fp8"), ("qwen3_moe", "bf16"), ("mixtral", "bf16"),
+         ("deepseek_v3", "fp8"), ("qwen2_moe", "bf16")]
+# the tiny random checkpoints' router near-ties flip an expert here and there under any
+# rounding, and a flip moves a whole prompt's KL (the emulation's own moves x10 between
+# prompts): six prompts are pooled
+LENGTHS = (16, 64, 100, 200, 300, 512)
 MARGIN = 0.5            # logits between the reference's top two: a clear top-1
 
 
@@ -51,11 +51,18 @@ def kl_sum(ref, logits):
     return mean_kl(ref, logits) * ref.shape[0]
 
 
-@pytest.mark.parametrize("arch,fmt", ARCHS)
-@pytest.mark.parametrize("isa", cpu.ISAS)
+KNOWN = pytest.mark.xfail(strict=True, reason=(
+    "known, open: DeepSeek's absorbed MLA on the BF16 kernels misses 1-2 top-1 tokens at "
+    "clear-margin positions (of ~940) that the emulation, which rounds the expanded Q and "
+    "K, gets right"))
+CASES = [pytest.param(arch, fmt, isa, marks=[KNOWN] if arch == "deepseek_v3"
+                      and BF16_ATTENTION[isa] else [])
+         for arch, fmt in ARCHS for isa in cpu.ISAS]
+
+
+@pytest.mark.parametrize("arch,fmt,isa", CASES)
 def test_fast_paths_inside_the_contract(arch, fmt, isa, tiny_model_dir, monkeypatch):
-    # mean KL over every position of the three prompts (a router flip in a random model
-    # moves a whole prompt's KL; the pooled mean is the steadier judge)
+    # mean KL over every position of the prompts (the pooled mean is the steadier judge)
     kernels_or_skip(isa)
     monkeypatch.setenv("MOED_ISA", isa)
     model = model_for(tiny_model_dir, arch, fmt)
