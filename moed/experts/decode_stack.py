@@ -14,8 +14,8 @@ with the fused q/k/v projection and o_proj on the kernels (no biases), the
 compiled q/k norm + rotary (rotate-half), decode attention and KV store; RMS
 norms on the compiled glue; a softmax router on the compiled glue feeding the
 routed experts on the kernels, no shared experts. Anything else (DeepSeek's
-MLA, dense MLP layers, the generic ISA where torch decodes attention, the
-torch reference) keeps the Python path. Each step it declines when a layer's
+MLA, dense MLP layers, the generic ISA with `deterministic` off, where torch
+decodes attention, the torch reference) keeps the Python path. Each step it declines when a layer's
 hooks were swapped since (tests count calls through them), the step has a
 prefill, or a cache is not a compiled one (FP32, BF16). MOED_DECODE_STACK=0
 turns it off (benchmarks compare both).
