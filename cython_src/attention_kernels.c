@@ -406,12 +406,59 @@ static int64_t att_kblock_bytes(int qw, int dq) {
 }
 static int64_t att_vblock_bytes(int dvp) { return att_align(4 * (int64_t)ATT_BN * dvp); }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* 8 rows of 8 floats -> 8 columns, stored BN apart (a register transpose: the
+ * strided scalar stores made the conversion, not the dot products, the cost of a
+ * decode's key block). Pure data movement: the values are the scalar loop's. */
+static inline void att_t8x8(const float *const *rows, int d0, float *dst) {
+    __m256 r[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(rows[i] + d0);
+    for (int i = 0; i < 8; i += 2) {
+        u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; h++) {
+            r[i + h] = _mm256_shuffle_ps(u[i + h], u[i + h + 2], 0x44);
+            r[i + h + 2] = _mm256_shuffle_ps(u[i + h], u[i + h + 2], 0xee);
+        }
+    /* r[0..3]: rows 0-3, columns {0,4},{2,6},{1,5},{3,7} in 128-bit halves; r[4..7] rows 4-7 */
+    const int col[4] = {0, 2, 1, 3};
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + col[i] * ATT_BN, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (col[i] + 4) * ATT_BN, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+#endif
+
 static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
     float *kt = (float *)dst;
+    const int dq = j->dq;
+    int d8 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    float zero[dq + 8], wide[j->k.bf16 ? ATT_BN : 1][j->k.bf16 ? dq : 1];
+    memset(zero, 0, sizeof(zero));
+    const float *rows[ATT_BN];
     for (int t = 0; t < ATT_BN; t++) {
         const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
-        for (int d = 0; d < j->dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
+        if (!src) rows[t] = zero;
+        else if (!j->k.bf16) rows[t] = (const float *)src;
+        else {
+            for (int d = 0; d < dq; d++) wide[t][d] = bf16_to_f32(((const uint16_t *)src)[d]);
+            rows[t] = wide[t];
+        }
     }
+    d8 = dq & ~7;
+    for (int d0 = 0; d0 < d8; d0 += 8)
+        for (int t0 = 0; t0 < ATT_BN; t0 += 8) att_t8x8(rows + t0, d0, kt + d0 * ATT_BN + t0);
+    for (int t = 0; t < ATT_BN; t++)
+        for (int d = d8; d < dq; d++) kt[d * ATT_BN + t] = rows[t][d];
+#else
+    for (int t = 0; t < ATT_BN; t++) {
+        const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
+        for (int d = d8; d < dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
+    }
+#endif
 }
 
 static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
@@ -420,7 +467,11 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
     for (int t = 0; t < ATT_BN; t++) {
         const void *src = t < nk ? att_row(&j->v, att_key(slots, k0 + t), g) : NULL;
         float *dst = vf + (int64_t)t * j->dvp;
-        for (int c = 0; c < j->dvp; c++) dst[c] = src && c < j->dv ? att_elem(&j->v, src, c) : 0.0f;
+        int c = 0;
+        if (src && !j->v.bf16) { memcpy(dst, src, 4 * (size_t)j->dv); c = j->dv; }
+        else if (src)
+            for (; c < j->dv; c++) dst[c] = bf16_to_f32(((const uint16_t *)src)[c]);
+        for (; c < j->dvp; c++) dst[c] = 0.0f;
     }
 }
 

@@ -193,7 +193,7 @@ def dense_bytes(model):
     Linears left (routers). A fused matrix (q/k/v, gate/up) and its parts' row views
     share memory: each byte is counted once."""
     from moed.experts.dense import CPULinear
-    from moed.experts.glue import CPUSoftmaxRouter
+    from moed.experts.glue import CPUGateLogits
     from moed.model.layers import Linear
     spans, torch_ = [], 0
     seen = set()
@@ -203,7 +203,7 @@ def dense_bytes(model):
         if id(obj) in seen:
             return
         seen.add(id(obj))
-        if isinstance(obj, CPUSoftmaxRouter):        # the compiled router reads its own copy
+        if isinstance(obj, CPUGateLogits):           # the compiled gates read their own copy
             torch_ += obj.weight.nbytes
         elif isinstance(obj, CPULinear):
             for a in (obj.packed.units, obj.packed.scales):
