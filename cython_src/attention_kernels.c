@@ -180,6 +180,31 @@ static inline uint32_t att_lane_mask(int lim, int j0) {
     return (1u << (lim - j0 + 1)) - 1;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* 8 rows of 8 32-bit words (floats, or BF16 pairs) -> 8 columns, stored BN apart (a register transpose: the
+ * strided scalar stores made the conversion, not the dot products, the cost of a
+ * decode's key block). Pure data movement: the values are the scalar loop's. */
+static inline void att_t8x8(const float *const *rows, int d0, float *dst) {
+    __m256 r[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(rows[i] + d0);
+    for (int i = 0; i < 8; i += 2) {
+        u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; h++) {
+            r[i + h] = _mm256_shuffle_ps(u[i + h], u[i + h + 2], 0x44);
+            r[i + h + 2] = _mm256_shuffle_ps(u[i + h], u[i + h + 2], 0xee);
+        }
+    /* r[0..3]: rows 0-3, columns {0,4},{2,6},{1,5},{3,7} in 128-bit halves; r[4..7] rows 4-7 */
+    const int col[4] = {0, 2, 1, 3};
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + col[i] * ATT_BN, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (col[i] + 4) * ATT_BN, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+#endif
+
 /* ====================================================== AVX-512 BF16 path */
 #ifdef ATT_BF16_DOT
 
@@ -208,13 +233,27 @@ static int64_t att_vblock_bytes(int dvp) { return att_align(2 * (int64_t)ATT_BN 
 
 static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
     uint32_t *kb = (uint32_t *)dst;
-    uint32_t row[j->qw + 1];
+    const int qw = j->qw;
+    /* rows as BF16 pair words: a BF16 row of even length in place, else converted */
+    const int in_place = j->k.bf16 && !(j->dq & 1);
+    uint32_t zero[qw + 8], conv[in_place ? 1 : ATT_BN][in_place ? 1 : qw + 1];
+    memset(zero, 0, sizeof(zero));
+    const float *rows[ATT_BN];
     for (int t = 0; t < ATT_BN; t++) {
-        if (t < nk) att_row_bf16(&j->k, att_row(&j->k, att_key(slots, k0 + t), g), j->dq,
-                                 (uint16_t *)row, j->qw);
-        else memset(row, 0, 4 * (size_t)j->qw);
-        for (int p = 0; p < j->qw; p++) kb[p * ATT_BN + t] = row[p];
+        const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
+        if (!src) rows[t] = (const float *)zero;
+        else if (in_place) rows[t] = (const float *)src;
+        else {
+            att_row_bf16(&j->k, src, j->dq, (uint16_t *)conv[t], qw);
+            rows[t] = (const float *)conv[t];
+        }
     }
+    const int p8 = qw & ~7;
+    for (int p0 = 0; p0 < p8; p0 += 8)
+        for (int t0 = 0; t0 < ATT_BN; t0 += 8)
+            att_t8x8(rows + t0, p0, (float *)(kb + (int64_t)p0 * ATT_BN + t0));
+    for (int t = 0; t < ATT_BN; t++)
+        for (int p = p8; p < qw; p++) kb[p * ATT_BN + t] = ((const uint32_t *)rows[t])[p];
 }
 
 /* 16 FP32 (or BF16) elements of a row -> 16 BF16 in the low halves of 32-bit lanes. */
@@ -406,30 +445,6 @@ static int64_t att_kblock_bytes(int qw, int dq) {
 }
 static int64_t att_vblock_bytes(int dvp) { return att_align(4 * (int64_t)ATT_BN * dvp); }
 
-#if defined(__AVX2__) && defined(__FMA__)
-/* 8 rows of 8 floats -> 8 columns, stored BN apart (a register transpose: the
- * strided scalar stores made the conversion, not the dot products, the cost of a
- * decode's key block). Pure data movement: the values are the scalar loop's. */
-static inline void att_t8x8(const float *const *rows, int d0, float *dst) {
-    __m256 r[8], u[8];
-    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(rows[i] + d0);
-    for (int i = 0; i < 8; i += 2) {
-        u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4)
-        for (int h = 0; h < 2; h++) {
-            r[i + h] = _mm256_shuffle_ps(u[i + h], u[i + h + 2], 0x44);
-            r[i + h + 2] = _mm256_shuffle_ps(u[i + h], u[i + h + 2], 0xee);
-        }
-    /* r[0..3]: rows 0-3, columns {0,4},{2,6},{1,5},{3,7} in 128-bit halves; r[4..7] rows 4-7 */
-    const int col[4] = {0, 2, 1, 3};
-    for (int i = 0; i < 4; i++) {
-        _mm256_storeu_ps(dst + col[i] * ATT_BN, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-        _mm256_storeu_ps(dst + (col[i] + 4) * ATT_BN, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-    }
-}
-#endif
 
 static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
     float *kt = (float *)dst;
