@@ -155,7 +155,7 @@ static att_scratch att_carve(uint8_t *base, const att_job *j) {
         s.kblk = cur;  cur += j->kbytes;
         s.vblk = cur;
     }
-    s.G = j->G;
+    s.G = 0;                    /* set per task (att_task) */
     return s;
 }
 

@@ -48,16 +48,9 @@
 #include "expert_units.h"
 #include "attention_kernels.c"      /* attention_paged: one included copy (include guard) */
 
-typedef struct {
-    const void *p;                  /* slot 0, kv head 0 */
-    int64_t ld, hs;                 /* elements between slots / kv heads */
-    int bf16;
-} kv_operand;
-
-static att_operand dec_operand(kv_operand x) {
-    att_operand o = {x.p, x.ld, x.hs, x.bf16};
-    return o;
-}
+/* A cache operand: row (slot s, kv head g) at p + s * ld + g * hs (the attention
+ * kernel's operand, with slots for tokens). */
+typedef att_operand kv_operand;
 
 /* Bytes of workspace decode_attention needs (bounded by the threads, not by context). */
 static int64_t decode_workspace_bytes(int B, int H, int Hkv, int dq, int dv, int nthreads) {
@@ -73,8 +66,8 @@ static int64_t decode_attention(const float *q, int64_t q_ld, int64_t q_hs, kv_o
                                 int dq, int dv, float scale, float *out, uint8_t *workspace,
                                 int nthreads) {
     att_operand qo = {q, q_ld, q_hs, 0};
-    return attention_paged(qo, dec_operand(k), dec_operand(v), slots, ldslots, context, S, B,
-                           H, Hkv, dq, dv, scale, out, workspace, nthreads);
+    return attention_paged(qo, k, v, slots, ldslots, context, S, B, H, Hkv, dq, dv, scale, out,
+                           workspace, nthreads);
 }
 
 /* ====================================================== KV store */

@@ -15,6 +15,7 @@ from isa_kernels import kernels_or_skip
 from moed import LLM, SamplingParams
 from moed.experts.attention import causal_attention
 from moed.experts.decode_attention import latent_decode_attention, paged_decode_attention
+from test_decode_attention import slot_table
 
 LENGTHS = (5, 17, 40, 64, 90, 33, 120, 8)
 ARCHS = [("qwen3_moe", "fp8"), ("mixtral", "bf16"), ("deepseek_v3", "fp8"), ("qwen2_moe", "bf16")]
@@ -88,14 +89,6 @@ def test_requests_arriving_at_different_steps(isa, tiny_model_dir, monkeypatch):
     assert [got[f"r{i}"] for i in range(len(ps))] == solo
 
 
-def _ragged(g, S, contexts):
-    table = torch.empty(len(contexts), max(contexts), dtype=torch.int64)
-    for row, c in zip(table, contexts):
-        row[:c] = torch.randperm(S, generator=g)[:c]
-        row[c:] = row[0]
-    return table
-
-
 @pytest.mark.parametrize("isa", cpu.ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decode_equals_the_prefill_at_its_position(isa, dtype):
@@ -132,7 +125,7 @@ def test_a_decode_equals_the_prefill_at_its_position(isa, dtype):
     S, Hkv, G, d = 400, 2, 4, 64
     kv = torch.randn(S, 2, Hkv, d, generator=g).to(dtype)
     contexts = [1, 77, 300, 64, 65]
-    slots = _ragged(g, S, contexts)
+    slots = slot_table(contexts, S, g)
     q = torch.randn(len(contexts), Hkv * G, d, generator=g)
     both = paged_decode_attention(q, kv, slots, torch.tensor(contexts), 0.125, kernels=kernels)
     for i, c in enumerate(contexts):

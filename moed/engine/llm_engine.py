@@ -4,10 +4,10 @@
 
 Not thread-safe: one thread owns it (the server's engine thread, or LLM).
 """
-from numbers import Integral
 import itertools
 import logging
 import os
+from numbers import Integral
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +172,8 @@ def install_cpu_attention(model, deterministic=True):
             # tools/bench_attention.py --decode, Qwen3-30B shape, 2 threads, vs gather +
             # torch decode_attention: avx512 x1.8 (B 1, L 64) .. x14 (B 8, L 1K), BF16
             # cache x2.6 .. x12; avx2 x1.6 .. x9.8; generic (SSE2 only) x0.4-0.55 at B 1,
-            # L <= 4K: torch decodes there. The store beats two index_put on every ISA
+            # L <= 4K: torch decodes there unless deterministic (the kernel's arithmetic is
+            # the prefill's). The store beats two index_put on every ISA
             # (x1.4-2.6). In a 2-layer Qwen3-30B-shaped decode step (store + attend per
             # layer, avx512): 157 -> 81 us at 64 keys, 1.5 -> 0.5 ms at 2K, B 8: 2.7 -> 0.4 ms.
             if kernels.ISA != "generic" or deterministic:
@@ -182,7 +183,8 @@ def install_cpu_attention(model, deterministic=True):
             # tools/bench_attention.py --decode --mla (DeepSeek-V3: 128 heads, one
             # 576-wide latent), 2 threads, vs gather + two batched matmuls: avx512
             # x1.2-1.6 (FP32 cache), x1.6-2.3 (BF16), ~260 GFLOP/s from 512 keys; avx2
-            # x1.0-1.3, x1.2-2.6; generic (SSE2 only) x0.4-0.7: torch decodes there.
+            # x1.0-1.3, x1.2-2.6; generic (SSE2 only) x0.4-0.7: torch decodes there
+            # unless deterministic.
             attn.decode_kernel = latent
         if isinstance(attn, MLAttention) and flash:
             attn.one_form = deterministic
@@ -218,7 +220,6 @@ class LLMEngine:
             "torch" if experts == "torch" else "auto")
         self.experts, self.linears = install_cpu_paths(self.model, model_dir, experts, linears,
                                                        deterministic)
-        self.deterministic = deterministic
         self.block_size = block_size
         dtype = getattr(torch, kv_cache_dtype, None)
         if not isinstance(dtype, torch.dtype):
@@ -262,7 +263,6 @@ class LLMEngine:
             if not ids:
                 raise InvalidRequestError("prompt is empty", field="prompt")
             V = self.model.vocab_size
-            # the C-speed test first: a 100k-token prompt is checked on the engine thread
             if set(map(type, ids)) != {int}:      # numpy integers too; never bools or floats
                 kinds = [t for t in ids if isinstance(t, bool) or not isinstance(t, Integral)]
                 if kinds:

@@ -5,9 +5,11 @@
 in place from the paged GQA cache through the sequence's slot row: no gathered
 copy; `latent_decode_attention` is the same kernel over DeepSeek MLA's latent cache
 (one kv head, the value a prefix of the key). `store_kv` writes the step's new keys
-and values into their slots. All compute in FP32 (a BF16 cache is widened
-exactly), so results equal the torch path (moed.model.layers.decode_attention on a
-gathered copy) within FP32 rounding.
+and values into their slots. A decode runs the prefill kernel's per-query arithmetic
+(cython_src/attention_kernels.c), so its output equals the prefill's at that position
+bit for bit: FP32 on AVX2 and generic (equal to the torch path,
+moed.model.layers.decode_attention on a gathered copy, within FP32 rounding), BF16 dot
+products with FP32 accumulation on AVX-512 (the precision contract).
 Shape legend: B decodes, H query heads, Hkv kv heads, d head dim, S cache slots,
 Lmax slot-row length, N new tokens.
 """
