@@ -34,4 +34,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf build *.egg-info moed/*.so $(VENV)
+	rm -rf build *.egg-info $(VENV); find moed -name "*.so" -delete

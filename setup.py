@@ -17,7 +17,7 @@ class ParallelBuildExt(build_ext):
 
 def extensions():
     # One expert extension per instruction set, each compiled with its own -m
-    # flags; moed.cpu imports only the one the CPU and OS support.
+    # flags; moed.backends.cpu.isa imports only the one the CPU and OS support.
     isa_flags = {
         "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi",
                    "-mavx512bf16", "-mavx2", "-mfma"],
@@ -33,12 +33,12 @@ def extensions():
                                            "dense_kernels.c", "attention_kernels.c",
                                            "glue_kernels.c", "decode_kernels.c",
                                            "mla_kernels.c", "decode_stack.c", "bf16_emu.h",
-                                           "experts_ext.pxi")]
+                                           "kernels_ext.pxi")]
     exts = [
-        Extension("moed._cpu_guard", ["cython_src/cpu_guard.pyx"],
+        Extension("moed.backends.cpu._isa_guard", ["cython_src/_isa_guard.pyx"],
                   include_dirs=["cython_src"], extra_compile_args=["-O2"]),
     ] + [
-        Extension(f"moed._experts_{isa}", [f"cython_src/_experts_{isa}.pyx"],
+        Extension(f"moed.backends.cpu._kernels_{isa}", [f"cython_src/_kernels_{isa}.pyx"],
                   include_dirs=["cython_src"], depends=kernels,
                   # -fno-wrapv: Python's CFLAGS carry -fwrapv, under which gcc cannot
                   # bound `i + n <= D` loops and leaves the plain-C kernels scalar
@@ -58,7 +58,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["moed", "moed.*"]),
     include_package_data=True,
-    package_data={"moed": ["py.typed", "model/tiny_corpus.txt"]},
+    package_data={"moed": ["py.typed", "testing/tiny_corpus.txt"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": ParallelBuildExt},
     install_requires=[

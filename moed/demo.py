@@ -17,7 +17,7 @@ def cache_dir():
 def demo_model_dir():
     """Path of the demo checkpoint, building it on first use (atomic: a crash mid-way
     leaves no half-written model behind)."""
-    from moed.model.tiny import build_tiny_model
+    from moed.testing.tiny import build_tiny_model
     target = cache_dir() / f"demo-{DEMO_ARCH}-{DEMO_FORMAT}-v{DEMO_VERSION}"
     if (target / "config.json").exists():
         return target

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from moed.model.tiny import build_tiny_model
+from moed.testing.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)

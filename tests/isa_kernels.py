@@ -1,7 +1,7 @@
 """The tests' access to one instruction set's compiled kernels."""
 import pytest
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed.errors import ConfigError
 
 

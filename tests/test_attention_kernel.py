@@ -1,4 +1,4 @@
-"""Causal prefill attention kernel (moed/experts/attention.py): every ISA against a
+"""Causal prefill attention kernel (moed/backends/cpu/attention.py): every ISA against a
 float64 reference (explicit softmax, causal mask offset by the cached prefix) on
 ragged shapes, float32 and BF16 inputs, NaN-poisoned outputs, strided inputs,
 bad shapes, thread-count determinism and two Python threads at once.
@@ -17,9 +17,9 @@ import threading
 import pytest
 import torch
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed.errors import InvalidRequestError
-from moed.experts.attention import causal_attention
+from moed.backends.cpu.attention import causal_attention
 
 from isa_kernels import kernels_or_skip
 

@@ -1,4 +1,4 @@
-"""Paged decode attention and the KV store (moed/experts/decode_attention.py): every
+"""Paged decode attention and the KV store (moed/backends/cpu/decode_attention.py): every
 ISA against the torch path the model used before (moed.model.layers.decode_attention
 on a gathered copy of the cache), FP32 and BF16 caches, ragged batches with padded
 and shuffled slot rows, GQA groups 1/4/8, head dims 64/128, the split-context path;
@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed import LLM, SamplingParams
 from moed.errors import InvalidRequestError
-from moed.experts.decode_attention import (latent_decode_attention, paged_decode_attention,
+from moed.backends.cpu.decode_attention import (latent_decode_attention, paged_decode_attention,
                                            store_kv)
-from moed.experts.mla import LatentAbsorb
+from moed.backends.cpu.mla import LatentAbsorb
 from moed.model.deepseek_v3 import MLAttention
 from moed.model.layers import decode_attention
-from moed.model.tiny import build_tiny_model
+from moed.testing.tiny import build_tiny_model
 
 from isa_kernels import kernels_or_skip
 

@@ -1,4 +1,4 @@
-"""The compiled decode stack (moed/experts/decode_stack.py, cython_src/decode_stack.c)
+"""The compiled decode stack (moed/backends/cpu/decode_stack.py, cython_src/decode_stack.c)
 against the layer loop it stands in for. It makes the same kernel calls with the
 same inputs and thread count, so the logits must be equal bit for bit, on every
 ISA that builds it, for both cache dtypes, ragged batches included. It must also
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed import LLM, SamplingParams
 from moed.engine.sequence import Sequence
 from moed.errors import InvalidRequestError
-from moed.experts.decode_stack import DecodeStack
+from moed.backends.cpu.decode_stack import DecodeStack
 from moed.model.base import AttentionBatch
-from moed.model.tiny import build_tiny_model
+from moed.testing.tiny import build_tiny_model
 
 from isa_kernels import kernels_or_skip
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed.errors import InvalidRequestError
-from moed.experts.dense import CPUFusedLinear, CPUGatedMLP, CPULinear
-from moed.experts.dense_store import concat_rows, pack_weight
+from moed.backends.cpu.linears import CPUFusedLinear, CPUGatedMLP, CPULinear
+from moed.backends.cpu.dense_store import concat_rows, pack_weight
 from moed.model.formats import Weight, quantize_fp8
 from moed.model.layers import Linear
 
@@ -175,7 +175,7 @@ def test_fused_gate_up_matches_the_mlp(fmt, inter):
 
 RUN = """
 import torch
-from moed.experts.dense import CPULinear
+from moed.backends.cpu.linears import CPULinear
 from moed.model.formats import Weight, quantize_fp8
 w = torch.randn(131, 67)
 lin = CPULinear(Weight(*quantize_fp8(w), (128, 128)))

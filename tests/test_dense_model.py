@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from moed import LLM, SamplingParams
-from moed.experts import install_cpu_linears
-from moed.experts.dense import CPUFusedLinear, CPUGatedMLP, CPULinear
-from moed.experts.dense_store import DenseStore, store_path
+from moed.backends.cpu.linears import install_cpu_linears
+from moed.backends.cpu.linears import CPUFusedLinear, CPUGatedMLP, CPULinear
+from moed.backends.cpu.dense_store import DenseStore, store_path
 from moed.model.layers import Linear
-from moed.model.tiny import build_tiny_model
+from moed.testing.tiny import build_tiny_model
 
 PROMPT = [5, 17, 42, 99, 7, 3]
 TOL = 2e-2      # mean relative L1 of logits, as tests/test_experts_model.py states it
@@ -53,7 +53,7 @@ def test_qwen_every_projection_and_the_lm_head_move_routers_stay(models):
     m = llm.engine.model
     moe = [layer.mlp for layer in m.layers if hasattr(layer.mlp, "router")]
     dense = [layer.mlp for layer in m.layers if not hasattr(layer.mlp, "router")]
-    from moed.experts.glue import CPUSoftmaxRouter
+    from moed.backends.cpu.glue import CPUSoftmaxRouter
     assert moe and all(type(mlp.router.reference.gate) is Linear for mlp in moe)   # FP32 router
     assert all(isinstance(mlp.router, CPUSoftmaxRouter) for mlp in moe)  # compiled routing
     for layer in m.layers:
@@ -140,10 +140,10 @@ def chunked_logits(llm, ids, chunk):
 @pytest.mark.parametrize("key", [("qwen3_moe", "fp8"), ("mixtral", "bf16"),
                                  ("deepseek_v3", "fp8")])
 def test_prefill_attention_kernel_matches_the_reference_across_chunks(models, key):
-    from moed.experts.attention import causal_attention
+    from moed.backends.cpu.attention import causal_attention
     ref = LLM(models[key], device="cpu", experts="torch")
     fast = LLM(models[key], device="cpu", max_num_batched_tokens=16, max_num_seqs=4)
-    from moed.cpu import expert_kernels
+    from moed.backends.cpu.isa import expert_kernels
     # deterministic (the default): the kernel on every ISA, decodes with its arithmetic
     assert all(layer.attn.prefill_kernel is causal_attention for layer in fast.engine.model.layers)
     prompt = [int(t) for t in np.random.default_rng(1).integers(3, 200, size=45)]
@@ -174,7 +174,7 @@ def test_mla_expanded_prefill_through_the_kernel_matches_the_reference(models, m
         rel = np.abs(a - b).mean() / np.abs(b).mean()
         print(f"MLA expanded prefill, logits mean rel L1 {rel:.2e}")
         assert rel < TOL
-    from moed.cpu import expert_kernels
+    from moed.backends.cpu.isa import expert_kernels
     if expert_kernels().ISA in ("avx512", "avx512emu"):
         assert seen and all(h > 1 for h in seen)       # every chunk went the expanded way
     else:

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed.errors import InvalidRequestError
-from moed.experts import CPUExpertLayer
-from moed.experts import layer as layer_mod
+from moed.backends.cpu.experts import CPUExpertLayer
+from moed.backends.cpu import experts as layer_mod
 from moed.model.formats import dequantize_fp8, quantize_fp8
 
 from isa_kernels import kernels_or_skip

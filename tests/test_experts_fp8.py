@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import moed.cpu as cpu
-from moed.experts.layout import pack_matrix
+import moed.backends.cpu.isa as cpu
+from moed.backends.cpu.layout import pack_matrix
 
 from isa_kernels import kernels_or_skip
 

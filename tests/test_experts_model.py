@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moed import LLM, SamplingParams
-from moed.model.tiny import build_tiny_model
+from moed.testing.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from contract_reference import clear_margin, mean_kl, reference_logits, router_near_ties
 from isa_kernels import kernels_or_skip
 from moed import LLM

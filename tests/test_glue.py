@@ -1,12 +1,12 @@
-"""q/k norm + rotary on the compiled kernels (moed.experts.glue): every ISA against
+"""q/k norm + rotary on the compiled kernels (moed.backends.cpu.glue): every ISA against
 the torch path it replaces, on ragged shapes and strided inputs; bad arguments; the
 attention layer's joint path with and without the kernel."""
 import pytest
 import torch
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed.errors import InvalidRequestError
-from moed.experts.glue import norm_rope
+from moed.backends.cpu.glue import norm_rope
 from moed.model.layers import RMSNorm, Rotary
 from moed.model.model_config import RopeConfig
 
@@ -60,8 +60,8 @@ def test_bad_arguments_name_the_field():
 
 def tiny_attention(qk_norm, fused):
     """GQA with H * d a multiple of 128, so the fused projection holds k right after q."""
-    from moed.experts.dense import CPUFusedLinear, CPULinear
-    from moed.experts.dense_store import concat_rows, pack_weight
+    from moed.backends.cpu.linears import CPUFusedLinear, CPULinear
+    from moed.backends.cpu.dense_store import concat_rows, pack_weight
     from moed.model.attention import GQAttention
     from moed.model.formats import Weight
     from moed.model.layers import Linear
@@ -105,7 +105,7 @@ def test_attention_joint_path_with_the_kernel_matches_torch(qk_norm):
                                             (5, 8, 33, 2, True), (300, 16, 64, 1, False)])
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
 def test_softmax_router_matches_the_torch_router(isa, T, E, D, k, renorm, wdtype):
-    from moed.experts.glue import CPUSoftmaxRouter
+    from moed.backends.cpu.glue import CPUSoftmaxRouter
     from moed.model.formats import Weight
     from moed.model.layers import Linear
     from moed.model.moe import SoftmaxRouter
@@ -124,7 +124,7 @@ def test_softmax_router_matches_the_torch_router(isa, T, E, D, k, renorm, wdtype
 
 
 def test_softmax_router_keeps_ids_valid_on_nan_input():
-    from moed.experts.glue import CPUSoftmaxRouter
+    from moed.backends.cpu.glue import CPUSoftmaxRouter
     from moed.model.formats import Weight
     from moed.model.layers import Linear
     from moed.model.moe import SoftmaxRouter
@@ -142,7 +142,7 @@ def test_softmax_router_keeps_ids_valid_on_nan_input():
 @pytest.mark.parametrize("N,D", [(1, 2048), (3, 7), (130, 1000), (700, 96)])
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_residual_add_and_norm_match_torch(isa, N, D, with_delta):
-    from moed.experts.glue import CPURMSNorm
+    from moed.backends.cpu.glue import CPURMSNorm
     kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(N + D)
     ref = RMSNorm(torch.rand(D, generator=g) + 0.5, 1e-5)
@@ -163,7 +163,7 @@ def test_residual_add_and_norm_match_torch(isa, N, D, with_delta):
 
 
 def test_norm_falls_back_to_torch_off_its_shapes():
-    from moed.experts.glue import CPURMSNorm
+    from moed.backends.cpu.glue import CPURMSNorm
     ref = RMSNorm(torch.rand(16) + 0.5, 1e-6)
     fast = CPURMSNorm(ref)
     x3 = torch.randn(2, 3, 16)                                        # 3-D: the torch path
@@ -178,7 +178,7 @@ def test_norm_falls_back_to_torch_off_its_shapes():
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_argmax_is_torch_argmax(isa):
-    from moed.experts.glue import argmax
+    from moed.backends.cpu.glue import argmax
     kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(7)
     wide = torch.randn(6, 151936 + 9, generator=g)

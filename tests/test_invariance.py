@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from isa_kernels import kernels_or_skip
 from moed import LLM, SamplingParams
-from moed.experts.attention import causal_attention
-from moed.experts.decode_attention import latent_decode_attention, paged_decode_attention
+from moed.backends.cpu.attention import causal_attention
+from moed.backends.cpu.decode_attention import latent_decode_attention, paged_decode_attention
 from test_decode_attention import slot_table
 
 LENGTHS = (5, 17, 40, 64, 90, 33, 120, 8)

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed.errors import ConfigError
 
 RUN = """
 import torch
-from moed.experts import CPUExpertLayer
+from moed.backends.cpu.experts import CPUExpertLayer
 g = torch.randn(2, 64, 130).bfloat16(); d = torch.randn(2, 130, 64).bfloat16()
 layer = CPUExpertLayer.from_tensors(g, g, d)
 y = layer.forward(torch.randn(1, 130), torch.tensor([[1]]), torch.tensor([[1.0]]))

@@ -1,4 +1,4 @@
-"""DeepSeek MLA's absorbed decode products with kv_b as stored (moed/experts/mla.py):
+"""DeepSeek MLA's absorbed decode products with kv_b as stored (moed/backends/cpu/mla.py):
 every ISA against float64 on the dequantized weight, FP8 (whole 128 x 128 blocks
 per head, the DeepSeek-V3 layout and the AVX-512 fast path, and ragged dims that
 straddle blocks) and BF16, batches that cover every register-block remainder,
@@ -11,9 +11,9 @@ order other than float64's: relative max error <= 1e-5 of the output scale
 import pytest
 import torch
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from moed.errors import InvalidRequestError
-from moed.experts.mla import LatentAbsorb
+from moed.backends.cpu.mla import LatentAbsorb
 from moed.model.formats import Weight, quantize_fp8
 
 from isa_kernels import kernels_or_skip

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-import moed.cpu as cpu
+import moed.backends.cpu.isa as cpu
 from isa_kernels import kernels_or_skip
 from moed.config import Config
 from moed.server.background import BackgroundServer

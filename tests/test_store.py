@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moed.errors import CheckpointError
-from moed.experts import CPUExpertLayer
-from moed.experts.store import ExpertStore, open_or_build, store_path, write_store
+from moed.backends.cpu.experts import CPUExpertLayer
+from moed.backends.cpu.store import ExpertStore, open_or_build, store_path, write_store
 from moed.model.formats import Weight, quantize_fp8
 from moed.model.moe import TorchExperts
 
@@ -102,7 +102,7 @@ def test_checkpoint_change_gives_a_new_store(model_dir):
 
 READER = textwrap.dedent("""
     import sys
-    from moed.experts.store import ExpertStore
+    from moed.backends.cpu.store import ExpertStore
     store = ExpertStore.open(sys.argv[1])          # verify reads every page
     print("ready", flush=True)
     sys.stdin.readline()

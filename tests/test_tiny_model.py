@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from moed.errors import ConfigError
 from moed.model.formats import FP8_DTYPE, dequantize_fp8
-from moed.model.tiny import build_tiny_model
+from moed.testing.tiny import build_tiny_model
 
 from hf_reference import hf_model
 

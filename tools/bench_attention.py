@@ -11,7 +11,7 @@ Usage: python tools/bench_attention.py [--cases 512,4096,512@3584] [--repeat 5]
 
 --decode: decode attention instead, one new token per sequence attending to its
 context in the paged cache [S, 2, Hkv, d] through a slot table of shuffled 16-slot
-blocks (as the KV block manager leaves it). Compiled (moed/experts/decode_attention.py)
+blocks (as the KV block manager leaves it). Compiled (moed/backends/cpu/decode_attention.py)
 against the torch path GQAttention used before (gather kv_cache[slots], then
 moed.model.layers.decode_attention), best of N each; the K/V bytes read per second
 against the plain read bandwidth measured in the same run; and the store of one
@@ -24,7 +24,7 @@ cache row of 576 = 512 latent + 64 rotary per token; the value is the latent):
 latent_decode_attention against the torch path MLAttention takes without it (gather
 kv_cache[slots], then moed.model.layers.decode_attention: two batched matmuls); then
 kv_b's two per-head products (q_nope into the latent, the latent output out through
-W_uv) read as stored, FP8 with block scales (moed/experts/mla.py), against the
+W_uv) read as stored, FP8 with block scales (moed/backends/cpu/mla.py), against the
 einsums over its FP32 copy, cold: 8 layers' copies in turn, as a decode step meets
 them.
 """
@@ -40,9 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_model import env_threads, machine  # noqa: E402
 
-from moed.cpu import expert_kernels  # noqa: E402
-from moed.experts.attention import causal_attention  # noqa: E402
-from moed.experts.decode_attention import (latent_decode_attention,  # noqa: E402
+from moed.backends.cpu.isa import expert_kernels  # noqa: E402
+from moed.backends.cpu.attention import causal_attention  # noqa: E402
+from moed.backends.cpu.decode_attention import (latent_decode_attention,  # noqa: E402
                                            paged_decode_attention, store_kv)
 from moed.model.layers import decode_attention  # noqa: E402
 
@@ -165,7 +165,7 @@ def bench_mla_decode(B, L, dtype, kernels, threads, repeat, read_bw):
 
 
 def bench_mla_absorb(kernels, threads, repeat, layers=8):
-    from moed.experts.mla import LatentAbsorb
+    from moed.backends.cpu.mla import LatentAbsorb
     from moed.model.formats import Weight, quantize_fp8
     H, dn, dv, r = MLA_H, 128, 128, MLA_R
     g = torch.Generator().manual_seed(1)

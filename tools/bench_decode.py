@@ -24,7 +24,7 @@ time in the weight kernels - time in attention proper (scores, softmax,
 values): norms, rotary, KV writes, routing, sampling, scheduling, Python.
 
 The engine runs a decode step's layers in one compiled call (the decode stack,
-moed/experts/decode_stack.py): its line gives that call's time ("layers") beside
+moed/backends/cpu/decode_stack.py): its line gives that call's time ("layers") beside
 the LM head's, and overhead = the rest; the `loop` line is the same engine with
 the Python layer loop instead, each kernel and attention timed on its own.
 

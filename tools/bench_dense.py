@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_model import env_threads, machine  # noqa: E402
 
-from moed.cpu import expert_kernels  # noqa: E402
-from moed.experts.dense import CPULinear  # noqa: E402
+from moed.backends.cpu.isa import expert_kernels  # noqa: E402
+from moed.backends.cpu.linears import CPULinear  # noqa: E402
 from moed.model.formats import Weight  # noqa: E402
 from moed.model.layers import Linear  # noqa: E402
 

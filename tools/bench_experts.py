@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from moed.cpu import expert_kernels
-from moed.experts.layer import CPUExpertLayer, default_threads
-from moed.experts.packed import PackedExperts, empty_buffers
+from moed.backends.cpu.isa import expert_kernels
+from moed.backends.cpu.experts import CPUExpertLayer, default_threads
+from moed.backends.cpu.packed import PackedExperts, empty_buffers
 from moed.model.formats import Weight
 from moed.model.moe import TorchExperts
 

@@ -22,7 +22,7 @@ def qwen3_30b_shaped(model_dir, layers):
     """The checkpoint in model_dir (built there once; reused while its config matches)."""
     import json
 
-    from moed.model.tiny import build_tiny_model
+    from moed.testing.tiny import build_tiny_model
     d = Path(model_dir)
     want = dict(QWEN3_30B, num_hidden_layers=layers)
     cfg = d / "config.json"
@@ -91,11 +91,11 @@ class StepClock:
     def __enter__(self):
         from moed.engine.llm_engine import LLMEngine
         from moed.engine.model_runner import ModelRunner
-        from moed.experts.dense import CPULinear
-        from moed.experts.layer import CPUExpertLayer
+        from moed.backends.cpu.linears import CPULinear
+        from moed.backends.cpu.experts import CPUExpertLayer
         from moed.model.attention import GQAttention
         from moed.model.layers import Linear
-        from moed.experts.glue import CPUSoftmaxRouter
+        from moed.backends.cpu.glue import CPUSoftmaxRouter
         from moed.model.moe import TorchExperts
         # a compiled router call is mostly its FP32 weight read (the torch path's
         # router is a Linear, counted here too); its softmax/top-k rides along
@@ -133,10 +133,10 @@ class StepClock:
         setattr(cls, name, timed)
 
     def _wrap_stack(self):
-        """The decode stack (moed.experts.decode_stack): every layer's kernels, attention
+        """The decode stack (moed.backends.cpu.decode_stack): every layer's kernels, attention
         and glue in one compiled call, timed as "stack"; its routed experts counted from
         the expert ids it keeps per layer."""
-        from moed.experts.decode_stack import DecodeStack
+        from moed.backends.cpu.decode_stack import DecodeStack
         fn, clock = DecodeStack.__call__, self
 
         def timed(stack, *args):
@@ -192,8 +192,8 @@ def dense_bytes(model):
     """Bytes of every packed dense matrix a step reads once (CPU path), and of the torch
     Linears left (routers). A fused matrix (q/k/v, gate/up) and its parts' row views
     share memory: each byte is counted once."""
-    from moed.experts.dense import CPULinear
-    from moed.experts.glue import CPUGateLogits
+    from moed.backends.cpu.linears import CPULinear
+    from moed.backends.cpu.glue import CPUGateLogits
     from moed.model.layers import Linear
     spans, torch_ = [], 0
     seen = set()
@@ -252,7 +252,7 @@ def model_setup(args):
     tmp = tempfile.TemporaryDirectory()
     os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
     model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
-    from moed.cpu import expert_kernels
+    from moed.backends.cpu.isa import expert_kernels
     kernels, threads = expert_kernels(), env_threads()
     line = (f"isa={kernels.ISA}, {threads} threads (torch {torch.get_num_threads()}, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")

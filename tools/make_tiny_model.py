@@ -12,7 +12,7 @@ import sys
 import time
 
 from moed.errors import MoedError
-from moed.model.tiny import ARCHS, FORMATS, TOKENIZER_VOCAB, build_tiny_model
+from moed.testing.tiny import ARCHS, FORMATS, TOKENIZER_VOCAB, build_tiny_model
 
 
 def parse_set(item):

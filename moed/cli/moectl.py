@@ -178,7 +178,7 @@ COMMANDS = {
 
 def cmd_pack(args):
     from moed.errors import MoedError
-    from moed.experts.store import pack_model
+    from moed.backends.cpu.store import pack_model
     try:
         path = pack_model(args.model_dir, progress=not args.json)
     except MoedError as e:

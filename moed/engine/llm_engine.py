@@ -65,7 +65,8 @@ def install_cpu_paths(model, model_dir, experts, linears, deterministic=True):
     if model.device.type != "cpu" or experts == linears == "torch":
         return "torch", "torch"
     try:
-        from moed.experts import install_cpu_experts, install_cpu_linears
+        from moed.backends.cpu.install import install_cpu_experts
+        from moed.backends.cpu.linears import install_cpu_linears
         isa = None
         if experts != "torch" and model.moe_layers():
             isa = install_cpu_experts(model, model_dir)
@@ -88,7 +89,7 @@ def install_cpu_routers(model):
     """Softmax routers (Mixtral, Qwen-MoE) on the compiled glue: logits, softmax and
     top-k in one call; DeepSeek's grouped sigmoid router takes its logits from the same
     per-row dots (batch-invariant, unlike torch's matmul). Returns the number switched."""
-    from moed.experts.glue import CPUGateLogits, CPUGroupedSigmoidRouter, CPUSoftmaxRouter
+    from moed.backends.cpu.glue import CPUGateLogits, CPUGroupedSigmoidRouter, CPUSoftmaxRouter
     from moed.model.layers import Linear
     from moed.model.moe import GroupedSigmoidRouter, SoftmaxRouter
     n = 0
@@ -106,9 +107,9 @@ def install_cpu_routers(model):
 
 def install_cpu_norms(model):
     """Every decoder layer's RMS norms and the final one on the compiled glue, each
-    with the residual add before it folded in (moed.experts.glue.CPURMSNorm).
+    with the residual add before it folded in (moed.backends.cpu.glue.CPURMSNorm).
     Returns the number switched."""
-    from moed.experts.glue import CPURMSNorm
+    from moed.backends.cpu.glue import CPURMSNorm
     from moed.model.layers import RMSNorm
     n = 0
     for owner, name in [(layer, a) for layer in model.layers
@@ -122,9 +123,9 @@ def install_cpu_norms(model):
 
 def install_decode_stack(model):
     """Decode-only steps through every layer in one compiled call where the whole
-    model is the compiled GQA + routed-experts form (moed.experts.decode_stack;
+    model is the compiled GQA + routed-experts form (moed.backends.cpu.decode_stack;
     MOED_DECODE_STACK=0: off). Returns whether it was installed."""
-    from moed.experts.decode_stack import build_decode_stack, enabled
+    from moed.backends.cpu.decode_stack import build_decode_stack, enabled
     model.decode_stack = build_decode_stack(model) if enabled() else None
     return model.decode_stack is not None
 
@@ -146,13 +147,13 @@ def install_cpu_attention(model, deterministic=True):
     Returns the attention layers seen."""
     import functools
 
-    from moed.cpu import expert_kernels
-    from moed.experts.attention import causal_attention
-    from moed.experts.decode_attention import (latent_decode_attention, paged_decode_attention,
+    from moed.backends.cpu.isa import expert_kernels
+    from moed.backends.cpu.attention import causal_attention
+    from moed.backends.cpu.decode_attention import (latent_decode_attention, paged_decode_attention,
                                                store_kv)
-    from moed.experts.glue import norm_rope
-    from moed.experts.mla import LatentAbsorb
-    from moed.experts.layer import default_threads
+    from moed.backends.cpu.glue import norm_rope
+    from moed.backends.cpu.mla import LatentAbsorb
+    from moed.backends.cpu.experts import default_threads
     from moed.model.attention import GQAttention
     from moed.model.deepseek_v3 import MLAttention
     kernels = expert_kernels()
@@ -411,7 +412,7 @@ def next_text(detokenizer, stops, token_id, reason):
 
 def _isa_name():
     try:
-        from moed.cpu import selected_isa
+        from moed.backends.cpu.isa import selected_isa
         return selected_isa()
     except Exception:   # the guard extension not built: report it, never fail a load on it
         return "unknown"

@@ -105,10 +105,10 @@ def _argmax(rows):
     # rows [B, V] -> [B] int64; on the CPU the compiled pass (same answer as torch's)
     if rows.device.type == "cpu":
         try:
-            from moed.cpu import expert_kernels
+            from moed.backends.cpu.isa import expert_kernels
             kernels = expert_kernels()
         except ImportError:         # the compiled engine is not built: torch's
             return rows.argmax(dim=-1)
-        from moed.experts.glue import argmax
+        from moed.backends.cpu.glue import argmax
         return argmax(rows, kernels)
     return rows.argmax(dim=-1)

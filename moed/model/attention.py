@@ -24,7 +24,7 @@ class GQAttention:
         # the step's new k/v written into their slots in one call when installed:
         # fn(kv_cache, slot_mapping [N], k [N, Hkv, d], v [N, Hkv, d]) (float32 k, v)
         self.kv_store = None
-        # q/k norm + rotary in one compiled pass when installed (moed.experts.glue.norm_rope)
+        # q/k norm + rotary in one compiled pass when installed (moed.backends.cpu.glue.norm_rope)
         self.norm_rope = None
         self.rotary = rotary
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim

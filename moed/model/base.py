@@ -115,7 +115,7 @@ class CausalLM:
 
     architecture = None
     # a decode-only step's layers in one compiled call, when installed
-    # (moed.experts.decode_stack); it may decline a step: the layer loop runs then
+    # (moed.backends.cpu.decode_stack); it may decline a step: the layer loop runs then
     decode_stack = None
 
     def __init__(self, ckpt, device):

@@ -62,7 +62,7 @@ class MLAttention:
         self.decode_kernel = None
         # decodes' products with kv_b read as stored when installed (its FP32 copy w_kv is
         # 4x the bytes of FP8): .query(q_nope [B, H, dn]) -> [B, H, r] and
-        # .output(o_lat [B, H, r]) -> [B, H, dv] (moed.experts.mla.LatentAbsorb)
+        # .output(o_lat [B, H, r]) -> [B, H, dv] (moed.backends.cpu.mla.LatentAbsorb)
         self.absorb = None
         # prefill chunks in the absorbed form with the decodes' products (set by a
         # deterministic backend): a position's output then does not depend on whether

@@ -8,7 +8,7 @@ Shape legend: B decodes, H heads, dn / dv no-rope key / value head dims, r laten
 import torch
 
 from moed.errors import InvalidRequestError
-from moed.experts.layer import default_threads
+from moed.backends.cpu.experts import default_threads
 
 QUERY, OUTPUT = 0, 1
 
@@ -19,7 +19,7 @@ class LatentAbsorb:
 
     def __init__(self, weight, H, dn, dv, r, threads=None, kernels=None):
         if kernels is None:
-            from moed.cpu import expert_kernels
+            from moed.backends.cpu.isa import expert_kernels
             kernels = expert_kernels()
         data = weight.data
         if tuple(data.shape) != (H * (dn + dv), r) or not data.is_contiguous() or \

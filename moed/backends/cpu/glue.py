@@ -11,7 +11,7 @@ import torch
 from moed.model.moe import grouped_sigmoid_topk
 
 from moed.errors import InvalidRequestError
-from moed.experts.layer import default_threads
+from moed.backends.cpu.experts import default_threads
 
 
 def norm_rope(qk, cos, sin, weight=None, eps=0.0, threads=None, kernels=None):
@@ -33,7 +33,7 @@ def norm_rope(qk, cos, sin, weight=None, eps=0.0, threads=None, kernels=None):
     out = torch.empty(N, R, d, dtype=f32)
     if N:
         if kernels is None:
-            from moed.cpu import expert_kernels
+            from moed.backends.cpu.isa import expert_kernels
             kernels = expert_kernels()
         kernels.norm_rope(qk.data_ptr(), qk.stride(0), N, R, d,
                           0 if weight is None else weight.data_ptr(), float(eps),
@@ -62,7 +62,7 @@ class CPUGateLogits:
     number of rows, so a token's logits changed with the batch; these do not."""
 
     def __init__(self, linear, threads=None, kernels=None):
-        from moed.cpu import expert_kernels
+        from moed.backends.cpu.isa import expert_kernels
         self.reference = linear
         w = linear.weight.dequantize().float()                             # [E, D]
         # BF16 when every weight is a BF16 value (a BF16 router, upcast exactly by the
@@ -150,7 +150,7 @@ class CPURMSNorm:
     sum of squares is another summation order."""
 
     def __init__(self, norm, threads=None, kernels=None):
-        from moed.cpu import expert_kernels
+        from moed.backends.cpu.isa import expert_kernels
         self.reference = norm                                     # moed.model.layers.RMSNorm
         self.weight, self.eps = norm.weight.contiguous(), float(norm.eps)   # [D] float32
         self.kernels = kernels or expert_kernels()
@@ -187,7 +187,7 @@ def argmax(logits, kernels=None):
     """logits [B, V] float32 on the CPU (rows contiguous) -> [B] int64 index of each row's
     largest value: torch.argmax's answer (first on ties, first NaN wins) in one
     vectorised pass, where torch takes ~0.1 ms a 150K-vocab row on one thread."""
-    from moed.cpu import expert_kernels
+    from moed.backends.cpu.isa import expert_kernels
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 \
             or logits.stride(1) != 1 or logits.shape[1] == 0:
         return logits.argmax(dim=-1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from moed.errors import InvalidRequestError
-from moed.experts.packed import PackedExperts, empty_buffers, pack_expert_into
+from moed.backends.cpu.packed import PackedExperts, empty_buffers, pack_expert_into
 from moed.model.formats import Weight
 
 _workspace = threading.local()     # per Python thread: grow-only kernel workspace
@@ -34,7 +34,7 @@ class CPUExpertLayer:
     name = "cpu"
 
     def __init__(self, packed: PackedExperts, threads=None, kernels=None):
-        from moed.cpu import expert_kernels
+        from moed.backends.cpu.isa import expert_kernels
         self.packed = packed
         self.kernels = kernels or expert_kernels()
         self.threads = threads or default_threads()
@@ -122,7 +122,7 @@ def _weight(data, scale):
 
 def pack_weights(gate, up, down, H, I):
     """Lists of E Weights -> PackedExperts in fresh memory."""
-    from moed.experts.packed import layer_format
+    from moed.backends.cpu.packed import layer_format
     E = len(gate)
     fmt = layer_format([(w, f"experts.{e}") for ws in (gate, up, down)
                         for e, w in enumerate(ws)], "experts")

@@ -10,7 +10,7 @@ Shape legend: n chunk queries, L keys, H query heads, Hkv kv heads, dq/dv head s
 import torch
 
 from moed.errors import InvalidRequestError
-from moed.experts.layer import _workspace_for, default_threads
+from moed.backends.cpu.experts import _workspace_for, default_threads
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -22,7 +22,7 @@ def causal_attention(q, k, v, scale, threads=None, out=None, kernels=None):
     `threads` defaults to MOED_THREADS or the affinity set; `kernels` to the
     selected ISA's extension. Safe to call from several Python threads (the
     pool serialises calls; the workspace is per Python thread)."""
-    from moed.cpu import expert_kernels
+    from moed.backends.cpu.isa import expert_kernels
     n, H, dq, L, Hkv, dv = _check_shapes(q, k, v)
     out = _check_out(out, (n, H, dv))
     if n == 0:

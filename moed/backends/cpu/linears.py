@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from moed.errors import InvalidRequestError
-from moed.experts.dense_store import (PackedMatrix, concat_rows, open_or_build, pack_weight,
+from moed.backends.cpu.dense_store import (PackedMatrix, concat_rows, open_or_build, pack_weight,
                                       part_starts)
-from moed.experts.layer import _workspace_for, default_threads
+from moed.backends.cpu.experts import _workspace_for, default_threads
 from moed.model.formats import FP8_DTYPE
 from moed.model.layers import MLP, Linear
 
@@ -32,7 +32,7 @@ class CPULinear:
     (DeepSeek's MLA reads `kv_b.weight.dequantize()` for its absorbed decode)."""
 
     def __init__(self, weight, bias=None, packed: PackedMatrix = None, threads=None, kernels=None):
-        from moed.cpu import expert_kernels
+        from moed.backends.cpu.isa import expert_kernels
         self.weight = weight                    # formats.Weight [out, in], as stored
         self.bias = bias                        # [out] float32 or None
         self.packed = packed if packed is not None else pack_weight(weight, "weight")
@@ -183,7 +183,7 @@ def _walk(obj, path, linears, fusions, seen):
 def install_cpu_linears(model, model_dir, threads=None, kernels=None):
     """Replace every packable dense Linear of a built CPU model by a CPULinear over the
     model's dense store (built on first use). Returns the number of linears replaced."""
-    from moed.cpu import expert_kernels
+    from moed.backends.cpu.isa import expert_kernels
     if model.device.type != "cpu":
         return 0
     kernels = kernels or expert_kernels()     # fails clearly on a forced, unsupported ISA

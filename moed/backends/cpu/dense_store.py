@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from moed.errors import CheckpointError
-from moed.experts.layout import UNIT_ROWS, MatrixShape, pack_matrix
-from moed.experts.store import PREFIX, MappedStore, _align, _crc, cache_dir, source_key
+from moed.backends.cpu.layout import UNIT_ROWS, MatrixShape, pack_matrix
+from moed.backends.cpu.store import PREFIX, MappedStore, _align, _crc, cache_dir, source_key
 
 log = logging.getLogger(__name__)
 

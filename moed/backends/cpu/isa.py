@@ -20,8 +20,8 @@ def supported_isas():
     """Best first; `generic` is always there. Probed once (CPUID and the OS's saved
     register state do not change while the process runs; the probe costs ~50 us,
     which per kernel call would show in a decode step)."""
-    from moed import _cpu_guard
-    return tuple(_cpu_guard.supported_isas())
+    from moed.backends.cpu import _isa_guard
+    return tuple(_isa_guard.supported_isas())
 
 
 def selected_isa():
@@ -49,4 +49,4 @@ def expert_kernels(isa=None):
     elif isa not in supported_isas():
         raise ConfigError(f"ISA {isa!r}: this CPU/OS supports only {', '.join(supported_isas())}",
                           field="MOED_ISA")
-    return importlib.import_module(f"moed._experts_{isa}")
+    return importlib.import_module(f"moed.backends.cpu._kernels_{isa}")

@@ -1,6 +1,6 @@
 # The Cython side of one ISA's expert extension: declares the C entry points
 # and hands them raw pointers with the GIL released. Included by
-# _experts_avx512.pyx, _experts_avx2.pyx and _experts_generic.pyx, which differ
+# _kernels_avx512.pyx, _kernels_avx2.pyx and _kernels_generic.pyx, which differ
 # only in the compiler flags setup.py gives them.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uintptr_t
 
@@ -174,7 +174,7 @@ def attention_workspace(int n, int L, int H, int Hkv, int dq, int dv, int nthrea
 def attention(tuple q, tuple k, tuple v, int n, int L, int H, int Hkv, int dq, int dv,
               float scale, uintptr_t out, uintptr_t workspace, int nthreads):
     """out[n, H, dv] = causal attention; q/k/v = (ptr, bf16, token stride, head stride).
-    Shapes are checked by the caller (moed/experts/attention.py)."""
+    Shapes are checked by the caller (moed/backends/cpu/attention.py)."""
     cdef att_operand qo = _operand(q), ko = _operand(k), vo = _operand(v)
     with nogil:
         attention_forward(qo, ko, vo, n, L, H, Hkv, dq, dv, scale, <float *>out,
@@ -204,7 +204,7 @@ cdef extern from "glue_kernels.c" nogil:
 def norm_rope(uintptr_t x, int64_t ldx, int N, int R, int d, uintptr_t w, float eps,
               uintptr_t cos, uintptr_t sin, int64_t ldcs, uintptr_t out, int nthreads):
     """out[N, R, d] = rotary(w * x / rms(x)) per (token, head) row; w == 0: rotary only.
-    Pointers and strides are checked by the caller (moed/experts/glue.py)."""
+    Pointers and strides are checked by the caller (moed/backends/cpu/glue.py)."""
     with nogil:
         qk_norm_rope(<const float *>x, ldx, N, R, d, <const float *>w, eps,
                      <const float *>cos, <const float *>sin, ldcs, <float *>out, nthreads)
@@ -213,7 +213,7 @@ def norm_rope(uintptr_t x, int64_t ldx, int N, int R, int d, uintptr_t w, float 
 def gate_logits(uintptr_t x, uintptr_t w, bint w_bf16, int T, int D, int E, uintptr_t logits,
                 int nthreads):
     """logits[T, E] = x @ w^T (FP32 dots in one order per row); w FP32 or BF16. Pointers
-    and shapes are checked by the caller (moed/experts/glue.py)."""
+    and shapes are checked by the caller (moed/backends/cpu/glue.py)."""
     with nogil:
         router_logits(<const float *>x, <const void *>w, w_bf16, T, D, E, <float *>logits,
                       nthreads)
@@ -222,7 +222,7 @@ def gate_logits(uintptr_t x, uintptr_t w, bint w_bf16, int T, int D, int E, uint
 def softmax_topk(uintptr_t x, uintptr_t w, bint w_bf16, int T, int D, int E, int k,
                  bint renorm, uintptr_t logits, uintptr_t ids, uintptr_t wts, int nthreads):
     """ids[T, k], wts[T, k] = top-k of softmax(x @ w^T) (renormalised when asked); w FP32
-    or BF16. Pointers and shapes are checked by the caller (moed/experts/glue.py)."""
+    or BF16. Pointers and shapes are checked by the caller (moed/backends/cpu/glue.py)."""
     with nogil:
         router_softmax_topk(<const float *>x, <const void *>w, w_bf16, T, D, E, k, renorm,
                             <float *>logits, <int64_t *>ids, <float *>wts, nthreads)
@@ -231,7 +231,7 @@ def softmax_topk(uintptr_t x, uintptr_t w, bint w_bf16, int T, int D, int E, int
 def rms_norm(uintptr_t x, int64_t ldx, uintptr_t delta, int64_t ldd, int N, int D,
              uintptr_t w, float eps, uintptr_t out, int nthreads):
     """x += delta (delta != 0), then out[N, D] = w * x / rms(x) per row.
-    Pointers and strides are checked by the caller (moed/experts/glue.py)."""
+    Pointers and strides are checked by the caller (moed/backends/cpu/glue.py)."""
     with nogil:
         add_rms_norm(<float *>x, ldx, <const float *>delta, ldd, N, D, <const float *>w, eps,
                      <float *>out, nthreads)
@@ -256,7 +256,7 @@ def mla_absorb_rows(uintptr_t w, bint fp8, uintptr_t scale, int64_t scale_ld, in
                     uintptr_t out, int mode, int nthreads):
     """mode 0: out[B, H, r] = x[B, H, dn] W_uk; mode 1: out[B, H, dv] = x[B, H, r] W_uv^T
     (cython_src/mla_kernels.c). Returns 0, or -1 when r is too wide. Pointers, shapes
-    and strides are checked by the caller (moed/experts/mla.py)."""
+    and strides are checked by the caller (moed/backends/cpu/mla.py)."""
     cdef int rc
     with nogil:
         rc = mla_absorb(<const void *>w, fp8, <const float *>scale, scale_ld, H, dn, dv, r,
@@ -302,7 +302,7 @@ def paged_decode(uintptr_t q, int64_t q_ld, int64_t q_hs, tuple k, tuple v, uint
                  int dv, float scale, uintptr_t out, uintptr_t workspace, int nthreads):
     """out[B, H, dv] = decode attention through the slot table; k/v = (ptr, bf16, slot
     stride, head stride). Returns 0, 1 + b for a bad context[b], -1 - i for a bad
-    slots.flat[i]. Shapes are checked by the caller (moed/experts/decode_attention.py)."""
+    slots.flat[i]. Shapes are checked by the caller (moed/backends/cpu/decode_attention.py)."""
     cdef kv_operand ko = _kv_operand(k), vo = _kv_operand(v)
     cdef int64_t rc
     with nogil:
@@ -327,7 +327,7 @@ def store_kv(tuple kc, tuple vc, uintptr_t k, int64_t k_ld, int64_t k_hs, uintpt
 
 # ---------------------------------------------------------------- decode stack
 # A decode step's decoder layers in one call (cython_src/decode_stack.c); the
-# Python side (moed/experts/decode_stack.py) decides which models and steps.
+# Python side (moed/backends/cpu/decode_stack.py) decides which models and steps.
 from libc.stdlib cimport calloc, free
 
 cdef extern from "decode_stack.c" nogil:
@@ -369,7 +369,7 @@ cdef extern from "decode_stack.c" nogil:
 
 cdef class DecodeStack:
     """The layer table of a decode stack: one C struct per layer, filled once
-    from `layers` (tuples, see moed/experts/decode_stack.py) and, each step,
+    from `layers` (tuples, see moed/backends/cpu/decode_stack.py) and, each step,
     the caches' operands (`caches`)."""
     cdef stack_layer *L
     cdef int n

@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from moed.errors import InvalidRequestError
-from moed.experts.layer import _workspace_for, default_threads
+from moed.backends.cpu.experts import _workspace_for, default_threads
 
 _address = threading.local()       # this thread's workspace buffer and its address
 
@@ -64,7 +64,7 @@ def latent_decode_attention(q, cache, dv, slots, context, scale, out=None, threa
 
 def _decode(q, k, v, S, Hkv, dq, slots, context, scale, out, threads, kernels, dv=None):
     # k, v: (address, bf16, elements between slots, between kv heads) over the cache
-    from moed.cpu import expert_kernels
+    from moed.backends.cpu.isa import expert_kernels
     B, H, _ = q.shape
     dv = dv or dq
     Lmax = _table(slots, context, B)
@@ -94,7 +94,7 @@ def store_kv(kv_cache, slot_mapping, k, v, kernels=None):
     k, v [N, Hkv, d] float32 (any token/head strides, last dim contiguous), rounded to
     nearest even for a bfloat16 cache as torch's conversion. A slot outside the cache
     raises before anything is written."""
-    from moed.cpu import expert_kernels
+    from moed.backends.cpu.isa import expert_kernels
     lay = _gqa_layout(kv_cache)
     if not _new_fit(k, v, slot_mapping, lay.Hkv, lay.d):
         _check_new_tokens(k, v, slot_mapping, lay.Hkv, lay.d)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from moed.errors import CheckpointError
-from moed.experts.packed import MATRICES, PackedExperts, layer_format, pack_expert_into
+from moed.backends.cpu.packed import MATRICES, PackedExperts, layer_format, pack_expert_into
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import threading
 import torch
 
 from moed.errors import InvalidRequestError
-from moed.experts.decode_attention import _gqa_layout, _table
-from moed.experts.layer import _workspace_for
+from moed.backends.cpu.decode_attention import _gqa_layout, _table
+from moed.backends.cpu.experts import _workspace_for
 from moed.model.layers import compiled_cache_step
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def need(ok, why):
 
 def _row(i, layer, next_norm, kernels, threads, D):
     """Layer i's entry of the C table, or _NotEligible saying why not."""
-    from moed.experts.dense import CPUFusedLinear, CPULinear
-    from moed.experts.glue import CPURMSNorm, CPUSoftmaxRouter
-    from moed.experts.layer import CPUExpertLayer
+    from moed.backends.cpu.linears import CPUFusedLinear, CPULinear
+    from moed.backends.cpu.glue import CPURMSNorm, CPUSoftmaxRouter
+    from moed.backends.cpu.experts import CPUExpertLayer
     from moed.model.attention import GQAttention
     from moed.model.moe import MoE
     a, m = layer.attn, layer.mlp

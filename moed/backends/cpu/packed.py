@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moed.errors import CheckpointError
-from moed.experts.layout import MatrixShape, pack_matrix, weight_format
+from moed.backends.cpu.layout import MatrixShape, pack_matrix, weight_format
 
 MATRICES = ("gate", "up", "down")
 

@@ -1,3 +1,0 @@
-# cython: language_level=3
-"""Expert kernels built for the avx512emu path: the AVX-512 kernels with BF16 dot products emulated (see experts_ext.pxi)."""
-include "experts_ext.pxi"
