@@ -66,24 +66,25 @@ def step_hashes(model_dir, kwargs, isa, load):
     """sha256 of each step's logits (in step order) for the three prompts, greedy."""
     from moed import LLM, SamplingParams
     saved = os.environ.get("MOED_ISA")
-    os.environ["MOED_ISA"] = isa
+    os.environ["MOED_ISA"] = isa       # for the whole run: a kernel may be looked up per call
     try:
         llm = LLM(model_dir, device="cpu", **kwargs, **LOADS[load])
+        hashes, run = [], llm.engine.runner.run
+
+        def recording(chunks, last_of=None):
+            logits = run(chunks, last_of)
+            if logits is not None:
+                hashes.append(hashlib.sha256(logits.contiguous().numpy().tobytes())
+                              .hexdigest()[:16])
+            return logits
+        llm.engine.runner.run = recording
+        params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+        llm.generate([list(p) for p in PROMPTS], params)
     finally:
         if saved is None:
             os.environ.pop("MOED_ISA", None)
         else:
             os.environ["MOED_ISA"] = saved
-    hashes, run = [], llm.engine.runner.run
-
-    def recording(chunks, last_of=None):
-        logits = run(chunks, last_of)
-        if logits is not None:
-            hashes.append(hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()[:16])
-        return logits
-    llm.engine.runner.run = recording
-    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
-    llm.generate([list(p) for p in PROMPTS], params)
     return hashes
 
 

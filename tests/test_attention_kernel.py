@@ -164,7 +164,7 @@ def test_thread_count_does_not_change_results(isa):
 
 
 def test_two_python_threads_at_once_match_alone():
-    kernels = cpu.expert_kernels()
+    kernels = cpu.load_kernels()
     inputs = [make_inputs(130, 200, 8, 128, 128, torch.float32, seed=s) for s in (11, 12)]
     alone = [causal_attention(*x, 0.09, threads=2, kernels=kernels) for x in inputs]
     results = [[None] * 4, [None] * 4]

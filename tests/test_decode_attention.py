@@ -21,9 +21,11 @@ from moed import LLM, SamplingParams
 from moed.errors import InvalidRequestError
 from moed.backends.cpu.decode_attention import (latent_decode_attention, paged_decode_attention,
                                            store_kv)
-from moed.backends.cpu.mla import LatentAbsorb
+from moed.backends.cpu.gqa import CPUGQAOps
+from moed.backends.cpu.mla import CPUMLAOps, LatentAbsorb
+from moed.backends.cpu.runtime import default_threads
+from moed.backends.torch import GQAOps, MLAOps, decode_attention
 from moed.model.deepseek_v3 import MLAttention
-from moed.model.layers import decode_attention
 from moed.testing.tiny import build_tiny_model
 
 from isa_kernels import kernels_or_skip
@@ -161,7 +163,7 @@ def test_two_python_threads_at_once():
     # dual-batch overlap calls from two threads: the pool serialises the calls, each
     # thread has its own workspace, and one thread's slot table never stands in for
     # the other's
-    kernels = cpu.expert_kernels()
+    kernels = cpu.load_kernels()
     g = torch.Generator().manual_seed(11)
     jobs = []
     for contexts in ([300, 20], [7, 900, 64]):
@@ -318,12 +320,16 @@ def hooked(llm, kernels, calls):
     for layer in llm.engine.model.layers:
         attn = layer.attn
         if isinstance(attn, MLAttention):
-            attn.decode_kernel = counted("decode", latent_decode_attention)
-            attn.absorb = CountedAbsorb(LatentAbsorb(attn.kv_b.weight, attn.H, attn.dn, attn.dv,
-                                                     attn.r, kernels=kernels))
+            absorb = CountedAbsorb(LatentAbsorb(attn.kv_b.weight, attn.H, attn.dn, attn.dv,
+                                                attn.r, kernels=kernels))
+            ops = CPUMLAOps(attn, kernels, default_threads(), flash=False, one_form=False,
+                            absorb=absorb)
+            ops.decode = counted("decode", latent_decode_attention)
         else:
-            layer.attn.decode_kernel = counted("decode", paged_decode_attention)
-            layer.attn.kv_store = counted("store", store_kv)
+            ops = CPUGQAOps(attn, kernels, default_threads(), flash=False)
+            ops.decode = counted("decode", paged_decode_attention)
+            ops.store = counted("store", store_kv)
+        attn.ops = ops
     return llm
 
 
@@ -336,7 +342,7 @@ def test_tiny_model_decode_logits_match_the_torch_path(arch, isa, kv_dtype, monk
     monkeypatch.setenv("MOED_CACHE_DIR", str(model.parent / "cache"))
     # torch everywhere else on both sides, so attention is the only difference
     ref = LLM(model, device="cpu", experts="torch", kv_cache_dtype=kv_dtype)
-    assert all(layer.attn.decode_kernel is None for layer in ref.engine.model.layers)
+    assert all(type(layer.attn.ops) in (GQAOps, MLAOps) for layer in ref.engine.model.layers)
     calls = {}
     fast = hooked(LLM(model, device="cpu", experts="torch", kv_cache_dtype=kv_dtype), kernels,
                   calls)
@@ -366,26 +372,27 @@ def test_engine_installs_the_decode_hooks(qwen, deepseek, monkeypatch, determini
     # otherwise the fastest: GQA and MLA decode kernels where they beat torch (not
     # generic's SSE2), kv_b as stored and the flash prefill with BF16 dots (AVX-512)
     monkeypatch.setenv("MOED_CACHE_DIR", str(qwen.parent / "cache"))
-    isa = cpu.expert_kernels().ISA
+    isa = cpu.load_kernels().ISA
     bf16 = isa in ("avx512", "avx512emu")
     kernel_decodes = deterministic or isa != "generic"
     for layer in LLM(deepseek, device="cpu", deterministic=deterministic).engine.model.layers:
-        attn = layer.attn
-        decode, absorb = attn.decode_kernel, attn.absorb
+        ops = layer.attn.ops
+        decode, absorb = ops.decode, ops.absorb
         if not kernel_decodes:
             assert decode is None
         else:
             assert decode.func is latent_decode_attention and decode.keywords["kernels"].ISA == isa
         assert (absorb is not None) == (deterministic or bf16)
-        assert attn.one_form == deterministic
-        assert (attn.prefill_kernel is not None) == (deterministic or bf16)
+        assert ops.one_form == deterministic
+        assert (ops.prefill is not None) == (deterministic or bf16)
         if absorb is not None:
             assert isinstance(absorb, LatentAbsorb) and absorb.kernels.ISA == isa
     llm = LLM(qwen, device="cpu", deterministic=deterministic)
     for layer in llm.engine.model.layers:
-        store, decode = layer.attn.kv_store, layer.attn.decode_kernel
+        ops = layer.attn.ops
+        store, decode = ops.store, ops.decode
         assert store.func is store_kv and store.keywords["kernels"].ISA == isa
-        assert (layer.attn.prefill_kernel is not None) == (deterministic or bf16)
+        assert (ops.prefill is not None) == (deterministic or bf16)
         if not kernel_decodes:
             assert decode is None
         else:

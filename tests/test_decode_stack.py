@@ -13,7 +13,8 @@ import moed.backends.cpu.isa as cpu
 from moed import LLM, SamplingParams
 from moed.engine.sequence import Sequence
 from moed.errors import InvalidRequestError
-from moed.backends.cpu.decode_stack import DecodeStack
+from moed.backends.cpu.decode_stack import DecodeStack, StackedLayers
+from moed.backends.torch import LayerLoop
 from moed.model.base import AttentionBatch
 from moed.testing.tiny import build_tiny_model
 
@@ -50,10 +51,15 @@ def use_isa(isa, monkeypatch):
 def stack_or_skip(model):
     """The model's decode stack; on generic, which builds none, its absence is
     asserted and the test skipped."""
-    if model.decode_stack is None:
-        assert cpu.expert_kernels().ISA == "generic"
+    if stack_of(model) is None:
+        assert cpu.load_kernels().ISA == "generic"
         pytest.skip(NO_STACK)
-    return model.decode_stack
+    return stack_of(model)
+
+
+def stack_of(model):
+    """The decode stack the CPU backend set, or None (the plain layer loop)."""
+    return getattr(model.ops, "stack", None)
 
 
 class Counted:
@@ -118,10 +124,11 @@ def test_stack_logits_equal_the_layer_loop_bit_for_bit(arch, fmt, kv_dtype, isa,
     fast = LLM(model, device="cpu", kv_cache_dtype=kv_dtype)
     stack = stack_or_skip(fast.engine.model)
     assert isinstance(stack, DecodeStack) and stack.kernels.ISA == isa
-    counted = fast.engine.model.decode_stack = Counted(stack)
+    counted = Counted(stack)
+    fast.engine.model.ops = StackedLayers(counted)
     monkeypatch.setenv("MOED_DECODE_STACK", "0")
     loop = LLM(model, device="cpu", kv_cache_dtype=kv_dtype)
-    assert loop.engine.model.decode_stack is None
+    assert type(loop.engine.model.ops) is LayerLoop
     picked = []
     for layer in loop.engine.model.layers[stack.first:]:
         layer.mlp.router = Recorded(layer.mlp.router, picked)
@@ -149,36 +156,37 @@ def test_prefills_and_swapped_hooks_take_the_layer_loop(models, monkeypatch):
     model = models[("qwen3_moe", "fp8")]
     llm = LLM(model, device="cpu")
     m = llm.engine.model
-    counted = m.decode_stack = Counted(stack_or_skip(m))
+    counted = Counted(stack_or_skip(m))
+    m.ops = StackedLayers(counted)
     # a prompt of several tokens is a prefill: the forward never asks the stack
     llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=1))
     assert counted.took == counted.declined == 0
     # a hook swapped after the build (tests count calls through them): declined
     attn = m.layers[1].attn
     calls = []
-    original = attn.decode_kernel
-    attn.decode_kernel = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = attn.ops.decode
+    attn.ops.decode = lambda *a, **k: calls.append(1) or original(*a, **k)
     out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=3,
                                                     ignore_eos=True))
     assert counted.took == 0 and counted.declined == 2 and len(calls) == 2
-    attn.decode_kernel = original
+    attn.ops.decode = original
     again = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=3,
                                                       ignore_eos=True))
     assert counted.took == 2 and again[0].token_ids == out[0].token_ids
 
 
 def test_built_only_for_what_it_covers(models, monkeypatch):
-    isa = cpu.expert_kernels().ISA
+    isa = cpu.load_kernels().ISA
     # MLA (DeepSeek) keeps the layer loop; so does the torch reference
-    assert LLM(models[("deepseek_v3", "bf16")], device="cpu").engine.model.decode_stack is None
+    assert stack_of(LLM(models[("deepseek_v3", "bf16")], device="cpu").engine.model) is None
     ref = LLM(models[("qwen3_moe", "fp8")], device="cpu", experts="torch")
-    assert ref.engine.model.decode_stack is None
-    built = LLM(models[("qwen3_moe", "fp8")], device="cpu").engine.model.decode_stack
+    assert stack_of(ref.engine.model) is None
+    built = stack_of(LLM(models[("qwen3_moe", "fp8")], device="cpu").engine.model)
     assert built is not None            # deterministic: the decode kernel on every ISA
     fastest = LLM(models[("qwen3_moe", "fp8")], device="cpu", deterministic=False)
-    assert (fastest.engine.model.decode_stack is not None) == (isa != "generic")
+    assert (stack_of(fastest.engine.model) is not None) == (isa != "generic")
     monkeypatch.setenv("MOED_DECODE_STACK", "0")
-    assert LLM(models[("qwen3_moe", "fp8")], device="cpu").engine.model.decode_stack is None
+    assert stack_of(LLM(models[("qwen3_moe", "fp8")], device="cpu").engine.model) is None
 
 
 def test_bad_tables_fail_as_in_the_layer_loop(models, monkeypatch):
@@ -199,12 +207,12 @@ def test_bad_tables_fail_as_in_the_layer_loop(models, monkeypatch):
              (([3, 4], [[0, 1, 2, 3], [4, S + 7, 4, 4]], [4, 2]), "slots")]
     for args, field in cases:
         errors = []
-        for m.decode_stack in (stack, None):
+        for m.ops in (StackedLayers(stack), LayerLoop()):
             with pytest.raises(InvalidRequestError) as e:
                 m.forward(ids, positions, batch(*args))
             errors.append((e.value.field, str(e.value)))
         assert errors[0] == errors[1] and errors[0][0] == field, errors
-    m.decode_stack = stack
+    m.ops = StackedLayers(stack)
     # the engine still serves after the refusals
     out = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_new_tokens=2))
     assert len(out[0].token_ids) >= 1

@@ -69,7 +69,7 @@ def test_every_isa_matches_float64_on_ragged_shapes(isa, fmt):
 def test_simd_matches_scalar_twin(fmt):
     # on generic the unit body is the scalar twin (expert_units.h): the two runs are
     # one code path there, so each is also held to the float64 reference
-    kernels = cpu.expert_kernels()
+    kernels = cpu.load_kernels()
     w = make_weight(200, 300, fmt)
     p = pack_weight(w, "w")
     for T in TOKENS:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moed import LLM, SamplingParams
-from moed.backends.cpu.linears import install_cpu_linears
+from moed.backends.cpu.linears import count_linears, install_cpu_linears
 from moed.backends.cpu.linears import CPUFusedLinear, CPUGatedMLP, CPULinear
 from moed.backends.cpu.dense_store import DenseStore, store_path
 from moed.model.layers import Linear
@@ -31,8 +31,8 @@ def models(tmp_path_factory):
 
 def fast_llm(model_dir):
     llm = LLM(model_dir, device="cpu", linears="torch")    # installed here, to count them
-    n = install_cpu_linears(llm.engine.model, model_dir)
-    return llm, n
+    installed = install_cpu_linears(llm.engine.model, model_dir)
+    return llm, count_linears(installed)
 
 
 @pytest.mark.parametrize("key", [("qwen3_moe", "fp8"), ("deepseek_v3", "fp8"),
@@ -68,8 +68,8 @@ def test_deepseek_keeps_weights_and_fuses_gate_up(models):
     llm, _ = fast_llm(models[("deepseek_v3", "fp8")])
     m = llm.engine.model
     attn = m.layers[0].attn
-    assert isinstance(attn.kv_b, CPULinear)
-    assert attn.kv_b.weight.dequantize().shape == attn.kv_b.weight.shape   # MLA's absorbed decode
+    assert type(attn.kv_b) is Linear        # read whole (w_kv, the absorbed products), not called
+    assert all(isinstance(getattr(attn, p), CPULinear) for p in ("q_a", "q_b", "kv_a", "o"))
     shared = [layer.mlp.shared for layer in m.layers if hasattr(layer.mlp, "shared")]
     assert shared and all(isinstance(s, CPUGatedMLP) for s in shared)
     s = shared[0]
@@ -78,11 +78,12 @@ def test_deepseek_keeps_weights_and_fuses_gate_up(models):
 
 
 def test_qwen_attention_reads_q_k_v_in_one_call(models):
-    llm, _ = fast_llm(models[("qwen3_moe", "fp8")])
+    llm = LLM(models[("qwen3_moe", "fp8")], device="cpu")
     attn = llm.engine.model.layers[0].attn
-    assert isinstance(attn.qkv, CPUFusedLinear)
-    assert [p.out_features for p in attn.qkv.parts] == [attn.q.out_features,
-                                                        attn.k.out_features, attn.v.out_features]
+    qkv = attn.ops.qkv
+    assert isinstance(qkv, CPUFusedLinear)
+    assert [p.out_features for p in qkv.parts] == [attn.q.out_features,
+                                                   attn.k.out_features, attn.v.out_features]
 
 
 def test_store_is_mapped_read_only_reused_and_rebuilt_when_corrupt(models):
@@ -116,7 +117,7 @@ def test_engine_installs_linears_unless_torch_and_install_is_idempotent(models, 
     monkeypatch.delenv("MOED_LINEARS")
     llm = LLM(d, device="cpu")
     assert isinstance(llm.engine.model.lm_head, CPULinear)
-    assert install_cpu_linears(llm.engine.model, d) == 0           # nothing left to replace
+    assert install_cpu_linears(llm.engine.model, d) == {}          # nothing left to replace
 
 
 def chunked_logits(llm, ids, chunk):
@@ -143,9 +144,10 @@ def test_prefill_attention_kernel_matches_the_reference_across_chunks(models, ke
     from moed.backends.cpu.attention import causal_attention
     ref = LLM(models[key], device="cpu", experts="torch")
     fast = LLM(models[key], device="cpu", max_num_batched_tokens=16, max_num_seqs=4)
-    from moed.backends.cpu.isa import expert_kernels
+    from moed.backends.cpu.isa import load_kernels
     # deterministic (the default): the kernel on every ISA, decodes with its arithmetic
-    assert all(layer.attn.prefill_kernel is causal_attention for layer in fast.engine.model.layers)
+    assert all(layer.attn.ops.prefill.func is causal_attention
+               for layer in fast.engine.model.layers)
     prompt = [int(t) for t in np.random.default_rng(1).integers(3, 200, size=45)]
     b = ref.logits(prompt)
     for a in (fast.logits(prompt), chunked_logits(fast, prompt, 16)):
@@ -158,24 +160,25 @@ def test_prefill_attention_kernel_matches_the_reference_across_chunks(models, ke
 def test_mla_expanded_prefill_through_the_kernel_matches_the_reference(models, monkeypatch):
     # the tiny model always finds the latent form cheaper: force the expanded one (only
     # taken with deterministic off: deterministic keeps the decodes' absorbed form)
-    from moed.model.deepseek_v3 import MLAttention
-    monkeypatch.setattr(MLAttention, "absorbed_is_cheaper", lambda self, n: n == 1)
+    from moed.backends.torch import MLAOps
+    monkeypatch.setattr(MLAOps, "absorbed_is_cheaper", lambda self, n: n == 1)
     d = models[("deepseek_v3", "fp8")]
     ref = LLM(d, device="cpu", experts="torch")
     fast = LLM(d, device="cpu", deterministic=False)
     seen = []
     for layer in fast.engine.model.layers:
-        if layer.attn.prefill_kernel is not None:
-            f = layer.attn.prefill_kernel
-            layer.attn.prefill_kernel = lambda q, k, v, s, f=f: seen.append(k.shape[1]) or f(q, k, v, s)
+        ops = layer.attn.ops
+        if ops.prefill is not None:
+            f = ops.prefill
+            ops.prefill = lambda q, k, v, s, f=f: seen.append(k.shape[1]) or f(q, k, v, s)
     prompt = [int(t) for t in np.random.default_rng(2).integers(3, 200, size=45)]
     b = ref.logits(prompt)
     for a in (fast.logits(prompt), chunked_logits(fast, prompt, 16)):
         rel = np.abs(a - b).mean() / np.abs(b).mean()
         print(f"MLA expanded prefill, logits mean rel L1 {rel:.2e}")
         assert rel < TOL
-    from moed.backends.cpu.isa import expert_kernels
-    if expert_kernels().ISA in ("avx512", "avx512emu"):
+    from moed.backends.cpu.isa import load_kernels
+    if load_kernels().ISA in ("avx512", "avx512emu"):
         assert seen and all(h > 1 for h in seen)       # every chunk went the expanded way
     else:
         assert not seen                                # FP32 paths: torch's SDPA

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import moed.backends.cpu.isa as cpu
 from moed.errors import InvalidRequestError
 from moed.backends.cpu.experts import CPUExpertLayer
-from moed.backends.cpu import experts as layer_mod
+from moed.backends.cpu import runtime as layer_mod
 from moed.model.formats import dequantize_fp8, quantize_fp8
 
 from isa_kernels import kernels_or_skip

@@ -60,7 +60,10 @@ def test_bad_arguments_name_the_field():
 
 def tiny_attention(qk_norm, fused):
     """GQA with H * d a multiple of 128, so the fused projection holds k right after q."""
+    from moed.backends.cpu.gqa import CPUGQAOps
+    from moed.backends.cpu.isa import load_kernels
     from moed.backends.cpu.linears import CPUFusedLinear, CPULinear
+    from moed.backends.cpu.runtime import default_threads
     from moed.backends.cpu.dense_store import concat_rows, pack_weight
     from moed.model.attention import GQAttention
     from moed.model.formats import Weight
@@ -74,8 +77,10 @@ def tiny_attention(qk_norm, fused):
     rotary = Rotary(RopeConfig("default", 10000.0, d, {}, 4096))
     attn = GQAttention(*[CPULinear(w) for w in ws], None, rotary, H, Hkv, d, *norms)
     if fused:
-        attn.qkv = CPUFusedLinear.over(pack_weight(concat_rows(ws, "qkv"), "qkv"),
-                                       [Linear(w) for w in ws], None, None)
+        qkv = CPUFusedLinear.over(pack_weight(concat_rows(ws, "qkv"), "qkv"),
+                                  [Linear(w) for w in ws], None, None)
+        attn.ops = CPUGQAOps(attn, load_kernels(), default_threads(), qkv)
+        attn.ops.rope = None                # q and k normed as one by torch
     return attn, torch.randn(300, D, generator=g), rotary.cos_sin(torch.arange(300))
 
 
@@ -83,18 +88,18 @@ def tiny_attention(qk_norm, fused):
 def test_joint_q_k_norm_and_rotary_equal_the_separate_path(qk_norm):
     plain, x, cos_sin = tiny_attention(qk_norm, fused=False)
     joint, _, _ = tiny_attention(qk_norm, fused=True)
-    assert joint._qk_spans() is not None                     # the joint path runs
-    for got, want in zip(joint.project(x, cos_sin), plain.project(x, cos_sin)):
+    assert joint.ops.spans is not None                       # the joint path runs
+    for got, want in zip(joint.ops.project(x, cos_sin), plain.ops.project(x, cos_sin)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)   # the same products
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_attention_joint_path_with_the_kernel_matches_torch(qk_norm):
     attn, x, cos_sin = tiny_attention(qk_norm, fused=True)
-    want = attn.project(x, cos_sin)
+    want = attn.ops.project(x, cos_sin)
     calls = []
-    attn.norm_rope = lambda *a: calls.append(1) or norm_rope(*a)
-    got = attn.project(x, cos_sin)
+    attn.ops.rope = lambda *a: calls.append(1) or norm_rope(*a)
+    got = attn.ops.project(x, cos_sin)
     assert calls                                                # the kernel ran
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -53,10 +53,10 @@ def test_forced_isa_runs_in_a_fresh_process(isa):
 def test_unknown_isa_is_a_config_error(monkeypatch):
     monkeypatch.setenv("MOED_ISA", "neon")
     with pytest.raises(ConfigError) as e:
-        cpu.expert_kernels()
+        cpu.load_kernels()
     assert e.value.field == "MOED_ISA"
 
 
 def test_default_is_best_supported(monkeypatch):
     monkeypatch.delenv("MOED_ISA", raising=False)
-    assert cpu.expert_kernels().ISA == cpu.supported_isas()[0] != "avx512emu"
+    assert cpu.load_kernels().ISA == cpu.supported_isas()[0] != "avx512emu"

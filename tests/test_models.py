@@ -147,7 +147,7 @@ def test_mla_absorbed_and_expanded_prefill_both_match_transformers(models):
     """Short chunks attend in the latent space, long ones expand K/V: both are the model."""
     d, llm, ref = models("deepseek_v3", "fp8")
     attn = llm.engine.model.layers[0].attn
-    assert attn.absorbed_is_cheaper(20) and not attn.absorbed_is_cheaper(150)
+    assert attn.ops.absorbed_is_cheaper(20) and not attn.ops.absorbed_is_cheaper(150)
     for n in (20, 150):
         ids = prompt_ids(llm, n, seed=n)
         ours = llm.logits(ids)
@@ -161,8 +161,8 @@ def test_latent_sdpa_folds_heads_and_matches_grouped_sdpa(limit, monkeypatch):
     """MLA's absorbed attention without the compiled kernel: every head against the one
     latent, heads folded into query rows, in row chunks of any size (limit 1: one row
     a call), with a boolean mask or plain causal."""
-    import moed.model.deepseek_v3 as ds
-    from moed.model.layers import sdpa
+    import moed.backends.torch as ds
+    from moed.backends.torch import sdpa
     monkeypatch.setattr(ds, "LATENT_MASK_BYTES", limit)
     g = torch.Generator().manual_seed(limit)
     for B, n, H, L, causal in ((2, 5, 4, 9, False), (1, 7, 3, 7, True), (1, 40, 8, 300, False),

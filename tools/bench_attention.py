@@ -40,11 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_model import env_threads, machine  # noqa: E402
 
-from moed.backends.cpu.isa import expert_kernels  # noqa: E402
+from moed.backends.cpu.isa import load_kernels  # noqa: E402
 from moed.backends.cpu.attention import causal_attention  # noqa: E402
 from moed.backends.cpu.decode_attention import (latent_decode_attention,  # noqa: E402
                                            paged_decode_attention, store_kv)
-from moed.model.layers import decode_attention  # noqa: E402
+from moed.backends.torch import decode_attention  # noqa: E402
 
 H, HKV, D = 32, 4, 128
 MLA_H, MLA_R, MLA_DR = 128, 512, 64          # DeepSeek-V3: heads, kv_lora_rank, rotary dims
@@ -209,7 +209,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
-    kernels, threads = expert_kernels(), args.threads or env_threads()
+    kernels, threads = load_kernels(), args.threads or env_threads()
     shape = (f"H={MLA_H} latent {MLA_R}+{MLA_DR}" if args.decode and args.mla
              else f"H={H} Hkv={HKV} d={D}")
     print(f"isa={kernels.ISA} threads={threads} torch threads={torch.get_num_threads()} "

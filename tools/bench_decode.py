@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_model import (add_model_args, model_setup, StepClock, dense_bytes, engine, machine,  # noqa: E402
                          read_probe)
+from moed.backends.torch import LayerLoop  # noqa: E402
 
 
 def decode(llm, prompts, n, probe):
@@ -104,7 +105,8 @@ def main():
                for i in range(args.batch)]
     fast = engine(model, fast=True)
     t_fast, a = report("engine", fast, prompts, args.tokens, kernels, threads)
-    stack, fast.engine.model.decode_stack = fast.engine.model.decode_stack, None
+    stack = getattr(fast.engine.model.ops, "stack", None)
+    fast.engine.model.ops = LayerLoop()
     if stack is not None:        # the same engine with the layer loop: the stack's gain
         report("loop", fast, prompts, args.tokens, kernels, threads)
     del fast, stack

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_model import env_threads, machine  # noqa: E402
 
-from moed.backends.cpu.isa import expert_kernels  # noqa: E402
+from moed.backends.cpu.isa import load_kernels  # noqa: E402
 from moed.backends.cpu.linears import CPULinear  # noqa: E402
 from moed.model.formats import Weight  # noqa: E402
 from moed.model.layers import Linear  # noqa: E402
@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--shapes", default="q_proj,o_proj,lm_head")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    kernels, threads = expert_kernels(), args.threads or env_threads()
+    kernels, threads = load_kernels(), args.threads or env_threads()
     read, peak = machine(kernels, threads)
     print(f"isa={kernels.ISA} threads={threads}  streaming read {read / 1e9:.1f} GB/s  "
           f"peak dot {peak / 1e9:.1f} GFLOP/s (same run)")

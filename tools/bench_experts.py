@@ -22,8 +22,9 @@ import time
 import numpy as np
 import torch
 
-from moed.backends.cpu.isa import expert_kernels
-from moed.backends.cpu.experts import CPUExpertLayer, default_threads
+from moed.backends.cpu.isa import load_kernels
+from moed.backends.cpu.experts import CPUExpertLayer
+from moed.backends.cpu.runtime import default_threads
 from moed.backends.cpu.packed import PackedExperts, empty_buffers
 from moed.model.formats import Weight
 from moed.model.moe import TorchExperts
@@ -149,7 +150,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--isa", default=None)
     args = ap.parse_args()
-    kernels = expert_kernels(args.isa)
+    kernels = load_kernels(args.isa)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     read, peak = machine(kernels, threads)

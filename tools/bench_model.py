@@ -67,7 +67,7 @@ def engine(model_dir, fast, **kwargs):
     choice = "cpu" if fast else "torch"
     llm = LLM(str(model_dir), device="cpu", experts=choice, linears=choice, **kwargs)
     print(f"  {'engine' if fast else 'torch'}: experts {llm.model_info['experts']}, linears "
-          f"{llm.engine.linears}", flush=True)
+          f"{llm.engine.backends.linears}", flush=True)
     return llm
 
 
@@ -252,8 +252,8 @@ def model_setup(args):
     tmp = tempfile.TemporaryDirectory()
     os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
     model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
-    from moed.backends.cpu.isa import expert_kernels
-    kernels, threads = expert_kernels(), env_threads()
+    from moed.backends.cpu.isa import load_kernels
+    kernels, threads = load_kernels(), env_threads()
     line = (f"isa={kernels.ISA}, {threads} threads (torch {torch.get_num_threads()}, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     return tmp, model, kernels, threads, line

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moed.backends import install as install_backends
 from moed.engine.kv_cache import BlockManager, blocks_for
 from moed.engine.model_runner import ModelRunner
 from moed.engine.sampler import sample
@@ -51,159 +52,6 @@ def resolve_device(device):
     return torch.device(device)
 
 
-def install_cpu_paths(model, model_dir, experts, linears, deterministic=True):
-    """Put the compiled CPU kernels behind the routed experts and the dense linears.
-
-    Each choice is 'auto', 'cpu' or 'torch' (the reference). With 'auto', a build
-    without the compiled engine falls back to the reference (logged); with 'cpu'
-    that is an error. Returns (experts backend name, dense backend name).
-    """
-    for field, choice in (("experts", experts), ("linears", linears)):
-        if choice not in ("auto", "cpu", "torch"):
-            raise ConfigError(f"{field} must be 'auto', 'cpu' or 'torch', got {choice!r}",
-                              field=field)
-    if model.device.type != "cpu" or experts == linears == "torch":
-        return "torch", "torch"
-    try:
-        from moed.backends.cpu.install import install_cpu_experts
-        from moed.backends.cpu.linears import install_cpu_linears
-        isa = None
-        if experts != "torch" and model.moe_layers():
-            isa = install_cpu_experts(model, model_dir)
-            install_cpu_routers(model)
-        replaced = install_cpu_linears(model, model_dir) if linears != "torch" else 0
-        if linears != "torch":
-            install_cpu_attention(model, deterministic)
-            install_cpu_norms(model)
-            if isa:
-                install_decode_stack(model)
-    except ImportError as e:
-        if "cpu" in (experts, linears):
-            raise
-        log.warning("CPU kernels unavailable (%s); the torch reference runs instead", e)
-        return "torch", "torch"
-    return (f"cpu-{isa}" if isa else "torch"), (f"cpu ({replaced} linears)" if replaced else "torch")
-
-
-def install_cpu_routers(model):
-    """Softmax routers (Mixtral, Qwen-MoE) on the compiled glue: logits, softmax and
-    top-k in one call; DeepSeek's grouped sigmoid router takes its logits from the same
-    per-row dots (batch-invariant, unlike torch's matmul). Returns the number switched."""
-    from moed.backends.cpu.glue import CPUGateLogits, CPUGroupedSigmoidRouter, CPUSoftmaxRouter
-    from moed.model.layers import Linear
-    from moed.model.moe import GroupedSigmoidRouter, SoftmaxRouter
-    n = 0
-    for _, moe in model.moe_layers():
-        if type(moe.shared_gate) is Linear:        # Qwen2-MoE's [1, D] shared-expert gate
-            moe.shared_gate = CPUGateLogits(moe.shared_gate)
-        if type(moe.router) is SoftmaxRouter:
-            moe.router = CPUSoftmaxRouter(moe.router)
-            n += 1
-        elif type(moe.router) is GroupedSigmoidRouter:
-            moe.router = CPUGroupedSigmoidRouter(moe.router)
-            n += 1
-    return n
-
-
-def install_cpu_norms(model):
-    """Every decoder layer's RMS norms and the final one on the compiled glue, each
-    with the residual add before it folded in (moed.backends.cpu.glue.CPURMSNorm).
-    Returns the number switched."""
-    from moed.backends.cpu.glue import CPURMSNorm
-    from moed.model.layers import RMSNorm
-    n = 0
-    for owner, name in [(layer, a) for layer in model.layers
-                        for a in ("input_norm", "post_norm")] + [(model, "norm")]:
-        norm = getattr(owner, name)
-        if type(norm) is RMSNorm:
-            setattr(owner, name, CPURMSNorm(norm))
-            n += 1
-    return n
-
-
-def install_decode_stack(model):
-    """Decode-only steps through every layer in one compiled call where the whole
-    model is the compiled GQA + routed-experts form (moed.backends.cpu.decode_stack;
-    MOED_DECODE_STACK=0: off). Returns whether it was installed."""
-    from moed.backends.cpu.decode_stack import build_decode_stack, enabled
-    model.decode_stack = build_decode_stack(model) if enabled() else None
-    return model.decode_stack is not None
-
-
-def install_cpu_attention(model, deterministic=True):
-    """Attention's glue and prefill on the compiled kernels: GQA's q/k norm and rotary
-    in one pass (every ISA), and prefill chunks of GQA and MLA (both of its forms)
-    through the flash-attention kernel (BF16 dot products, never a [T, T] score
-    matrix) where the CPU has AVX-512 BF16; GQA decodes read K/V in place from the
-    paged cache and the new k/v are stored in one call (every ISA); MLA decodes
-    attend in the latent space out of the paged cache (AVX-512, AVX2), their products
-    with kv_b reading it as stored (AVX-512).
-    With `deterministic` (the default) every ISA takes the kernels whose per-query
-    arithmetic is one for prefill and decode alike: the flash kernel for every prefill
-    chunk, the paged kernel (the same arithmetic) for every decode, and for MLA one
-    form (absorbed, kv_b's products through the row kernels) in both. A position's
-    logits then do not depend on the batch, the chunking or preemption; on AVX2 and
-    generic that costs some prefill speed against torch's SDPA and einsums.
-    Returns the attention layers seen."""
-    import functools
-
-    from moed.backends.cpu.isa import expert_kernels
-    from moed.backends.cpu.attention import causal_attention
-    from moed.backends.cpu.decode_attention import (latent_decode_attention, paged_decode_attention,
-                                               store_kv)
-    from moed.backends.cpu.glue import norm_rope
-    from moed.backends.cpu.mla import LatentAbsorb
-    from moed.backends.cpu.experts import default_threads
-    from moed.model.attention import GQAttention
-    from moed.model.deepseek_v3 import MLAttention
-    kernels = expert_kernels()
-    bf16_dots = kernels.ISA in ("avx512", "avx512emu")
-    flash = bf16_dots or deterministic      # FP32 paths: about torch's speed, or slower
-    # the kernels and threads looked up once, not per layer per step (~2 us a call)
-    decode = functools.partial(paged_decode_attention, kernels=kernels, threads=default_threads())
-    store = functools.partial(store_kv, kernels=kernels)
-    rope = functools.partial(norm_rope, kernels=kernels, threads=default_threads())
-    latent = functools.partial(latent_decode_attention, kernels=kernels,
-                               threads=default_threads())
-    n = 0
-    for layer in model.layers:
-        attn = layer.attn
-        if isinstance(attn, GQAttention):
-            attn.norm_rope = rope
-            # tools/bench_attention.py --decode, Qwen3-30B shape, 2 threads, vs gather +
-            # torch decode_attention: avx512 x1.8 (B 1, L 64) .. x14 (B 8, L 1K), BF16
-            # cache x2.6 .. x12; avx2 x1.6 .. x9.8; generic (SSE2 only) x0.4-0.55 at B 1,
-            # L <= 4K: torch decodes there unless deterministic (the kernel's arithmetic is
-            # the prefill's). The store beats two index_put on every ISA
-            # (x1.4-2.6). In a 2-layer Qwen3-30B-shaped decode step (store + attend per
-            # layer, avx512): 157 -> 81 us at 64 keys, 1.5 -> 0.5 ms at 2K, B 8: 2.7 -> 0.4 ms.
-            if kernels.ISA != "generic" or deterministic:
-                attn.decode_kernel = decode
-            attn.kv_store = store
-        if isinstance(attn, MLAttention) and (kernels.ISA != "generic" or deterministic):
-            # tools/bench_attention.py --decode --mla (DeepSeek-V3: 128 heads, one
-            # 576-wide latent), 2 threads, vs gather + two batched matmuls: avx512
-            # x1.2-1.6 (FP32 cache), x1.6-2.3 (BF16), ~260 GFLOP/s from 512 keys; avx2
-            # x1.0-1.3, x1.2-2.6; generic (SSE2 only) x0.4-0.7: torch decodes there
-            # unless deterministic.
-            attn.decode_kernel = latent
-        if isinstance(attn, MLAttention) and flash:
-            attn.one_form = deterministic
-            # kv_b as stored: DeepSeek-V3 shape, FP8, cold, 2 threads: 0.69 ms a layer
-            # against 2.1 ms for the einsums over its FP32 copy (B 1; B 8: 1.4 vs 4.0);
-            # the plain-C build (AVX2, generic) is slower than the einsums
-            try:
-                attn.absorb = LatentAbsorb(attn.kv_b.weight, attn.H, attn.dn, attn.dv, attn.r,
-                                           threads=default_threads(), kernels=kernels)
-            except (AttributeError, InvalidRequestError):
-                attn.absorb = None           # kv_b in another form: the einsums
-        if isinstance(attn, (GQAttention, MLAttention)):
-            n += 1
-            if flash:
-                attn.prefill_kernel = causal_attention
-    return n
-
-
 class LLMEngine:
     def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=256,
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
@@ -219,8 +67,8 @@ class LLMEngine:
         experts = experts or os.environ.get("MOED_EXPERTS", "auto")
         linears = linears or os.environ.get("MOED_LINEARS") or (
             "torch" if experts == "torch" else "auto")
-        self.experts, self.linears = install_cpu_paths(self.model, model_dir, experts, linears,
-                                                       deterministic)
+        self.backends = install_backends(self.model, model_dir, experts, linears, deterministic)
+        log.info("backends: %s", self.backends.summary())
         self.block_size = block_size
         dtype = getattr(torch, kv_cache_dtype, None)
         if not isinstance(dtype, torch.dtype):
@@ -242,8 +90,8 @@ class LLMEngine:
             "weight_format": "fp8" if ckpt.quant else str(self.model.embed.dtype).replace("torch.", ""),
             "isa": _isa_name(),
             "device": str(self.device),
-            "experts": self.experts,
-            "linears": self.linears,
+            "experts": self.backends.experts,
+            "linears": self.backends.linears,
         }
 
     def _default_num_blocks(self, max_num_seqs, dtype):

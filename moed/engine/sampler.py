@@ -105,8 +105,8 @@ def _argmax(rows):
     # rows [B, V] -> [B] int64; on the CPU the compiled pass (same answer as torch's)
     if rows.device.type == "cpu":
         try:
-            from moed.backends.cpu.isa import expert_kernels
-            kernels = expert_kernels()
+            from moed.backends.cpu.isa import load_kernels
+            kernels = load_kernels()
         except ImportError:         # the compiled engine is not built: torch's
             return rows.argmax(dim=-1)
         from moed.backends.cpu.glue import argmax

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moed.backends.torch import LayerLoop
 from moed.errors import CheckpointError
 from moed.model.layers import Linear, Loader
 from moed.model.model_config import HFConfig
@@ -114,9 +115,6 @@ class CausalLM:
     """Embedding -> decoder layers -> norm -> LM head, over a paged KV cache."""
 
     architecture = None
-    # a decode-only step's layers in one compiled call, when installed
-    # (moed.backends.cpu.decode_stack); it may decline a step: the layer loop runs then
-    decode_stack = None
 
     def __init__(self, ckpt, device):
         self.cfg = HFConfig(ckpt.config, str(ckpt.dir / "config.json"))
@@ -134,6 +132,7 @@ class CausalLM:
         self.rotary = self.build_rotary()
         self.layers = [self.build_layer(i) for i in range(self.num_layers)]
         self.norm = self.load.norm("model.norm.weight", D, self.eps)
+        self.ops = LayerLoop()        # how the layers run; a backend may set its own
         tied = c.get("tie_word_embeddings", bool, False) and not self.load.has("lm_head.weight")
         self.lm_head = (Linear(self.load.weight("model.embed_tokens", V, D)) if tied
                         else self.load.linear("lm_head", V, D))
@@ -164,6 +163,19 @@ class CausalLM:
                                            self.hidden_size, self.eps),
                             self.build_mlp(i))
 
+    def linear_modules(self):
+        """(path, parent, attribute, module) of every module holding linears (named in
+        its LINEARS): each layer's attention, its dense MLP or its MoE's shared experts.
+        Backends swap linears through this list, never by walking attributes."""
+        for i, layer in enumerate(self.layers):
+            yield f"layers.{i}.attn", layer, "attn", layer.attn
+            mlp = layer.mlp
+            if isinstance(mlp, MoE):
+                if mlp.shared is not None:
+                    yield f"layers.{i}.mlp.shared", mlp, "shared", mlp.shared
+            else:
+                yield f"layers.{i}.mlp", layer, "mlp", mlp
+
     def moe_layers(self):
         """(layer index, MoE) for every layer with routed experts."""
         return [(i, layer.mlp) for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)]
@@ -174,16 +186,7 @@ class CausalLM:
         x = self.embed[input_ids].float()
         cos_sin = self.rotary.cos_sin(positions)
         h = self.layers[0].input_norm(x)
-        stack = self.decode_stack if not batch.prefills else None
-        nexts = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
-        for i, (layer, kv_cache, next_norm) in enumerate(zip(self.layers, batch.kv_caches,
-                                                             nexts)):
-            if stack is not None and i == stack.first:
-                out = stack(x, h, cos_sin, batch)     # layers first.. in one call, or None
-                if out is not None:
-                    return out
-            x, h = layer(x, h, cos_sin, batch, kv_cache, next_norm)
-        return h
+        return self.ops.run(self, x, h, cos_sin, batch)[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden):

@@ -46,6 +46,8 @@ class Linear:
 class MLP:
     """SiLU-gated MLP: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
+    LINEARS = ("gate", "up", "down")
+
     def __init__(self, gate, up, down):
         self.gate, self.up, self.down = gate, up, down   # Linear
 
@@ -172,49 +174,3 @@ def _yarn_inv_freq(rope):
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention_factor)
-
-
-def sdpa(q, k, v, mask, scale):
-    """Masked attention through torch's fused kernel (blocked: never a full score matrix).
-
-    q [B, n, H, dq], k [B, L, Hkv, dq], v [B, L, Hkv, dv], mask [B, n, L] bool
-    (True = may attend), or None for plain causal over n == L (the kernel then
-    skips the masked half instead of computing it). Hkv divides H (grouped-query).
-    Returns [B, n, H, dv] float32.
-    """
-    o = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-        attn_mask=None if mask is None else mask[:, None], is_causal=mask is None,
-        scale=scale, enable_gqa=k.shape[2] != q.shape[2])
-    return o.transpose(1, 2)
-
-
-def decode_attention(q, k, v, mask, scale):
-    """One new token per sequence, as two batched matmuls: on the CPU torch's fused
-    kernel costs ~0.1 ms of setup per call for what is a few microseconds of work
-    at one query row. The scores are [B, H, L]: one row per head, never [L, L].
-
-    q [B, H, d], k [B, L, Hkv, d], v [B, L, Hkv, dv], mask [B, 1, L] bool (False on
-    padding) -> [B, H, dv] float32.
-    """
-    B, H, d = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, Hkv, H // Hkv, d)                              # [B, Hkv, g, d]
-    s = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale      # [B, Hkv, g, L]
-    if B > 1:                          # one sequence alone has no padding
-        s = s.masked_fill(~mask[:, :, None, :], float("-inf"))
-    p = s.softmax(dim=-1)
-    return torch.matmul(p, v.float().transpose(1, 2)).reshape(B, H, -1)
-
-
-def compiled_cache_step(kv_cache, x):
-    """Whether the compiled KV-cache kernels (store, decode attention) take this step:
-    CPU tensors, FP32 activations and a float32 or bfloat16 cache (other cache dtypes
-    stay on torch)."""
-    return kv_cache.is_cpu and x.dtype == torch.float32 and \
-        kv_cache.dtype in (torch.float32, torch.bfloat16)
-
-
-def batched_mask(mask):
-    """[n, L] -> [1, n, L]; None (plain causal) stays None."""
-    return None if mask is None else mask[None]

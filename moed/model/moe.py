@@ -9,8 +9,8 @@ with e = topk_ids[t, j]. Model files only call `forward`; they do not know
 whether it runs in the torch reference, the CPU kernels or on a GPU.
 """
 import torch
-import torch.nn.functional as F
 
+from moed.backends.torch import TorchExperts
 from moed.model.formats import Weight
 from moed.model.layers import Linear
 
@@ -18,46 +18,6 @@ from moed.model.layers import Linear
 def float_gate(gate):
     """A router's [E, D] weight upcast once (exactly): it is small, and read every step."""
     return Linear(Weight(gate.weight.dequantize()), gate.bias)
-
-
-class TorchExperts:
-    """Reference backend: dequantize each active expert per call, matmul in float32.
-
-    Holds the checkpoint's tensors as they are (mmap views), so FP8 experts stay
-    FP8 in memory. It is the oracle for every faster backend and the last fallback.
-    """
-
-    name = "torch"
-
-    def __init__(self, gate, up, down):
-        self.gate = gate    # list of E Weight, each [I, D]
-        self.up = up        # list of E Weight, each [I, D]
-        self.down = down    # list of E Weight, each [D, I]
-
-    @property
-    def num_experts(self):
-        return len(self.gate)
-
-    def to(self, device):
-        return TorchExperts(*([w.to(device) for w in ws] for ws in (self.gate, self.up, self.down)))
-
-    def forward(self, x, topk_ids, topk_weights):
-        # x [T, D] float32, topk_ids [T, k] int64, topk_weights [T, k] float32 -> [T, D]
-        out = torch.zeros_like(x)
-        flat_ids = topk_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-        start = 0
-        for e, n in zip(experts.tolist(), counts.tolist()):
-            slots = order[start:start + n]                     # [n] indices into T*k
-            start += n
-            tok = slots // topk_ids.shape[1]                   # [n]
-            h = x[tok]                                         # [n, D]
-            g = h @ self.gate[e].dequantize().T                # [n, I]
-            u = h @ self.up[e].dequantize().T                  # [n, I]
-            y = (F.silu(g) * u) @ self.down[e].dequantize().T  # [n, D]
-            out.index_add_(0, tok, y * topk_weights.reshape(-1)[slots, None])
-        return out
 
 
 def softmax_topk(logits, k, norm_topk_prob):

@@ -10,7 +10,7 @@ Shape legend: n chunk queries, L keys, H query heads, Hkv kv heads, dq/dv head s
 import torch
 
 from moed.errors import InvalidRequestError
-from moed.backends.cpu.experts import _workspace_for, default_threads
+from moed.backends.cpu.runtime import default_threads, workspace
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -22,15 +22,15 @@ def causal_attention(q, k, v, scale, threads=None, out=None, kernels=None):
     `threads` defaults to MOED_THREADS or the affinity set; `kernels` to the
     selected ISA's extension. Safe to call from several Python threads (the
     pool serialises calls; the workspace is per Python thread)."""
-    from moed.backends.cpu.isa import expert_kernels
+    from moed.backends.cpu.isa import load_kernels
     n, H, dq, L, Hkv, dv = _check_shapes(q, k, v)
     out = _check_out(out, (n, H, dv))
     if n == 0:
         return out
-    kernels = kernels or expert_kernels()
+    kernels = kernels or load_kernels()
     threads = threads or default_threads()
     q, k, v = _rows(q), _rows(k), _rows(v)
-    ws = _workspace_for(kernels.attention_workspace(n, L, H, Hkv, dq, dv, threads))
+    ws = workspace(kernels.attention_workspace(n, L, H, Hkv, dq, dv, threads))
     kernels.attention(_operand(q), _operand(k), _operand(v), n, L, H, Hkv, dq, dv,
                       float(scale), out.data_ptr(), ws.ctypes.data, threads)
     return out

@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from moed.errors import InvalidRequestError
-from moed.backends.cpu.experts import _workspace_for, default_threads
+from moed.backends.cpu.runtime import default_threads, workspace
 
 _address = threading.local()       # this thread's workspace buffer and its address
 
@@ -64,14 +64,14 @@ def latent_decode_attention(q, cache, dv, slots, context, scale, out=None, threa
 
 def _decode(q, k, v, S, Hkv, dq, slots, context, scale, out, threads, kernels, dv=None):
     # k, v: (address, bf16, elements between slots, between kv heads) over the cache
-    from moed.backends.cpu.isa import expert_kernels
+    from moed.backends.cpu.isa import load_kernels
     B, H, _ = q.shape
     dv = dv or dq
     Lmax = _table(slots, context, B)
     out = _check_out(out, (B, H, dv))
     if B == 0:
         return out
-    kernels = kernels or expert_kernels()
+    kernels = kernels or load_kernels()
     threads = threads or default_threads()
     ws = _workspace(kernels.decode_workspace(B, H, Hkv, dq, dv, threads))
     q_ld, q_hs, _ = q.stride()
@@ -94,11 +94,11 @@ def store_kv(kv_cache, slot_mapping, k, v, kernels=None):
     k, v [N, Hkv, d] float32 (any token/head strides, last dim contiguous), rounded to
     nearest even for a bfloat16 cache as torch's conversion. A slot outside the cache
     raises before anything is written."""
-    from moed.backends.cpu.isa import expert_kernels
+    from moed.backends.cpu.isa import load_kernels
     lay = _gqa_layout(kv_cache)
     if not _new_fit(k, v, slot_mapping, lay.Hkv, lay.d):
         _check_new_tokens(k, v, slot_mapping, lay.Hkv, lay.d)
-    kernels = kernels or expert_kernels()
+    kernels = kernels or load_kernels()
     (k_ld, k_hs, _), (v_ld, v_hs, _) = k.stride(), v.stride()
     rc = kernels.store_kv(lay.k, lay.v, k.data_ptr(), k_ld, k_hs, v.data_ptr(), v_ld, v_hs,
                           slot_mapping.data_ptr(), k.shape[0], lay.S, lay.Hkv, lay.d, lay.d)
@@ -184,7 +184,7 @@ def _check_new_tokens(k, v, slot_mapping, Hkv, d):
 def _workspace(nbytes):
     """Address of this thread's workspace of >= nbytes (numpy's .ctypes.data costs ~1 us:
     looked up again only when the buffer changes)."""
-    buf = _workspace_for(nbytes)
+    buf = workspace(nbytes)
     if getattr(_address, "buf", None) is not buf:
         _address.buf, _address.ptr = buf, buf.ctypes.data
     return _address.ptr
@@ -256,3 +256,10 @@ def _check_out(out, shape):
         raise InvalidRequestError(f"out must be contiguous float32 {list(shape)} on the CPU",
                                   field="out")
     return out
+
+
+def compiled_cache_step(kv_cache, x):
+    """Whether the compiled KV-cache kernels (store, decode attention) take this step:
+    CPU tensors, FP32 activations and a float32 or bfloat16 cache (other cache dtypes
+    stay on torch)."""
+    return kv_cache.is_cpu and x.dtype == torch.float32 and kv_cache.dtype in CACHE_DTYPES

@@ -6,7 +6,7 @@ about 150 us a layer on 2 cores (views, checks, allocations, eight calls), ~1.7
 ms of a 24-30 ms Qwen3-30B-A3B-shaped step. `DecodeStack` runs the same kernel
 calls with the same inputs and thread count from C, so its hidden states are
 those of the Python path bit for bit; the model's forward hands it decode-only
-steps (`CausalLM.forward`) and falls back to the layer loop whenever it
+steps (StackedLayers, set as the model's `ops`) and falls back to the layer loop whenever it
 declines one.
 
 It is built (`build_decode_stack`) only for a model whose every layer is: GQA
@@ -15,8 +15,8 @@ compiled q/k norm + rotary (rotate-half), decode attention and KV store; RMS
 norms on the compiled glue; a softmax router on the compiled glue feeding the
 routed experts on the kernels, no shared experts. Anything else (DeepSeek's
 MLA, dense MLP layers, the generic ISA with `deterministic` off, where torch
-decodes attention, the torch reference) keeps the Python path. Each step it declines when a layer's
-hooks were swapped since (tests count calls through them), the step has a
+decodes attention, the torch reference) keeps the Python path. Each step it declines
+when a layer's parts were swapped since (tests count calls through them), the step has a
 prefill, or a cache is not a compiled one (FP32, BF16). MOED_DECODE_STACK=0
 turns it off (benchmarks compare both).
 Shape legend: B decodes, D hidden.
@@ -27,10 +27,10 @@ import threading
 
 import torch
 
+from moed.backends.cpu.decode_attention import _gqa_layout, _table, compiled_cache_step
+from moed.backends.cpu.runtime import workspace
+from moed.backends.torch import LayerLoop
 from moed.errors import InvalidRequestError
-from moed.backends.cpu.decode_attention import _gqa_layout, _table
-from moed.backends.cpu.experts import _workspace_for
-from moed.model.layers import compiled_cache_step
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,37 @@ def build_decode_stack(model):
         return None
 
 
+class StackedLayers(LayerLoop):
+    """The model's layers with decode-only steps through `stack` from its first layer
+    on; prefills, and the steps it declines, run the loop."""
+
+    def __init__(self, stack):
+        self.stack = stack          # DecodeStack
+
+    def run(self, model, x, h, cos_sin, batch, start=0, stop=None):
+        stack = self.stack
+        if batch.prefills or start != 0 or stop is not None:
+            return super().run(model, x, h, cos_sin, batch, start, stop)
+        x, h = super().run(model, x, h, cos_sin, batch, 0, stack.first)
+        out = stack(x, h, cos_sin, batch)       # layers first.. in one call, or None
+        if out is not None:
+            return x, out
+        return super().run(model, x, h, cos_sin, batch, stack.first)
+
+
 class _NotEligible(Exception):
     pass
 
 
 def _hooks(layer):
     """What the stack read from a layer: the objects it took the weights and kernels
-    of (compared by identity every step)."""
+    of (compared by identity every step: a swapped one sends the step to the loop)."""
     a, m = layer.attn, layer.mlp
-    return (a, m, layer.post_norm, a.qkv, a.o, a.norm_rope, a.decode_kernel, a.kv_store,
-            a.rotary, getattr(m, "router", None), getattr(m, "experts", None),
-            getattr(m, "shared", None))
+    ops = a.ops
+    return (a, m, layer.post_norm, ops, a.o, a.rotary, getattr(ops, "qkv", None),
+            getattr(ops, "rope", None), getattr(ops, "decode", None),
+            getattr(ops, "store", None), getattr(m, "router", None),
+            getattr(m, "experts", None), getattr(m, "shared", None))
 
 
 def need(ok, why):
@@ -67,27 +87,30 @@ def need(ok, why):
         raise _NotEligible(why)
 
 
-def _row(i, layer, next_norm, kernels, threads, D):
-    """Layer i's entry of the C table, or _NotEligible saying why not."""
-    from moed.backends.cpu.linears import CPUFusedLinear, CPULinear
-    from moed.backends.cpu.glue import CPURMSNorm, CPUSoftmaxRouter
+def stack_row(i, layer, next_norm, kernels, threads, D):
+    """Layer i's entry of the C table (cython_src/kernels_ext.pxi, DecodeStack), from the
+    CPU backend's public parts: its attention operations (CPUGQAOps: fused q/k/v, the
+    q/k spans and norm weight), linears' tile arguments, router, experts and norms;
+    or _NotEligible saying why not."""
     from moed.backends.cpu.experts import CPUExpertLayer
+    from moed.backends.cpu.glue import CPURMSNorm, CPUSoftmaxRouter
+    from moed.backends.cpu.gqa import CPUGQAOps
+    from moed.backends.cpu.linears import CPULinear
     from moed.model.attention import GQAttention
     from moed.model.moe import MoE
     a, m = layer.attn, layer.mlp
     need(type(a) is GQAttention, f"layer {i}: not GQA")
-    need(isinstance(a.qkv, CPUFusedLinear) and a._qk_spans() is not None,
+    ops = a.ops
+    need(type(ops) is CPUGQAOps and ops.spans is not None,
          f"layer {i}: q/k/v not one compiled projection")
-    fused = a.qkv.fused
+    fused = ops.qkv.fused
     need(type(fused) is CPULinear and fused.bias is None, f"layer {i}: q/k/v bias")
     need(type(a.o) is CPULinear and a.o.bias is None, f"layer {i}: o_proj not compiled")
-    need(a.norm_rope is not None and not a.rotary.interleaved,
-         f"layer {i}: rotary not on the compiled glue")
-    need(a.decode_kernel is not None and a.kv_store is not None,
-         f"layer {i}: decode attention not compiled")
-    for hook in (a.norm_rope, a.decode_kernel, a.kv_store):
-        need(getattr(hook, "keywords", {}).get("kernels") is kernels,
-             f"layer {i}: a hook on other kernels")
+    need(not a.rotary.interleaved, f"layer {i}: rotary not on the compiled glue")
+    need(ops.decode is not None, f"layer {i}: decode attention not compiled")
+    for call in (ops.rope, ops.decode, ops.store):
+        need(getattr(call, "keywords", {}).get("kernels") is kernels,
+             f"layer {i}: a call on other kernels")
     need(type(m) is MoE and m.shared is None, f"layer {i}: not routed experts alone")
     need(type(m.router) is CPUSoftmaxRouter and m.router.gate.reference.bias is None,
          f"layer {i}: router not compiled")
@@ -98,15 +121,14 @@ def _row(i, layer, next_norm, kernels, threads, D):
     need(all(p.kernels is kernels and p.threads == threads for p in parts),
          f"layer {i}: parts on other kernels or thread counts")
     need(m.experts.packed.hidden == D, f"layer {i}: experts' hidden size")
-    (q0, _), (v0, _) = a._qk_spans()
-    qk_w = a._qk_weight if a.q_norm is not None else None
+    (q0, _), (v0, _) = ops.spans
+    qk_w = ops.qk_weight
     rw = m.router.gate.weight
-    return (fused._args, a.o._args, q0, v0, a.heads, a.kv_heads, a.head_dim,
-            0 if qk_w is None else qk_w.data_ptr(),
-            a.q_norm.eps if a.q_norm is not None else 0.0, a.scale,
+    return (fused.args, a.o.args, q0, v0, a.heads, a.kv_heads, a.head_dim,
+            0 if qk_w is None else qk_w.data_ptr(), ops.eps, a.scale,
             layer.post_norm.weight.data_ptr(), layer.post_norm.eps,
             rw.data_ptr(), rw.dtype == torch.bfloat16, m.experts.num_experts,
-            m.router.k, bool(m.router.renorm), *m.experts._fixed[:4],
+            m.router.k, bool(m.router.renorm), *m.experts.fixed_args[:4],
             m.experts.packed.inter, next_norm.weight.data_ptr(), next_norm.eps)
 
 
@@ -127,7 +149,7 @@ class DecodeStack:
         rows, why = [], None
         for i in reversed(range(len(model.layers))):
             try:
-                rows.append(_row(i, model.layers[i], nexts[i], kernels, threads, D))
+                rows.append(stack_row(i, model.layers[i], nexts[i], kernels, threads, D))
             except _NotEligible as e:
                 why = e
                 break
@@ -199,7 +221,7 @@ class DecodeStack:
         if not (mapping.dtype == torch.int64 and mapping.is_contiguous() and mapping.is_cpu
                 and tuple(mapping.shape) == (B,)):
             return None
-        ws = _workspace_for(self.table.workspace_bytes(B, self.threads))
+        ws = workspace(self.table.workspace_bytes(B, self.threads))
         routed = None
         if len(self._k) == 1:
             routed = torch.empty(len(self._hooks), B, *self._k, dtype=torch.int64)

@@ -2,31 +2,12 @@
 
 Shape legend: T tokens, k experts per token, E experts, H hidden, I intermediate.
 """
-import os
-import threading
-
-import numpy as np
 import torch
 
+from moed.backends.cpu.runtime import default_threads, workspace
 from moed.errors import InvalidRequestError
 from moed.backends.cpu.packed import PackedExperts, empty_buffers, pack_expert_into
 from moed.model.formats import Weight
-
-_workspace = threading.local()     # per Python thread: grow-only kernel workspace
-
-
-def default_threads():
-    env = os.environ.get("MOED_THREADS", "").strip()
-    return int(env) if env else len(os.sched_getaffinity(0))
-
-
-def _workspace_for(nbytes):
-    buf = getattr(_workspace, "buf", None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
-        _workspace.buf = buf
-    return buf
-
 
 class CPUExpertLayer:
     """forward(x [T, H], topk_ids [T, k], topk_weights [T, k]) -> [T, H] float32."""
@@ -34,14 +15,15 @@ class CPUExpertLayer:
     name = "cpu"
 
     def __init__(self, packed: PackedExperts, threads=None, kernels=None):
-        from moed.backends.cpu.isa import expert_kernels
+        from moed.backends.cpu.isa import load_kernels
         self.packed = packed
-        self.kernels = kernels or expert_kernels()
+        self.kernels = kernels or load_kernels()
         self.threads = threads or default_threads()
         self._args = {m: packed.kernel_args(m) for m in ("gate", "up", "down")}
-        # per-call constants, computed once: a decode call is ~0.5 ms, and rebuilding
-        # these per call cost a few percent of it
-        self._fixed = (self._args["gate"], self._args["up"], self._args["down"],
+        # the kernel call's constant leading arguments (gate, up, down tile arguments,
+        # fp8, E, H, I), computed once: a decode call is ~0.5 ms, and rebuilding them per
+        # call cost a few percent of it (the decode stack passes them too)
+        self.fixed_args = (self._args["gate"], self._args["up"], self._args["down"],
                        packed.fmt == "fp8", packed.num_experts, packed.hidden, packed.inter)
         self._padded = (packed.shape("gate").kblocks * 128, packed.shape("down").kblocks * 128)
 
@@ -80,8 +62,8 @@ class CPUExpertLayer:
         if T == 0:
             return y
         Hp, Ip = self._padded
-        ws = _workspace_for(self.kernels.workspace_bytes(T, k, p.num_experts, Hp, Ip, self.threads))
-        rc = self.kernels.forward(*self._fixed, x.data_ptr(), x.dtype == torch.bfloat16, T, k,
+        ws = workspace(self.kernels.workspace_bytes(T, k, p.num_experts, Hp, Ip, self.threads))
+        rc = self.kernels.forward(*self.fixed_args, x.data_ptr(), x.dtype == torch.bfloat16, T, k,
                                   ids.data_ptr(), wts.data_ptr(), y.data_ptr(),
                                   ws.ctypes.data, self.threads)
         if rc:

@@ -11,7 +11,7 @@ import torch
 from moed.model.moe import grouped_sigmoid_topk
 
 from moed.errors import InvalidRequestError
-from moed.backends.cpu.experts import default_threads
+from moed.backends.cpu.runtime import default_threads
 
 
 def norm_rope(qk, cos, sin, weight=None, eps=0.0, threads=None, kernels=None):
@@ -33,8 +33,8 @@ def norm_rope(qk, cos, sin, weight=None, eps=0.0, threads=None, kernels=None):
     out = torch.empty(N, R, d, dtype=f32)
     if N:
         if kernels is None:
-            from moed.backends.cpu.isa import expert_kernels
-            kernels = expert_kernels()
+            from moed.backends.cpu.isa import load_kernels
+            kernels = load_kernels()
         kernels.norm_rope(qk.data_ptr(), qk.stride(0), N, R, d,
                           0 if weight is None else weight.data_ptr(), float(eps),
                           cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
@@ -62,14 +62,14 @@ class CPUGateLogits:
     number of rows, so a token's logits changed with the batch; these do not."""
 
     def __init__(self, linear, threads=None, kernels=None):
-        from moed.backends.cpu.isa import expert_kernels
+        from moed.backends.cpu.isa import load_kernels
         self.reference = linear
         w = linear.weight.dequantize().float()                             # [E, D]
         # BF16 when every weight is a BF16 value (a BF16 router, upcast exactly by the
         # reference): the kernel widens it exactly, same products from half the bytes
         half = w.bfloat16()
         self.weight = half.contiguous() if torch.equal(half.float(), w) else w.contiguous()
-        self.kernels = kernels or expert_kernels()
+        self.kernels = kernels or load_kernels()
         self.threads = threads or default_threads()
 
     def takes(self, x):
@@ -150,10 +150,10 @@ class CPURMSNorm:
     sum of squares is another summation order."""
 
     def __init__(self, norm, threads=None, kernels=None):
-        from moed.backends.cpu.isa import expert_kernels
+        from moed.backends.cpu.isa import load_kernels
         self.reference = norm                                     # moed.model.layers.RMSNorm
         self.weight, self.eps = norm.weight.contiguous(), float(norm.eps)   # [D] float32
-        self.kernels = kernels or expert_kernels()
+        self.kernels = kernels or load_kernels()
         self.threads = threads or default_threads()
 
     def __call__(self, x):
@@ -187,11 +187,11 @@ def argmax(logits, kernels=None):
     """logits [B, V] float32 on the CPU (rows contiguous) -> [B] int64 index of each row's
     largest value: torch.argmax's answer (first on ties, first NaN wins) in one
     vectorised pass, where torch takes ~0.1 ms a 150K-vocab row on one thread."""
-    from moed.backends.cpu.isa import expert_kernels
+    from moed.backends.cpu.isa import load_kernels
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 \
             or logits.stride(1) != 1 or logits.shape[1] == 0:
         return logits.argmax(dim=-1)
     ids = torch.empty(logits.shape[0], dtype=torch.int64)
-    (kernels or expert_kernels()).argmax(logits.data_ptr(), logits.stride(0), logits.shape[0],
+    (kernels or load_kernels()).argmax(logits.data_ptr(), logits.stride(0), logits.shape[0],
                                          logits.shape[1], ids.data_ptr())
     return ids

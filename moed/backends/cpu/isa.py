@@ -37,7 +37,7 @@ def selected_isa():
     return forced
 
 
-def expert_kernels(isa=None):
+def load_kernels(isa=None):
     """The compiled expert-kernel extension for `isa` (default: selected_isa()).
 
     Imported only after the guard says this CPU and OS run it, so a CPU without

@@ -7,38 +7,37 @@ change): every `Linear` whose weight the kernels read exactly (FP8 e4m3 with
 128x128 block scales, or BF16) becomes a `CPULinear` over the model's dense
 store; a SiLU-gated MLP whose gate and up stack cleanly becomes one
 `CPUGatedMLP` (gate and up in one kernel call, like the routed experts).
-Routers stay in torch: their FP32 logits pick the experts, and BF16 activations
-could flip a near tie. Shape legend: N tokens, D hidden, I intermediate.
+Routers are not among them: their FP32 logits pick the experts, and BF16
+activations could flip a near tie (their per-row FP32 dots are in glue.py).
+Shape legend: N tokens, D hidden, I intermediate.
 """
 import logging
 
 import torch
 import torch.nn.functional as F
 
+from moed.backends.cpu.dense_store import (PackedMatrix, concat_rows, open_or_build,
+                                           pack_weight, part_starts)
+from moed.backends.cpu.runtime import default_threads, workspace
 from moed.errors import InvalidRequestError
-from moed.backends.cpu.dense_store import (PackedMatrix, concat_rows, open_or_build, pack_weight,
-                                      part_starts)
-from moed.backends.cpu.experts import _workspace_for, default_threads
 from moed.model.formats import FP8_DTYPE
 from moed.model.layers import MLP, Linear
 
 log = logging.getLogger(__name__)
 
-SKIPPED = ("router", "experts", "shared_gate", "rotary")   # attributes never walked
-
 
 class CPULinear:
-    """y [N, out] = x [N, in] @ W^T (+ bias) on the kernels; `.weight` / `.bias` kept
-    (DeepSeek's MLA reads `kv_b.weight.dequantize()` for its absorbed decode)."""
+    """y [N, out] = x [N, in] @ W^T (+ bias) on the kernels; `.weight` / `.bias` kept,
+    and `args`, the kernel's tile arguments (the decode stack passes them too)."""
 
     def __init__(self, weight, bias=None, packed: PackedMatrix = None, threads=None, kernels=None):
-        from moed.backends.cpu.isa import expert_kernels
+        from moed.backends.cpu.isa import load_kernels
         self.weight = weight                    # formats.Weight [out, in], as stored
         self.bias = bias                        # [out] float32 or None
         self.packed = packed if packed is not None else pack_weight(weight, "weight")
-        self.kernels = kernels or expert_kernels()
+        self.kernels = kernels or load_kernels()
         self.threads = threads or default_threads()
-        self._args = self.packed.kernel_args()
+        self.args = self.packed.kernel_args()
         self._kblocks = self.packed.shape.kblocks
 
     @property
@@ -60,8 +59,8 @@ class CPULinear:
             raise InvalidRequestError(f"out must be contiguous float32 [{N}, {self.packed.rows}]",
                                       field="out")
         if N:
-            ws = _workspace_for(self.kernels.dense_workspace(N, self._kblocks, self.threads))
-            self.kernels.dense(self._args, x.data_ptr(), x.dtype == torch.bfloat16, N,
+            ws = workspace(self.kernels.dense_workspace(N, self._kblocks, self.threads))
+            self.kernels.dense(self.args, x.data_ptr(), x.dtype == torch.bfloat16, N,
                                y.data_ptr(), ws.ctypes.data, self.threads)
         if self.bias is not None:
             y += self.bias
@@ -143,67 +142,70 @@ def stackable(linears):
                for lin in linears)
 
 
-QKV = ("q", "k", "v")        # attention projections fused when an object has all three
+QKV = ("q", "k", "v")        # attention projections fused when a module has all three
 
 
 def dense_targets(model):
     """(linears, fusions): [(name, owner, attribute, Linear)] and [(name, owner, attribute
-    or None, [Linear])] found by walking the decoder layers' attributes, plus the LM head.
-    A fusion with an attribute is a gated MLP (gate, up) replaced whole; one without is
-    an attention's q/k/v, set as owner.qkv beside the parts."""
+    or None, [Linear])] over the modules the model lists as holding linears
+    (`CausalLM.linear_modules`, each naming its own in LINEARS), plus the LM head. A
+    fusion with an attribute is a gated MLP (gate, up) replaced whole; one without is an
+    attention's q/k/v, whose parts stay addressable."""
     linears, fusions = [], []
-    for i, layer in enumerate(model.layers):
-        _walk(layer, f"layers.{i}", linears, fusions, set())
+    for path, parent, attr, module in model.linear_modules():
+        names = module.LINEARS
+        qkv = [getattr(module, a, None) for a in QKV]
+        if isinstance(module, MLP) and stackable([module.gate, module.up]) \
+                and module.gate.bias is None and module.up.bias is None:
+            fusions.append((f"{path}.gate_up", parent, attr, [module.gate, module.up]))
+            names = ("down",)
+        elif all(a in names for a in QKV) and stackable(qkv):
+            fusions.append((f"{path}.qkv", module, None, qkv))
+            names = tuple(a for a in names if a not in QKV)
+        for a in names:
+            lin = getattr(module, a)
+            if type(lin) is Linear and packable(lin):
+                linears.append((f"{path}.{a}", module, a, lin))
     if type(model.lm_head) is Linear and packable(model.lm_head):
         linears.append(("lm_head", model, "lm_head", model.lm_head))
     return linears, fusions
 
 
-def _walk(obj, path, linears, fusions, seen):
-    seen.add(id(obj))
-    qkv = [getattr(obj, a, None) for a in QKV]
-    if stackable(qkv):
-        fusions.append((f"{path}.qkv", obj, None, qkv))
-        seen |= {id(lin) for lin in qkv}
-    for attr, val in list(vars(obj).items()):
-        name = f"{path}.{attr}"
-        if attr in SKIPPED or val is None or id(val) in seen:
-            continue
-        if type(val) is Linear:
-            if packable(val):
-                linears.append((name, obj, attr, val))
-        elif isinstance(val, MLP) and stackable([val.gate, val.up]) \
-                and val.gate.bias is None and val.up.bias is None:
-            fusions.append((f"{name}.gate_up", obj, attr, [val.gate, val.up]))
-            _walk(val, name, linears, fusions, seen | {id(val.gate), id(val.up)})
-        elif type(val).__module__.startswith("moed.model") and hasattr(val, "__dict__"):
-            _walk(val, name, linears, fusions, seen)
-
-
 def install_cpu_linears(model, model_dir, threads=None, kernels=None):
     """Replace every packable dense Linear of a built CPU model by a CPULinear over the
-    model's dense store (built on first use). Returns the number of linears replaced."""
-    from moed.backends.cpu.isa import expert_kernels
+    model's dense store (built on first use). -> {store name: what replaced it}: a
+    CPULinear, a CPUGatedMLP (`<mlp>.gate_up`) or the CPUFusedLinear of an attention's
+    q/k/v (`<attn>.qkv`, its parts set as q, k and v)."""
+    from moed.backends.cpu.isa import load_kernels
     if model.device.type != "cpu":
-        return 0
-    kernels = kernels or expert_kernels()     # fails clearly on a forced, unsupported ISA
+        return {}
+    kernels = kernels or load_kernels()     # fails clearly on a forced, unsupported ISA
     threads = threads or default_threads()
     linears, fusions = dense_targets(model)
     sources = [(n, lin.weight) for n, _, _, lin in linears]
     sources += [(n, concat_rows([lin.weight for lin in lins], n)) for n, _, _, lins in fusions]
     if not sources:
-        return 0
+        return {}
     store = open_or_build(model_dir, sources)
+    installed = {}
     for name, owner, attr, lin in linears:
-        setattr(owner, attr, CPULinear(lin.weight, lin.bias, store.matrix(name), threads, kernels))
+        installed[name] = CPULinear(lin.weight, lin.bias, store.matrix(name), threads, kernels)
+        setattr(owner, attr, installed[name])
     for name, owner, attr, lins in fusions:
         fused = CPUFusedLinear.over(store.matrix(name), lins, threads, kernels)
         if attr is not None:                              # gated MLP: replaced whole
-            setattr(owner, attr, CPUGatedMLP(fused, getattr(owner, attr).down))
+            installed[name] = CPUGatedMLP(fused, getattr(owner, attr).down)
+            setattr(owner, attr, installed[name])
         else:                                             # q/k/v: parts stay addressable
-            owner.qkv = fused
+            installed[name] = fused
             for a, part in zip(QKV, fused.parts):
                 setattr(owner, a, part)
-    n = len(linears) + sum(len(lins) for *_, lins in fusions)
-    log.info("CPU linears: %d from %s, isa=%s, %d threads", n, store.path, kernels.ISA, threads)
-    return n
+    log.debug("CPU linears: %d from %s, isa=%s, %d threads", count_linears(installed),
+              store.path, kernels.ISA, threads)
+    return installed
+
+
+def count_linears(installed):
+    """The number of checkpoint linears in install_cpu_linears' answer."""
+    return sum(len(v.parts) if isinstance(v, CPUFusedLinear) else
+               2 if isinstance(v, CPUGatedMLP) else 1 for v in installed.values())
