@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SNAPSHOT = Path(__file__).with_name("data") / "logits_snapshot.json"

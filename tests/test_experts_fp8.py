@@ -1,6 +1,5 @@
 """All 256 e4m3 codes through the kernels' FP8 widening, each ISA, SIMD and scalar twin;
 the SIMD unit body against its scalar twin and a float64 reference."""
-import numpy as np
 import pytest
 import torch
 
