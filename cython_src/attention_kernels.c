@@ -50,14 +50,14 @@
  *   how the engine batched or chunked it.
  * AVX-512 (Zen 4, Sapphire Rapids and later): Q.K^T and P.V with vdpbf16ps on
  *   BF16 inputs (round to nearest even), FP32 accumulation; softmax statistics
- *   in FP32 with exp512 (expert_units.h). Scratch layouts put a pair of
+ *   in FP32 with vf_exp (vec.h). Scratch layouts put a pair of
  *   adjacent reduction elements in one 32-bit word, so one broadcast word of
  *   the other operand feeds 16 lanes:
  *     Kb [dq/2 pairs][BN keys] words  (k[j][2p], k[j][2p+1])
  *     Vb [BN/2 key pairs][dvp] words  (v[2t][c], v[2t+1][c])
  *     Qb [M][dq/2] words, Pb [M][BN/2] words
  * AVX2: the same blocks in FP32 from the given inputs, register-tiled FMA
- *   bodies (3 query vectors x 32 keys or output columns) and exp256.
+ *   bodies (3 query vectors x 32 keys or output columns) and vf_exp.
  * Generic: the same blocks as plain loops (the FP32 oracle's twin).
  */
 #ifndef MOED_ATTENTION_KERNELS_C
@@ -359,8 +359,8 @@ static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float sc
     __m512 mb = _mm512_set1_ps(m_new), sum = _mm512_setzero_ps();
     uint16_t *pr = (uint16_t *)(s->p + m * (ATT_BN / 2));
     for (int v = 0; v < 4; v++) {
-        /* masked lanes are exactly 0 (exp512 clamps, it never returns 0) */
-        __m512 e = _mm512_maskz_mov_ps(k[v], exp512(_mm512_sub_ps(x[v], mb)));
+        /* masked lanes are exactly 0 (vf_exp clamps, it never returns 0) */
+        __m512 e = _mm512_maskz_mov_ps(k[v], vf_exp(_mm512_sub_ps(x[v], mb)));
         sum = _mm512_add_ps(sum, e);
         _mm256_storeu_si256((__m256i *)(pr + 16 * v), bf16x16(e));
     }
@@ -579,6 +579,15 @@ static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int ma
     }
 }
 #endif
+
+/* e[t] = exp(x[t] - mx), t < n (e may be x). */
+static void exp_sub_row(const float *x, float mx, float *e, int n) {
+    int t = 0;
+#ifdef VL
+    for (; t + VL <= n; t += VL) vf_store(e + t, vf_exp(vf_sub(vf_load(x + t), vf_set1(mx))));
+#endif
+    for (; t < n; t++) e[t] = expf(x[t] - mx);
+}
 
 /* Online softmax over one block (P kept FP32 in the S rows). */
 static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
