@@ -32,7 +32,7 @@ def extensions():
                                            "thread_pool.h", "probe_kernels.c",
                                            "dense_kernels.c", "attention_kernels.c",
                                            "glue_kernels.c", "decode_kernels.c",
-                                           "mla_kernels.c", "decode_stack.c", "bf16_emu.h",
+                                           "mla_kernels.c", "decode_stack.c", "bf16_emu.h", "vec.h",
                                            "kernels_ext.pxi")]
     exts = [
         Extension("moed.backends.cpu._isa_guard", ["cython_src/_isa_guard.pyx"],

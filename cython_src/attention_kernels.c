@@ -50,14 +50,14 @@
  *   how the engine batched or chunked it.
  * AVX-512 (Zen 4, Sapphire Rapids and later): Q.K^T and P.V with vdpbf16ps on
  *   BF16 inputs (round to nearest even), FP32 accumulation; softmax statistics
- *   in FP32 with exp512 (expert_units.h). Scratch layouts put a pair of
+ *   in FP32 with vf_exp (vec.h). Scratch layouts put a pair of
  *   adjacent reduction elements in one 32-bit word, so one broadcast word of
  *   the other operand feeds 16 lanes:
  *     Kb [dq/2 pairs][BN keys] words  (k[j][2p], k[j][2p+1])
  *     Vb [BN/2 key pairs][dvp] words  (v[2t][c], v[2t+1][c])
  *     Qb [M][dq/2] words, Pb [M][BN/2] words
  * AVX2: the same blocks in FP32 from the given inputs, register-tiled FMA
- *   bodies (3 query vectors x 32 keys or output columns) and exp256.
+ *   bodies (3 query vectors x 32 keys or output columns) and vf_exp.
  * Generic: the same blocks as plain loops (the FP32 oracle's twin).
  */
 #ifndef MOED_ATTENTION_KERNELS_C
@@ -72,7 +72,6 @@
 
 #define ATT_BN 64               /* keys per block: S row = 4 vectors of 16 */
 #define ATT_ROWS 128            /* query vectors per task (rows x group heads) */
-#define ATT_R 6                 /* query vectors per register tile */
 /* Converted K/V per pass: bounds the workspace (MLA expanded, 128 kv heads x
  * 320 dims, would need 320 MB at 4K tokens). Tests lower it to force passes. */
 static int64_t g_att_store_bytes = 64ll << 20;
@@ -207,6 +206,15 @@ static inline void att_t8x8(const float *const *rows, int d0, float *dst) {
 
 /* ====================================================== AVX-512 BF16 path */
 #ifdef ATT_BF16_DOT
+/* The tiles' operands: BF16 pair words, a dot step is one vdpbf16ps. */
+#define ATT_R 6                 /* query vectors per register tile: 6 x 4 accumulators */
+#define ATT_PW 2                /* keys per word of P */
+typedef uint32_t att_word;
+typedef __m512bh vpair;
+ALWAYS_INLINE vpair att_vload(const att_word *p) { return (__m512bh)_mm512_loadu_si512(p); }
+ALWAYS_INLINE vpair att_bcast(const att_word *w) { return (__m512bh)_mm512_set1_epi32((int)*w); }
+ALWAYS_INLINE vf att_dot(vf acc, vpair x, vpair b) { return _mm512_dpbf16_ps(acc, x, b); }
+#define ATT_P(s) ((const att_word *)(s)->p)
 
 /* A row of d elements as BF16, zero padded to 2 * words. */
 static void att_row_bf16(const att_operand *x, const void *row, int d, uint16_t *dst, int words) {
@@ -231,29 +239,11 @@ static int64_t att_kblock_bytes(int qw, int dq) {
 }
 static int64_t att_vblock_bytes(int dvp) { return att_align(2 * (int64_t)ATT_BN * dvp); }
 
-static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
-    uint32_t *kb = (uint32_t *)dst;
-    const int qw = j->qw;
-    /* rows as BF16 pair words: a BF16 row of even length in place, else converted */
-    const int in_place = j->k.bf16 && !(j->dq & 1);
-    uint32_t zero[qw + 8], conv[in_place ? 1 : ATT_BN][in_place ? 1 : qw + 1];
-    memset(zero, 0, sizeof(zero));
-    const float *rows[ATT_BN];
-    for (int t = 0; t < ATT_BN; t++) {
-        const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
-        if (!src) rows[t] = (const float *)zero;
-        else if (in_place) rows[t] = (const float *)src;
-        else {
-            att_row_bf16(&j->k, src, j->dq, (uint16_t *)conv[t], qw);
-            rows[t] = (const float *)conv[t];
-        }
-    }
-    const int p8 = qw & ~7;
-    for (int p0 = 0; p0 < p8; p0 += 8)
-        for (int t0 = 0; t0 < ATT_BN; t0 += 8)
-            att_t8x8(rows + t0, p0, (float *)(kb + (int64_t)p0 * ATT_BN + t0));
-    for (int t = 0; t < ATT_BN; t++)
-        for (int p = p8; p < qw; p++) kb[p * ATT_BN + t] = ((const uint32_t *)rows[t])[p];
+/* K rows as pair words: a BF16 row of even length in place, else converted. */
+static inline int att_k_words(const att_job *j) { return j->qw; }
+static inline int att_k_in_place(const att_job *j) { return j->k.bf16 && !(j->dq & 1); }
+static inline void att_k_convert(const att_job *j, const void *src, att_word *dst) {
+    att_row_bf16(&j->k, src, j->dq, (uint16_t *)dst, j->qw);
 }
 
 /* 16 FP32 (or BF16) elements of a row -> 16 BF16 in the low halves of 32-bit lanes. */
@@ -278,55 +268,6 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
             __m512i lo = a ? att_v16(&j->v, ra, c, j->dv) : _mm512_setzero_si512();
             __m512i hi = b ? att_v16(&j->v, rb, c, j->dv) : _mm512_setzero_si512();
             _mm512_storeu_si512(dst + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-        }
-    }
-}
-
-static inline __m512bh att_bcast(const uint32_t *w) { return (__m512bh)_mm512_set1_epi32((int)*w); }
-
-/* S[R][16 NV keys] = Q[R] . Kb: NV R accumulators, one K load feeds R rows. */
-ALWAYS_INLINE void att_qk_tile(const uint32_t *q, int qw, const uint32_t *kb, float *s,
-                               const int R, const int NV) {
-    __m512 acc[ATT_R][4];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
-    for (int p = 0; p < qw; p++) {
-        __m512bh kv[4];
-        for (int v = 0; v < NV; v++) kv[v] = (__m512bh)_mm512_loadu_si512(kb + p * ATT_BN + 16 * v);
-        for (int r = 0; r < R; r++) {
-            __m512bh qb = att_bcast(q + (int64_t)r * qw + p);
-            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], kv[v], qb);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) _mm512_storeu_ps(s + r * ATT_BN + 16 * v, acc[r][v]);
-}
-
-#define ATT_QK(R, NV) att_qk_tile(q + (int64_t)m * j->qw, j->qw, kb, s->s + m * ATT_BN, R, NV)
-#define ATT_QK_ROWS(NV) do { switch (R) {                                  \
-    case 1: ATT_QK(1, NV); break;  case 2: ATT_QK(2, NV); break;            \
-    case 3: ATT_QK(3, NV); break;  case 4: ATT_QK(4, NV); break;            \
-    case 5: ATT_QK(5, NV); break;  default: ATT_QK(ATT_R, NV); break;       \
-    } } while (0)
-
-/* Scores of the visible key vectors only: on a masked (diagonal) block a
- * register tile stops at the last key its last row sees; the lanes left
- * unwritten are masked by the softmax. */
-static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
-    const uint32_t *q = (const uint32_t *)s->q, *kb = (const uint32_t *)s->k;
-    for (int m = 0; m < M; m += ATT_R) {
-        const int R = M - m < ATT_R ? M - m : ATT_R;
-        int nv = 4;
-        if (masked) {
-            int lim = lim0 + (m + R - 1) / s->G;        /* the tile's last row sees most */
-            nv = lim < 0 ? 0 : lim / 16 + 1 < 4 ? lim / 16 + 1 : 4;
-        }
-        switch (nv) {
-        case 0: break;
-        case 1: ATT_QK_ROWS(1); break;
-        case 2: ATT_QK_ROWS(2); break;
-        case 3: ATT_QK_ROWS(3); break;
-        default: ATT_QK_ROWS(4); break;
         }
     }
 }
@@ -359,8 +300,8 @@ static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float sc
     __m512 mb = _mm512_set1_ps(m_new), sum = _mm512_setzero_ps();
     uint16_t *pr = (uint16_t *)(s->p + m * (ATT_BN / 2));
     for (int v = 0; v < 4; v++) {
-        /* masked lanes are exactly 0 (exp512 clamps, it never returns 0) */
-        __m512 e = _mm512_maskz_mov_ps(k[v], exp512(_mm512_sub_ps(x[v], mb)));
+        /* masked lanes are exactly 0 (vf_exp clamps, it never returns 0) */
+        __m512 e = _mm512_maskz_mov_ps(k[v], vf_exp(_mm512_sub_ps(x[v], mb)));
         sum = _mm512_add_ps(sum, e);
         _mm256_storeu_si256((__m256i *)(pr + 16 * v), bf16x16(e));
     }
@@ -372,53 +313,6 @@ static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float sc
 
 static float att_row_sum(const att_scratch *s, int m) {
     return _mm512_reduce_add_ps(_mm512_loadu_ps(s->l + 16 * m));
-}
-
-/* O[R][c0 + 16 NV) = alpha O + P . Vb over the key pairs [0, np). */
-ALWAYS_INLINE void att_pv_tile(const uint32_t *p, const uint32_t *vb, int dvp, int np, float *o,
-                               const float *alpha, int c0, const int R, const int NV) {
-    __m512 acc[ATT_R][4];
-    for (int r = 0; r < R; r++) {
-        __m512 a = _mm512_set1_ps(alpha[r]);
-        for (int v = 0; v < NV; v++)
-            acc[r][v] = _mm512_mul_ps(a, _mm512_loadu_ps(o + (int64_t)r * dvp + c0 + 16 * v));
-    }
-    for (int t = 0; t < np; t++) {
-        __m512bh vv[4];
-        for (int v = 0; v < NV; v++)
-            vv[v] = (__m512bh)_mm512_loadu_si512(vb + (int64_t)t * dvp + c0 + 16 * v);
-        for (int r = 0; r < R; r++) {
-            __m512bh pb = att_bcast(p + r * (ATT_BN / 2) + t);
-            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], vv[v], pb);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++)
-            _mm512_storeu_ps(o + (int64_t)r * dvp + c0 + 16 * v, acc[r][v]);
-}
-
-#define ATT_PV_CASE(R, NV) att_pv_tile(p, vb, j->dvp, np, o, al, c0, R, NV)
-#define ATT_PV_ROWS(NV) do { switch (R) {                                      \
-    case 1: ATT_PV_CASE(1, NV); break;  case 2: ATT_PV_CASE(2, NV); break;      \
-    case 3: ATT_PV_CASE(3, NV); break;  case 4: ATT_PV_CASE(4, NV); break;      \
-    case 5: ATT_PV_CASE(5, NV); break;  default: ATT_PV_CASE(ATT_R, NV); break; \
-    } } while (0)
-
-/* Like the scores, a register tile stops at the last key pair its last row
- * sees (P is 0 past it). */
-static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
-    const uint32_t *vb = (const uint32_t *)s->v;
-    for (int m = 0; m < M; m += ATT_R) {
-        const int R = M - m < ATT_R ? M - m : ATT_R;
-        int seen = masked ? lim0 + (m + R - 1) / s->G + 1 : nk;
-        const int np = ((seen < nk ? seen : nk) + 1) / 2;
-        const uint32_t *p = s->p + m * (ATT_BN / 2);
-        float *o = s->o + (int64_t)m * j->dvp;
-        const float *al = s->alpha + m;
-        int c0 = 0;
-        for (; c0 + 64 <= j->dvp; c0 += 64) ATT_PV_ROWS(4);
-        for (; c0 < j->dvp; c0 += 16) ATT_PV_ROWS(1);
-    }
 }
 
 static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
@@ -438,7 +332,8 @@ static void att_load_q(const att_job *j, att_scratch *s, int h0, int i0, int row
         }
 }
 
-/* Kt [dq][BN]: key-major inner rows so the score loop runs over keys. */
+/* Kt [dq][BN]: key-major inner rows so the score loop runs over keys; keys past
+ * nk are zero. */
 static int64_t att_kblock_bytes(int qw, int dq) {
     (void)qw;
     return att_align(4 * (int64_t)dq * ATT_BN);
@@ -446,127 +341,32 @@ static int64_t att_kblock_bytes(int qw, int dq) {
 static int64_t att_vblock_bytes(int dvp) { return att_align(4 * (int64_t)ATT_BN * dvp); }
 
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* The tiles' operands: FP32, a dot step is one FMA. */
+#define ATT_R 3                 /* query vectors per register tile: 3 x 4 accumulators */
+#define ATT_PW 1
+typedef float att_word;
+typedef __m256 vpair;
+ALWAYS_INLINE vpair att_vload(const att_word *p) { return _mm256_loadu_ps(p); }
+ALWAYS_INLINE vpair att_bcast(const att_word *w) { return _mm256_broadcast_ss(w); }
+ALWAYS_INLINE vf att_dot(vf acc, vpair x, vpair b) { return _mm256_fmadd_ps(b, x, acc); }
+#define ATT_P(s) ((const att_word *)(s)->s)
+
+/* K rows as FP32: an FP32 row in place, a BF16 row widened. */
+static inline int att_k_words(const att_job *j) { return j->dq; }
+static inline int att_k_in_place(const att_job *j) { return !j->k.bf16; }
+static inline void att_k_convert(const att_job *j, const void *src, att_word *dst) {
+    for (int d = 0; d < j->dq; d++) dst[d] = bf16_to_f32(((const uint16_t *)src)[d]);
+}
+#else
 static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
     float *kt = (float *)dst;
-    const int dq = j->dq;
-    int d8 = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    float zero[dq + 8], wide[j->k.bf16 ? ATT_BN : 1][j->k.bf16 ? dq : 1];
-    memset(zero, 0, sizeof(zero));
-    const float *rows[ATT_BN];
     for (int t = 0; t < ATT_BN; t++) {
         const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
-        if (!src) rows[t] = zero;
-        else if (!j->k.bf16) rows[t] = (const float *)src;
-        else {
-            for (int d = 0; d < dq; d++) wide[t][d] = bf16_to_f32(((const uint16_t *)src)[d]);
-            rows[t] = wide[t];
-        }
-    }
-    d8 = dq & ~7;
-    for (int d0 = 0; d0 < d8; d0 += 8)
-        for (int t0 = 0; t0 < ATT_BN; t0 += 8) att_t8x8(rows + t0, d0, kt + d0 * ATT_BN + t0);
-    for (int t = 0; t < ATT_BN; t++)
-        for (int d = d8; d < dq; d++) kt[d * ATT_BN + t] = rows[t][d];
-#else
-    for (int t = 0; t < ATT_BN; t++) {
-        const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
-        for (int d = d8; d < dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
-    }
-#endif
-}
-
-static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
-                       const int64_t *slots) {
-    float *vf = (float *)dst_block;
-    for (int t = 0; t < ATT_BN; t++) {
-        const void *src = t < nk ? att_row(&j->v, att_key(slots, k0 + t), g) : NULL;
-        float *dst = vf + (int64_t)t * j->dvp;
-        int c = 0;
-        if (src && !j->v.bf16) { memcpy(dst, src, 4 * (size_t)j->dv); c = j->dv; }
-        else if (src)
-            for (; c < j->dv; c++) dst[c] = bf16_to_f32(((const uint16_t *)src)[c]);
-        for (; c < j->dvp; c++) dst[c] = 0.0f;
+        for (int d = 0; d < j->dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
     }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-#define ATT_R2 3                /* rows per AVX2 register tile: 3 x 4 accumulators */
-
-/* S[R][32 keys from t0] = Q[R] . Kt: one Kt load feeds R rows. */
-ALWAYS_INLINE void att_qk_tile8(const float *q, int dq, const float *kt, float *s, int t0,
-                                const int R) {
-    __m256 acc[ATT_R2][4];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();
-    for (int d = 0; d < dq; d++) {
-        __m256 kv[4];
-        for (int v = 0; v < 4; v++) kv[v] = _mm256_loadu_ps(kt + d * ATT_BN + t0 + 8 * v);
-        for (int r = 0; r < R; r++) {
-            __m256 qb = _mm256_broadcast_ss(q + (int64_t)r * dq + d);
-            for (int v = 0; v < 4; v++) acc[r][v] = _mm256_fmadd_ps(qb, kv[v], acc[r][v]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < 4; v++) _mm256_storeu_ps(s + r * ATT_BN + t0 + 8 * v, acc[r][v]);
-}
-
-static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
-    (void)lim0; (void)masked;
-    const float *q = (const float *)s->q, *kt = (const float *)s->k;
-    for (int m = 0; m < M; m += ATT_R2)
-        for (int t0 = 0; t0 < ATT_BN; t0 += 32) {
-            const float *qm = q + (int64_t)m * j->dq;
-            float *sm = s->s + m * ATT_BN;
-            switch (M - m) {
-            case 1: att_qk_tile8(qm, j->dq, kt, sm, t0, 1); break;
-            case 2: att_qk_tile8(qm, j->dq, kt, sm, t0, 2); break;
-            default: att_qk_tile8(qm, j->dq, kt, sm, t0, ATT_R2); break;
-            }
-        }
-}
-
-/* O[R][c0 + 8 NV) = alpha O + P . V over keys [0, nk). */
-ALWAYS_INLINE void att_pv_tile8(const float *p, const float *vf, int dvp, int nk, float *o,
-                                const float *alpha, int c0, const int R, const int NV) {
-    __m256 acc[ATT_R2][4];
-    for (int r = 0; r < R; r++) {
-        __m256 a = _mm256_set1_ps(alpha[r]);
-        for (int v = 0; v < NV; v++)
-            acc[r][v] = _mm256_mul_ps(a, _mm256_loadu_ps(o + (int64_t)r * dvp + c0 + 8 * v));
-    }
-    for (int t = 0; t < nk; t++) {
-        __m256 vv[4];
-        for (int v = 0; v < NV; v++) vv[v] = _mm256_loadu_ps(vf + (int64_t)t * dvp + c0 + 8 * v);
-        for (int r = 0; r < R; r++) {
-            __m256 pb = _mm256_broadcast_ss(p + r * ATT_BN + t);
-            for (int v = 0; v < NV; v++) acc[r][v] = _mm256_fmadd_ps(pb, vv[v], acc[r][v]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) _mm256_storeu_ps(o + (int64_t)r * dvp + c0 + 8 * v, acc[r][v]);
-}
-
-#define ATT_PV8(R, NV) att_pv_tile8(p, vf, j->dvp, nk, o, al, c0, R, NV)
-#define ATT_PV8_ROWS(NV) do { switch (R) {                                   \
-    case 1: ATT_PV8(1, NV); break;  case 2: ATT_PV8(2, NV); break;            \
-    default: ATT_PV8(ATT_R2, NV); break;                                      \
-    } } while (0)
-
-static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
-    (void)lim0; (void)masked;
-    const float *vf = (const float *)s->v;
-    for (int m = 0; m < M; m += ATT_R2) {
-        const int R = M - m < ATT_R2 ? M - m : ATT_R2;
-        const float *p = s->s + m * ATT_BN, *al = s->alpha + m;
-        float *o = s->o + (int64_t)m * j->dvp;
-        int c0 = 0;
-        for (; c0 + 32 <= j->dvp; c0 += 32) ATT_PV8_ROWS(4);
-        for (; c0 < j->dvp; c0 += 16) ATT_PV8_ROWS(2);     /* dvp is a multiple of 16 */
-    }
-}
-
-#else
 static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
     (void)lim0; (void)masked;
     const float *q = (const float *)s->q, *kt = (const float *)s->k;
@@ -579,6 +379,29 @@ static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int ma
     }
 }
 #endif
+
+static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
+                       const int64_t *slots) {
+    float *vt = (float *)dst_block;
+    for (int t = 0; t < ATT_BN; t++) {
+        const void *src = t < nk ? att_row(&j->v, att_key(slots, k0 + t), g) : NULL;
+        float *dst = vt + (int64_t)t * j->dvp;
+        int c = 0;
+        if (src && !j->v.bf16) { memcpy(dst, src, 4 * (size_t)j->dv); c = j->dv; }
+        else if (src)
+            for (; c < j->dv; c++) dst[c] = bf16_to_f32(((const uint16_t *)src)[c]);
+        for (; c < j->dvp; c++) dst[c] = 0.0f;
+    }
+}
+
+/* e[t] = exp(x[t] - mx), t < n (e may be x). */
+static void exp_sub_row(const float *x, float mx, float *e, int n) {
+    int t = 0;
+#ifdef VL
+    for (; t + VL <= n; t += VL) vf_store(e + t, vf_exp(vf_sub(vf_load(x + t), vf_set1(mx))));
+#endif
+    for (; t < n; t++) e[t] = expf(x[t] - mx);
+}
 
 /* Online softmax over one block (P kept FP32 in the S rows). */
 static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
@@ -605,17 +428,153 @@ static float att_row_sum(const att_scratch *s, int m) { return s->l[16 * m]; }
 #if !(defined(__AVX2__) && defined(__FMA__))
 static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
     (void)lim0; (void)masked;
-    const float *vf = (const float *)s->v;
+    const float *vt = (const float *)s->v;
     for (int m = 0; m < M; m++) {
         float *o = s->o + (int64_t)m * j->dvp;
         const float *pr = s->s + m * ATT_BN, a = s->alpha[m];
         for (int c = 0; c < j->dvp; c++) o[c] *= a;
         for (int t = 0; t < nk; t++)
-            for (int c = 0; c < j->dvp; c++) o[c] += pr[t] * vf[(int64_t)t * j->dvp + c];
+            for (int c = 0; c < j->dvp; c++) o[c] += pr[t] * vt[(int64_t)t * j->dvp + c];
     }
 }
 #endif
 
+#endif
+
+/* ====================================================== register tiles
+ * AVX-512 (BF16 pair words, vdpbf16ps) and AVX2 (FP32, FMA): one body over the
+ * path's att_word / vpair / att_dot and vec.h's VL-lane vf. */
+#if defined(ATT_BF16_DOT) || (defined(__AVX2__) && defined(__FMA__))
+
+/* The K block transposed to [words][BN]: 8 x 8 in registers, the tail words by
+ * the scalar loop; keys past nk are zero. */
+static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
+    att_word *kb = (att_word *)dst;
+    const int n = att_k_words(j), in_place = att_k_in_place(j);
+    att_word zero[n + 8], conv[in_place ? 1 : ATT_BN][in_place ? 1 : n + 1];
+    memset(zero, 0, sizeof(zero));
+    const float *rows[ATT_BN];
+    for (int t = 0; t < ATT_BN; t++) {
+        const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
+        if (!src) rows[t] = (const float *)zero;
+        else if (in_place) rows[t] = (const float *)src;
+        else {
+            att_k_convert(j, src, conv[t]);
+            rows[t] = (const float *)conv[t];
+        }
+    }
+    const int n8 = n & ~7;
+    for (int p0 = 0; p0 < n8; p0 += 8)
+        for (int t0 = 0; t0 < ATT_BN; t0 += 8)
+            att_t8x8(rows + t0, p0, (float *)(kb + (int64_t)p0 * ATT_BN + t0));
+    for (int t = 0; t < ATT_BN; t++)
+        for (int p = n8; p < n; p++)
+            ((uint32_t *)kb)[p * ATT_BN + t] = ((const uint32_t *)rows[t])[p];
+}
+
+/* R (1 .. ATT_R) as a constant per case: the tile unrolls into registers. */
+#if ATT_R == 6
+#define ATT_BY_R(CALL, NV) do { switch (R) {                                 \
+    case 1: CALL(1, NV); break;  case 2: CALL(2, NV); break;                  \
+    case 3: CALL(3, NV); break;  case 4: CALL(4, NV); break;                  \
+    case 5: CALL(5, NV); break;  default: CALL(ATT_R, NV); break;             \
+    } } while (0)
+#else
+#define ATT_BY_R(CALL, NV) do { switch (R) {                                 \
+    case 1: CALL(1, NV); break;  case 2: CALL(2, NV); break;                  \
+    default: CALL(ATT_R, NV); break;                                          \
+    } } while (0)
+#endif
+
+/* S[R][VL NV keys] = Q[R] . Kb (qn words a row): one K load feeds R rows. */
+ALWAYS_INLINE void att_qk_tile(const att_word *q, int qn, const att_word *kb, float *s,
+                               const int R, const int NV) {
+    vf acc[ATT_R][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = vf_zero();
+    for (int p = 0; p < qn; p++) {
+        vpair kv[4];
+        for (int v = 0; v < NV; v++) kv[v] = att_vload(kb + p * ATT_BN + VL * v);
+        for (int r = 0; r < R; r++) {
+            vpair qb = att_bcast(q + (int64_t)r * qn + p);
+            for (int v = 0; v < NV; v++) acc[r][v] = att_dot(acc[r][v], kv[v], qb);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) vf_store(s + r * ATT_BN + VL * v, acc[r][v]);
+}
+
+#define ATT_QK(R, NV) att_qk_tile(q + (int64_t)m * qn, qn, kb + VL * v0, \
+                                  s->s + m * ATT_BN + VL * v0, R, NV)
+
+/* Scores of the visible key vectors only: on a masked (diagonal) block a
+ * register tile stops at the last key its last row sees; the lanes left
+ * unwritten are masked by the softmax. */
+static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
+    const att_word *q = (const att_word *)s->q, *kb = (const att_word *)s->k;
+    const int qn = att_k_words(j);
+    for (int m = 0; m < M; m += ATT_R) {
+        const int R = M - m < ATT_R ? M - m : ATT_R;
+        int nv = ATT_BN / VL;
+        if (masked) {
+            int lim = lim0 + (m + R - 1) / s->G;        /* the tile's last row sees most */
+            nv = lim < 0 ? 0 : lim / VL + 1 < nv ? lim / VL + 1 : nv;
+        }
+        for (int v0 = 0; v0 < nv; v0 += 4)
+            switch (nv - v0) {
+            case 1: ATT_BY_R(ATT_QK, 1); break;
+            case 2: ATT_BY_R(ATT_QK, 2); break;
+            case 3: ATT_BY_R(ATT_QK, 3); break;
+            default: ATT_BY_R(ATT_QK, 4); break;
+            }
+    }
+}
+
+/* O[R][c0 + VL NV) = alpha O + P . Vb over the P words [0, np). */
+ALWAYS_INLINE void att_pv_tile(const att_word *p, const att_word *vb, int dvp, int np, float *o,
+                               const float *alpha, int c0, const int R, const int NV) {
+    vf acc[ATT_R][4];
+    for (int r = 0; r < R; r++) {
+        vf a = vf_set1(alpha[r]);
+        for (int v = 0; v < NV; v++)
+            acc[r][v] = vf_mul(a, vf_load(o + (int64_t)r * dvp + c0 + VL * v));
+    }
+    for (int t = 0; t < np; t++) {
+        vpair vv[4];
+        for (int v = 0; v < NV; v++) vv[v] = att_vload(vb + (int64_t)t * dvp + c0 + VL * v);
+        for (int r = 0; r < R; r++) {
+            vpair pb = att_bcast(p + r * (ATT_BN / ATT_PW) + t);
+            for (int v = 0; v < NV; v++) acc[r][v] = att_dot(acc[r][v], vv[v], pb);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) vf_store(o + (int64_t)r * dvp + c0 + VL * v, acc[r][v]);
+}
+
+#define ATT_PV(R, NV) att_pv_tile(p, vb, j->dvp, np, o, al, c0, R, NV)
+
+static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
+    const att_word *vb = (const att_word *)s->v;
+    for (int m = 0; m < M; m += ATT_R) {
+        const int R = M - m < ATT_R ? M - m : ATT_R;
+#ifdef ATT_BF16_DOT
+        /* like the scores, a tile stops at the last key pair its last row sees (P is
+         * 0 past it) */
+        int seen = masked ? lim0 + (m + R - 1) / s->G + 1 : nk;
+        const int np = ((seen < nk ? seen : nk) + 1) / 2;
+#else
+        /* every key of the block, as the scalar twin (0 x a non-finite value is NaN) */
+        (void)lim0; (void)masked;
+        const int np = nk;
+#endif
+        const att_word *p = ATT_P(s) + m * (ATT_BN / ATT_PW);
+        float *o = s->o + (int64_t)m * j->dvp;
+        const float *al = s->alpha + m;
+        int c0 = 0;
+        for (; c0 + 4 * VL <= j->dvp; c0 += 4 * VL) ATT_BY_R(ATT_PV, 4);
+        for (; c0 < j->dvp; c0 += VL) ATT_BY_R(ATT_PV, 1);
+    }
+}
 #endif
 
 /* ====================================================== shared driver */

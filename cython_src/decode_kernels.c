@@ -82,17 +82,11 @@ static void dec_store_row(const kv_operand *c, int64_t slot, int g, const float 
     if (!c->bf16) { memcpy((float *)c->p + off, src, 4 * (size_t)n); return; }
     uint16_t *dst = (uint16_t *)c->p + off;
     int i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) {          /* NaN lanes fixed up by the scalar pass */
-        __m512 x = _mm512_loadu_ps(src + i);
-        if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) break;
-        _mm256_storeu_si256((__m256i *)(dst + i), bf16x16(x));
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(src + i);
-        if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) break;
-        _mm_storeu_si128((__m128i *)(dst + i), bf16x8(x));
+#ifdef VL
+    for (; i + VL <= n; i += VL) {          /* NaN lanes fixed up by the scalar pass */
+        vf x = vf_load(src + i);
+        if (vf_nan_bits(x)) break;
+        vf_store_bf16(dst + i, x);
     }
 #endif
     for (; i < n; i++) dst[i] = dec_bf16(src[i]);

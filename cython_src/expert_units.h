@@ -34,12 +34,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-#if defined(MOED_BF16_EMULATED) && defined(__AVX512F__)
-#include "bf16_emu.h"
-#endif
+#include "vec.h"
 
 #define UNIT_ROWS 64
 #define UNIT_K 128
@@ -54,8 +49,6 @@
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T0
 #endif
-
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* e4m3 code -> float, exact for all 256 codes (0x7f, 0xff are NaN). */
 static float g_fp8_value[256];
@@ -367,109 +360,21 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
 #endif
 
 /* ---------------------------------------------------------------- row helpers
- * h[i] = bf16(silu(g[i]) * u[i]) and x[i] = bf16(f[i]) over a row, n elements.
- * exp is computed in SIMD as 2^j * p(r) (x = j ln2 + r, |r| <= ln2/2, p the
- * degree-6 Taylor polynomial, relative error < 2e-7): far below the BF16
- * rounding of the result (2^-9), and ~10x cheaper than scalar expf, which
- * cost up to a sixth of a prefill call (one expf per slot x intermediate).
+ * h[i] = bf16(silu(g[i]) * u[i]) and x[i] = bf16(f[i]) over a row, n elements,
+ * VL lanes at a time (vec.h), then the scalar twin on the tail. exp is vf_exp:
+ * scalar expf cost up to a sixth of a prefill call (one expf per slot x
+ * intermediate).
  */
 static inline float silu_ref(float g) { return g / (1.0f + expf(-g)); }
 
-#if defined(__AVX512F__)
-ALWAYS_INLINE __m512 exp512(__m512 v) {
-    v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.5f)), _mm512_set1_ps(-88.5f));
-    __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(j, _mm512_set1_ps(0.693145752f), v);   /* ln2 high part */
-    r = _mm512_fnmadd_ps(j, _mm512_set1_ps(1.42860677e-6f), r);         /* ln2 low part */
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, j);
-}
-
-ALWAYS_INLINE __m256i bf16x16(__m512 v) {
-#if defined(__AVX512BF16__)
-    return (__m256i)_mm512_cvtneps_pbh(v);                 /* RNE, like f32_to_bf16 */
-#else
-    __m512i u = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                    _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-#endif
-}
-#endif
-
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-/* exp512's twin on 8 lanes; 2^j is built in the exponent field (|j| <= 128
- * after the clamp, so two factors 2^(j/2) keep every step finite). */
-ALWAYS_INLINE __m256 exp256(__m256 v) {
-    v = _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(88.5f)), _mm256_set1_ps(-88.5f));
-    __m256 j = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(j, _mm256_set1_ps(0.693145752f), v);
-    r = _mm256_fnmadd_ps(j, _mm256_set1_ps(1.42860677e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i ji = _mm256_cvtps_epi32(j);
-    __m256i j1 = _mm256_srai_epi32(ji, 1), j2 = _mm256_sub_epi32(ji, j1);
-    __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(j1, _mm256_set1_epi32(127)), 23));
-    __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(j2, _mm256_set1_epi32(127)), 23));
-    return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
-}
-
-/* 8 floats -> 8 BF16, round to nearest even like f32_to_bf16; NaN stays NaN. */
-ALWAYS_INLINE __m128i bf16x8(__m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
-                    _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
-    r = _mm256_srli_epi32(r, 16);
-    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-}
-#endif
-
-#if !defined(__AVX512F__)
-/* e[t] = exp(x[t] - mx), t < n (e may be x): the softmax rows of the attention
- * kernels where no 16-lane path exists. */
-static void exp_sub_row(const float *x, float mx, float *e, int n) {
-    int t = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    for (; t + 8 <= n; t += 8)
-        _mm256_storeu_ps(e + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(mx))));
-#endif
-    for (; t < n; t++) e[t] = expf(x[t] - mx);
-}
-#endif
-
 static void silu_mul_bf16(const float *g, const float *u, uint16_t *h, int n) {
     int i = 0;
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-    for (; i + 8 <= n; i += 8) {
-        __m256 gv = _mm256_loadu_ps(g + i);
-        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-        __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-        _mm_storeu_si128((__m128i *)(h + i), bf16x8(_mm256_mul_ps(s, _mm256_loadu_ps(u + i))));
-    }
-#endif
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) {
-        __m512 gv = _mm512_loadu_ps(g + i);
-        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        _mm256_storeu_si256((__m256i *)(h + i), bf16x16(_mm512_mul_ps(s, _mm512_loadu_ps(u + i))));
+#ifdef VL
+    for (; i + VL <= n; i += VL) {
+        vf gv = vf_load(g + i);
+        vf e = vf_exp(vf_sub(vf_zero(), gv));
+        vf s = vf_div(gv, vf_add(vf_set1(1.0f), e));
+        vf_store_bf16(h + i, vf_mul(s, vf_load(u + i)));
     }
 #endif
     for (; i < n; i++) h[i] = f32_to_bf16(silu_ref(g[i]) * u[i]);
@@ -477,12 +382,8 @@ static void silu_mul_bf16(const float *g, const float *u, uint16_t *h, int n) {
 
 static void f32_row_to_bf16(const float *f, uint16_t *b, int n) {
     int i = 0;
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-    for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(b + i), bf16x8(_mm256_loadu_ps(f + i)));
-#endif
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256((__m256i *)(b + i), bf16x16(_mm512_loadu_ps(f + i)));
+#ifdef VL
+    for (; i + VL <= n; i += VL) vf_store_bf16(b + i, vf_load(f + i));
 #endif
     for (; i < n; i++) b[i] = f32_to_bf16(f[i]);
 }

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "thread_pool.h"
+#include "vec.h"
 
 #define GLUE_PARALLEL_ROWS 256      /* fewer (token, head) rows: the caller's thread */
 #define NORM_LANES 16               /* independent sums: every ISA build vectorises them */
@@ -264,55 +265,31 @@ static void add_rms_norm(float *x, int64_t ldx, const float *delta, int64_t ldd,
  *   then the first block holding it. Explicit intrinsics: the compiler leaves
  *   the NaN-aware max loop scalar (~70 us a 150K row; this is ~10 us).
  */
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 static int64_t argmax_row(const float *x, int64_t V) {
     int64_t i = 0;
     int nan = 0;
     float m = -INFINITY;
-#if defined(__AVX512F__)
-    __m512 mv = _mm512_set1_ps(-INFINITY);
-    __mmask16 nm = 0;
-    for (; i + 16 <= V; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        nm |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        mv = _mm512_max_ps(v, mv);
+#ifdef VL
+    vf mv = vf_set1(-INFINITY);
+    vf_nans nv = vf_nans_none();
+    for (; i + VL <= V; i += VL) {
+        const vf v = vf_load(x + i);
+        nv = vf_nans_add(nv, v);
+        mv = vf_max(v, mv);
     }
-    m = _mm512_reduce_max_ps(mv);
-    nan = nm != 0;
-#elif defined(__AVX2__)
-    __m256 mv = _mm256_set1_ps(-INFINITY), nv = _mm256_setzero_ps();
-    for (; i + 8 <= V; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        nv = _mm256_or_ps(nv, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        mv = _mm256_max_ps(v, mv);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, mv);
-    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
-    nan = _mm256_movemask_ps(nv) != 0;
+    m = vf_hmax(mv);
+    nan = vf_nans_any(nv);
 #endif
     for (; i < V; i++) {
         nan |= x[i] != x[i];
         m = x[i] > m ? x[i] : m;
     }
     i = 0;
-#if defined(__AVX512F__)
-    const __m512 target = _mm512_set1_ps(m);
-    for (; i + 16 <= V; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
-                                  : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
-        if (hit) return i + __builtin_ctz(hit);
-    }
-#elif defined(__AVX2__)
-    const __m256 target = _mm256_set1_ps(m);
-    for (; i + 8 <= V; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        const int hit = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q)
-                                               : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+#ifdef VL
+    const vf target = vf_set1(m);
+    for (; i + VL <= V; i += VL) {
+        const vf v = vf_load(x + i);
+        const unsigned hit = nan ? vf_nan_bits(v) : vf_eq_bits(v, target);
         if (hit) return i + __builtin_ctz(hit);
     }
 #endif
