@@ -17,23 +17,20 @@ import torch
 
 from moed.errors import CheckpointError
 
-UNIT_ROWS, UNIT_K, GROUP_ROWS = 64, 128, 16
-FORMATS = ("fp8", "bf16")
+UNIT_ROWS, UNIT_K = 64, 128
 
 
-def _chunk_perm(fmt):
-    # position in a chunk -> logical index r * 4 + k of a [16 rows, 4 cols] chunk
-    perm = np.empty(64, dtype=np.int64)
-    for r in range(GROUP_ROWS):
-        for k in range(4):
-            word = 2 * r + (k & 1)
-            pos = (16 * (word >> 3) + 8 * (k >> 1) + (word & 7) if fmt == "fp8"
-                   else (k >> 1) * 32 + word)
-            perm[pos] = r * 4 + k
-    return perm
-
-
-CHUNK_PERM = {fmt: _chunk_perm(fmt) for fmt in FORMATS}
+# A unit's element order as a transpose of its [4 groups, 16 rows, 32 chunks, 4 cols]
+# grid, each chunk [16 r, 4 k] split further (r = 4 rh + rl, k = 2 kh + kl): BF16 words
+# sit (kh, r, kl), FP8 bytes (rh, kh, rl, kl) - the orders cython_src/expert_units.h
+# reads. The pair kl is adjacent in source and unit, so it moves as one wider word
+# (u32 BF16 pair, u16 FP8 pair): numpy's strided copy then runs 16 (BF16) or 4 (FP8)
+# words a loop instead of 2: x4 (FP8) and x15-30 (BF16) faster than a gather.
+#   fmt: (word, a row tile's axes around its k block axis, their order in the units)
+UNIT_ORDER = {
+    "bf16": (np.uint32, (4, 16, 32, 2), (0, 3, 1, 4, 5, 2)),
+    "fp8": (np.uint16, (4, 4, 4, 32, 2), (0, 4, 1, 5, 2, 6, 3)),
+}
 
 
 def padded(n):
@@ -80,9 +77,18 @@ def weight_format(data, name="weight"):
 
 def pack_matrix(data, scale_inv=None, block=None, name="weight"):
     """[rows, cols] as stored (+ FP8 block scales) -> (units uint8 [nbytes], scales float32 [nscales])."""
+    shape = MatrixShape(data.shape[0], data.shape[1], weight_format(data, name))
+    units, scales = np.empty(shape.nbytes, np.uint8), np.empty(shape.nscales, np.float32)
+    pack_matrix_into(units, scales, data, scale_inv, block, name)
+    return units, scales
+
+
+def pack_matrix_into(units, scales, data, scale_inv=None, block=None, name="weight"):
+    """Pack [rows, cols] as stored (+ FP8 block scales) into units (contiguous uint8
+    [nbytes]) and scales (float32 [nscales]): one strided copy, no temporaries
+    unless the matrix needs padding."""
     fmt = weight_format(data, name)
     shape = MatrixShape(data.shape[0], data.shape[1], fmt)
-    rp, kp = padded(shape.rows), padded(shape.cols)
     if fmt == "fp8":
         if scale_inv is None:
             raise CheckpointError(f"{name}: fp8 weight without weight_scale_inv", tensor=name)
@@ -92,13 +98,17 @@ def pack_matrix(data, scale_inv=None, block=None, name="weight"):
         raw = data.contiguous().view(torch.uint8).numpy()
     else:
         raw = data.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    full = np.zeros((rp, kp), dtype=raw.dtype)
-    full[:shape.rows, :shape.cols] = raw
-    # [tiles, 4 groups, 16 rows, kblocks, 32 chunks, 4 cols] -> unit-major, chunk elements permuted
-    t = full.reshape(shape.tiles, 4, GROUP_ROWS, shape.kblocks, 32, 4)
-    t = t.transpose(0, 3, 1, 4, 2, 5).reshape(-1, 64)[:, CHUNK_PERM[fmt]]
-    units = np.ascontiguousarray(t).view(np.uint8).reshape(-1)
-    return units, _unit_scales(shape, scale_inv, name).numpy()
+    rp, kp = padded(shape.rows), padded(shape.cols)
+    if raw.shape != (rp, kp):
+        full = np.zeros((rp, kp), dtype=raw.dtype)
+        full[:shape.rows, :shape.cols] = raw
+        raw = full
+    word, split, order = UNIT_ORDER[fmt]
+    # [tiles, ..., kblocks, ...] row-major -> row tile by row tile, k block by k block
+    src = raw.view(word).reshape(shape.tiles, *split[:-2], shape.kblocks, *split[-2:])
+    src = src.transpose(order)
+    np.copyto(units.view(word).reshape(src.shape), src)
+    scales[:] = _unit_scales(shape, scale_inv, name).numpy()
 
 
 def _unit_scales(shape, scale_inv, name):
