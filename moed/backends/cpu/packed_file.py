@@ -1,0 +1,298 @@
+"""A packed store file: named sections of 4096-aligned tensors behind a checked
+header, mapped read-only and shared (MAP_SHARED), so processes serving the same
+model hold it once in host memory. The expert store (store.py) and the dense
+store (dense_store.py) are two plans over this one file format.
+
+File layout (little endian):
+    [0, 8)    magic: b"MOEDXPK\\0" experts, b"MOEDDNS\\0" dense linears
+    [8, 12)   format version
+    [12, 16)  header JSON length
+    [16, 20)  crc32 of the header JSON
+    [20, 24)  zero
+    [24, 32)  total file size
+    [32, ..)  header JSON {"version", "source_key", "sections": [...]}; a section is
+              the store's own fields plus "name", "offset", "nbytes", "crc32" (of
+              its bytes) and "tensors" {name: [offset, nbytes, dtype, shape]}
+    data      from a 4096-byte boundary; every tensor 4096-aligned
+
+Opening checks what costs no reading: size, magic, version, header checksum,
+source key and every section's and tensor's bounds; a stale or truncated store
+fails there and is rebuilt. The data checksums are computed while packing and
+checked by `verify()` (`moectl pack --verify`, or opening with verify=True:
+engine.verify_store): reading every byte of DeepSeek-V3's 650 GB store takes
+minutes even at disk speed, too long for every start. Builders check the free
+space first, write a temporary file and rename it, so readers never see half a store.
+"""
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moed.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+VERSION = 2
+PREFIX = struct.Struct("<8sIIII Q")
+ALIGN = 4096
+CRC_BLOCK = 64 << 20
+DTYPES = ("uint8", "float32")
+PACK_THREADS = 8            # the strided copies release the GIL; beyond ~8 the disk is the limit
+
+
+def cache_dir():
+    env = os.environ.get("MOED_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "moed" / "experts"
+
+
+def source_key(model_dir):
+    """Identity of a checkpoint: its path, config.json bytes, shard names, sizes, mtimes."""
+    d = Path(model_dir).resolve()
+    h = hashlib.sha256(f"v{VERSION}\0{d}\0".encode())
+    config = d / "config.json"
+    h.update(config.read_bytes() if config.is_file() else b"")
+    for p in sorted(d.glob("*.safetensors*")):
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def cache_path(model_dir, suffix):
+    """Where a checkpoint's store of this kind lives: named by the checkpoint and its key."""
+    d = Path(model_dir).resolve()
+    return cache_dir() / f"{d.name}-{source_key(d)[:16]}{suffix}"
+
+
+@dataclass
+class Section:
+    """One planned section: what the store records about it, its tensors, and the
+    parts that fill them (each part(views) writes its own disjoint rows)."""
+    name: str
+    fields: dict            # the store's description (format, shapes), kept in the header
+    tensors: dict           # tensor name -> (dtype, shape)
+    parts: list             # callables over {tensor name: writable array view}
+
+
+class MappedStore:
+    """A store file mapped read-only and shared, its header and bounds checked."""
+    MAGIC, KIND = None, "store"
+
+    def __init__(self, path, mm, header):
+        self.path, self._mm, self.header = Path(path), mm, header
+        self.sections = {s["name"]: s for s in header["sections"]}
+
+    @classmethod
+    def open(cls, path, key=None, verify=False):
+        """Map an existing store; CheckpointError says why it is unusable."""
+        store = cls(path, *map_store(path, key, cls.MAGIC, cls.KIND))
+        if verify:
+            store.verify()
+        return store
+
+    def verify(self, threads=PACK_THREADS):
+        """Check every section's crc32 (reads the whole file)."""
+        sections = self.header["sections"]
+        with ThreadPoolExecutor(threads) as pool:
+            crcs = list(pool.map(lambda s: section_crc(self._mm, s), sections))
+        for s, c in zip(sections, crcs):
+            if c != s["crc32"]:
+                raise CheckpointError(f"{self.path}: {s['name']} fails its checksum (corrupt "
+                                      f"{self.KIND})", path=str(self.path))
+
+    def tensors(self, name):
+        """{tensor name: read-only array viewing the file} of one section."""
+        return tensor_views(self._mm, self.sections[name]["tensors"])
+
+
+def tensor_views(buf, tensors):
+    return {name: np.frombuffer(buf, dtype, nbytes // np.dtype(dtype).itemsize, off).reshape(shape)
+            for name, (off, nbytes, dtype, shape) in tensors.items()}
+
+
+def section_crc(mm, section):
+    c, start, end = 0, section["offset"], section["offset"] + section["nbytes"]
+    with memoryview(mm) as view:
+        for off in range(start, end, CRC_BLOCK):
+            c = zlib.crc32(view[off:min(off + CRC_BLOCK, end)], c)
+    return c
+
+
+# -- opening: the cheap checks
+def map_store(path, key, magic, kind):
+    """Map a store file read-only and shared -> (mmap, checked header)."""
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot map {kind} ({e})", path=str(path)) from e
+    header = read_header(path, mm, key, magic, kind)
+    check_bounds(path, header, len(mm), kind)
+    return mm, header
+
+
+def read_header(path, mm, key, magic, kind):
+    """The JSON header of a store file, its prefix, checksum and key checked."""
+    def bad(why):
+        return CheckpointError(f"{path}: {why}", path=str(path))
+    if len(mm) < PREFIX.size:
+        raise bad(f"truncated {kind} (no header)")
+    got_magic, got_version, hlen, hcrc, _, size = PREFIX.unpack_from(mm, 0)
+    if got_magic != magic:
+        raise bad(f"not {'an' if kind[0] in 'aeiou' else 'a'} {kind} (bad magic)")
+    if got_version != VERSION:
+        raise bad(f"stale {kind} (format {got_version}, expected {VERSION})")
+    if len(mm) != size or PREFIX.size + hlen > len(mm):
+        raise bad(f"truncated {kind} ({len(mm)} bytes, header says {size})")
+    raw = bytes(mm[PREFIX.size:PREFIX.size + hlen])
+    if zlib.crc32(raw) != hcrc:
+        raise bad(f"corrupt {kind} header")
+    header = json.loads(raw)
+    if key is not None and header.get("source_key") != key:
+        raise bad(f"stale {kind} (the checkpoint changed)")
+    return header
+
+
+def check_bounds(path, header, size, kind):
+    """Every section inside the file after the header, in order; every tensor inside
+    its section, aligned, its byte count its shape's."""
+    end = PREFIX.size
+    for s in sorted(header["sections"], key=lambda s: s["offset"]):
+        where = f"{path}: {s['name']}"
+        if s["offset"] < end or s["offset"] % ALIGN or s["offset"] + s["nbytes"] > size:
+            raise CheckpointError(f"{where}: bytes [{s['offset']}, +{s['nbytes']}) out of "
+                                  f"bounds (corrupt {kind})", path=str(path))
+        end = s["offset"] + s["nbytes"]
+        for name, (off, nbytes, dtype, shape) in s["tensors"].items():
+            if (off % ALIGN or off < s["offset"] or off + nbytes > end or dtype not in DTYPES
+                    or nbytes != int(np.prod(shape)) * np.dtype(dtype).itemsize):
+                raise CheckpointError(f"{where}.{name}: bad place or shape (corrupt {kind})",
+                                      path=str(path))
+
+
+# -- building
+def _align(n):
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan(key, sections):
+    """Header records of the sections laid out after the header -> (records, file size)."""
+    room = ALIGN
+    while True:
+        records, off = [], room
+        for s in sections:
+            tensors, start = {}, off
+            for name, (dtype, shape) in s.tensors.items():
+                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                tensors[name] = [off, nbytes, dtype, list(shape)]
+                off = _align(off + nbytes)
+            records.append(dict(s.fields, name=s.name, offset=start, nbytes=off - start,
+                                crc32=0, tensors=tensors))
+        # the widest crc32s must fit; offsets gain digits as the room grows
+        need = _align(PREFIX.size + len(_header_json(key, records, 0xFFFFFFFF)))
+        if need <= room:
+            return records, off
+        room = need
+
+
+def _header_json(key, records, crc=None):
+    if crc is not None:
+        records = [dict(r, crc32=crc) for r in records]
+    return json.dumps({"version": VERSION, "source_key": key, "sections": records}).encode()
+
+
+def check_free_space(directory, nbytes):
+    """ConfigError unless the disk under `directory` holds nbytes more, plus a margin."""
+    free = shutil.disk_usage(directory).free
+    need = nbytes + (256 << 20) + nbytes // 100
+    if free < need:
+        raise ConfigError(f"{directory}: packing needs {need / 1e9:.1f} GB free there (the "
+                          f"store is a second copy of the weights), {free / 1e9:.1f} GB are; "
+                          "free space or point MOED_CACHE_DIR at a larger disk",
+                          field="MOED_CACHE_DIR")
+
+
+def write_store(path, magic, key, sections, progress=None):
+    """Pack the sections into a new store file at `path` (atomic) -> path.
+    progress: a label for a bar of bytes packed, or None."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records, size = plan(key, sections)
+    check_free_space(path.parent, size)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)    # blocks now: no SIGBUS on a full disk
+            mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED)
+            _pack_sections(mm, records, sections, progress)
+            raw = _header_json(key, records)
+            mm[:PREFIX.size] = PREFIX.pack(magic, VERSION, len(raw), zlib.crc32(raw), 0, size)
+            mm[PREFIX.size:PREFIX.size + len(raw)] = raw
+            mm.flush()
+            mm.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _pack_sections(mm, records, sections, progress):
+    """Every section's parts on a thread pool; each section's crc32 once its parts are done."""
+    bar = _progress(sum(r["nbytes"] for r in records), progress)
+    pool = ThreadPoolExecutor(min(PACK_THREADS, os.cpu_count() or 1))
+    try:
+        pending = [(r, _submit(pool, mm, r, s.parts, bar)) for r, s in zip(records, sections)]
+        for r, futures in pending:
+            for f in futures:
+                f.result()
+            r["crc32"] = section_crc(mm, r)     # pages still cached, as later parts pack
+    finally:
+        pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
+
+
+def _submit(pool, mm, record, parts, bar):
+    views = tensor_views(mm, record["tensors"])
+    futures = [pool.submit(part, views) for part in parts]
+    if bar is not None:
+        for f in futures:
+            f.add_done_callback(lambda _, n=record["nbytes"] // len(parts): bar.update(n))
+    return futures
+
+
+def _progress(total, label):
+    if label is None:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=label, unit="B", unit_scale=True)
+
+
+def open_or_build(cls, path, key, sections, verify=False, progress=None):
+    """The `cls` store at `path` holding these sections: mapped if usable, else (re)built.
+    verify: check the data checksums too; a store failing them is rebuilt like a stale one."""
+    path = Path(path)
+    if path.exists():
+        try:
+            store = cls.open(path, key, verify)
+            if _layout(store.header["sections"]) == _layout(plan(key, sections)[0]):
+                return store
+            log.warning("%s: %s differs from the model; rebuilding", path, cls.KIND)
+        except CheckpointError as e:
+            log.warning("%s; rebuilding", e)
+        path.unlink()       # its space counts for the rebuild; mappings of it stay valid
+    write_store(path, cls.MAGIC, key, sections, progress)
+    return cls.open(path, key)
+
+
+def _layout(records):
+    return json.loads(json.dumps([dict(r, crc32=0) for r in records]))
