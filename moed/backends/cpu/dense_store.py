@@ -71,30 +71,28 @@ class DenseStore(MappedStore):
 
     def matrix(self, name):
         e, t = self.entries[name], self.tensors(name)
-        return PackedMatrix(e["fmt"], e["rows"], e["cols"], t["units"], t["scales"])
+        return PackedMatrix(e["fmt"], e["rows"], e["cols"], t["units"].reshape(-1),
+                            t["scales"].reshape(-1))
 
 
 def dense_sections(sources):
-    """[(name, Weight)] -> one Section a matrix, one part per PACK_ROWS rows."""
-    sections = []
+    """[(name, Weight)] -> one Section a matrix, by row tiles; one part per PACK_ROWS rows."""
+    sections, tiles = [], PACK_ROWS // UNIT_ROWS
     for name, w in sources:
         s = MatrixShape(w.shape[0], w.shape[1], "fp8" if w.is_fp8 else "bf16")
         parts = [partial(_pack_rows, w, s, r0, name) for r0 in range(0, s.rows, PACK_ROWS)]
         sections.append(Section(name, {"fmt": s.fmt, "rows": s.rows, "cols": s.cols},
-                                {"units": ("uint8", [s.nbytes]), "scales": ("float32", [s.nscales])},
-                                parts))
+                                {"units": ("uint8", [s.tiles, s.kblocks * s.unit_bytes]),
+                                 "scales": ("float32", [s.tiles, s.kblocks])}, parts, tiles))
     return sections
 
 
-def _pack_rows(w, s, r0, name, views):
-    """Rows [r0, r0 + PACK_ROWS) of Weight w into their row tiles of the section."""
+def _pack_rows(w, s, r0, name, tiles):
+    """Rows [r0, r0 + PACK_ROWS) of Weight w into `tiles`, their row tiles."""
     r1 = min(r0 + PACK_ROWS, s.rows)
-    part = MatrixShape(r1 - r0, s.cols, s.fmt)
-    t0 = r0 // UNIT_ROWS
-    units = views["units"][t0 * s.kblocks * s.unit_bytes:][:part.nbytes]
-    scales = views["scales"][t0 * s.kblocks:][:part.nscales]
     scale = None if w.scale_inv is None else w.scale_inv[r0 // 128:-(-r1 // 128)]
-    pack_matrix_into(units, scales, w.data[r0:r1], scale, w.block, name)
+    pack_matrix_into(tiles["units"].reshape(-1), tiles["scales"].reshape(-1), w.data[r0:r1], scale,
+                     w.block, name)
 
 
 def open_or_build(model_dir, sources, verify=False):

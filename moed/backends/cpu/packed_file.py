@@ -11,9 +11,15 @@ File layout (little endian):
     [20, 24)  zero
     [24, 32)  total file size
     [32, ..)  header JSON {"version", "source_key", "sections": [...]}; a section is
-              the store's own fields plus "name", "offset", "nbytes", "crc32" (of
-              its bytes) and "tensors" {name: [offset, nbytes, dtype, shape]}
+              the store's own fields plus "name", "offset", "nbytes", "tensors"
+              {name: [offset, nbytes, dtype, shape]}, "part_rows" and "crc32"
     data      from a 4096-byte boundary; every tensor 4096-aligned
+
+A section is packed in parts (an expert, a block of rows): part i fills rows
+[i * part_rows, (i + 1) * part_rows) of each of its tensors, and crc32[i] is the
+checksum of those rows, tensor after tensor. So parts pack, checksum and write on
+separate threads, each from its own buffer with pwrite (no page faults on the
+file, no second pass over it), and verify() checks them in parallel the same way.
 
 Opening checks what costs no reading: size, magic, version, header checksum,
 source key and every section's and tensor's bounds; a stale or truncated store
@@ -30,6 +36,7 @@ import mmap
 import os
 import shutil
 import struct
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,7 +51,6 @@ log = logging.getLogger(__name__)
 VERSION = 2
 PREFIX = struct.Struct("<8sIIII Q")
 ALIGN = 4096
-CRC_BLOCK = 64 << 20
 DTYPES = ("uint8", "float32")
 PACK_THREADS = 8            # the strided copies release the GIL; beyond ~8 the disk is the limit
 
@@ -74,12 +80,13 @@ def cache_path(model_dir, suffix):
 
 @dataclass
 class Section:
-    """One planned section: what the store records about it, its tensors, and the
-    parts that fill them (each part(views) writes its own disjoint rows)."""
+    """One planned section: what the store records about it, its tensors, and the parts
+    that fill them: part i(views) fills views {tensor name: rows [i * part_rows, ...)}."""
     name: str
     fields: dict            # the store's description (format, shapes), kept in the header
-    tensors: dict           # tensor name -> (dtype, shape)
-    parts: list             # callables over {tensor name: writable array view}
+    tensors: dict           # tensor name -> (dtype, shape); shape[0] rows split among parts
+    parts: list             # callables over {tensor name: writable array of the part's rows}
+    part_rows: int = 1
 
 
 class MappedStore:
@@ -99,31 +106,35 @@ class MappedStore:
         return store
 
     def verify(self, threads=PACK_THREADS):
-        """Check every section's crc32 (reads the whole file)."""
-        sections = self.header["sections"]
+        """Check every part's crc32 (reads the whole file)."""
+        def crc(job):
+            c = 0
+            with memoryview(self._mm) as view:
+                for _, run in part_runs(*job):
+                    c = zlib.crc32(view[run], c)
+            return c
+        jobs = [(s, i) for s in self.header["sections"] for i in range(len(s["crc32"]))]
         with ThreadPoolExecutor(threads) as pool:
-            crcs = list(pool.map(lambda s: section_crc(self._mm, s), sections))
-        for s, c in zip(sections, crcs):
-            if c != s["crc32"]:
-                raise CheckpointError(f"{self.path}: {s['name']} fails its checksum (corrupt "
-                                      f"{self.KIND})", path=str(self.path))
+            for (s, i), c in zip(jobs, pool.map(crc, jobs)):
+                if c != s["crc32"][i]:
+                    raise CheckpointError(f"{self.path}: {s['name']} fails its checksum (part "
+                                          f"{i}; corrupt {self.KIND})", path=str(self.path))
 
     def tensors(self, name):
         """{tensor name: read-only array viewing the file} of one section."""
-        return tensor_views(self._mm, self.sections[name]["tensors"])
+        return {t: np.frombuffer(self._mm, dtype, nbytes // np.dtype(dtype).itemsize, off)
+                .reshape(shape) for t, (off, nbytes, dtype, shape) in
+                self.sections[name]["tensors"].items()}
 
 
-def tensor_views(buf, tensors):
-    return {name: np.frombuffer(buf, dtype, nbytes // np.dtype(dtype).itemsize, off).reshape(shape)
-            for name, (off, nbytes, dtype, shape) in tensors.items()}
-
-
-def section_crc(mm, section):
-    c, start, end = 0, section["offset"], section["offset"] + section["nbytes"]
-    with memoryview(mm) as view:
-        for off in range(start, end, CRC_BLOCK):
-            c = zlib.crc32(view[off:min(off + CRC_BLOCK, end)], c)
-    return c
+def part_runs(section, i):
+    """[(tensor name, file slice)] of part i's rows, tensor after tensor."""
+    runs, k = [], section["part_rows"]
+    for name, (off, nbytes, _, shape) in section["tensors"].items():
+        row = nbytes // shape[0]
+        r0, r1 = i * k, min((i + 1) * k, shape[0])
+        runs.append((name, slice(off + r0 * row, off + r1 * row)))
+    return runs
 
 
 # -- opening: the cheap checks
@@ -163,7 +174,7 @@ def read_header(path, mm, key, magic, kind):
 
 def check_bounds(path, header, size, kind):
     """Every section inside the file after the header, in order; every tensor inside
-    its section, aligned, its byte count its shape's."""
+    its section, aligned, its byte count its shape's, its rows those of the parts."""
     end = PREFIX.size
     for s in sorted(header["sections"], key=lambda s: s["offset"]):
         where = f"{path}: {s['name']}"
@@ -173,8 +184,9 @@ def check_bounds(path, header, size, kind):
         end = s["offset"] + s["nbytes"]
         for name, (off, nbytes, dtype, shape) in s["tensors"].items():
             if (off % ALIGN or off < s["offset"] or off + nbytes > end or dtype not in DTYPES
-                    or nbytes != int(np.prod(shape)) * np.dtype(dtype).itemsize):
-                raise CheckpointError(f"{where}.{name}: bad place or shape (corrupt {kind})",
+                    or nbytes != int(np.prod(shape)) * np.dtype(dtype).itemsize
+                    or len(s["crc32"]) != -(-shape[0] // s["part_rows"])):
+                raise CheckpointError(f"{where}.{name}: bad place, shape or part count (corrupt {kind})",
                                       path=str(path))
 
 
@@ -194,8 +206,9 @@ def plan(key, sections):
                 nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
                 tensors[name] = [off, nbytes, dtype, list(shape)]
                 off = _align(off + nbytes)
+            assert all(-(-shape[0] // s.part_rows) == len(s.parts) for _, shape in s.tensors.values())
             records.append(dict(s.fields, name=s.name, offset=start, nbytes=off - start,
-                                crc32=0, tensors=tensors))
+                                tensors=tensors, part_rows=s.part_rows, crc32=[0] * len(s.parts)))
         # the widest crc32s must fit; offsets gain digits as the room grows
         need = _align(PREFIX.size + len(_header_json(key, records, 0xFFFFFFFF)))
         if need <= room:
@@ -205,7 +218,7 @@ def plan(key, sections):
 
 def _header_json(key, records, crc=None):
     if crc is not None:
-        records = [dict(r, crc32=crc) for r in records]
+        records = [dict(r, crc32=[crc] * len(r["crc32"])) for r in records]
     return json.dumps({"version": VERSION, "source_key": key, "sections": records}).encode()
 
 
@@ -230,14 +243,12 @@ def write_store(path, magic, key, sections, progress=None):
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w+b") as f:
-            os.posix_fallocate(f.fileno(), 0, size)    # blocks now: no SIGBUS on a full disk
-            mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED)
-            _pack_sections(mm, records, sections, progress)
+            os.posix_fallocate(f.fileno(), 0, size)    # the blocks now, not a full disk later
+            _pack_sections(f.fileno(), records, sections, progress)
             raw = _header_json(key, records)
-            mm[:PREFIX.size] = PREFIX.pack(magic, VERSION, len(raw), zlib.crc32(raw), 0, size)
-            mm[PREFIX.size:PREFIX.size + len(raw)] = raw
-            mm.flush()
-            mm.close()
+            _write_at(f.fileno(), PREFIX.pack(magic, VERSION, len(raw), zlib.crc32(raw), 0, size)
+                      + raw, 0)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -245,29 +256,51 @@ def write_store(path, magic, key, sections, progress=None):
     return path
 
 
-def _pack_sections(mm, records, sections, progress):
-    """Every section's parts on a thread pool; each section's crc32 once its parts are done."""
+def _pack_sections(fd, records, sections, progress):
+    """Every part on a thread pool: packed into a buffer of its thread, checksummed, written."""
     bar = _progress(sum(r["nbytes"] for r in records), progress)
     pool = ThreadPoolExecutor(min(PACK_THREADS, os.cpu_count() or 1))
     try:
-        pending = [(r, _submit(pool, mm, r, s.parts, bar)) for r, s in zip(records, sections)]
-        for r, futures in pending:
-            for f in futures:
-                f.result()
-            r["crc32"] = section_crc(mm, r)     # pages still cached, as later parts pack
+        jobs = [(r, i, part) for r, s in zip(records, sections) for i, part in enumerate(s.parts)]
+        futures = [pool.submit(_pack_part, fd, r, i, part) for r, i, part in jobs]
+        for (r, i, _), f in zip(jobs, futures):
+            r["crc32"][i] = f.result()
+            if bar is not None:
+                bar.update(r["nbytes"] // len(r["crc32"]))
     finally:
         pool.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
 
 
-def _submit(pool, mm, record, parts, bar):
-    views = tensor_views(mm, record["tensors"])
-    futures = [pool.submit(part, views) for part in parts]
-    if bar is not None:
-        for f in futures:
-            f.add_done_callback(lambda _, n=record["nbytes"] // len(parts): bar.update(n))
-    return futures
+_scratch = threading.local()
+
+
+def _pack_part(fd, record, i, part):
+    runs = part_runs(record, i)
+    need = sum(run.stop - run.start for _, run in runs)
+    if getattr(_scratch, "buf", np.empty(0, np.uint8)).size < need:
+        _scratch.buf = np.empty(need, np.uint8)        # reused: its pages fault once
+    views, pos = {}, 0
+    for name, run in runs:
+        _, _, dtype, shape = record["tensors"][name]
+        n = run.stop - run.start
+        views[name] = _scratch.buf[pos:pos + n].view(dtype).reshape(-1, *shape[1:])
+        pos += n
+    part(views)
+    crc = 0
+    for (name, run) in runs:
+        data = views[name].reshape(-1).view(np.uint8)
+        crc = zlib.crc32(data, crc)
+        _write_at(fd, data, run.start)
+    return crc
+
+
+def _write_at(fd, data, offset):
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _progress(total, label):
@@ -295,4 +328,4 @@ def open_or_build(cls, path, key, sections, verify=False, progress=None):
 
 
 def _layout(records):
-    return json.loads(json.dumps([dict(r, crc32=0) for r in records]))
+    return json.loads(json.dumps([dict(r, crc32=len(r["crc32"])) for r in records]))

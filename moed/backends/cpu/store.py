@@ -47,9 +47,10 @@ def expert_sections(moe_layers):
     return sections
 
 
-def _pack_expert(experts, index, e, buffers):
+def _pack_expert(experts, index, e, rows):
+    """Expert e into `rows`, its row (the first and only) of each buffer."""
     prefix = f"model.layers.{index}.mlp.experts.{e}"
-    pack_expert_into(buffers, e, experts.gate[e], experts.up[e], experts.down[e],
+    pack_expert_into(rows, 0, experts.gate[e], experts.up[e], experts.down[e],
                      tuple(f"{prefix}.{m}_proj.weight" for m in MATRICES))
 
 
