@@ -1,6 +1,7 @@
 """The packed stores: round trip (experts and dense matrices), stale and truncated
 files found at open without reading the data and rebuilt, flipped bytes found by
 verify, the free-space check, and two processes sharing the mapped pages."""
+import errno
 import json
 import shutil
 import subprocess
@@ -268,3 +269,19 @@ def test_two_processes_share_the_mapped_pages(model_dir):
             p.stdin.write("\n")
             p.stdin.close()
             p.wait(timeout=30)
+
+
+def test_a_file_system_without_fallocate_still_packs(model_dir, monkeypatch):
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(packed_file.os, "posix_fallocate", unsupported)
+    store = open_or_build(model_dir, layers(), progress=False)
+    store.verify()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(packed_file.os, "posix_fallocate", full)
+    store.path.unlink()
+    with pytest.raises(ConfigError, match="no space left for a .* GB store"):
+        open_or_build(model_dir, layers(), progress=False)
+    assert list(store.path.parent.iterdir()) == []

@@ -29,6 +29,7 @@ engine.verify_store): reading every byte of DeepSeek-V3's 650 GB store takes
 minutes even at disk speed, too long for every start. Builders check the free
 space first, write a temporary file and rename it, so readers never see half a store.
 """
+import errno
 import hashlib
 import json
 import logging
@@ -243,7 +244,7 @@ def write_store(path, magic, key, sections, progress=None):
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w+b") as f:
-            os.posix_fallocate(f.fileno(), 0, size)    # the blocks now, not a full disk later
+            _reserve(f.fileno(), size, path.parent)
             _pack_sections(f.fileno(), records, sections, progress)
             raw = _header_json(key, records)
             _write_at(f.fileno(), PREFIX.pack(magic, VERSION, len(raw), zlib.crc32(raw), 0, size)
@@ -254,6 +255,18 @@ def write_store(path, magic, key, sections, progress=None):
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _reserve(fd, size, directory):
+    """The file's blocks now, so a disk that fills meanwhile fails here, clearly."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ConfigError(f"{directory}: no space left for a {size / 1e9:.1f} GB store; free "
+                              "space or point MOED_CACHE_DIR at a larger disk",
+                              field="MOED_CACHE_DIR") from e
+        os.ftruncate(fd, size)          # a file system without fallocate (ZFS): sparse
 
 
 def _pack_sections(fd, records, sections, progress):
@@ -312,7 +325,9 @@ def _progress(total, label):
 
 def open_or_build(cls, path, key, sections, verify=False, progress=None):
     """The `cls` store at `path` holding these sections: mapped if usable, else (re)built.
-    verify: check the data checksums too; a store failing them is rebuilt like a stale one."""
+    verify: check the data checksums too. A store failing them is rebuilt like a stale one,
+    with a warning, rather than refused: the checkpoint is the source of truth, and a
+    daemon that stopped would only leave the operator to run the same rebuild."""
     path = Path(path)
     if path.exists():
         try:
