@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moed.errors import CheckpointError, ConfigError
-from moed.backends.cpu import dense_store, packed_file
+from moed.backends.cpu import dense_store, packed_file, packed_writer
 from moed.backends.cpu.experts import CPUExpertLayer
 from moed.backends.cpu.packed_file import PREFIX
 from moed.backends.cpu.store import ExpertStore, open_or_build, store_path, write_store
@@ -186,7 +186,7 @@ def test_too_little_disk_space_is_refused_before_writing(model_dir, monkeypatch)
     def small_disk(where):
         need["dir"] = where
         return shutil._ntuple_diskusage(100 << 30, 100 << 30, 1 << 20)
-    monkeypatch.setattr(packed_file.shutil, "disk_usage", small_disk)
+    monkeypatch.setattr(packed_writer.shutil, "disk_usage", small_disk)
     with pytest.raises(ConfigError, match=r"packing needs .* GB free there .* MOED_CACHE_DIR") as e:
         open_or_build(model_dir, layers(), progress=False)
     assert e.value.field == "MOED_CACHE_DIR"
@@ -274,13 +274,13 @@ def test_two_processes_share_the_mapped_pages(model_dir):
 def test_a_file_system_without_fallocate_still_packs(model_dir, monkeypatch):
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-    monkeypatch.setattr(packed_file.os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(packed_writer.os, "posix_fallocate", unsupported)
     store = open_or_build(model_dir, layers(), progress=False)
     store.verify()
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(packed_file.os, "posix_fallocate", full)
+    monkeypatch.setattr(packed_writer.os, "posix_fallocate", full)
     store.path.unlink()
     with pytest.raises(ConfigError, match="no space left for a .* GB store"):
         open_or_build(model_dir, layers(), progress=False)

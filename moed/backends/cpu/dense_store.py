@@ -1,7 +1,7 @@
 """DenseStore: every dense linear of a model in the kernel's tile layout, in
 one cache file beside the expert store (`<model>-<key>.moed-dense`): a packed
-store file (packed_file.py) with one section per matrix, mapped read-only and
-shared like it.
+store file (packed_file.py, built by packed_writer.py) with one section per
+matrix, mapped read-only and shared like it.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -9,9 +9,10 @@ from functools import partial
 import numpy as np
 import torch
 
-from moed.backends.cpu import packed_file
+from moed.backends.cpu import packed_writer
 from moed.backends.cpu.layout import UNIT_ROWS, MatrixShape, pack_matrix, pack_matrix_into
-from moed.backends.cpu.packed_file import MappedStore, Section, cache_path, source_key
+from moed.backends.cpu.packed_file import MappedStore, cache_path, source_key
+from moed.backends.cpu.packed_writer import Section
 
 PACK_ROWS = 16384          # rows packed by one part: bounds the padding temporaries (LM head)
 
@@ -98,7 +99,7 @@ def _pack_rows(w, s, r0, name, tiles):
 def open_or_build(model_dir, sources, verify=False):
     """The dense store of this checkpoint for [(name, Weight)]: mapped if valid, else (re)built.
     verify: check every byte's checksum first (reads the whole file)."""
-    return packed_file.open_or_build(DenseStore, store_path(model_dir), source_key(model_dir),
+    return packed_writer.open_or_build(DenseStore, store_path(model_dir), source_key(model_dir),
                                      dense_sections(sources), verify)
 
 

@@ -1,15 +1,17 @@
 """ExpertStore: one cache file per model holding every MoE layer's experts in
-the kernel's tile layout (`<model>-<key>.moex`), a packed store file
-(packed_file.py) with one section per layer, mapped read-only and shared, so two
-processes serving the same model hold its experts once in host memory.
+the kernel's tile layout (`<model>-<key>.moex`): a packed store file
+(packed_file.py, built by packed_writer.py) with one section per layer, mapped
+read-only and shared, so two processes serving the same model hold its experts
+once in host memory.
 """
 from functools import partial
 from pathlib import Path
 
 from moed.errors import CheckpointError
-from moed.backends.cpu import packed_file
+from moed.backends.cpu import packed_writer
 from moed.backends.cpu.packed import MATRICES, PackedExperts, buffer_specs, layer_format, pack_expert_into
-from moed.backends.cpu.packed_file import MappedStore, Section, cache_dir, cache_path, source_key
+from moed.backends.cpu.packed_file import MappedStore, cache_dir, cache_path, source_key
+from moed.backends.cpu.packed_writer import Section
 
 __all__ = ["ExpertStore", "MappedStore", "cache_dir", "open_or_build", "pack_model", "source_key",
            "store_path", "torch_expert_layers", "verify_model"]
@@ -56,7 +58,7 @@ def _pack_expert(experts, index, e, rows):
 
 def write_store(path, key, moe_layers, progress=False):
     """Pack [(layer index, TorchExperts)] into a new store file at `path` (atomic)."""
-    return packed_file.write_store(path, ExpertStore.MAGIC, key, expert_sections(moe_layers),
+    return packed_writer.write_store(path, ExpertStore.MAGIC, key, expert_sections(moe_layers),
                                    _label(path, progress))
 
 
@@ -69,7 +71,7 @@ def open_or_build(model_dir, moe_layers, progress=True, verify=False):
     otherwise. verify: check every byte's checksum first (reads the whole file)."""
     path = store_path(model_dir)
     sections = expert_sections([(i, m.experts) for i, m in moe_layers])
-    return packed_file.open_or_build(ExpertStore, path, source_key(model_dir), sections, verify,
+    return packed_writer.open_or_build(ExpertStore, path, source_key(model_dir), sections, verify,
                                      _label(path, progress))
 
 
