@@ -39,6 +39,7 @@ class Config:
     max_waiting: int = _setting(256, "engine", int)
     experts: str = _setting("auto", "engine", str)
     deterministic: bool = _setting(True, "engine", bool)
+    verify_store: bool = _setting(False, "engine", bool)          # checksum the packed stores at start
     # limits (per request, checked before the engine sees it)
     max_stop_strings: int = _setting(8, "limits", int)
     max_stop_string_chars: int = _setting(128, "limits", int)
@@ -90,7 +91,9 @@ class Config:
                     max_waiting=self.max_waiting,
                     # "auto" defers to the engine, which honours MOED_EXPERTS
                     experts=None if self.experts == "auto" else self.experts,
-                    deterministic=self.deterministic)
+                    deterministic=self.deterministic,
+                    # unset: the engine keeps its default (no full read at start)
+                    **({"verify_store": True} if self.verify_store else {}))
 
 
 def qualified(name):

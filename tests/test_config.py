@@ -42,6 +42,7 @@ def test_precedence_file_env_flags(tmp_path):
     ("server:\n  log_level: loud\n", "server.log_level"),
     ("limits:\n  max_stop_strings: -1\n", "limits.max_stop_strings"),
     ("engine:\n  block_size: true\n", "engine.block_size"),
+    ("engine:\n  verify_store: 1\n", "engine.verify_store"),
 ])
 def test_bad_setting_is_named(tmp_path, yaml_text, setting):
     path = tmp_path / "bad.yaml"
@@ -64,5 +65,7 @@ def test_engine_kwargs_and_qualified_names():
     cfg = Config(max_num_seqs=2, max_num_batched_tokens=8, num_kv_blocks=10)
     kw = cfg.engine_kwargs()
     assert kw["max_num_seqs"] == 2 and kw["num_kv_blocks"] == 10 and kw["device"] == "auto"
+    assert kw.get("verify_store", False) is False
+    assert Config(verify_store=True).engine_kwargs()["verify_store"] is True
     assert qualified("max_waiting") == "engine.max_waiting"
     assert Config(drain_timeout_s=3).drain_timeout_s == 3.0

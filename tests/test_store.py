@@ -1,15 +1,21 @@
-"""The packed expert store: round trip, stale/truncated/corrupt files rebuilt,
-and two processes sharing the mapped pages."""
-import os
+"""The packed stores: round trip (experts and dense matrices), stale and truncated
+files found at open without reading the data and rebuilt, flipped bytes found by
+verify, the free-space check, and two processes sharing the mapped pages."""
+import errno
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
-from moed.errors import CheckpointError
+from moed.errors import CheckpointError, ConfigError
+from moed.backends.cpu import dense_store, packed_file, packed_writer
 from moed.backends.cpu.experts import CPUExpertLayer
+from moed.backends.cpu.packed_file import PREFIX
 from moed.backends.cpu.store import ExpertStore, open_or_build, store_path, write_store
 from moed.model.formats import Weight, quantize_fp8
 from moed.model.moe import TorchExperts
@@ -68,30 +74,150 @@ def corrupt_byte(path, offset):
         f.write(bytes([b[0] ^ 0x5A]))
 
 
-def test_corrupt_truncated_and_stale_files_are_detected_and_rebuilt(model_dir):
+@pytest.fixture
+def crc_bytes(monkeypatch):
+    """Bytes checksummed by the store code: headers, and data only when packed or verified."""
+    seen = [0]
+    crc32 = packed_file.zlib.crc32
+
+    def counted(data, value=0):
+        seen[0] += len(data)
+        return crc32(data, value)
+    monkeypatch.setattr(packed_file.zlib, "crc32", counted)
+    return seen
+
+
+def data_bytes(store):
+    return sum(t[1] for s in store.header["sections"] for t in s["tensors"].values())
+
+
+def test_open_reads_the_header_only(model_dir, crc_bytes):
+    path = open_or_build(model_dir, layers(), progress=False).path
+    crc_bytes[0] = 0
+    store = ExpertStore.open(path, packed_file.source_key(model_dir))
+    assert crc_bytes[0] == PREFIX.unpack_from(store._mm, 0)[2] < path.stat().st_size / 100
+    crc_bytes[0] = 0
+    store.verify()
+    assert crc_bytes[0] == data_bytes(store)
+
+
+def test_flipped_byte_fails_verify_and_is_rebuilt_under_verify(model_dir):
     moe = layers()
     path = open_or_build(model_dir, moe, progress=False).path
-    key = ExpertStore.open(path).header["source_key"]
-    data_at = ExpertStore.open(path).layers[3]["offset"] + 4097
-
-    corrupt_byte(path, data_at)
+    key = packed_file.source_key(model_dir)
+    corrupt_byte(path, ExpertStore.open(path).layers[3]["offset"] + 4097)
+    ExpertStore.open(path, key)                                   # not read: not seen
     with pytest.raises(CheckpointError, match="layer 3 fails its checksum") as e:
-        ExpertStore.open(path, key)
+        ExpertStore.open(path, key, verify=True)
     assert e.value.path == str(path)
-    ExpertStore.open(open_or_build(model_dir, moe, progress=False).path, key)   # rebuilt, valid
+    mtime = path.stat().st_mtime_ns
+    assert open_or_build(model_dir, moe, progress=False).path.stat().st_mtime_ns == mtime
+    rebuilt = open_or_build(model_dir, moe, progress=False, verify=True)
+    assert rebuilt.path == path and path.stat().st_mtime_ns != mtime
+    ExpertStore.open(path, key, verify=True)
+
+
+def test_truncated_and_stale_stores_are_rebuilt_without_a_full_read(model_dir, crc_bytes):
+    moe = layers()
+    path = open_or_build(model_dir, moe, progress=False).path
+    key = packed_file.source_key(model_dir)
+    data = data_bytes(ExpertStore.open(path))
+
+    def rebuilt_with_one_pass(why):
+        with pytest.raises(CheckpointError, match=why):
+            ExpertStore.open(path, key)
+        crc_bytes[0] = 0
+        open_or_build(model_dir, moe, progress=False)
+        assert 0 <= crc_bytes[0] - data < 65536      # the new file's data checksummed once, headers
+        ExpertStore.open(path, key, verify=True)
 
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 100)
-    with pytest.raises(CheckpointError, match="truncated"):
-        ExpertStore.open(path, key)
-    ExpertStore.open(open_or_build(model_dir, moe, progress=False).path, key)
+    rebuilt_with_one_pass("truncated")
+    corrupt_byte(path, 40)                                        # inside the header JSON
+    rebuilt_with_one_pass("corrupt expert store header")
+    write_store(path, "another checkpoint", [(i, m.experts) for i, m in moe])
+    rebuilt_with_one_pass(r"stale expert store \(the checkpoint changed\)")
+    with open(path, "r+b") as f:
+        f.write(PREFIX.pack(b"MOEDXPK\0", 1, 0, 0, 0, 0)[:12])   # an older format version
+    rebuilt_with_one_pass(r"stale expert store \(format 1, expected 2\)")
+    open_or_build(model_dir, moe[:1], progress=False)                # other layers: rebuilt
+    assert set(ExpertStore.open(path, key).layers) == {1}
 
-    corrupt_byte(path, 40)                                             # inside the header JSON
-    with pytest.raises(CheckpointError, match="corrupt expert store header"):
-        ExpertStore.open(path, key)
-    with pytest.raises(CheckpointError, match="stale"):
-        write_store(path, "another checkpoint", [(i, m.experts) for i, m in moe])
-        ExpertStore.open(path, key)
+
+def rewrite_header(path, edit):
+    """Edit the header JSON in place, its checksum kept valid (what only a bug could write)."""
+    raw = bytearray(path.read_bytes())
+    magic, version, hlen, _, zero, size = PREFIX.unpack_from(raw, 0)
+    header = json.loads(raw[PREFIX.size:PREFIX.size + hlen])
+    edit(header)
+    new = json.dumps(header).encode()
+    assert len(new) <= hlen + 64
+    raw[:PREFIX.size] = PREFIX.pack(magic, version, len(new), packed_file.zlib.crc32(new), zero, size)
+    raw[PREFIX.size:PREFIX.size + len(new)] = new
+    path.write_bytes(bytes(raw))
+
+
+def test_sections_out_of_bounds_fail_at_open(model_dir):
+    path = open_or_build(model_dir, layers(), progress=False).path
+    size = path.stat().st_size
+
+    def past_the_end(h):
+        h["sections"][1]["nbytes"] = size
+
+    def parts_missing(h):
+        h["sections"][1]["crc32"].pop()
+
+    def tensor_misplaced(h):
+        h["sections"][0]["tensors"]["gate"][0] += 1
+    for edit, why in ((past_the_end, "layer 3: bytes .* out of bounds"),
+                      (tensor_misplaced, "layer 1.gate: bad place"),
+                      (parts_missing, "layer 3.gate: bad place, shape or part count")):
+        shutil.copy(path, path.with_suffix(".bak"))
+        rewrite_header(path, edit)
+        with pytest.raises(CheckpointError, match=why):
+            ExpertStore.open(path)
+        shutil.copy(path.with_suffix(".bak"), path)
+
+
+def test_too_little_disk_space_is_refused_before_writing(model_dir, monkeypatch):
+    need = {}
+
+    def small_disk(where):
+        need["dir"] = where
+        return shutil._ntuple_diskusage(100 << 30, 100 << 30, 1 << 20)
+    monkeypatch.setattr(packed_writer.shutil, "disk_usage", small_disk)
+    with pytest.raises(ConfigError, match=r"packing needs .* GB free there .* MOED_CACHE_DIR") as e:
+        open_or_build(model_dir, layers(), progress=False)
+    assert e.value.field == "MOED_CACHE_DIR"
+    assert need["dir"] == store_path(model_dir).parent
+    assert list(store_path(model_dir).parent.iterdir()) == []         # no store, no temporary
+
+
+def dense_sources(seed):
+    g = torch.Generator().manual_seed(seed)
+    fp8 = Weight(*quantize_fp8(torch.randn(300, 200, generator=g) * 0.1), (128, 128))
+    bf16 = Weight(torch.randn(200, 136, generator=g).to(torch.bfloat16), None, None)
+    return [("fp8", fp8), ("bf16", bf16)]
+
+
+def test_dense_store_round_trip_verify_and_rebuild(model_dir, monkeypatch):
+    monkeypatch.setattr(dense_store, "PACK_ROWS", 128)             # several parts a matrix
+    sources = dense_sources(0)
+    store = dense_store.open_or_build(model_dir, sources)
+    assert store.path == dense_store.store_path(model_dir)
+    for name, w in sources:
+        fresh, mapped = dense_store.pack_weight(w, name), store.matrix(name)
+        assert (mapped.fmt, mapped.rows, mapped.cols) == (fresh.fmt, fresh.rows, fresh.cols)
+        assert np.array_equal(mapped.units, fresh.units) and not mapped.units.flags.writeable
+        assert np.array_equal(mapped.scales, fresh.scales)
+    corrupt_byte(store.path, store.entries["bf16"]["offset"] + 10)
+    with pytest.raises(CheckpointError, match="bf16 fails its checksum"):
+        dense_store.DenseStore.open(store.path, verify=True)
+    again = dense_store.open_or_build(model_dir, sources, verify=True)
+    again.verify()
+    other = dense_store.open_or_build(model_dir, dense_sources(0)[:1])   # matrices differ
+    assert list(other.entries) == ["fp8"]
 
 
 def test_checkpoint_change_gives_a_new_store(model_dir):
@@ -103,7 +229,8 @@ def test_checkpoint_change_gives_a_new_store(model_dir):
 READER = textwrap.dedent("""
     import sys
     from moed.backends.cpu.store import ExpertStore
-    store = ExpertStore.open(sys.argv[1])          # verify reads every page
+    store = ExpertStore.open(sys.argv[1])
+    store.verify()                                 # reads every page
     print("ready", flush=True)
     sys.stdin.readline()
 """)
@@ -142,3 +269,19 @@ def test_two_processes_share_the_mapped_pages(model_dir):
             p.stdin.write("\n")
             p.stdin.close()
             p.wait(timeout=30)
+
+
+def test_a_file_system_without_fallocate_still_packs(model_dir, monkeypatch):
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(packed_writer.os, "posix_fallocate", unsupported)
+    store = open_or_build(model_dir, layers(), progress=False)
+    store.verify()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(packed_writer.os, "posix_fallocate", full)
+    store.path.unlink()
+    with pytest.raises(ConfigError, match="no space left for a .* GB store"):
+        open_or_build(model_dir, layers(), progress=False)
+    assert list(store.path.parent.iterdir()) == []

@@ -6,7 +6,8 @@
       cancel ID         cancel a request (admin)     drain / resume                (admin)
       health            liveness and readiness       models     the loaded model
       bench             N concurrent streams: TTFT/TPOT p50/p99 and throughput
-      pack MODEL_DIR    build the packed expert store of a checkpoint ahead of time (local)
+      pack MODEL_DIR    build the packed expert store of a checkpoint ahead of time (local);
+                        --verify: check the stores' checksums instead (reads every byte)
 
 --target or MOED_TARGET picks the daemon; admin commands send MOED_ADMIN_TOKEN
 (or --token). Exit codes: 0 ok, 1 the daemon said no (status printed), 2 usage.
@@ -14,6 +15,7 @@
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -56,8 +58,11 @@ def build_parser():
     b.add_argument("--streams", type=int, default=16)
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--output-tokens", type=int, default=32)
-    sub.add_parser("pack", help="pack a checkpoint's experts for the CPU engine (local, "
-                                "no daemon)").add_argument("model_dir")
+    p = sub.add_parser("pack", help="pack a checkpoint's experts for the CPU engine (local, "
+                                    "no daemon)")
+    p.add_argument("model_dir")
+    p.add_argument("--verify", action="store_true",
+                   help="check the checksums of the stores already built (reads them whole)")
     return ap
 
 
@@ -178,16 +183,26 @@ COMMANDS = {
 
 def cmd_pack(args):
     from moed.errors import MoedError
-    from moed.backends.cpu.store import pack_model
+    from moed.backends.cpu.store import pack_model, verify_model
     try:
-        path = pack_model(args.model_dir, progress=not args.json)
+        if args.verify:
+            result = {"model_dir": args.model_dir, "verified": [str(p) for p in
+                                                                 verify_model(args.model_dir)]}
+        else:
+            result = {"model_dir": args.model_dir,
+                      "store": str(pack_model(args.model_dir, progress=not args.json))}
     except MoedError as e:
         print(f"moectl: pack: {e}", file=sys.stderr)
+        if args.verify and getattr(e, "path", None) and os.path.exists(e.path):
+            print(f"moectl: pack: to rebuild it, delete {e.path} and run `moectl pack "
+                  f"{args.model_dir}` (or start moed: it packs what is missing)", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"model_dir": args.model_dir, "store": str(path)}))
+        print(json.dumps(result))
+    elif args.verify:
+        print("\n".join(f"checksums ok: {p}" for p in result["verified"]))
     else:
-        print(f"packed expert store: {path}")
+        print(f"packed expert store: {result['store']}")
     return 0
 
 

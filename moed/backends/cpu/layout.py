@@ -17,23 +17,16 @@ import torch
 
 from moed.errors import CheckpointError
 
-UNIT_ROWS, UNIT_K, GROUP_ROWS = 64, 128, 16
-FORMATS = ("fp8", "bf16")
+UNIT_ROWS, UNIT_K = 64, 128
 
 
-def _chunk_perm(fmt):
-    # position in a chunk -> logical index r * 4 + k of a [16 rows, 4 cols] chunk
-    perm = np.empty(64, dtype=np.int64)
-    for r in range(GROUP_ROWS):
-        for k in range(4):
-            word = 2 * r + (k & 1)
-            pos = (16 * (word >> 3) + 8 * (k >> 1) + (word & 7) if fmt == "fp8"
-                   else (k >> 1) * 32 + word)
-            perm[pos] = r * 4 + k
-    return perm
-
-
-CHUNK_PERM = {fmt: _chunk_perm(fmt) for fmt in FORMATS}
+# Inside a unit, each chunk [16 rows r, 4 cols k] (r = 4 rh + rl, k = 2 kh + kl) holds
+# its BF16 words in the order (kh, r, kl) and its FP8 bytes in (rh, kh, rl, kl): the
+# orders cython_src/expert_units.h reads. Both are transposes, done as numpy strided
+# copies whose inner loops run long (a loop of 2 elements, the gather's, ran at
+# ~0.15 GB/s): BF16 moves kl pairs as u32 words, 16 rows a loop; FP8 in two passes
+# (FP8_BLOCK row tiles at a time, so the scratch stays in cache).
+FP8_BLOCK = 1 << 20
 
 
 def padded(n):
@@ -80,9 +73,18 @@ def weight_format(data, name="weight"):
 
 def pack_matrix(data, scale_inv=None, block=None, name="weight"):
     """[rows, cols] as stored (+ FP8 block scales) -> (units uint8 [nbytes], scales float32 [nscales])."""
+    shape = MatrixShape(data.shape[0], data.shape[1], weight_format(data, name))
+    units, scales = np.empty(shape.nbytes, np.uint8), np.empty(shape.nscales, np.float32)
+    pack_matrix_into(units, scales, data, scale_inv, block, name)
+    return units, scales
+
+
+def pack_matrix_into(units, scales, data, scale_inv=None, block=None, name="weight"):
+    """Pack [rows, cols] as stored (+ FP8 block scales) into units (contiguous uint8
+    [nbytes]) and scales (float32 [nscales]): one strided copy, no temporaries
+    unless the matrix needs padding."""
     fmt = weight_format(data, name)
     shape = MatrixShape(data.shape[0], data.shape[1], fmt)
-    rp, kp = padded(shape.rows), padded(shape.cols)
     if fmt == "fp8":
         if scale_inv is None:
             raise CheckpointError(f"{name}: fp8 weight without weight_scale_inv", tensor=name)
@@ -92,13 +94,38 @@ def pack_matrix(data, scale_inv=None, block=None, name="weight"):
         raw = data.contiguous().view(torch.uint8).numpy()
     else:
         raw = data.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    full = np.zeros((rp, kp), dtype=raw.dtype)
-    full[:shape.rows, :shape.cols] = raw
-    # [tiles, 4 groups, 16 rows, kblocks, 32 chunks, 4 cols] -> unit-major, chunk elements permuted
-    t = full.reshape(shape.tiles, 4, GROUP_ROWS, shape.kblocks, 32, 4)
-    t = t.transpose(0, 3, 1, 4, 2, 5).reshape(-1, 64)[:, CHUNK_PERM[fmt]]
-    units = np.ascontiguousarray(t).view(np.uint8).reshape(-1)
-    return units, _unit_scales(shape, scale_inv, name).numpy()
+    rp, kp = padded(shape.rows), padded(shape.cols)
+    if raw.shape != (rp, kp):
+        full = np.zeros((rp, kp), dtype=raw.dtype)
+        full[:shape.rows, :shape.cols] = raw
+        raw = full
+    T, K = shape.tiles, shape.kblocks
+    if fmt == "fp8":
+        _fp8_units(raw, units, T, K)
+    else:
+        src = raw.view(np.uint32).reshape(T, 4, 16, K, 32, 2).transpose(0, 3, 1, 4, 5, 2)
+        np.copyto(units.view(np.uint32).reshape(src.shape), src)
+    scales[:] = _unit_scales(shape, scale_inv, name).numpy()
+
+
+def _fp8_units(raw, units, T, K):
+    """FP8 [T * 64, K * 128] bytes -> units: rows interleaved four by four as u16 kl
+    pairs (a u64 a row quad), then each (kh, rl, kl) 16 bytes (a complex128 word:
+    copies are bitwise) moved to its (tile, k block, group, chunk, rh) place."""
+    step = max(1, FP8_BLOCK // (UNIT_ROWS * UNIT_K * K))
+    for t0 in range(0, T, step):
+        n = min(step, T - t0)
+        src = raw[t0 * UNIT_ROWS:(t0 + n) * UNIT_ROWS].view(np.uint16).reshape(n * 16, 4, K * 64)
+        quads = np.empty((n * 16, K * 64, 4), np.uint16)
+        for rl in range(4):
+            quads[:, :, rl] = src[:, rl, :]
+        words = quads.reshape(n * 16, K * 32, 8).view(np.complex128)
+        words = words.reshape(n, 4, 4, K, 32)                                  # t g rh K c
+        per_tile = K * UNIT_ROWS * UNIT_K
+        out = units[t0 * per_tile:(t0 + n) * per_tile].view(np.complex128)
+        out = out.reshape(n, K, 4, 32, 4)                                      # t K g c rh
+        for rh in range(4):
+            out[..., rh] = words[:, :, rh].transpose(0, 2, 1, 3)
 
 
 def _unit_scales(shape, scale_inv, name):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moed.errors import CheckpointError
-from moed.backends.cpu.layout import MatrixShape, pack_matrix, weight_format
+from moed.backends.cpu.layout import MatrixShape, pack_matrix_into, weight_format
 
 MATRICES = ("gate", "up", "down")
 
@@ -41,14 +41,20 @@ class PackedExperts:
         return sum(self.shape(m).nbytes + 4 * self.shape(m).nscales for m in MATRICES)
 
 
-def empty_buffers(fmt, E, H, I):
+def buffer_specs(fmt, E, H, I):
+    """{buffer name: (dtype, shape)} of one layer's packed experts."""
     probe = PackedExperts(fmt, E, H, I, {})
-    out = {}
+    specs = {}
     for m in MATRICES:
         s = probe.shape(m)
-        out[m] = np.empty((E, s.nbytes), dtype=np.uint8)
-        out[m + "_scale"] = np.empty((E, s.nscales), dtype=np.float32)
-    return out
+        specs[m] = ("uint8", [E, s.nbytes])
+        specs[m + "_scale"] = ("float32", [E, s.nscales])
+    return specs
+
+
+def empty_buffers(fmt, E, H, I):
+    return {name: np.empty(shape, dtype=dtype)
+            for name, (dtype, shape) in buffer_specs(fmt, E, H, I).items()}
 
 
 def layer_format(weights, where):
@@ -62,9 +68,9 @@ def layer_format(weights, where):
 def pack_expert_into(buffers, e, gate, up, down, names=("gate", "up", "down")):
     """Pack expert e's three Weights into row e of preallocated buffers."""
     for m, w, name in zip(MATRICES, (gate, up, down), names):
-        units, scales = pack_matrix(w.data, w.scale_inv, w.block, name)
-        if units.size != buffers[m].shape[1]:
+        units, scales = buffers[m][e], buffers[m + "_scale"][e]
+        s = MatrixShape(*w.data.shape, weight_format(w.data, name))
+        if (s.nbytes, s.nscales) != (units.size, scales.size):
             raise CheckpointError(f"{name}: shape {tuple(w.data.shape)} differs from the layer's "
                                   "other experts", tensor=name)
-        buffers[m][e] = units
-        buffers[m + "_scale"][e] = scales
+        pack_matrix_into(units, scales, w.data, w.scale_inv, w.block, name)
