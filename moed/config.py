@@ -93,7 +93,7 @@ class Config:
                     experts=None if self.experts == "auto" else self.experts,
                     deterministic=self.deterministic,
                     # unset: the engine keeps its default (no full read at start)
-                    **({"verify_store": True} if self.verify_store else {}))
+                    verify_store=self.verify_store)
 
 
 def qualified(name):

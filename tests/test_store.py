@@ -285,3 +285,25 @@ def test_a_file_system_without_fallocate_still_packs(model_dir, monkeypatch):
     with pytest.raises(ConfigError, match="no space left for a .* GB store"):
         open_or_build(model_dir, layers(), progress=False)
     assert list(store.path.parent.iterdir()) == []
+
+
+def test_engine_verifies_its_stores_at_start_only_when_told(tmp_path, monkeypatch):
+    """engine.verify_store: a flipped byte in either store is found at start and the store
+    rebuilt (the logits are the clean ones); without it the start maps what is there."""
+    from moed import LLM
+    from moed.backends.cpu import dense_store, store
+    from moed.testing.tiny import build_tiny_model
+    monkeypatch.setenv("MOED_CACHE_DIR", str(tmp_path / "cache"))
+    d = build_tiny_model(tmp_path / "m", "qwen3_moe", "fp8")
+    prompt = [5, 9, 17, 33, 2]
+    clean = LLM(d, device="cpu").logits(prompt)
+    paths = (store.store_path(d), dense_store.store_path(d))
+    offsets = (ExpertStore.open(paths[0]).layers[1]["offset"] + 4097,
+               next(iter(dense_store.DenseStore.open(paths[1]).entries.values()))["offset"] + 11)
+    for path, offset in zip(paths, offsets):
+        corrupt_byte(path, offset)
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    LLM(d, device="cpu")
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes        # mapped as found
+    np.testing.assert_array_equal(LLM(d, device="cpu", verify_store=True).logits(prompt), clean)
+    assert all(p.stat().st_mtime_ns != m for p, m in zip(paths, mtimes))   # both rebuilt

@@ -21,13 +21,16 @@ log = logging.getLogger("moed.backends")
 CHOICES = ("auto", "cpu", "torch")
 
 
-def install(model, model_dir, experts="auto", linears="auto", deterministic=True):
+def install(model, model_dir, experts="auto", linears="auto", deterministic=True,
+            verify_store=False):
     """Apply the backends to a built model -> BackendInfo.
 
     `experts` (the routed experts and their routers) and `linears` (dense linears,
     attention, norms) are each 'auto', 'cpu' or 'torch'. With 'auto', a build without
     the compiled CPU backend falls back to the reference (noted in the answer); with
-    'cpu' that is an error. A model on another device keeps the reference."""
+    'cpu' that is an error. A model on another device keeps the reference.
+    `verify_store`: checksum every byte of the packed weight stores before use (a store
+    failing it is rebuilt)."""
     for name, choice in (("experts", experts), ("linears", linears)):
         if choice not in CHOICES:
             raise ConfigError(f"{name} must be one of {', '.join(CHOICES)}, got {choice!r}",
@@ -37,7 +40,8 @@ def install(model, model_dir, experts="auto", linears="auto", deterministic=True
     try:
         from moed.backends.cpu.install import install as install_cpu
         return install_cpu(model, model_dir, experts=experts != "torch",
-                           linears=linears != "torch", deterministic=deterministic)
+                           linears=linears != "torch", deterministic=deterministic,
+                           verify_store=verify_store)
     except ImportError as e:         # the compiled extension not built
         if "cpu" in (experts, linears):
             raise

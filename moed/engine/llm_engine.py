@@ -55,7 +55,8 @@ def resolve_device(device):
 class LLMEngine:
     def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=256,
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
-                 experts=None, linears=None, detokenize=True, deterministic=True):
+                 experts=None, linears=None, detokenize=True, deterministic=True,
+                 verify_store=False):
         if max_num_batched_tokens < max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
                               field="max_num_batched_tokens")
@@ -67,7 +68,8 @@ class LLMEngine:
         experts = experts or os.environ.get("MOED_EXPERTS", "auto")
         linears = linears or os.environ.get("MOED_LINEARS") or (
             "torch" if experts == "torch" else "auto")
-        self.backends = install_backends(self.model, model_dir, experts, linears, deterministic)
+        self.backends = install_backends(self.model, model_dir, experts, linears, deterministic,
+                                         verify_store)
         log.info("backends: %s", self.backends.summary())
         self.block_size = block_size
         dtype = getattr(torch, kv_cache_dtype, None)

@@ -24,20 +24,22 @@ from moed.model.moe import GroupedSigmoidRouter, SoftmaxRouter
 log = logging.getLogger(__name__)
 
 
-def install(model, model_dir, experts=True, linears=True, deterministic=True, threads=None):
+def install(model, model_dir, experts=True, linears=True, deterministic=True, threads=None,
+            verify_store=False):
     """Routed experts (with their routers) when `experts`; dense linears, attention,
     norms (and, with the experts, the decode stack) when `linears`. -> BackendInfo.
-    Raises ConfigError for a forced ISA this CPU lacks."""
+    `verify_store`: the packed stores' checksums read in full before use. Raises
+    ConfigError for a forced ISA this CPU lacks."""
     kernels = load_kernels()
     threads = threads or default_threads()
     info = BackendInfo()
     if experts and model.moe_layers():
-        path = install_experts(model, model_dir, kernels, threads)
+        path = install_experts(model, model_dir, kernels, threads, verify_store)
         info.experts = f"cpu-{kernels.ISA}"
         info.routers = f"cpu ({install_routers(model, kernels, threads)})"
         log.debug("CPU experts from %s, %d threads", path, threads)
     if linears:
-        installed = install_cpu_linears(model, model_dir, threads, kernels)
+        installed = install_cpu_linears(model, model_dir, threads, kernels, verify_store)
         if installed:
             info.linears = f"cpu ({count_linears(installed)} linears)"
         info.attention = install_attention(model, installed, kernels, threads, deterministic)
@@ -50,11 +52,11 @@ def install(model, model_dir, experts=True, linears=True, deterministic=True, th
     return info
 
 
-def install_experts(model, model_dir, kernels, threads):
+def install_experts(model, model_dir, kernels, threads, verify=False):
     """Each MoE layer's TorchExperts -> a CPUExpertLayer over the model's packed expert
     store (built on first use). Returns the store's path."""
     layers = _torch_layers(model)
-    store = open_or_build(model_dir, layers)
+    store = open_or_build(model_dir, layers, verify=verify)
     for i, moe in layers:
         moe.experts = CPUExpertLayer(store.layer(i), threads, kernels)
     return store.path

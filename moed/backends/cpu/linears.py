@@ -171,11 +171,12 @@ def dense_targets(model):
     return linears, fusions
 
 
-def install_cpu_linears(model, model_dir, threads=None, kernels=None):
+def install_cpu_linears(model, model_dir, threads=None, kernels=None, verify=False):
     """Replace every packable dense Linear of a built CPU model by a CPULinear over the
     model's dense store (built on first use). -> {store name: what replaced it}: a
     CPULinear, a CPUGatedMLP (`<mlp>.gate_up`) or the CPUFusedLinear of an attention's
-    q/k/v (`<attn>.qkv`, its parts set as q, k and v)."""
+    q/k/v (`<attn>.qkv`, its parts set as q, k and v). verify: the store's checksums
+    read in full before use."""
     from moed.backends.cpu.isa import load_kernels
     if model.device.type != "cpu":
         return {}
@@ -186,7 +187,7 @@ def install_cpu_linears(model, model_dir, threads=None, kernels=None):
     sources += [(n, concat_rows([lin.weight for lin in lins], n)) for n, _, _, lins in fusions]
     if not sources:
         return {}
-    store = open_or_build(model_dir, sources)
+    store = open_or_build(model_dir, sources, verify=verify)
     installed = {}
     for name, owner, attr, lin in linears:
         installed[name] = CPULinear(lin.weight, lin.bias, store.matrix(name), threads, kernels)
