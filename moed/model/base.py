@@ -98,8 +98,8 @@ def causal_mask(n, L, device):
 
 class DecoderLayer:
     """Pre-norm residual block. The norms are applied by whoever adds to the residual
-    stream: `norm.add(x, delta)` -> (x + delta, norm(x + delta)), one pass on the
-    compiled glue; the model's forward chains the layers that way."""
+    stream: `norm.add(x, delta)` -> (x + delta, norm(x + delta)), which a backend may
+    fuse into one pass; the model's forward chains the layers that way."""
 
     def __init__(self, input_norm, attn, post_norm, mlp):
         self.input_norm, self.attn = input_norm, attn

@@ -108,8 +108,8 @@ class Rotary:
 
     @staticmethod
     def halves(cos_sin):
-        """cos_sin's tables as plain [N, d/2] cos and sin views (the compiled glue); made
-        once a step when cos_sin came from `cos_sin` (every layer asks)."""
+        """cos_sin's tables as plain [N, d/2] cos and sin views (what a fused rotary
+        kernel takes); made once a step when cos_sin came from `cos_sin` (every layer asks)."""
         cached = getattr(cos_sin, "plain", None)
         if cached is not None:
             return cached
