@@ -40,6 +40,7 @@ def test_status_requests_models_health(capsys, target):
     rc, out, _ = ctl(capsys, target, "--json", "status")
     status = json.loads(out)
     assert rc == 0 and status["ready"] is True and status["kv_blocks"].endswith(tuple("0123456789"))
+    assert status["backends"].startswith("experts=")          # which backend serves what
     rc, out, _ = ctl(capsys, target, "status")
     assert rc == 0 and "kv_blocks" in out and "isa" in out
     rc, out, _ = ctl(capsys, target, "requests")

@@ -43,7 +43,8 @@ class ScriptedEngine:
     def __init__(self, max_waiting=4):
         self.tokenizer = CharTokenizer()
         self.model_info = dict(architecture="Scripted", context_length=64, vocab_size=128,
-                               weight_format="bf16", isa="generic", device="cpu", experts="torch")
+                               weight_format="bf16", isa="generic", device="cpu", experts="torch",
+                               backends="experts=torch")
         self.seqs, self.max_waiting, self.gate = {}, max_waiting, threading.Event()
         self.gate.set()
 

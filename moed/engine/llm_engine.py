@@ -94,6 +94,7 @@ class LLMEngine:
             "device": str(self.device),
             "experts": self.backends.experts,
             "linears": self.backends.linears,
+            "backends": self.backends.summary(),
         }
 
     def _default_num_blocks(self, max_num_seqs, dtype):
