@@ -1,6 +1,6 @@
 /* A decode step's decoder layers in one compiled call: GQA attention over the
  * paged cache and routed experts, layer after layer, with no Python between
- * the kernels (moed/experts/decode_stack.py decides which models and steps).
+ * the kernels (moed/backends/cpu/decode_stack.py decides which models and steps).
  *
  * Included after dense_kernels.c, expert_kernels.c, glue_kernels.c and
  * decode_kernels.c in the same translation unit (experts_ext.pxi declares them

@@ -226,7 +226,7 @@ static void mla_worker(void *arg, int tid, int n) {
 
 /* The spec block's QUERY (mode 0) or OUTPUT (mode 1) product. Returns 0, or -1 when
  * r exceeds MLA_MAX_R (nothing written). Shapes and strides are checked by the
- * caller (moed/experts/mla.py). */
+ * caller (moed/backends/cpu/mla.py). */
 static int mla_absorb(const void *w, int fp8, const float *scale, int64_t scale_ld, int H,
                       int dn, int dv, int r, const float *x, int64_t x_ld, int64_t x_hs, int B,
                       float *out, int mode, int nthreads) {
