@@ -1,0 +1,155 @@
+"""StreamedExperts: one MoE layer's routed experts over a chunk of tokens, with the
+weights streamed from host memory into a device ring (stream-loading prefill, SLP).
+
+Two streams, one host thread issuing in order:
+
+    loader:   [wait done[s] of position i - R]  copy expert -> slot s  record ready[s]
+    compute:  wait ready[s]  expert's GEMMs, index_add into out  record done[s]
+
+with s = i % R for the chunk's i-th active expert (ascending id). The loader runs up
+to R experts ahead of the compute; a slot is refilled only after its "done". Only
+experts that received tokens are copied, each once per chunk. Weights cross as
+stored (FP8 as FP8, with its scales) and are widened on the device exactly as
+moed.model.formats.Weight.dequantize does, then multiplied in FP32.
+
+Each expert's tokens are computed as moed.backends.torch.TorchExperts.forward does
+(same grouping, same index_add order), so on the CPU device the output equals the
+reference bit for bit.
+
+Shape legend: T tokens, k experts per token, E experts, A active experts (received a
+token), D hidden, I intermediate, R ring slots.
+"""
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+
+from moed.backends.accel.ring import ExpertRing, check_ring_length, layer_layout, pack_host
+from moed.errors import InvalidRequestError
+
+
+@dataclass
+class ChunkPlan:
+    """Which experts a chunk uses and which (token, j) pairs each one takes."""
+    experts: list         # [A] expert ids with tokens, ascending
+    counts: list          # [A] pairs per active expert
+    order: torch.Tensor   # [T k] flat indices into topk_ids, grouped by expert (stable)
+
+    def pairs(self, position):
+        """The flat (token, j) indices of the position-th active expert: a slice of order."""
+        start = self.starts[position]
+        return self.order[start:start + self.counts[position]]
+
+    @cached_property
+    def starts(self):
+        """[A] where each active expert's pairs begin in order."""
+        return [0, *accumulate(self.counts)][:-1]
+
+
+def plan_chunk(topk_ids):
+    """topk_ids [T, k] int64 (host) -> ChunkPlan, grouped as TorchExperts groups them."""
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    return ChunkPlan(experts.tolist(), counts.tolist(), order)
+
+
+class StreamedExperts:
+    """forward(x [T, D], topk_ids [T, k], topk_weights [T, k]) -> [T, D], the experts
+    streamed through a ring of ring_length (2 .. E) device slots."""
+
+    def __init__(self, gate, up, down, device, ring_length=2):
+        # gate, up: lists of E Weight [I, D]; down: E Weight [D, I] (as TorchExperts)
+        check_ring_length(ring_length, len(gate))
+        self.device = device
+        self.num_experts = len(gate)
+        self.hidden = gate[0].shape[1]
+        layout = layer_layout(gate, up, down)
+        self.host = pack_host(device, layout, gate, up, down)    # [E, N] uint8, staging
+        self.ring = ExpertRing(device, layout, ring_length)      # [R, N] on the device
+        self.loader = device.stream("loader")
+        self.compute = device.stream("compute")
+
+    @classmethod
+    def from_reference(cls, experts, device, ring_length=2):
+        """From a moed.backends.torch.TorchExperts (its Weights, as stored)."""
+        return cls(experts.gate, experts.up, experts.down, device, ring_length)
+
+    @property
+    def name(self):
+        return f"streamed-{self.device.kind}"
+
+    def forward(self, x, topk_ids, topk_weights):
+        ids = self.check(x, topk_ids, topk_weights)
+        plan = plan_chunk(ids)
+        dev = self.device
+        xd = dev.to_device(x)                                        # [T, D]
+        wd = dev.to_device(topk_weights.reshape(-1))                 # [T k]
+        order = dev.to_device(plan.order)                            # [T k]
+        out = torch.zeros_like(xd)                                   # [T, D]
+        dev.after_caller(self.compute)
+        self.issue(ChunkPlan(plan.experts, plan.counts, order), xd, wd, ids.shape[1], out)
+        dev.join(self.compute)
+        return out
+
+    __call__ = forward
+
+    # -- the pipeline
+    def issue(self, plan, x, w, k, out):
+        """Issue every load and compute of one chunk, loads up to R ahead."""
+        R, A = self.ring.length, len(plan.experts)
+        for i in range(min(R, A)):
+            self.issue_load(plan, i)
+        for i in range(A):
+            self.issue_compute(plan, i, x, w, k, out)
+            if i + R < A:
+                self.issue_load(plan, i + R)   # after compute(i): its done[s] is issued
+
+    def issue_load(self, plan, i):
+        s, e = self.ring.slot(i), plan.experts[i]
+        tag = {"position": i, "expert": e, "slot": s}
+        if self.ring.previous(i) is not None:
+            self.loader.wait(self.ring.done[s])
+        self.loader.copy(self.ring.slots[s], self.host[e], tag)
+        self.loader.record(self.ring.ready[s], tag)
+
+    def issue_compute(self, plan, i, x, w, k, out):
+        s = self.ring.slot(i)
+        tag = {"position": i, "expert": plan.experts[i], "slot": s}
+        pairs = plan.pairs(i)
+        self.compute.wait(self.ring.ready[s])
+        self.compute.launch(lambda: self.expert(s, pairs, x, w, k, out), tag)
+        self.compute.record(self.ring.done[s], tag)
+
+    def expert(self, slot, pairs, x, w, k, out):
+        """One expert's tokens, from its ring slot, as TorchExperts.forward computes them.
+        pairs [n] flat (token, j) indices, x [T, D], w [T k], out [T, D] += ..."""
+        gate, up, down = self.ring.weights(slot)
+        tok = pairs // k                                      # [n]
+        h = x[tok]                                            # [n, D]
+        g = h @ gate.dequantize().T                           # [n, I]
+        u = h @ up.dequantize().T                             # [n, I]
+        y = (F.silu(g) * u) @ down.dequantize().T             # [n, D]
+        out.index_add_(0, tok, y * w[pairs, None])
+
+    # -- arguments
+    def check(self, x, topk_ids, topk_weights):
+        """Shapes and id range -> topk_ids [T, k] int64 on the host."""
+        D, E = self.hidden, self.num_experts
+        if x.dim() != 2 or x.shape[1] != D:
+            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {D}]", field="x")
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+            raise InvalidRequestError(f"topk_ids has shape {tuple(topk_ids.shape)}, expected "
+                                      f"[{x.shape[0]}, k]", field="topk_ids")
+        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+            raise InvalidRequestError(f"topk_weights has shape {tuple(topk_weights.shape)}, "
+                                      f"expected {tuple(topk_ids.shape)}", field="topk_weights")
+        ids = topk_ids.detach().cpu().to(torch.int64)
+        bad = ((ids < 0) | (ids >= E)).reshape(-1).nonzero()
+        if len(bad):
+            i, k = int(bad[0]), ids.shape[1]
+            raise InvalidRequestError(f"topk_ids[{i // k}, {i % k}] = {int(ids.view(-1)[i])} is "
+                                      f"outside [0, {E})", field="topk_ids")
+        return ids
