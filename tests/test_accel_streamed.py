@@ -1,0 +1,196 @@
+"""StreamedExperts, the stream-loading expert ring, on the CPU device: its output equals
+the torch reference (TorchExperts) bit for bit, FP8 and BF16, ragged token
+distributions, rings of 2, 3 and a whole layer; its pipeline protocol, asserted from
+the device's event log under a bandwidth cap; clear errors for bad arguments. On
+CUDA (skipped without a device): the reference within TF32 rounding."""
+import threading
+import time
+
+import pytest
+import torch
+
+from accel_protocol import check_protocol, expert_layer, intervals, overlaps
+from moed.backends.accel.cpu_device import CPUDevice
+from moed.backends.accel.streamed_experts import StreamedExperts
+from moed.errors import ConfigError, InvalidRequestError
+from moed.model.checkpoint import Checkpoint
+from moed.model.registry import load_model
+
+E, D, K = 8, 192, 3
+
+
+@pytest.fixture
+def device():
+    d = CPUDevice()
+    yield d
+    d.close()
+
+
+def routing(T, k=K, E=E, skew=False, unused=(), seed=1):
+    """x [T, D], topk_ids [T, k] (distinct per row), topk_weights [T, k]; skew: most
+    tokens on expert 0, a long tail; unused: experts no token picks."""
+    g = torch.Generator().manual_seed(seed)
+    pool = [e for e in range(E) if e not in unused]
+    p = torch.tensor([8.0 if (skew and e == pool[0]) else 1.0 for e in pool])
+    ids = torch.stack([torch.tensor(pool)[torch.multinomial(p, k, generator=g)] for _ in range(T)])
+    return torch.randn(T, D, generator=g), ids, torch.rand(T, k, generator=g)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+@pytest.mark.parametrize("ring_length", [2, 3, E])
+def test_equals_reference_bit_for_bit(device, fmt, ring_length):
+    ref = expert_layer(fmt, E=E, D=D)
+    streamed = StreamedExperts.from_reference(ref, device, ring_length)
+    cases = [routing(37, skew=True, unused=(2, 5)),   # ragged: one hot expert, a tail, 2 idle
+             routing(1, seed=2),                       # a single token
+             routing(64, seed=3)]                      # every expert busy
+    for x, ids, w in cases:
+        got = streamed.forward(x, ids, w)
+        want = ref.forward(x, ids, w)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want), f"max |diff| {(got - want).abs().max():.3e}"
+    assert streamed.chunks == len(cases)
+
+
+def test_no_tokens_gives_zeros(device):
+    streamed = StreamedExperts.from_reference(expert_layer("bf16"), device, 2)
+    out = streamed.forward(torch.randn(0, D), torch.zeros(0, K, dtype=torch.int64), torch.zeros(0, K))
+    assert out.shape == (0, D)
+    assert device.entries("copy_start") == []
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_stands_in_for_a_tiny_models_experts(tiny_model_dir, arch):
+    model = load_model(Checkpoint(tiny_model_dir(arch, "fp8")), torch.device("cpu"))
+    moe = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "experts")]
+    assert moe
+    device = CPUDevice()
+    try:
+        for i, mlp in enumerate(moe):
+            ref = mlp.experts
+            x = torch.randn(29, ref.gate[0].shape[1], generator=torch.Generator().manual_seed(i))
+            ids, w = mlp.router(x)                  # the layer's own routing
+            streamed = StreamedExperts.from_reference(ref, device, 3)
+            assert ref.gate[0].is_fp8
+            assert torch.equal(streamed.forward(x, ids, w), ref.forward(x, ids, w))
+            want = mlp(x)
+            mlp.experts = streamed                  # the layer's interface, swapped in
+            assert torch.equal(mlp(x), want)
+            mlp.experts = ref
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize("ring_length", [2, 3, E])
+def test_protocol_from_the_event_log(ring_length):
+    # 46 KB experts at 20 MB/s: ~2.3 ms a copy, as long as a PCIe copy of a real expert
+    # is next to its GEMMs
+    device = CPUDevice(bandwidth=20e6)
+    try:
+        ref = expert_layer("fp8", E=E, D=D)
+        streamed = StreamedExperts.from_reference(ref, device, ring_length)
+        chunks = [routing(40, skew=True, unused=(1, 6)), routing(24, seed=4, unused=(0,))]
+        for x, ids, w in chunks:
+            assert torch.equal(streamed.forward(x, ids, w), ref.forward(x, ids, w))
+        for chunk, (_, ids, _) in enumerate(chunks):
+            copies, launches = check_protocol(device.log, chunk, ids, ring_length, E)
+            unused = set(range(E)) - set(ids.reshape(-1).tolist())
+            assert unused and not unused & {c.tag["expert"] for c in copies.values()}
+            copy_spans = intervals(device.log, chunk, "copy_start", "copy_end")
+            compute_spans = intervals(device.log, chunk, "launch_start", "launch_end")
+            assert all(b - a >= streamed.ring.layout.nbytes / 20e6 for a, b in copy_spans.values())
+            both = overlaps(copy_spans, compute_spans)
+            print(f"ring {ring_length} chunk {chunk}: {len(copies)} experts copied, "
+                  f"{len(both)} copy/compute overlaps")
+            assert both, "copies and compute never overlapped in time"
+    finally:
+        device.close()
+
+
+def test_tight_ring_makes_the_loader_wait_for_done():
+    # compute slower than copies: with 2 slots the loader must block on done[s]
+    device = CPUDevice()
+    try:
+        ref = expert_layer("bf16", E=E, D=D)
+        streamed = StreamedExperts.from_reference(ref, device, 2)
+        slow = streamed.expert
+        streamed.expert = lambda *a: (time.sleep(0.003), slow(*a))
+        x, ids, w = routing(32, seed=5)
+        assert torch.equal(streamed.forward(x, ids, w), ref.forward(x, ids, w))
+        check_protocol(device.log, 0, ids, 2, E)
+        waits = [e for e in device.entries(stream="loader") if e.kind == "wait_start"]
+        assert waits and all(e.event.startswith("done") for e in waits)
+    finally:
+        device.close()
+
+
+def test_the_protocol_check_catches_a_ring_that_skips_done():
+    # the same pipeline with the loader's done-wait removed, and the first expert's
+    # compute held back 50 ms: the loader refills its slot before it has run
+    device = CPUDevice()
+    try:
+        ref = expert_layer("bf16", E=E, D=D)
+        streamed = StreamedExperts.from_reference(ref, device, 2)
+        streamed.ring.previous = lambda position: None      # never wait for done
+        release = threading.Timer(0.05, lambda: None)
+        release.start()
+        slow = streamed.expert
+        streamed.expert = lambda *a: (release.join(), slow(*a))
+        x, ids, w = routing(32, seed=6)
+        streamed.forward(x, ids, w)
+        with pytest.raises(AssertionError, match="before"):
+            check_protocol(device.log, 0, ids, 2, E)
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize("ring_length", [1, 0, -2, E + 1, 2.0, True, "3"])
+def test_bad_ring_length(device, ring_length):
+    with pytest.raises(ConfigError) as info:
+        StreamedExperts.from_reference(expert_layer("bf16"), device, ring_length)
+    assert info.value.field == "ring_length"
+    assert "ring_length" in str(info.value)
+
+
+@pytest.mark.parametrize("bad, field", [(-1, "topk_ids"), (E, "topk_ids")])
+def test_ids_out_of_range(device, bad, field):
+    streamed = StreamedExperts.from_reference(expert_layer("bf16"), device, 2)
+    x, ids, w = routing(5)
+    ids[3, 1] = bad
+    with pytest.raises(InvalidRequestError) as info:
+        streamed.forward(x, ids, w)
+    assert info.value.field == field and f"topk_ids[3, 1] = {bad}" in str(info.value)
+    assert device.entries("copy_start") == []          # refused before any copy
+
+
+def test_bad_shapes(device):
+    streamed = StreamedExperts.from_reference(expert_layer("bf16"), device, 2)
+    x, ids, w = routing(5)
+    for args, field in (((x[:, :10], ids, w), "x"), ((x, ids[:4], w[:4]), "topk_ids"),
+                        ((x, ids, w[:, :2]), "topk_weights")):
+        with pytest.raises(InvalidRequestError) as info:
+            streamed.forward(*args)
+        assert info.value.field == field
+
+
+def test_mixed_expert_layouts_refused(device):
+    fp8, bf16 = expert_layer("fp8"), expert_layer("bf16")
+    with pytest.raises(ConfigError) as info:
+        StreamedExperts(fp8.gate[:4] + bf16.gate[4:], fp8.up, fp8.down, device, 2)
+    assert info.value.field == "experts" and "expert 4" in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+def test_cuda_matches_reference(fmt):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    from moed.backends.accel.cuda_device import CUDADevice
+    dev = CUDADevice()
+    ref = expert_layer(fmt, E=E, D=D)
+    streamed = StreamedExperts.from_reference(ref, dev, 3)
+    assert streamed.host.is_pinned() and streamed.ring.slots.is_cuda
+    x, ids, w = routing(37, skew=True, unused=(2,))
+    got = streamed.forward(x.cuda(), ids.cuda(), w.cuda()).cpu()
+    want = ref.forward(x, ids, w)
+    # TF32 may be on for matmuls on the GPU: allow 1e-3 of the output scale
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
