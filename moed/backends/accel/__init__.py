@@ -1,15 +1,31 @@
-"""The accelerator backend (reserved: nothing here runs yet).
+"""The accelerator backend: the hybrid CPU-GPU engine's GPU half (being built).
 
-What goes here: the hybrid CPU-GPU engine's GPU half, applied to a built model the
-way moed.backends.cpu is, by one `install(model, model_dir, ...) -> BackendInfo`:
+What is here now, tested on the CPU:
+
+- `device`: the small device interface the pipelines are written against (streams,
+  events, host staging buffers, device buffers, asynchronous host -> device copies),
+  with two implementations: `cuda_device` (torch.cuda streams and events, pinned
+  memory, non_blocking copies; the product) and `cpu_device` (a thread per stream,
+  memcpy with an optional bandwidth cap, an event log of what ran when), whose only
+  purpose is that the same pipeline code runs and is tested where there is no GPU;
+- `ring`: an expert's weights as one byte block (FP8 stays FP8, with its scales) and
+  the device ring of expert slots with ready/done events, allocated once;
+- `streamed_experts`: StreamedExperts, one MoE layer's routed experts over a chunk of
+  tokens, streamed from host memory through the ring (the core of stream-loading
+  prefill), behind the same `forward(x, topk_ids, topk_weights)` as
+  moed.backends.torch.TorchExperts; on the CPU device its output equals that
+  reference bit for bit.
+
+Still to come, applied to a built model the way moed.backends.cpu is, by one
+`install(model, model_dir, ...) -> BackendInfo`:
 
 - attention operations (subclasses of moed.backends.torch.GQAOps / MLAOps: project,
   store_kv or store, attend_prefill, attend_decodes) over a KV cache on the device;
 - dense linears and norms as device modules swapped in for the reference ones, from
   `CausalLM.linear_modules()`;
-- routed experts behind the same `forward(x, topk_ids, topk_weights)` as
-  moed.backends.torch.TorchExperts: streamed to the device for long prefills, or left
-  on the CPU backend's CPUExpertLayer for decodes;
+- routed experts: StreamedExperts for long prefills (with per-tile FP8 widening and
+  BF16 GEMMs on the GPU, chunking by device memory, the ring length chosen by the
+  planner), or left on the CPU backend's CPUExpertLayer for decodes;
 - a CPU twin of each device kernel, so that its tests run on machines without one.
 
 moed.backends.install is the one place that decides which backend serves each part;

@@ -71,6 +71,7 @@ class StreamedExperts:
         self.ring = ExpertRing(device, layout, ring_length)      # [R, N] on the device
         self.loader = device.stream("loader")
         self.compute = device.stream("compute")
+        self.chunks = 0            # chunks run so far (tags the device's log)
 
     @classmethod
     def from_reference(cls, experts, device, ring_length=2):
@@ -92,6 +93,7 @@ class StreamedExperts:
         dev.after_caller(self.compute)
         self.issue(ChunkPlan(plan.experts, plan.counts, order), xd, wd, ids.shape[1], out)
         dev.join(self.compute)
+        self.chunks += 1
         return out
 
     __call__ = forward
@@ -109,7 +111,7 @@ class StreamedExperts:
 
     def issue_load(self, plan, i):
         s, e = self.ring.slot(i), plan.experts[i]
-        tag = {"position": i, "expert": e, "slot": s}
+        tag = self.tag(i, e, s)
         if self.ring.previous(i) is not None:
             self.loader.wait(self.ring.done[s])
         self.loader.copy(self.ring.slots[s], self.host[e], tag)
@@ -117,11 +119,14 @@ class StreamedExperts:
 
     def issue_compute(self, plan, i, x, w, k, out):
         s = self.ring.slot(i)
-        tag = {"position": i, "expert": plan.experts[i], "slot": s}
+        tag = self.tag(i, plan.experts[i], s)
         pairs = plan.pairs(i)
         self.compute.wait(self.ring.ready[s])
         self.compute.launch(lambda: self.expert(s, pairs, x, w, k, out), tag)
         self.compute.record(self.ring.done[s], tag)
+
+    def tag(self, position, expert, slot):
+        return {"chunk": self.chunks, "position": position, "expert": expert, "slot": slot}
 
     def expert(self, slot, pairs, x, w, k, out):
         """One expert's tokens, from its ring slot, as TorchExperts.forward computes them.
