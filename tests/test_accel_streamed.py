@@ -118,8 +118,10 @@ def test_tight_ring_makes_the_loader_wait_for_done():
         x, ids, w = routing(32, seed=5)
         assert torch.equal(streamed.forward(x, ids, w), ref.forward(x, ids, w))
         check_protocol(device.log, 0, ids, 2, E)
-        waits = [e for e in device.entries(stream="loader") if e.kind == "wait_start"]
-        assert waits and all(e.event.startswith("done") for e in waits)
+        waits = [e for e in device.entries(stream="loader") if e.kind == "wait_end"]
+        assert all(e.event.startswith("done") for e in waits)
+        blocked = [b.time - a.time for a, b in zip(device.entries("wait_start", "loader"), waits)]
+        assert max(blocked) >= 0.001               # it did wait for a compute to finish
     finally:
         device.close()
 
@@ -131,7 +133,7 @@ def test_the_protocol_check_catches_a_ring_that_skips_done():
     try:
         ref = expert_layer("bf16", E=E, D=D)
         streamed = StreamedExperts.from_reference(ref, device, 2)
-        streamed.ring.previous = lambda position: None      # never wait for done
+        streamed.loader.wait = lambda event: None           # never wait for done
         release = threading.Timer(0.05, lambda: None)
         release.start()
         slow = streamed.expert

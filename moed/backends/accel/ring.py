@@ -107,11 +107,6 @@ class ExpertRing:
         """The slot of a chunk's position-th active expert."""
         return position % self.length
 
-    def previous(self, position):
-        """The position whose 'done' the slot of `position` must see first (None: the
-        slot's first use in this chunk)."""
-        return position - self.length if position >= self.length else None
-
     def weights(self, slot):
         return self.layout.weights(self.slots[slot])
 

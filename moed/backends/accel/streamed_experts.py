@@ -3,7 +3,7 @@ weights streamed from host memory into a device ring (stream-loading prefill, SL
 
 Two streams, one host thread issuing in order:
 
-    loader:   [wait done[s] of position i - R]  copy expert -> slot s  record ready[s]
+    loader:   wait done[s] (position i - R's)  copy expert -> slot s  record ready[s]
     compute:  wait ready[s]  expert's GEMMs, index_add into out  record done[s]
 
 with s = i % R for the chunk's i-th active expert (ascending id). The loader runs up
@@ -112,8 +112,9 @@ class StreamedExperts:
     def issue_load(self, plan, i):
         s, e = self.ring.slot(i), plan.experts[i]
         tag = self.tag(i, e, s)
-        if self.ring.previous(i) is not None:
-            self.loader.wait(self.ring.done[s])
+        # the slot's latest done: position i - R's, or at i < R the previous chunk's
+        # (its compute may still run on CUDA: join does not block the host)
+        self.loader.wait(self.ring.done[s])
         self.loader.copy(self.ring.slots[s], self.host[e], tag)
         self.loader.record(self.ring.ready[s], tag)
 
