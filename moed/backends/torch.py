@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from moed.errors import InvalidRequestError
+
 LATENT_MASK_BYTES = 1 << 26        # the folded mask of one latent_sdpa call, at most
 
 
@@ -189,6 +191,20 @@ class MLAOps:
 
 
 # -- routed experts
+def check_routing(x, topk_ids, topk_weights, hidden):
+    """The routed-experts interface's argument shapes: x [T, hidden], topk_ids and
+    topk_weights [T, k]; InvalidRequestError naming the field otherwise."""
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {hidden}]",
+                                  field="x")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise InvalidRequestError(f"topk_ids has shape {tuple(topk_ids.shape)}, expected "
+                                  f"[{x.shape[0]}, k]", field="topk_ids")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise InvalidRequestError(f"topk_weights has shape {tuple(topk_weights.shape)}, "
+                                  f"expected {tuple(topk_ids.shape)}", field="topk_weights")
+
+
 class TorchExperts:
     """Routed experts, reference: dequantize each active expert per call, matmul in FP32.
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moed.backends.accel.ring import ExpertRing, check_ring_length, layer_layout, pack_host
+from moed.backends.torch import check_routing
 from moed.errors import InvalidRequestError
 
 
@@ -143,15 +144,8 @@ class StreamedExperts:
     # -- arguments
     def check(self, x, topk_ids, topk_weights):
         """Shapes and id range -> topk_ids [T, k] int64 on the host."""
-        D, E = self.hidden, self.num_experts
-        if x.dim() != 2 or x.shape[1] != D:
-            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {D}]", field="x")
-        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-            raise InvalidRequestError(f"topk_ids has shape {tuple(topk_ids.shape)}, expected "
-                                      f"[{x.shape[0]}, k]", field="topk_ids")
-        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-            raise InvalidRequestError(f"topk_weights has shape {tuple(topk_weights.shape)}, "
-                                      f"expected {tuple(topk_ids.shape)}", field="topk_weights")
+        E = self.num_experts
+        check_routing(x, topk_ids, topk_weights, self.hidden)
         ids = topk_ids.detach().cpu().to(torch.int64)
         bad = ((ids < 0) | (ids >= E)).reshape(-1).nonzero()
         if len(bad):

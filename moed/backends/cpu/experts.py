@@ -4,9 +4,10 @@ Shape legend: T tokens, k experts per token, E experts, H hidden, I intermediate
 """
 import torch
 
-from moed.backends.cpu.runtime import default_threads, workspace
-from moed.errors import InvalidRequestError
 from moed.backends.cpu.packed import PackedExperts, empty_buffers, pack_expert_into
+from moed.backends.cpu.runtime import default_threads, workspace
+from moed.backends.torch import check_routing
+from moed.errors import InvalidRequestError
 from moed.model.formats import Weight
 
 class CPUExpertLayer:
@@ -75,15 +76,7 @@ class CPUExpertLayer:
     __call__ = forward
 
     def _check(self, x, topk_ids, topk_weights):
-        H = self.packed.hidden
-        if x.dim() != 2 or x.shape[1] != H:
-            raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {H}]", field="x")
-        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-            raise InvalidRequestError(f"topk_ids has shape {tuple(topk_ids.shape)}, expected "
-                                      f"[{x.shape[0]}, k]", field="topk_ids")
-        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-            raise InvalidRequestError(f"topk_weights has shape {tuple(topk_weights.shape)}, "
-                                      f"expected {tuple(topk_ids.shape)}", field="topk_weights")
+        check_routing(x, topk_ids, topk_weights, self.packed.hidden)
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
         return (_host(x), _host(topk_ids, torch.int64), _host(topk_weights, torch.float32))
