@@ -102,7 +102,7 @@ class MachineConstants:
         if cached is not None:
             return cls(**dict(cached, source="cache"))
         consts = measure(threads, kernels)
-        if consts.source == "measured":
+        if consts.cpu_read_bps and consts.cpu_flops:     # an absurd figure: measure again
             _write_cache(path, consts)
         return consts
 
@@ -154,8 +154,10 @@ def _write_cache(path, consts):
         log.warning("planner: cannot cache the machine's constants in %s: %s", path, e)
 
 
-PROBE_BYTES = 128 << 20                # well beyond any L3; ~10 ms a pass at 10 GB/s
-PROBE_ITERS = 200_000                  # peak loop: ~10 ms on a few cores
+PROBE_BYTES = 64 << 20                 # beyond most L3s; filling it is most of the probe's time
+# peak loop: ~20-60 ms a pass (shorter passes read high and scatter on a shared
+# 2-core VM: 200k iterations gave 12..330 GFLOP/s, 5M a steady figure)
+PROBE_ITERS = 5_000_000
 
 
 def measure(threads, kernels=None):
