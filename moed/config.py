@@ -11,6 +11,7 @@ from moed.errors import ConfigError
 
 SECTIONS = ("server", "engine", "limits", "telemetry")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BATCHED_TOKENS = 256       # engine.max_num_batched_tokens when unset (null)
 
 
 def _setting(default, section, kind, *, nullable=False):
@@ -33,7 +34,8 @@ class Config:
     # engine
     device: str = _setting("auto", "engine", str)
     max_num_seqs: int = _setting(64, "engine", int)
-    max_num_batched_tokens: int = _setting(256, "engine", int)
+    max_num_batched_tokens: int = _setting(None, "engine", int, nullable=True)  # None: BATCHED_TOKENS
+    prefill_chunk: object = _setting("auto", "engine", (str, int))   # "auto" | tokens
     num_kv_blocks: int = _setting(None, "engine", int, nullable=True)
     block_size: int = _setting(16, "engine", int)
     max_waiting: int = _setting(256, "engine", int)
@@ -55,7 +57,7 @@ class Config:
         self._check_ranges()
 
     def _check_ranges(self):
-        positive = ("max_message_bytes", "max_num_seqs", "max_num_batched_tokens", "block_size",
+        positive = ("max_message_bytes", "max_num_seqs", "block_size",
                     "max_waiting", "max_stop_string_chars", "max_request_id_chars",
                     "max_prompt_chars")
         for name in positive:
@@ -65,11 +67,17 @@ class Config:
                      "tokenizer_processes"):
             if getattr(self, name) < 0:
                 _bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            _bad("max_num_batched_tokens", f"must be >= 1 or null, got {self.max_num_batched_tokens}")
+        if self.prefill_chunk != "auto" and (isinstance(self.prefill_chunk, str)
+                                             or self.prefill_chunk < 1):
+            _bad("prefill_chunk", f"must be auto or a number of tokens >= 1, got "
+                 f"{self.prefill_chunk!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             _bad("num_kv_blocks", f"must be >= 1 or null, got {self.num_kv_blocks}")
         if not 0 <= self.port <= 65535:
             _bad("port", f"must be in [0, 65535], got {self.port}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        if (self.max_num_batched_tokens or BATCHED_TOKENS) < self.max_num_seqs:
             _bad("max_num_batched_tokens", "must be >= engine.max_num_seqs (every running "
                  "sequence decodes one token per step)")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -87,6 +95,7 @@ class Config:
         """Keyword arguments of LLMEngine."""
         return dict(device=self.device, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens,
+                    prefill_chunk=self.prefill_chunk,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
                     max_waiting=self.max_waiting,
                     # "auto" defers to the engine, which honours MOED_EXPERTS
@@ -116,7 +125,8 @@ def _check_type(cfg, f):
         setattr(cfg, f.name, float(value))
         return
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        _bad(f.name, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        _bad(f.name, f"must be {names}, got {type(value).__name__} {value!r}")
 
 
 def flatten_yaml(doc, path="<config>"):

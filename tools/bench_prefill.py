@@ -9,7 +9,10 @@ router, 2 x 8 experts x 3 matrices per token, attention 4 x heads x head_dim
 per causal (query, key) pair, the LM head once (last token). The kernel line
 is the same for the weight kernels alone (their FLOPs / their time).
 
-Usage: python tools/bench_prefill.py [--layers 12] [--prompts 512,4096] [--chunk 512]
+--chunk 0 leaves max_num_batched_tokens unset: the prefill planner chooses the
+chunk (moed/engine/planner.py; printed with its constants).
+
+Usage: python tools/bench_prefill.py [--layers 12] [--prompts 512,4096] [--chunk 512 | 0]
            [--torch (also time the torch reference at the first length)]
            [--model-dir DIR (kept and reused)]
 """
@@ -70,13 +73,16 @@ def main():
     args = ap.parse_args()
     tmp, model, kernels, threads, setup = model_setup(args)
     _, peak = machine(kernels, threads)
-    print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8, chunks of {args.chunk}, {setup}; "
+    print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8, chunks of {args.chunk or 'auto'}, "
+          f"{setup}; "
           f"BF16 dot peak {peak / 1e9:.0f} GFLOP/s (same run, re-measured beside every case)",
           flush=True)
     lengths = [int(t) for t in args.prompts.split(",")]
     rng = np.random.default_rng(0)
-    kw = dict(max_num_batched_tokens=args.chunk, max_num_seqs=1)
+    kw = dict(max_num_batched_tokens=args.chunk or None, max_num_seqs=1)
     fast = engine(model, fast=True, **kw)
+    if not args.chunk:
+        print(f"  planner: {fast.model_info['planner']}", flush=True)
     report("engine", fast, 64, args.layers, rng, kernels, threads)     # warm-up: pages, pool
     walls = [report("engine", fast, T, args.layers, rng, kernels, threads) for T in lengths]
     del fast

@@ -15,10 +15,12 @@ import torch
 from moed.backends import install as install_backends
 from moed.engine.kv_cache import BlockManager, blocks_for
 from moed.engine.model_runner import ModelRunner
+from moed.engine.planner import MachineConstants, ModelShape, PrefillPlanner
 from moed.engine.sampler import sample
 from moed.engine.scheduler import Scheduler
 from moed.engine.sequence import Sequence
 from moed.engine.stops import StopChecker
+from moed.config import BATCHED_TOKENS
 from moed.errors import CapacityError, ConfigError, InvalidRequestError
 from moed.model.checkpoint import Checkpoint
 from moed.model.registry import load_model
@@ -53,10 +55,14 @@ def resolve_device(device):
 
 
 class LLMEngine:
-    def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=256,
+    def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=None,
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
                  experts=None, linears=None, detokenize=True, deterministic=True,
-                 verify_store=False):
+                 verify_store=False, prefill_chunk="auto"):
+        # an explicit max_num_batched_tokens fixes every step's budget (the planner's
+        # chunk choice applies only when it is left unset or prefill_chunk is a number)
+        fixed_budget = max_num_batched_tokens is not None
+        max_num_batched_tokens = max_num_batched_tokens or BATCHED_TOKENS
         if max_num_batched_tokens < max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
                               field="max_num_batched_tokens")
@@ -80,6 +86,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(self.model, num_blocks, block_size, dtype)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
+        self.planner = self._planner(prefill_chunk, max_num_batched_tokens, fixed_budget)
         self.seqs = {}                              # request_id -> unfinished Sequence
         # False: outputs carry token ids only, stop strings unchecked (the server does both
         # on its own thread, off the step)
@@ -95,7 +102,28 @@ class LLMEngine:
             "experts": self.backends.experts,
             "linears": self.backends.linears,
             "backends": self.backends.summary(),
+            "planner": self.planner_summary(),
         }
+
+    def _planner(self, prefill_chunk, max_num_batched_tokens, fixed_budget):
+        """The prefill planner, or None where max_num_batched_tokens fixes every step."""
+        if prefill_chunk != "auto" and (isinstance(prefill_chunk, bool) or
+                                        not isinstance(prefill_chunk, Integral) or
+                                        prefill_chunk < 1):
+            raise ConfigError(f"prefill_chunk must be 'auto' or a positive number of tokens, "
+                              f"got {prefill_chunk!r}", field="prefill_chunk")
+        if prefill_chunk == "auto" and fixed_budget:
+            return None
+        constants = MachineConstants() if self.device.type != "cpu" else MachineConstants.load()
+        planner = PrefillPlanner(constants, ModelShape.of(self.model), prefill_chunk,
+                                 min_chunk=max_num_batched_tokens)
+        log.info("planner: %s", planner.summary())
+        return planner
+
+    def planner_summary(self):
+        if self.planner is None:
+            return f"off: max_num_batched_tokens={self.scheduler.max_tokens} fixes every step"
+        return self.planner.summary()
 
     def _default_num_blocks(self, max_num_seqs, dtype):
         per_token = torch.Size(self.model.kv_token_shape()).numel() * dtype.itemsize
@@ -153,6 +181,11 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params, *(
             (IncrementalDetokenizer(self.tokenizer, ids), StopChecker(params.stop))
             if self.detokenize else ()))
+        if self.planner is not None:
+            seq.prefill_plan = self.planner.plan(len(ids))
+            seq.prefill_chunk = seq.prefill_plan.chunk
+            log.info("request %s: %d prompt tokens, prefill %s", request_id, len(ids),
+                     seq.prefill_plan.summary())
         self.scheduler.add(seq)
         self.seqs[request_id] = seq
         return request_id

@@ -3,6 +3,9 @@
 Every step, running decodes go first (one token each), then unfinished
 prefills continue in chunks, then waiting requests are admitted — all under
 one per-step token budget, so a long prompt never stalls running streams.
+A step with no decode running takes its oldest prefill's chunk size instead
+(the planner's choice, `seq.prefill_chunk`): the experts' weights are read once
+per chunk, so larger chunks prefill faster where nothing waits on the step.
 When the KV cache runs out, the newest running sequence is preempted (its
 blocks freed, recomputed later).
 """
@@ -33,11 +36,13 @@ class Scheduler:
 
     def schedule(self):
         """-> [(seq, num_new_tokens)], in the order their rows appear in the step."""
-        budget, chunks, scheduled = self.max_tokens, [], set()
+        chunks, scheduled = [], set()
         by_age = sorted(self.running, key=lambda s: s.order)
-        for seq in [s for s in by_age if s.num_remaining == 1] + \
-                   [s for s in by_age if s.num_remaining > 1]:
-            n = min(seq.num_remaining, budget)
+        decodes = [s for s in by_age if s.num_remaining == 1]
+        prefills = [s for s in by_age if s.num_remaining > 1]
+        budget = self.step_budget(decodes, prefills)
+        for seq in decodes + prefills:
+            n = self._chunk(seq, budget)
             if n == 0 or seq.status is not Status.RUNNING:
                 continue
             if self._reserve(seq, n, scheduled):
@@ -46,7 +51,7 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_remaining, budget)
+            n = self._chunk(seq, budget)
             if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
                 break
             self.blocks.grow(seq.block_table, seq.num_computed + n)
@@ -56,6 +61,24 @@ class Scheduler:
             chunks.append((seq, n))
             budget -= n
         return chunks
+
+    def step_budget(self, decodes, prefills):
+        """Tokens this step may take: max_num_batched_tokens while decodes run (they
+        must not stall behind a long chunk), else the oldest prefill's chunk size."""
+        if decodes:
+            return self.max_tokens
+        first = prefills[0] if prefills else (self.waiting[0] if self.waiting else None)
+        return (first and first.prefill_chunk) or self.max_tokens
+
+    def _chunk(self, seq, budget):
+        """Tokens of `seq` this step: up to the budget; beyond max_num_batched_tokens only
+        as far as free KV blocks reach (a larger chunk never preempts anyone)."""
+        n = min(seq.num_remaining, budget)
+        if n <= self.max_tokens:
+            return n
+        fit = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size \
+            - seq.num_computed
+        return max(min(n, fit), min(seq.num_remaining, self.max_tokens))
 
     def _reserve(self, seq, n, scheduled):
         """Blocks for `seq`'s next n tokens, preempting newer sequences if needed."""

@@ -27,6 +27,8 @@ class Sequence:
         self.stops = stops                      # StopChecker over the output text
         self.text = ""                          # output text released so far (stops cut)
         self.finish_reason = None
+        self.prefill_plan = None                # PrefillPlan (moed.engine.planner), set on add
+        self.prefill_chunk = None               # its chunk: tokens of a step with no decode
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
