@@ -41,6 +41,7 @@ def test_status_requests_models_health(capsys, target):
     status = json.loads(out)
     assert rc == 0 and status["ready"] is True and status["kv_blocks"].endswith(tuple("0123456789"))
     assert status["backends"].startswith("experts=")          # which backend serves what
+    assert status["planner"] not in ("", "-")                  # the prefill planner's choice
     rc, out, _ = ctl(capsys, target, "status")
     assert rc == 0 and "kv_blocks" in out and "isa" in out
     rc, out, _ = ctl(capsys, target, "requests")

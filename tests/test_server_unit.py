@@ -44,7 +44,7 @@ class ScriptedEngine:
         self.tokenizer = CharTokenizer()
         self.model_info = dict(architecture="Scripted", context_length=64, vocab_size=128,
                                weight_format="bf16", isa="generic", device="cpu", experts="torch",
-                               backends="experts=torch")
+                               backends="experts=torch", planner="off")
         self.seqs, self.max_waiting, self.gate = {}, max_waiting, threading.Event()
         self.gate.set()
 

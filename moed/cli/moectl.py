@@ -112,7 +112,7 @@ def cmd_status(client, args):
     data = {"uptime_s": round(r.uptime_seconds, 1), "ready": r.ready, "draining": r.draining,
             "model": f"{r.model.architecture} ({r.model.weight_format})" if r.ready else "-",
             "device": r.device, "isa": r.isa, "experts": r.model.experts,
-            "backends": r.backends or "-",
+            "backends": r.backends or "-", "planner": r.planner or "-",
             "running": r.num_running, "waiting": r.num_waiting,
             "kv_blocks": f"{r.kv_blocks_used}/{r.kv_blocks_total}",
             "tokens_per_s_1m": round(r.tokens_per_second, 2), "requests_served": r.requests_served}

@@ -27,7 +27,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             info = loop.engine.model_info
             resp.model.CopyFrom(protocol.model_info_response(info, app.model_dir))
             resp.isa, resp.device = info["isa"], info["device"]
-            resp.backends = info["backends"]
+            resp.backends, resp.planner = info["backends"], info["planner"]
         return resp
 
     async def ListRequests(self, request, context):
