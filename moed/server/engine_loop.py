@@ -199,7 +199,10 @@ class EngineLoop:
             return
         self._tracked[rid] = tracked
         tracked.request_id = rid
-        tracked.num_prompt_tokens = len(self.engine.seqs[rid].prompt_ids)
+        seq = self.engine.seqs[rid]
+        tracked.num_prompt_tokens = len(seq.prompt_ids)
+        if seq.prefill_plan is not None:
+            tracked.prefill_plan = seq.prefill_plan.summary()
         self._loop.call_soon_threadsafe(_resolve, fut, rid, None)
 
     def _cmd_abort(self, tracked, fut):

@@ -110,7 +110,8 @@ class Telemetry:
         if t.t_scheduled is not None:
             self._child("prefill", ctx, start_prefill, end_prefill,
                         {"moed.prefill.chunks": t.prefill_chunks,
-                         "moed.prefill.tokens": t.num_prompt_tokens})
+                         "moed.prefill.tokens": t.num_prompt_tokens,
+                         "moed.prefill.plan": t.prefill_plan or "fixed budget"})
         if t.t_first_token is not None:
             self._child("decode", ctx, t.t_first_token, t.t_finished,
                         {"moed.decode.tokens": t.num_output_tokens})

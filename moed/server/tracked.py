@@ -23,6 +23,7 @@ class Tracked:
     t_first_token: int = None
     t_finished: int = None
     prefill_chunks: int = 0
+    prefill_plan: str = ""          # the planner's choice for its prompt (path, chunk, why)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     finish_reason: str = None
