@@ -60,6 +60,7 @@ class ScriptedEngine:
             raise CapacityError("the waiting queue is full")
         seq = type("Seq", (), {})()
         seq.prompt_ids, seq.num_computed, seq.out, seq.params = ids, 0, [], params
+        seq.prefill_plan = None                 # no planner: a fixed step budget
         self.seqs[request_id] = seq
         return request_id
 
