@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch kept on disk; a loose requirement would pull a
-# multi-GB CUDA build.
+# multi-GB CUDA build. A GPU install passes its own: TORCH="torch==... --index-url ..."
 TORCH  ?= torch==2.13.0+cpu
 STAMP  := $(VENV)/.moed-installed
 
@@ -14,7 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): setup.py pyproject.toml $(wildcard cython_src/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
 	$(PY) -m pip install "setuptools>=68" wheel "Cython>=3.0"
 	MOED_BUILD_JOBS=2 $(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $(STAMP)
