@@ -64,8 +64,7 @@ def test_wait_sees_only_records_issued_before_it(device):
 
 
 def test_copy_honours_the_bandwidth_cap():
-    device = CPUDevice(bandwidth=10e6)       # 10 MB/s: 100 KB take 10 ms
-    try:
+    with CPUDevice(bandwidth=10e6) as device:       # 10 MB/s: 100 KB take 10 ms
         s = device.stream("loader")
         src, dst = device.host_empty((100_000,), torch.uint8), device.empty((100_000,), torch.uint8)
         src.copy_(torch.arange(100_000) % 251)
@@ -77,8 +76,6 @@ def test_copy_honours_the_bandwidth_cap():
         start, end = device.entries("copy_start"), device.entries("copy_end")
         assert start[0].nbytes == 100_000 and start[0].tag == {"what": "block"}
         assert end[0].time - start[0].time >= 0.01 and took >= 0.01
-    finally:
-        device.close()
 
 
 def test_a_failing_task_surfaces_on_synchronize_without_deadlock(device):

@@ -64,8 +64,7 @@ def test_stands_in_for_a_tiny_models_experts(tiny_model_dir, arch):
     model = load_model(Checkpoint(tiny_model_dir(arch, "fp8")), torch.device("cpu"))
     moe = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "experts")]
     assert moe
-    device = CPUDevice()
-    try:
+    with CPUDevice() as device:
         for i, mlp in enumerate(moe):
             ref = mlp.experts
             x = torch.randn(29, ref.gate[0].shape[1], generator=torch.Generator().manual_seed(i))
@@ -77,16 +76,13 @@ def test_stands_in_for_a_tiny_models_experts(tiny_model_dir, arch):
             mlp.experts = streamed                  # the layer's interface, swapped in
             assert torch.equal(mlp(x), want)
             mlp.experts = ref
-    finally:
-        device.close()
 
 
 @pytest.mark.parametrize("ring_length", [2, 3, E])
 def test_protocol_from_the_event_log(ring_length):
     # 46 KB experts at 20 MB/s: ~2.3 ms a copy, as long as a PCIe copy of a real expert
     # is next to its GEMMs
-    device = CPUDevice(bandwidth=20e6)
-    try:
+    with CPUDevice(bandwidth=20e6) as device:
         ref = expert_layer("fp8", E=E, D=D)
         streamed = StreamedExperts.from_reference(ref, device, ring_length)
         chunks = [routing(40, skew=True, unused=(1, 6)), routing(24, seed=4, unused=(0,))]
@@ -103,14 +99,11 @@ def test_protocol_from_the_event_log(ring_length):
             print(f"ring {ring_length} chunk {chunk}: {len(copies)} experts copied, "
                   f"{len(both)} copy/compute overlaps")
             assert both, "copies and compute never overlapped in time"
-    finally:
-        device.close()
 
 
 def test_tight_ring_makes_the_loader_wait_for_done():
     # compute slower than copies: with 2 slots the loader must block on done[s]
-    device = CPUDevice()
-    try:
+    with CPUDevice() as device:
         ref = expert_layer("bf16", E=E, D=D)
         streamed = StreamedExperts.from_reference(ref, device, 2)
         slow = streamed.expert
@@ -122,15 +115,12 @@ def test_tight_ring_makes_the_loader_wait_for_done():
         assert all(e.event.startswith("done") for e in waits)
         blocked = [b.time - a.time for a, b in zip(device.entries("wait_start", "loader"), waits)]
         assert max(blocked) >= 0.001               # it did wait for a compute to finish
-    finally:
-        device.close()
 
 
 def test_the_protocol_check_catches_a_ring_that_skips_done():
     # the same pipeline with the loader's done-wait removed, and the first expert's
     # compute held back 50 ms: the loader refills its slot before it has run
-    device = CPUDevice()
-    try:
+    with CPUDevice() as device:
         ref = expert_layer("bf16", E=E, D=D)
         streamed = StreamedExperts.from_reference(ref, device, 2)
         streamed.loader.wait = lambda event: None           # never wait for done
@@ -142,8 +132,6 @@ def test_the_protocol_check_catches_a_ring_that_skips_done():
         streamed.forward(x, ids, w)
         with pytest.raises(AssertionError, match="before"):
             check_protocol(device.log, 0, ids, 2, E)
-    finally:
-        device.close()
 
 
 @pytest.mark.parametrize("ring_length", [1, 0, -2, E + 1, 2.0, True, "3"])

@@ -141,6 +141,12 @@ class CPUDevice(Device):
     def join(self, stream):
         stream.synchronize()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self):
         for s in self.streams:
             s.close()
