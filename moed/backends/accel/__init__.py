@@ -15,6 +15,9 @@ What is here now, tested on the CPU:
   prefill), behind the same `forward(x, topk_ids, topk_weights)` as
   moed.backends.torch.TorchExperts; on the CPU device its output equals that
   reference bit for bit.
+- `expert_parallel`: ShardedExperts, one layer's routed experts split across
+  torch.distributed ranks (a contiguous share each, routing recomputed on every rank,
+  one all-reduce of the partial sums), behind the same interface.
 
 Still to come, applied to a built model the way moed.backends.cpu is, by one
 `install(model, model_dir, ...) -> BackendInfo`:
