@@ -191,9 +191,10 @@ class MLAOps:
 
 
 # -- routed experts
-def check_routing(x, topk_ids, topk_weights, hidden):
+def check_routing(x, topk_ids, topk_weights, hidden, num_experts=None):
     """The routed-experts interface's argument shapes: x [T, hidden], topk_ids and
-    topk_weights [T, k]; InvalidRequestError naming the field otherwise."""
+    topk_weights [T, k]; InvalidRequestError naming the field otherwise. With
+    num_experts E, also every id in [0, E); returns topk_ids [T, k] int64 on the host."""
     if x.dim() != 2 or x.shape[1] != hidden:
         raise InvalidRequestError(f"x has shape {tuple(x.shape)}, expected [T, {hidden}]",
                                   field="x")
@@ -203,6 +204,15 @@ def check_routing(x, topk_ids, topk_weights, hidden):
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise InvalidRequestError(f"topk_weights has shape {tuple(topk_weights.shape)}, "
                                   f"expected {tuple(topk_ids.shape)}", field="topk_weights")
+    if num_experts is None:
+        return None
+    ids = topk_ids.detach().cpu().to(torch.int64)
+    bad = ((ids < 0) | (ids >= num_experts)).reshape(-1).nonzero()
+    if len(bad):
+        i, k = int(bad[0]), ids.shape[1]
+        raise InvalidRequestError(f"topk_ids[{i // k}, {i % k}] = {int(ids.view(-1)[i])} is "
+                                  f"outside [0, {num_experts})", field="topk_ids")
+    return ids
 
 
 class TorchExperts:
