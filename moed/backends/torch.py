@@ -32,11 +32,13 @@ class BackendInfo:
     norms: str = "torch"
     routers: str = "torch"
     decode_stack: str = "off"       # a decode step's layers in one compiled call: on | off
+    accel: str = "off"              # the hybrid engine: off | hybrid on <device> (...)
     notes: list = field(default_factory=list)    # fallbacks and why
 
     def summary(self):
         parts = [f"{k}={getattr(self, k)}" for k in
-                 ("experts", "linears", "attention", "norms", "routers", "decode_stack")]
+                 ("experts", "linears", "attention", "norms", "routers", "decode_stack",
+                  "accel")]
         return ", ".join(parts + self.notes)
 
 

@@ -15,7 +15,8 @@ import torch
 from moed.backends import install as install_backends
 from moed.engine.kv_cache import BlockManager, blocks_for
 from moed.engine.model_runner import ModelRunner
-from moed.engine.planner import MachineConstants, ModelShape, PrefillPlanner
+from moed.engine.planner import (DUAL_BATCH, SLP_CHUNKS, DualBatchPolicy, MachineConstants,
+                                  ModelShape, PrefillPlanner, with_gpu)
 from moed.engine.sampler import sample
 from moed.engine.scheduler import Scheduler
 from moed.engine.sequence import Sequence
@@ -29,6 +30,7 @@ from moed.model.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger("moed.engine")
 
 KV_BUDGET_BYTES = 2 << 30     # default KV cache size cap when num_kv_blocks is not given
+ACCEL = ("auto", "off", "cpu")
 
 
 @dataclass
@@ -58,7 +60,13 @@ class LLMEngine:
     def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=None,
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
                  experts=None, linears=None, detokenize=True, deterministic=True,
-                 verify_store=False, prefill_chunk="auto"):
+                 verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
+                 dual_batch="auto", accel_bandwidth=None):
+        # accel: the hybrid engine (dense part on the device, routed experts on the host):
+        # "auto" = on where the device is CUDA, "off", or "cpu" = over the CPU device (the
+        # twin the tests run; accel_bandwidth caps its copies, bytes/s). prefill_path:
+        # auto | cpu | slp | dslp (the planner's choice, or forced). dual_batch: auto |
+        # on | off (two decode micro-batches, one's CPU experts beside the other's GPU work)
         # an explicit max_num_batched_tokens fixes every step's budget (the planner's
         # chunk choice applies only when it is left unset or prefill_chunk is a number)
         fixed_budget = max_num_batched_tokens is not None
@@ -69,13 +77,24 @@ class LLMEngine:
         self.device = resolve_device(device)
         ckpt = Checkpoint(model_dir)
         self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.model = load_model(ckpt, self.device)
         # experts="torch" alone means the whole reference path (the oracle of the tests)
         experts = experts or os.environ.get("MOED_EXPERTS", "auto")
         linears = linears or os.environ.get("MOED_LINEARS") or (
             "torch" if experts == "torch" else "auto")
-        self.backends = install_backends(self.model, model_dir, experts, linears, deterministic,
-                                         verify_store)
+        self.accel_device = self._accel_device(accel, experts, accel_bandwidth)
+        self.accel = None
+        if self.accel_device is None:
+            self.model = load_model(ckpt, self.device)
+            self.backends = install_backends(self.model, model_dir, experts, linears,
+                                             deterministic, verify_store)
+        else:
+            from moed.backends.accel.install import install as install_accel
+            self.model = load_model(ckpt, self.device, expert_device=torch.device("cpu"))
+            self.backends, self.accel = install_accel(
+                self.model, model_dir, self.accel_device, deterministic=deterministic,
+                slp=prefill_path in ("slp", "dslp") or (
+                    prefill_path == "auto" and self.accel_device.kind == "cuda"),
+                verify_store=verify_store)
         log.info("backends: %s", self.backends.summary())
         self.block_size = block_size
         dtype = getattr(torch, kv_cache_dtype, None)
@@ -84,9 +103,19 @@ class LLMEngine:
                               field="kv_cache_dtype")
         num_blocks = num_kv_blocks or self._default_num_blocks(max_num_seqs, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, dtype)
+        dbo = None
+        if self.accel is not None:
+            dbo = DualBatchPolicy(dual_batch, overlap=self.accel_device.kind == "cuda")
+        elif dual_batch not in DUAL_BATCH:
+            DualBatchPolicy(dual_batch)        # the same error for a bad value
+        self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.accel, dbo)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
-        self.planner = self._planner(prefill_chunk, max_num_batched_tokens, fixed_budget)
+        if prefill_path in ("slp", "dslp") and self.accel is None:
+            raise ConfigError(f"prefill_path={prefill_path!r} needs the hybrid engine "
+                              f"(accel='auto' on a CUDA device, or accel='cpu')",
+                              field="prefill_path")
+        self.planner = self._planner(prefill_chunk, max_num_batched_tokens, fixed_budget,
+                                     prefill_path)
         self.seqs = {}                              # request_id -> unfinished Sequence
         # False: outputs carry token ids only, stop strings unchecked (the server does both
         # on its own thread, off the step)
@@ -105,18 +134,41 @@ class LLMEngine:
             "planner": self.planner_summary(),
         }
 
-    def _planner(self, prefill_chunk, max_num_batched_tokens, fixed_budget):
+    def _accel_device(self, accel, experts, bandwidth):
+        """The hybrid engine's device (moed.backends.accel), or None when it is off."""
+        if accel not in ACCEL:
+            raise ConfigError(f"accel must be one of {', '.join(ACCEL)}, got {accel!r}",
+                              field="accel")
+        if accel == "off" or experts == "torch" or (accel == "auto" and self.device.type != "cuda"):
+            return None
+        if accel == "cpu":
+            if self.device.type != "cpu":
+                raise ConfigError("accel='cpu' runs the hybrid engine over the CPU device: "
+                                  "device must be 'cpu'", field="accel")
+            from moed.backends.accel.cpu_device import CPUDevice
+            return CPUDevice(bandwidth, keep_log=False)
+        from moed.backends.accel.cuda_device import CUDADevice
+        return CUDADevice(self.device.index or 0)
+
+    def _planner(self, prefill_chunk, max_num_batched_tokens, fixed_budget, path="auto"):
         """The prefill planner, or None where max_num_batched_tokens fixes every step."""
         if prefill_chunk != "auto" and (isinstance(prefill_chunk, bool) or
                                         not isinstance(prefill_chunk, Integral) or
                                         prefill_chunk < 1):
             raise ConfigError(f"prefill_chunk must be 'auto' or a positive number of tokens, "
                               f"got {prefill_chunk!r}", field="prefill_chunk")
-        if prefill_chunk == "auto" and fixed_budget:
+        if prefill_chunk == "auto" and fixed_budget and path == "auto":
             return None
-        constants = MachineConstants() if self.device.type != "cpu" else MachineConstants.load()
-        planner = PrefillPlanner(constants, ModelShape.of(self.model), prefill_chunk,
-                                 min_chunk=max_num_batched_tokens)
+        shape = ModelShape.of(self.model)
+        constants = MachineConstants.load()
+        slp_chunks = SLP_CHUNKS
+        if self.accel_device is not None and self.accel_device.kind == "cuda":
+            constants, free = with_gpu(constants, self.device)
+            slp_chunks = [c for c in SLP_CHUNKS if shape.activation_bytes(c) <= free // 4] \
+                or SLP_CHUNKS[:1]
+        planner = PrefillPlanner(constants, shape, prefill_chunk,
+                                 min_chunk=max_num_batched_tokens, path=path,
+                                 slp_chunks=slp_chunks)
         log.info("planner: %s", planner.summary())
         return planner
 

@@ -26,10 +26,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moed.errors import ConfigError
+
 log = logging.getLogger("moed.planner")
 
 VERSION = 1                            # of the cache file's fields
 CHUNKS = (256, 512, 1024, 2048, 4096)  # candidate prefill chunk sizes, tokens
+SLP_CHUNKS = (1024, 2048, 4096, 8192, 16384, 32768)   # the GPU paths' (device memory permitting)
+PATHS = ("auto", "cpu", "slp", "dslp")
 # The smallest chunk predicted within this of the fastest wins: a smaller chunk holds
 # less activation memory and lets an arriving decode in sooner.
 TOLERANCE = 0.03
@@ -237,13 +241,22 @@ class PrefillPlanner:
 
     `override`: "auto", or a chunk size in tokens (engine.prefill_chunk) that every
     prefill step without a decode takes. `min_chunk`: the step budget with decodes
-    running (max_num_batched_tokens); the planner never chooses smaller."""
+    running (max_num_batched_tokens); the planner never chooses smaller. `path`:
+    "auto", or the path every prompt of more than one chunk takes (engine.prefill_path:
+    cpu | slp | dslp; a GPU path needs the hybrid engine). `slp_chunks`: the chunk
+    sizes device memory allows the GPU paths (the largest is best: the experts cross
+    PCIe once per chunk)."""
 
-    def __init__(self, constants, shape, override="auto", min_chunk=CHUNKS[0]):
+    def __init__(self, constants, shape, override="auto", min_chunk=CHUNKS[0], path="auto",
+                 slp_chunks=SLP_CHUNKS):
+        if path not in PATHS:
+            raise ConfigError(f"prefill_path must be one of {', '.join(PATHS)}, got {path!r}",
+                              field="prefill_path")
         self.constants, self.shape = constants, shape
-        self.override, self.min_chunk = override, min_chunk
+        self.override, self.min_chunk, self.path = override, min_chunk, path
         fits = [c for c in CHUNKS if shape.activation_bytes(c) <= ACTIVATION_BUDGET]
         self.chunks = sorted({min_chunk, *[c for c in fits if c > min_chunk]})
+        self.slp_chunks = sorted({min_chunk, *[c for c in slp_chunks if c > min_chunk]})
 
     # -- the cost model
     def cpu_chunk_s(self, start, n):
@@ -280,14 +293,16 @@ class PrefillPlanner:
         return total
 
     def costs(self, tokens):
-        """{(path, chunk): predicted seconds} of every candidate for a prompt."""
-        out = {("cpu", c): self.cpu_s(tokens, c) for c in self.chunks
-               if c == self.chunks[0] or c // 2 < tokens}       # larger ones: the same steps
-        if self.constants.has_gpu:
-            out.update({("slp", c): self.slp_s(tokens, c) for c in self.chunks})
-            if self.constants.num_gpus > 1:
-                out.update({("dslp", c): self.slp_s(tokens, c, self.constants.num_gpus)
-                            for c in self.chunks})
+        """{(path, chunk): predicted seconds} of every candidate for a prompt (a GPU
+        path forced without GPU constants: infinite, it cannot be predicted)."""
+        useful = lambda cs: [c for c in cs if c == cs[0] or c // 2 < tokens]  # noqa: E731
+        out = {("cpu", c): self.cpu_s(tokens, c) for c in useful(self.chunks)}
+        gpus = self.constants.num_gpus
+        if self.constants.has_gpu or self.path == "slp":
+            out.update({("slp", c): self.slp_s(tokens, c) for c in useful(self.slp_chunks)})
+        if (self.constants.has_gpu and gpus > 1) or self.path == "dslp":
+            out.update({("dslp", c): self.slp_s(tokens, c, max(2, gpus))
+                        for c in useful(self.slp_chunks)})
         return out
 
     # -- the choice
@@ -295,9 +310,22 @@ class PrefillPlanner:
         """The plan of a `tokens`-token prompt: a function of the length and the settings
         alone (never of the load)."""
         costs = self.costs(tokens)
+        forced = self.path if self.path != "auto" and tokens > self.min_chunk else None
         if self.override != "auto":
             chunk = int(self.override)
-            return PrefillPlan("cpu", chunk, self.cpu_s(tokens, chunk), "override", costs)
+            path = forced or "cpu"
+            cost = self.cpu_s(tokens, chunk) if path == "cpu" else \
+                self.slp_s(tokens, chunk, 1 if path == "slp" else max(2, self.constants.num_gpus))
+            return PrefillPlan(path, chunk, cost, "override", costs)
+        if forced:
+            mine = {key: t for key, t in costs.items() if key[0] == forced}
+            best = min(mine.values())
+            if not math.isfinite(best):         # no GPU figures: the largest chunk
+                key = max(mine)
+            else:
+                key = min((k for k, t in mine.items() if t <= best * (1 + TOLERANCE)),
+                          key=lambda k: (k[1], mine[k]))
+            return PrefillPlan(forced, key[1], mine[key], "override", costs)
         best = min(costs.values())
         path, chunk = min((key for key, t in costs.items() if t <= best * (1 + TOLERANCE)),
                           key=lambda key: (key[1], costs[key]))
@@ -317,3 +345,112 @@ class PrefillPlanner:
         return (f"{self.constants.summary()}; chunk "
                 f"{'auto' if self.override == 'auto' else self.override} (prompt tokens: "
                 f"chunk {sample})")
+
+
+# -- the GPU's constants (measured at every start: a machine's GPUs can change)
+H2D_PROBE_BYTES = 256 << 20
+GEMM_PROBE = 8192                      # a square BF16 GEMM's side
+
+
+def measure_gpu(device):
+    """(pinned host -> device bytes/s, BF16 GEMM flop/s, free device bytes) of one CUDA
+    device, best of three short passes; (None, None, 0) when a probe fails."""
+    import torch
+    try:
+        src = torch.empty(H2D_PROBE_BYTES, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(H2D_PROBE_BYTES, dtype=torch.uint8, device=device)
+        a = torch.randn(GEMM_PROBE, GEMM_PROBE, device=device, dtype=torch.bfloat16)
+        b = torch.randn(GEMM_PROBE, GEMM_PROBE, device=device, dtype=torch.bfloat16)
+
+        def best(fn):
+            fn()
+            times = []
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return min(times)
+        h2d = H2D_PROBE_BYTES / best(lambda: dst.copy_(src, non_blocking=True))
+        flops = 2 * GEMM_PROBE ** 3 / best(lambda: a @ b)
+        del src, dst, a, b
+        free, _ = torch.cuda.mem_get_info(device)
+        return h2d, flops, free
+    except Exception as e:           # a failed probe: the GPU paths are not predicted
+        log.warning("planner: cannot measure the GPU (%s)", e)
+        return None, None, 0
+
+
+def with_gpu(constants, device):
+    """constants with the GPU's figures measured now -> (constants, free device bytes)."""
+    import dataclasses
+
+    import torch
+    h2d, flops, free = measure_gpu(device)
+    consts = dataclasses.replace(constants, h2d_bps=h2d, gpu_flops=flops,
+                                 num_gpus=torch.cuda.device_count())
+    log.info("planner: GPU h2d %s, BF16 GEMM %s, %.1f GiB free",
+             "n/a" if h2d is None else f"{h2d / 1e9:.1f} GB/s",
+             "n/a" if flops is None else f"{flops / 1e12:.0f} TFLOP/s", free / 2 ** 30)
+    return consts, free
+
+
+# -- dual-batch overlap
+DUAL_BATCH = ("auto", "on", "off")
+# auto: on when the overlap would hide at least this share of a step (the smaller of
+# its device time and its CPU-expert time, at the goal's 80% hidden)
+DBO_MIN_GAIN = 0.10
+DBO_EMA = 0.2                          # weight of a new step's time in the averages
+
+
+class DualBatchPolicy:
+    """Whether a decode step runs as two micro-batches (ModelRunner.run_dual).
+
+    "on": every step of two or more decodes; "off": never; "auto": from the measured
+    times of single-batch decode steps (device time = step - CPU experts), on when the
+    overlap would hide DBO_MIN_GAIN of the step, and off again while measured dual steps
+    are slower per token than single ones. `overlap`: False where the device is the CPU
+    (nothing can overlap: auto stays off)."""
+
+    def __init__(self, mode="auto", overlap=True):
+        if mode not in DUAL_BATCH:
+            raise ConfigError(f"dual_batch must be one of {', '.join(DUAL_BATCH)}, got "
+                              f"{mode!r}", field="dual_batch")
+        self.mode, self.overlap = mode, overlap
+        self.single = None             # (step s per token, cpu-expert s per token), EMA
+        self.dual = None               # step s per token of dual steps, EMA
+        self.steps = 0
+
+    def use(self, chunks):
+        if len(chunks) < 2 or any(n != 1 for _, n in chunks) or self.mode == "off":
+            return False
+        if self.mode == "on":
+            return True
+        if not self.overlap or self.single is None:
+            return False
+        step, cpu = self.single
+        gain = 0.8 * min(cpu, step - cpu) / step
+        if self.dual is not None and self.dual > step:
+            # measured slower: try single steps again now and then (every 64th step)
+            return self.steps % 64 == 0
+        return gain >= DBO_MIN_GAIN
+
+    def observe(self, batch, dual, step_s, cpu_s):
+        """A decode step of `batch` sequences took step_s, cpu_s of it in CPU experts."""
+        self.steps += 1
+        per = step_s / batch
+        if dual:
+            self.dual = per if self.dual is None else (1 - DBO_EMA) * self.dual + DBO_EMA * per
+        else:
+            cur = (per, min(cpu_s, step_s) / batch)
+            self.single = cur if self.single is None else tuple(
+                (1 - DBO_EMA) * a + DBO_EMA * b for a, b in zip(self.single, cur))
+
+    def summary(self):
+        if self.single is None:
+            return f"dual batch {self.mode}"
+        step, cpu = self.single
+        return (f"dual batch {self.mode}: decode step {step * 1e3:.2f} ms/token, "
+                f"{100 * cpu / step:.0f}% in CPU experts")

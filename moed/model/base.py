@@ -116,10 +116,12 @@ class CausalLM:
 
     architecture = None
 
-    def __init__(self, ckpt, device):
+    def __init__(self, ckpt, device, expert_device=None):
+        # expert_device: where the routed experts' weights live (default: device)
         self.cfg = HFConfig(ckpt.config, str(ckpt.dir / "config.json"))
         self.device = device
-        self.load = Loader(ckpt, device)
+        self.expert_device = expert_device or device
+        self.load = Loader(ckpt, device, expert_device)
         self.read_config(self.cfg)
         c = self.cfg
         self.hidden_size = c.positive("hidden_size")

@@ -56,14 +56,21 @@ class MLP:
 
 
 class Loader:
-    """Checkpoint tensors placed on the model's device, as layer objects."""
+    """Checkpoint tensors placed on the model's device, as layer objects; the routed
+    experts' weights on `expert_device` (the host, for the hybrid engine: they stay the
+    checkpoint's mmap views there)."""
 
-    def __init__(self, ckpt, device):
+    def __init__(self, ckpt, device, expert_device=None):
         self.ckpt = ckpt
         self.device = device
+        self.expert_device = expert_device or device
 
     def weight(self, prefix, out_features, in_features):
         return self.ckpt.weight(prefix, out_features, in_features).to(self.device)
+
+    def expert_weight(self, prefix, out_features, in_features):
+        """A routed expert's weight, on expert_device."""
+        return self.ckpt.weight(prefix, out_features, in_features).to(self.expert_device)
 
     def tensor(self, name, shape):
         return self.ckpt.tensor(name, shape=shape).to(self.device)

@@ -105,18 +105,25 @@ class MoE:
     def __call__(self, x):
         # x [T, D] float32 -> [T, D]
         ids, weights = self.router(x)
-        y = self.experts.forward(x, ids, weights)
+        # a backend with `submit` starts the routed experts elsewhere (the host, for the
+        # hybrid engine) and returns their result's getter: the shared expert runs meanwhile
+        submit = getattr(self.experts, "submit", None)
+        finish = submit(x, ids, weights) if submit else None
+        y = None if finish else self.experts.forward(x, ids, weights)
         if self.shared is not None:
             s = self.shared(x)
             if self.shared_gate is not None:
                 s = rowwise_sigmoid(self.shared_gate(x).float()) * s
-            y = y + s
+            y = (finish() if finish else y) + s
+        elif finish:
+            y = finish()
         return y
 
 
 def load_experts(load, prefix, num_experts, hidden, inter, names=("gate_proj", "up_proj", "down_proj")):
-    """The reference backend over `<prefix>.{e}.<name>` weights, as stored."""
+    """The reference backend over `<prefix>.{e}.<name>` weights, as stored (on the
+    loader's expert_device)."""
     gate, up, down = names
-    ws = [[load.weight(f"{prefix}.{e}.{n}", *shape) for e in range(num_experts)]
+    ws = [[load.expert_weight(f"{prefix}.{e}.{n}", *shape) for e in range(num_experts)]
           for n, shape in ((gate, (inter, hidden)), (up, (inter, hidden)), (down, (hidden, inter)))]
     return TorchExperts(*ws)

@@ -21,6 +21,8 @@ def model_class(config, path="config.json"):
         f"(supported: {', '.join(sorted(ARCHITECTURES))})", path=path)
 
 
-def load_model(ckpt, device):
+def load_model(ckpt, device, expert_device=None):
+    """The checkpoint's model on device, its routed experts' weights on expert_device
+    (default: device)."""
     cls = model_class(ckpt.config, str(ckpt.dir / "config.json"))
-    return cls(ckpt, device)
+    return cls(ckpt, device, expert_device)

@@ -60,7 +60,10 @@ class CPUStream(Stream):
         while (task := self.tasks.get()) is not None:
             if self.device.error is None:
                 try:
-                    task()
+                    # as the caller's (forward's) inference mode: its tensors may be
+                    # inference tensors, which only that mode updates in place
+                    with torch.inference_mode():
+                        task()
                 except BaseException as e:      # surfaces on the host's next sync
                     self.device.fail(e)
 
@@ -116,8 +119,9 @@ class CPUDevice(Device):
     kind = "cpu"
     torch_device = torch.device("cpu")
 
-    def __init__(self, bandwidth=None):
+    def __init__(self, bandwidth=None, keep_log=True):
         self.bandwidth = bandwidth
+        self.keep_log = keep_log            # False: no log (a long-running engine)
         self.log = []                       # [Entry], completion order
         self.changed = threading.Condition()  # event completions and the log
         self.error = None                   # the first failure of any stream
@@ -154,6 +158,8 @@ class CPUDevice(Device):
 
     # -- what the streams share
     def note(self, stream, kind, event=None, tag=None, nbytes=0):
+        if not self.keep_log:
+            return
         with self.changed:
             self.log.append(Entry(self._seq, time.perf_counter(), stream, kind, event,
                                   dict(tag or {}), nbytes))

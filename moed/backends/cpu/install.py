@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def install(model, model_dir, experts=True, linears=True, deterministic=True, threads=None,
-            verify_store=False):
+            verify_store=False, decode_stack=True):
     """Routed experts (with their routers) when `experts`; dense linears, attention,
     norms (and, with the experts, the decode stack) when `linears`. -> BackendInfo.
     `verify_store`: the packed stores' checksums read in full before use. Raises
-    ConfigError for a forced ISA this CPU lacks."""
+    ConfigError for a forced ISA this CPU lacks. `decode_stack`: False keeps the layers'
+    own loop (the hybrid engine wraps the routed experts, which the stack would skip)."""
     kernels = load_kernels()
     threads = threads or default_threads()
     info = BackendInfo()
@@ -44,7 +45,7 @@ def install(model, model_dir, experts=True, linears=True, deterministic=True, th
             info.linears = f"cpu ({count_linears(installed)} linears)"
         info.attention = install_attention(model, installed, kernels, threads, deterministic)
         info.norms = f"cpu ({install_norms(model, kernels, threads)})"
-        if info.experts != "torch" and stack_enabled():
+        if info.experts != "torch" and decode_stack and stack_enabled():
             stack = build_decode_stack(model)
             if stack is not None:
                 model.ops = StackedLayers(stack)

@@ -1,0 +1,81 @@
+"""The hybrid engine applied to a built model in one pass.
+
+The model is built with its dense part on the device and its routed experts' weights
+in host memory (`load_model(ckpt, device, expert_device="cpu")`). Then:
+
+- on CUDA: every dense linear and the LM head become DeviceLinear (FP8 stays FP8 in
+  device memory, widened to BF16 per tile, FP32 accumulation: the precision
+  contract); attention, norms, routers and shared experts run their torch operations
+  there, over a KV cache on the device;
+- on the CPU device (the twin that CI runs): the CPU backend serves the dense part, as
+  the twin of each device kernel;
+- everywhere: each MoE layer's routed experts become HybridExperts: the CPU backend's
+  layer over the packed expert store, reached through the HostBridge, and, when
+  stream-loading prefill may be chosen, a StreamedExperts over the same weights.
+"""
+import logging
+
+from moed.backends.accel.hybrid import HostBridge, HybridExperts, StepRoute
+from moed.backends.torch import BackendInfo
+
+log = logging.getLogger(__name__)
+
+
+class Accel:
+    """What the engine keeps of the hybrid install: the device, the step route the
+    model runner sets, the bridge's timings."""
+
+    def __init__(self, device, bridge, route, slp):
+        self.device, self.bridge, self.route, self.slp = device, bridge, route, slp
+
+    def close(self):
+        close = getattr(self.device, "close", None)
+        if close is not None:
+            close()
+
+
+def install(model, model_dir, device, *, deterministic=True, slp=False, ring_length=2,
+            verify_store=False):
+    """-> (BackendInfo, Accel). `device`: a moed.backends.accel Device (CUDADevice or
+    CPUDevice); `slp`: build the streamed experts (only when the planner may choose
+    stream-loading prefill: they hold a host staging copy of the experts)."""
+    refs = {i: moe.experts for i, moe in model.moe_layers()}
+    if device.kind == "cpu":
+        from moed.backends.cpu.install import install as install_cpu
+        info = install_cpu(model, model_dir, deterministic=deterministic,
+                           verify_store=verify_store, decode_stack=False)
+    else:
+        info = install_device_dense(model, model_dir, device, verify_store)
+    bridge, route = HostBridge(device), StepRoute()
+    for i, moe in model.moe_layers():
+        streamed = None
+        if slp:
+            from moed.backends.accel.streamed_experts import StreamedExperts
+            streamed = StreamedExperts.from_reference(refs[i], device, ring_length)
+        moe.experts = HybridExperts(moe.experts, bridge, route, streamed)
+    where = f"{device.kind}" + ("" if device.kind == "cpu" else f" ({device.torch_device})")
+    info.accel = f"hybrid on {where}: experts on the host" + (
+        f", stream-loading prefill (ring {ring_length})" if slp else "")
+    return info, Accel(device, bridge, route, slp)
+
+
+def install_device_dense(model, model_dir, device, verify_store):
+    """CUDA: the dense linears as DeviceLinear; the routed experts on the CPU kernels
+    from the packed store (the torch reference on the host where they are not built)."""
+    from moed.backends.accel.linears import install_device_linears
+    n = install_device_linears(model)
+    info = BackendInfo(linears=f"{device.kind} ({n} linears, bf16 tiles)",
+                       attention=f"torch on {device.torch_device}",
+                       norms=f"torch on {device.torch_device}",
+                       routers=f"torch on {device.torch_device}")
+    try:
+        from moed.backends.cpu.install import install_experts
+        from moed.backends.cpu.isa import load_kernels
+        from moed.backends.cpu.runtime import default_threads
+        kernels = load_kernels()
+        install_experts(model, model_dir, kernels, default_threads(), verify_store)
+        info.experts = f"cpu-{kernels.ISA}"
+    except ImportError as e:
+        info.notes.append(f"CPU kernels unavailable ({e}): the routed experts run the "
+                          f"torch reference on the host")
+    return info
