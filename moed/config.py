@@ -33,6 +33,9 @@ class Config:
     tokenizer_processes: int = _setting(2, "server", int)        # 0: one thread in the daemon
     # engine
     device: str = _setting("auto", "engine", str)
+    accel: str = _setting("auto", "engine", str)                 # auto | off | cpu
+    prefill_path: str = _setting("auto", "engine", str)          # auto | cpu | slp | dslp
+    dual_batch: str = _setting("auto", "engine", str)            # auto | on | off
     max_num_seqs: int = _setting(64, "engine", int)
     max_num_batched_tokens: int = _setting(None, "engine", int, nullable=True)  # None: BATCHED_TOKENS
     prefill_chunk: object = _setting("auto", "engine", (str, int))   # "auto" | tokens
@@ -86,6 +89,11 @@ class Config:
             _bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.experts not in ("auto", "cpu", "torch"):
             _bad("experts", f"must be auto, cpu or torch, got {self.experts!r}")
+        for name, choices in (("accel", ("auto", "off", "cpu")),
+                              ("prefill_path", ("auto", "cpu", "slp", "dslp")),
+                              ("dual_batch", ("auto", "on", "off"))):
+            if getattr(self, name) not in choices:
+                _bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
     @property
     def tls(self):
@@ -95,7 +103,8 @@ class Config:
         """Keyword arguments of LLMEngine."""
         return dict(device=self.device, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens,
-                    prefill_chunk=self.prefill_chunk,
+                    prefill_chunk=self.prefill_chunk, accel=self.accel,
+                    prefill_path=self.prefill_path, dual_batch=self.dual_batch,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
                     max_waiting=self.max_waiting,
                     # "auto" defers to the engine, which honours MOED_EXPERTS

@@ -173,9 +173,12 @@ class LLMEngine:
         return planner
 
     def planner_summary(self):
+        dbo = self.runner.dbo
+        tail = f"; {dbo.summary()}" if dbo is not None else ""
         if self.planner is None:
-            return f"off: max_num_batched_tokens={self.scheduler.max_tokens} fixes every step"
-        return self.planner.summary()
+            return (f"off: max_num_batched_tokens={self.scheduler.max_tokens} fixes every "
+                    f"step{tail}")
+        return self.planner.summary() + tail
 
     def _default_num_blocks(self, max_num_seqs, dtype):
         per_token = torch.Size(self.model.kv_token_shape()).numel() * dtype.itemsize

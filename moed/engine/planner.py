@@ -242,7 +242,7 @@ class PrefillPlanner:
     `override`: "auto", or a chunk size in tokens (engine.prefill_chunk) that every
     prefill step without a decode takes. `min_chunk`: the step budget with decodes
     running (max_num_batched_tokens); the planner never chooses smaller. `path`:
-    "auto", or the path every prompt of more than one chunk takes (engine.prefill_path:
+    "auto", or the path every prompt takes (engine.prefill_path:
     cpu | slp | dslp; a GPU path needs the hybrid engine). `slp_chunks`: the chunk
     sizes device memory allows the GPU paths (the largest is best: the experts cross
     PCIe once per chunk)."""
@@ -310,7 +310,7 @@ class PrefillPlanner:
         """The plan of a `tokens`-token prompt: a function of the length and the settings
         alone (never of the load)."""
         costs = self.costs(tokens)
-        forced = self.path if self.path != "auto" and tokens > self.min_chunk else None
+        forced = self.path if self.path != "auto" else None
         if self.override != "auto":
             chunk = int(self.override)
             path = forced or "cpu"
@@ -341,10 +341,13 @@ class PrefillPlanner:
         return None
 
     def summary(self):
-        sample = ", ".join(f"{t}: {self.plan(t).chunk}" for t in (512, 4096))
-        return (f"{self.constants.summary()}; chunk "
+        plans = [(t, self.plan(t)) for t in (512, 4096, 32768)]
+        sample = ", ".join(f"{t}: {p.path} {p.chunk}" for t, p in plans)
+        cross = self.crossover() if self.constants.has_gpu and self.path == "auto" else None
+        return (f"{self.constants.summary()}; path {self.path}, chunk "
                 f"{'auto' if self.override == 'auto' else self.override} (prompt tokens: "
-                f"chunk {sample})")
+                f"path and chunk {sample}"
+                + (f"; GPU prefill from {cross} tokens" if cross else "") + ")")
 
 
 # -- the GPU's constants (measured at every start: a machine's GPUs can change)
@@ -421,7 +424,8 @@ class DualBatchPolicy:
         self.mode, self.overlap = mode, overlap
         self.single = None             # (step s per token, cpu-expert s per token), EMA
         self.dual = None               # step s per token of dual steps, EMA
-        self.steps = 0
+        self.steps = 0                 # decode steps observed
+        self.dual_steps = 0            # of which run as two micro-batches
 
     def use(self, chunks):
         if len(chunks) < 2 or any(n != 1 for _, n in chunks) or self.mode == "off":
@@ -442,6 +446,7 @@ class DualBatchPolicy:
         self.steps += 1
         per = step_s / batch
         if dual:
+            self.dual_steps += 1
             self.dual = per if self.dual is None else (1 - DBO_EMA) * self.dual + DBO_EMA * per
         else:
             cur = (per, min(cpu_s, step_s) / batch)

@@ -73,6 +73,7 @@ class HostBridge:
         self.cpu_lock = threading.Lock()
         self.local = threading.local()
         self.cpu_seconds = 0.0         # time in the CPU experts since the last take_times
+        self.calls = 0                 # expert calls served (all threads)
         self._times_lock = threading.Lock()
 
     def _mine(self):
@@ -106,6 +107,7 @@ class HostBridge:
                     ys.copy_(experts.forward(xs, ids_s, ws))
             with self._times_lock:
                 self.cpu_seconds += time.perf_counter() - start
+                self.calls += 1
             y = self.device.empty((T, D), torch.float32)
             self.device.after_caller(h2d)
             h2d.copy(y, ys, {"what": "experts-out"})

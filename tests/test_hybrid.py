@@ -1,0 +1,108 @@
+"""The hybrid engine over the CPU device (the twin of a GPU that CI runs): the dense
+part on the "device", the routed experts on the host behind the HostBridge, dual-batch
+overlap, and stream-loading prefill for the rows the planner sends there.
+
+On the CPU device the dense part runs the CPU backend's kernels, so hybrid decode and
+dual-batch overlap must give the CPU-only engine's logits bit for bit; stream-loading
+prefill computes the routed experts another way (BF16 tiles on the device) and must
+agree within the precision contract.
+"""
+import numpy as np
+import pytest
+
+from moed import LLM, SamplingParams
+from moed.errors import ConfigError
+
+ARCHS = [("qwen3_moe", "fp8"), ("mixtral", "bf16"), ("deepseek_v3", "fp8"), ("qwen2_moe", "bf16")]
+LENGTHS = (5, 17, 40, 64, 9, 33)
+PCIE = 2e9            # bytes/s: the CPU device's copies take PCIe-like time
+
+
+def prompts():
+    rs = np.random.RandomState(3)
+    return [[int(t) for t in rs.randint(3, 200, size=n)] for n in LENGTHS]
+
+
+def run(llm, params):
+    return [(o.token_ids, [lp[1] for lp in o.logprobs]) for o in llm.generate(prompts(), params)]
+
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture
+def model(tiny_model_dir, request):
+    arch, fmt = request.param
+    return tiny_model_dir(arch, fmt)
+
+
+@pytest.mark.parametrize("model", ARCHS, indirect=True, ids=[f"{a}-{f}" for a, f in ARCHS])
+def test_hybrid_decode_equals_cpu_only_bit_for_bit(model):
+    cpu = run(LLM(model, device="cpu"), GREEDY)
+    llm = LLM(model, device="cpu", accel="cpu", accel_bandwidth=PCIE, dual_batch="off")
+    assert llm.engine.backends.accel.startswith("hybrid on cpu")
+    hybrid = run(llm, GREEDY)
+    bridge = llm.engine.accel.bridge
+    assert bridge.calls >= len(llm.engine.model.moe_layers()) * GREEDY.max_new_tokens
+    assert hybrid == cpu
+
+
+@pytest.mark.parametrize("model", ARCHS[:3], indirect=True, ids=[f"{a}-{f}" for a, f in ARCHS[:3]])
+def test_dual_batch_overlap_gives_the_same_tokens(model):
+    single = run(LLM(model, device="cpu", accel="cpu", dual_batch="off"), GREEDY)
+    llm = LLM(model, device="cpu", accel="cpu", dual_batch="on")
+    dual = run(llm, GREEDY)
+    policy = llm.engine.runner.dbo
+    assert policy.dual_steps > 0, "no step ran as two micro-batches"
+    assert dual == single
+
+
+def test_dual_batch_auto_stays_off_where_nothing_can_overlap(tiny_model_dir):
+    llm = LLM(tiny_model_dir("qwen3_moe", "fp8"), device="cpu", accel="cpu")
+    run(llm, GREEDY)
+    policy = llm.engine.runner.dbo
+    assert policy.steps > 0 and policy.dual_steps == 0
+
+
+def first_token_logprobs(llm, n=8):
+    params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True, logprobs=n)
+    return [o.logprobs[0] for o in llm.generate(prompts(), params)]
+
+
+def deviation(got, ref):
+    """max |logprob difference| over the reference's top 3 tokens at the first position."""
+    mine = dict(got[2])
+    return max(abs(mine[t] - lp) if t in mine else abs(got[2][-1][1] - lp)
+               for t, lp in ref[2][:3])
+
+
+@pytest.mark.parametrize("model", ARCHS, indirect=True, ids=[f"{a}-{f}" for a, f in ARCHS])
+def test_stream_loading_prefill_agrees_within_the_contract(model):
+    """Forced SLP in ragged 16-token chunks, judged like CPU-expert prefill against the
+    FP32 reference: its deviation at most 2x the CPU path's (plus a floor), and the
+    reference's top token wherever its margin is clear."""
+    ref = first_token_logprobs(LLM(model, device="cpu", experts="torch"))
+    cpu = first_token_logprobs(LLM(model, device="cpu", prefill_chunk=16))
+    llm = LLM(model, device="cpu", accel="cpu", accel_bandwidth=PCIE, prefill_path="slp",
+              prefill_chunk=16)
+    slp = first_token_logprobs(llm)
+    streamed = [moe.experts.streamed for _, moe in llm.engine.model.moe_layers()]
+    assert all(s is not None and s.chunks > 0 for s in streamed), "SLP never ran"
+    d_cpu = [deviation(c, r) for c, r in zip(cpu, ref)]
+    d_slp = [deviation(s, r) for s, r in zip(slp, ref)]
+    assert np.mean(d_slp) <= 2 * np.mean(d_cpu) + 1e-3, (d_slp, d_cpu)
+    for length, r, s, d in zip(LENGTHS, ref, slp, d_cpu):
+        margin = r[2][0][1] - r[2][1][1]
+        if margin > 0.1 + 4 * d:
+            assert s[0] == r[0], (length, r, s)
+
+
+def test_bad_settings_are_refused(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8")
+    for kwargs, field in (({"accel": "gpu"}, "accel"),
+                          ({"dual_batch": "sometimes"}, "dual_batch"),
+                          ({"prefill_path": "slp"}, "prefill_path"),
+                          ({"accel": "cpu", "prefill_path": "fast"}, "prefill_path")):
+        with pytest.raises(ConfigError) as e:
+            LLM(model, device="cpu", **kwargs)
+        assert e.value.field == field, kwargs
