@@ -1,4 +1,6 @@
-"""ShardedExperts over 2 and 3 gloo ranks on the CPU: every rank's output equals the
+"""ShardedExperts over 2 and 3 gloo ranks on the CPU (with the reference on each rank,
+and as DSLP with each rank streaming its share through StreamedExperts on its CPU
+device, against one rank streaming the whole layer): every rank's output equals the
 one-rank TorchExperts reference within FP32 reordering (max |diff| <= 1e-5 of max
 |reference|), FP8 and BF16, ragged routing (idle experts, one hot, a rank with no
 pairs); all ranks agree bit for bit; each rank keeps only its share's Weights; the
@@ -12,11 +14,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from accel_protocol import expert_layer
+from moed.backends.accel.cpu_device import CPUDevice
 from moed.backends.accel.expert_parallel import ShardedExperts, expert_share
+from moed.backends.accel.streamed_experts import StreamedExperts
 from moed.errors import ConfigError, InvalidRequestError
 
 E, D, K = 8, 192, 3
 TOL = 1e-5
+PCIE = 2e9            # bytes/s of the CPU device's copies (DSLP)
 
 
 def routing(T, unused=(), hot=None, seed=1):
@@ -46,6 +51,11 @@ def rank_main(rank, world_size, init_file, out_dir):
             sharded = ShardedExperts.from_reference(expert_layer(fmt, E=E, D=D))
             results[fmt] = {"share": sharded.share, "held": sharded.local.num_experts,
                             "outs": [sharded.forward(*case) for case in CASES]}
+            with CPUDevice(bandwidth=PCIE) as device:      # DSLP: each rank streams its share
+                streamed = ShardedExperts.from_reference(
+                    expert_layer(fmt, E=E, D=D),
+                    local=lambda g, u, d: StreamedExperts(g, u, d, device, ring_length=2))
+                results[f"dslp-{fmt}"] = [streamed.forward(*case) for case in CASES]
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -76,6 +86,18 @@ def test_ranks_equal_reference(tmp_path, world_size):
             assert err <= TOL * scale, (fmt, c, err, scale)
             for r in ranks[1:]:
                 assert torch.equal(r[fmt]["outs"][c], got), (fmt, c)   # ranks agree exactly
+        # DSLP against one rank streaming the whole layer: the same per-expert math,
+        # the experts' sums in another order
+        with CPUDevice() as device:
+            one = StreamedExperts.from_reference(ref, device, ring_length=2)
+            for c, case in enumerate(CASES):
+                want = one.forward(*case)
+                got = ranks[0][f"dslp-{fmt}"][c]
+                err, scale = (got - want).abs().max().item(), want.abs().max().item()
+                print(f"DSLP W={world_size} {fmt} case {c}: max |diff| {err:.3e}")
+                assert err <= TOL * scale, (fmt, c, err, scale)
+                for r in ranks[1:]:
+                    assert torch.equal(r[f"dslp-{fmt}"][c], got), (fmt, c)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8])

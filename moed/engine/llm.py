@@ -45,6 +45,8 @@ class LLM:
         params = SamplingParams(max_new_tokens=1)
         ids = eng.validate_prompt(list(token_ids), params)
         seq = Sequence("logits", ids, params)
+        if eng.planner is not None:          # the path the request would take (one chunk)
+            seq.prefill_plan = eng.planner.plan(len(ids))
         if not eng.blocks.can_grow(seq.block_table, len(ids)):
             raise CapacityError(f"{blocks_for(len(ids), eng.block_size)} KV blocks needed, "
                                 f"{eng.blocks.num_free} free")

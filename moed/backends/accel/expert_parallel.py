@@ -51,14 +51,17 @@ class ShardedExperts:
         self.group = group              # torch.distributed process group (None: default)
 
     @classmethod
-    def from_reference(cls, experts, rank=None, world_size=None, group=None):
+    def from_reference(cls, experts, rank=None, world_size=None, group=None, local=TorchExperts):
         """From a full TorchExperts, keeping only the share's Weights (drop the full one
-        after). rank, world_size: the group's (default: read from torch.distributed)."""
+        after). rank, world_size: the group's (default: read from torch.distributed).
+        local(gate, up, down) builds this rank's backend over its share's Weights: the
+        reference, or e.g. StreamedExperts on this rank's GPU (DSLP: each rank streams
+        only its share)."""
         rank = dist.get_rank(group) if rank is None else rank
         world_size = dist.get_world_size(group) if world_size is None else world_size
         share = expert_share(rank, world_size, experts.num_experts)
-        local = TorchExperts(*(ws[share.start:share.stop]
-                               for ws in (experts.gate, experts.up, experts.down)))
+        local = local(*(ws[share.start:share.stop]
+                        for ws in (experts.gate, experts.up, experts.down)))
         return cls(local, share, experts.num_experts, experts.gate[0].shape[1], group)
 
     @property
