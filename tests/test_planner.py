@@ -82,6 +82,62 @@ def test_override_is_honoured():
         assert (plan.path, plan.chunk, plan.reason) == ("cpu", 1024, "override")
 
 
+def test_slp_takes_the_largest_chunks_device_memory_allows():
+    planner = PrefillPlanner(ONE_GPU, QWEN3_30B, slp_chunks=(1024, 2048, 4096, 8192))
+    plan = planner.plan(32768)
+    assert plan.path == "slp" and plan.chunk == 8192, plan.summary()
+    small = PrefillPlanner(ONE_GPU, QWEN3_30B, slp_chunks=(1024, 2048))
+    assert small.plan(32768).chunk == 2048
+    assert small.plan(32768).predicted_s > plan.predicted_s, "weights cross PCIe once per chunk"
+
+
+@pytest.mark.parametrize("consts", [CPU, ONE_GPU], ids=["no-gpu", "one-gpu"])
+def test_a_forced_path_is_taken_by_every_prompt(consts):
+    slp = PrefillPlanner(consts, QWEN3_30B, path="slp")
+    for tokens in (5, 300, 100000):
+        plan = slp.plan(tokens)
+        assert (plan.path, plan.reason) == ("slp", "override"), plan.summary()
+        assert plan.chunk in slp.slp_chunks
+    if not consts.has_gpu:      # nothing to predict with: the largest chunk
+        assert slp.plan(100000).chunk == max(slp.slp_chunks)
+    cpu = PrefillPlanner(consts, QWEN3_30B, path="cpu")
+    assert {cpu.plan(t).path for t in (5, 300, 100000)} == {"cpu"}
+    both = PrefillPlanner(consts, QWEN3_30B, path="slp", override=512).plan(4096)
+    assert (both.path, both.chunk, both.reason) == ("slp", 512, "override")
+
+
+def test_a_bad_path_is_a_config_error():
+    with pytest.raises(P.ConfigError) as e:
+        PrefillPlanner(CPU, QWEN3_30B, path="fastest")
+    assert e.value.field == "prefill_path"
+
+
+def chunks(n):
+    return [(object(), 1)] * n
+
+
+def test_dual_batch_policy_follows_the_measured_step_times():
+    on, off = P.DualBatchPolicy("on"), P.DualBatchPolicy("off")
+    assert on.use(chunks(2)) and not on.use(chunks(1)) and not on.use([(object(), 5)] * 2)
+    assert not off.use(chunks(8))
+    auto = P.DualBatchPolicy("auto")
+    assert not auto.use(chunks(4)), "nothing measured yet: single batches"
+    auto.observe(4, False, step_s=0.040, cpu_s=0.002)     # 5% in CPU experts: not worth it
+    assert not auto.use(chunks(4))
+    for _ in range(30):
+        auto.observe(4, False, step_s=0.040, cpu_s=0.018)  # 45% in CPU experts
+    assert auto.use(chunks(4))
+    for _ in range(30):
+        auto.observe(4, True, step_s=0.060, cpu_s=0.018)   # measured slower when dual
+    assert sum(auto.use(chunks(4)) for _ in range(64)) <= 1, "back to single batches"
+    twin = P.DualBatchPolicy("auto", overlap=False)
+    for _ in range(5):
+        twin.observe(4, False, step_s=0.040, cpu_s=0.020)
+    assert not twin.use(chunks(4)), "nothing overlaps on the CPU device"
+    with pytest.raises(P.ConfigError):
+        P.DualBatchPolicy("sometimes")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0, 1e30, "fast", None])
 def test_absurd_or_missing_measurements_fall_back_to_defaults(bad):
     consts = MachineConstants(cpu_read_bps=bad, cpu_flops=bad, h2d_bps=bad, gpu_flops=bad,
