@@ -50,7 +50,7 @@ def paths():
     try:
         from moed.backends.cpu.isa import supported_isas
     except ImportError:          # the tree before the backends moved
-        from moed.backends.cpu.isa import supported_isas
+        from moed.cpu import supported_isas
     out = [("torch", {"experts": "torch"}, "")]
     for isa in supported_isas():
         out.append((f"{isa}", {}, isa))
@@ -99,8 +99,8 @@ def case_hashes(model_dir, load):
 def build(arch, fmt, out):
     try:
         from moed.testing.tiny import build_tiny_model
-    except ImportError:
-        from moed.testing.tiny import build_tiny_model
+    except ImportError:          # the tree before the fixtures moved
+        from moed.model.tiny import build_tiny_model
     return build_tiny_model(Path(out), arch, fmt,
                             overrides=None if arch == "deepseek_v3" else
                             {"max_position_embeddings": 512})
