@@ -9,15 +9,21 @@ Two streams, one host thread issuing in order:
 with s = i % R for the chunk's i-th active expert (ascending id). The loader runs up
 to R experts ahead of the compute; a slot is refilled only after its "done". Only
 experts that received tokens are copied, each once per chunk. Weights cross as
-stored (FP8 as FP8, with its scales) and are widened on the device exactly as
-moed.model.formats.Weight.dequantize does, then multiplied in FP32.
+stored (FP8 as FP8, with its scales) and stay so in the slot.
 
-Each expert's tokens are computed as moed.backends.torch.TorchExperts.forward does
-(same grouping, same index_add order), so on the CPU device the output equals the
-reference bit for bit.
+An expert's arithmetic is the precision contract's (moed.backends.accel.tiles): its
+tokens' x rounded to BF16 for gate and up, silu(g) * u in FP32 rounded to BF16 for
+down, every linear a BF16 GEMM (FP8 widened per k block, block scales applied in
+FP32) with FP32 sums, the weighted sum over a token's experts in FP32. So it agrees
+with the CPU backend's kernels within the contract, not bit for bit with the FP32
+reference (moed.backends.torch.TorchExperts), whose grouping and index_add order it
+keeps. The same chunk gives the same bits every time, whatever the ring length; a
+token's bits can change with the number of tokens its expert gets in the chunk (the
+CPU twin's FP32 GEMMs round a row differently in GEMMs of fewer than ~12 rows, and
+cuBLAS chooses its algorithm by shape).
 
 Shape legend: T tokens, k experts per token, E experts, A active experts (received a
-token), D hidden, I intermediate, R ring slots.
+token), D hidden, I intermediate, R ring slots, n an expert's tokens.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from moed.backends.accel.ring import ExpertRing, check_ring_length, layer_layout, pack_host
+from moed.backends.accel.tiles import linear
 from moed.backends.torch import check_routing
 
 
@@ -57,8 +64,8 @@ def plan_chunk(topk_ids):
 
 
 class StreamedExperts:
-    """forward(x [T, D], topk_ids [T, k], topk_weights [T, k]) -> [T, D], the experts
-    streamed through a ring of ring_length (2 .. E) device slots."""
+    """forward(x [T, D], topk_ids [T, k], topk_weights [T, k]) -> [T, D] float32, the
+    experts streamed through a ring of ring_length (2 .. E) device slots."""
 
     def __init__(self, gate, up, down, device, ring_length=2):
         # gate, up: lists of E Weight [I, D]; down: E Weight [D, I] (as TorchExperts)
@@ -89,7 +96,7 @@ class StreamedExperts:
         xd = dev.to_device(x)                                        # [T, D]
         wd = dev.to_device(topk_weights.reshape(-1))                 # [T k]
         order = dev.to_device(plan.order)                            # [T k]
-        out = torch.zeros_like(xd)                                   # [T, D]
+        out = torch.zeros(xd.shape, dtype=torch.float32, device=xd.device)   # [T, D]
         dev.after_caller(self.compute)
         self.issue(ChunkPlan(plan.experts, plan.counts, order), xd, wd, ids.shape[1], out)
         dev.join(self.compute)
@@ -130,14 +137,13 @@ class StreamedExperts:
         return {"chunk": self.chunks, "position": position, "expert": expert, "slot": slot}
 
     def expert(self, slot, pairs, x, w, k, out):
-        """One expert's tokens, from its ring slot, as TorchExperts.forward computes them.
+        """One expert's tokens, from its ring slot, under the precision contract.
         pairs [n] flat (token, j) indices, x [T, D], w [T k], out [T, D] += ..."""
         gate, up, down = self.ring.weights(slot)
         tok = pairs // k                                      # [n]
-        h = x[tok]                                            # [n, D]
-        g = h @ gate.dequantize().T                           # [n, I]
-        u = h @ up.dequantize().T                             # [n, I]
-        y = (F.silu(g) * u) @ down.dequantize().T             # [n, D]
+        h = x[tok].bfloat16()                                 # [n, D]
+        act = F.silu(linear(h, gate)) * linear(h, up)         # [n, I] float32
+        y = linear(act.bfloat16(), down)                      # [n, D] float32
         out.index_add_(0, tok, y * w[pairs, None])
 
     # -- arguments
