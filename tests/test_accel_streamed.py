@@ -3,8 +3,9 @@ precision contract's (BF16 inputs to every linear, FP32 sums), judged like the C
 kernels against a float64 reference and within 2x their error, FP8 and BF16, ragged
 token distributions, rings of 2, 3 and a whole layer; the same chunk gives the same
 bits every time and with any ring length; its pipeline protocol, asserted from the
-device's event log under a bandwidth cap; clear errors for bad arguments. On CUDA
-(skipped without a device): the CPU twin within the contract.
+device's event log under a bandwidth cap; the ring length chosen automatically; clear
+errors for bad arguments. On CUDA (skipped without a device): the CPU twin within the
+contract.
 
 Not asserted: bit-equal rows across chunk splits. The CPU twin's FP32 GEMMs (torch's
 CPU matmul, MKL) round a row differently with the number of rows next to it (measured
@@ -20,6 +21,7 @@ import torch
 from accel_protocol import check_protocol, expert_layer, intervals, overlaps
 from test_experts import MAX_TOL, TOL, reference
 from moed.backends.accel.cpu_device import CPUDevice
+from moed.backends.accel.ring import RingBudget
 from moed.backends.accel.streamed_experts import StreamedExperts
 from moed.backends.cpu.experts import CPUExpertLayer
 from moed.errors import ConfigError, InvalidRequestError
@@ -218,6 +220,28 @@ def test_bad_ring_length(device, ring_length):
         StreamedExperts.from_reference(expert_layer("bf16"), device, ring_length)
     assert info.value.field == "ring_length"
     assert "ring_length" in str(info.value)
+
+
+def test_auto_ring_length(device):
+    ref = expert_layer("fp8", E=E, D=D)
+    contract = Contract(ref)
+    nbytes = StreamedExperts.from_reference(ref, device, 2).ring.layout.nbytes
+    plenty = 100 * nbytes
+    # transfer-bound (slow link): a whole layer; compute-bound (slow GEMMs): ping-pong;
+    # a whole layer that does not fit: what fits
+    slow_link = RingBudget(16, h2d_bps=1e3, gpu_flops=1e15, free_bytes=plenty)
+    slow_gemm = RingBudget(16, h2d_bps=1e12, gpu_flops=1e3, free_bytes=plenty)
+    tight = RingBudget(16, h2d_bps=1e3, gpu_flops=1e15, free_bytes=5 * nbytes + 1)
+    x, ids, w = routing(37, skew=True, unused=(2, 5))
+    for budget, want in ((slow_link, E), (slow_gemm, 2), (tight, 5)):
+        with CPUDevice() as dev:
+            streamed = StreamedExperts.from_reference(ref, dev, "auto", budget)
+            assert streamed.ring.length == want
+            contract.check(streamed.forward(x, ids, w), x, ids, w)
+            check_protocol(dev.log, 0, ids, want, E)
+    with pytest.raises(ConfigError) as info:
+        StreamedExperts.from_reference(ref, device, "auto")
+    assert info.value.field == "ring_length" and "RingBudget" in str(info.value)
 
 
 @pytest.mark.parametrize("bad, field", [(-1, "topk_ids"), (E, "topk_ids")])

@@ -8,8 +8,9 @@ What is here now, tested on the CPU:
   memory, non_blocking copies; the product) and `cpu_device` (a thread per stream,
   memcpy with an optional bandwidth cap, an event log of what ran when), whose only
   purpose is that the same pipeline code runs and is tested where there is no GPU;
-- `ring`: an expert's weights as one byte block (FP8 stays FP8, with its scales) and
-  the device ring of expert slots with ready/done events, allocated once;
+- `ring`: an expert's weights as one byte block (FP8 stays FP8, with its scales), the
+  device ring of expert slots with ready/done events, allocated once, and the ring
+  length from an expert's copy and compute times and the free device memory;
 - `tiles`: the device linear under the precision contract (BF16 inputs, FP8 widened
   to BF16 per k block with its block scales applied in FP32, FP32 sums), with its CPU
   twin;
@@ -30,8 +31,8 @@ Still to come, applied to a built model the way moed.backends.cpu is, by one
 - dense linears and norms as device modules swapped in for the reference ones, from
   `CausalLM.linear_modules()`;
 - routed experts: StreamedExperts for long prefills (chunking by device memory, the
-  ring length chosen by the planner), or left on the CPU backend's CPUExpertLayer for
-  decodes;
+  ring length and its measured constants from the planner), or left on the CPU
+  backend's CPUExpertLayer for decodes;
 - a CPU twin of each device kernel, so that its tests run on machines without one.
 
 moed.backends.install is the one place that decides which backend serves each part;

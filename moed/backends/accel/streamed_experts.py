@@ -32,9 +32,11 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from moed.backends.accel.ring import ExpertRing, check_ring_length, layer_layout, pack_host
+from moed.backends.accel.ring import (ExpertRing, check_ring_length, choose_ring_length,
+                                     layer_layout, pack_host)
 from moed.backends.accel.tiles import linear
 from moed.backends.torch import check_routing
+from moed.errors import ConfigError
 
 
 @dataclass
@@ -65,15 +67,18 @@ def plan_chunk(topk_ids):
 
 class StreamedExperts:
     """forward(x [T, D], topk_ids [T, k], topk_weights [T, k]) -> [T, D] float32, the
-    experts streamed through a ring of ring_length (2 .. E) device slots."""
+    experts streamed through a ring of ring_length (2 .. E) device slots; "auto" picks
+    it from budget (a moed.backends.accel.ring.RingBudget) with choose_ring_length."""
 
-    def __init__(self, gate, up, down, device, ring_length=2):
+    def __init__(self, gate, up, down, device, ring_length=2, budget=None):
         # gate, up: lists of E Weight [I, D]; down: E Weight [D, I] (as TorchExperts)
-        check_ring_length(ring_length, len(gate))
         self.device = device
         self.num_experts = len(gate)
         self.hidden = gate[0].shape[1]
         layout = layer_layout(gate, up, down)
+        if ring_length == "auto":
+            ring_length = self.auto_ring_length(layout, gate[0].shape[0], budget)
+        check_ring_length(ring_length, len(gate))
         self.host = pack_host(device, layout, gate, up, down)    # [E, N] uint8, staging
         self.ring = ExpertRing(device, layout, ring_length)      # [R, N] on the device
         self.loader = device.stream("loader")
@@ -81,9 +86,18 @@ class StreamedExperts:
         self.chunks = 0            # chunks run so far (tags the device's log)
 
     @classmethod
-    def from_reference(cls, experts, device, ring_length=2):
+    def from_reference(cls, experts, device, ring_length=2, budget=None):
         """From a moed.backends.torch.TorchExperts (its Weights, as stored)."""
-        return cls(experts.gate, experts.up, experts.down, device, ring_length)
+        return cls(experts.gate, experts.up, experts.down, device, ring_length, budget)
+
+    def auto_ring_length(self, layout, inter, budget):
+        """The ring length choose_ring_length gives this layer under budget."""
+        if budget is None:
+            raise ConfigError('ring_length="auto" needs a RingBudget (budget=...)',
+                              field="ring_length")
+        flops = 6 * self.hidden * inter         # gate, up and down: 2 D I FLOPs each
+        return choose_ring_length(self.num_experts, layout.nbytes, budget.tokens_per_expert,
+                                  budget.h2d_bps, budget.gpu_flops, flops, budget.free_bytes)
 
     @property
     def name(self):
