@@ -43,7 +43,8 @@ def _fp8_linear(h, weight):
     O = weight.shape[0]
     bo, bi = weight.block
     KB = -(-K // bi)
-    w = _pad_k(weight.data.to(torch.bfloat16), KB * bi).view(O, KB, bi).permute(1, 2, 0)
+    wide = _pad_k(weight.data.to(torch.bfloat16), KB * bi)             # [O, KB bi] exact
+    w = wide.view(O, KB, bi).permute(1, 2, 0)                          # [KB, bi, O]
     x = _pad_k(h, KB * bi).view(n, KB, bi).transpose(0, 1)            # [KB, n, bi]
     scale = weight.scale_inv.repeat_interleave(bo, 0)[:O].T[:, None]   # [KB, 1, O]
     rows = max(1, TEMP_BYTES // (4 * KB * O))
