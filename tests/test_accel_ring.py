@@ -5,8 +5,10 @@ import torch
 
 from accel_protocol import expert_layer
 from moed.backends.accel.cpu_device import CPUDevice
-from moed.backends.accel.ring import ALIGN, ExpertRing, layer_layout, pack_host
+from moed.backends.accel.ring import (ALIGN, ExpertRing, choose_ring_length, layer_layout,
+                                     pack_host)
 from moed.backends.accel.streamed_experts import plan_chunk
+from moed.errors import ConfigError
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
@@ -48,3 +50,47 @@ def test_plan_groups_as_the_reference_does():
     assert plan.starts == [0, 1, 4]
     assert plan.pairs(1).tolist() == [1, 2, 5]          # flat (token, j): stable order
     assert plan.pairs(2).tolist() == [0, 4]
+
+
+# choose_ring_length with plain numbers: a DeepSeek-V3-shaped FP8 expert (44 MB, 6 D I
+# = 88 MFLOP a token) over 25 GB/s at 400 TFLOP/s: a copy (1.8 ms) takes as long as
+# 8,000 tokens' GEMMs
+NBYTES, FLOPS_TOKEN, E_DSV3 = 44_000_000, 88_080_384, 256
+PCIE, GPU, FREE = 25e9, 400e12, 80_000_000_000
+
+
+def ring_length(tokens=64, bps=PCIE, flops=GPU, free=FREE, E=E_DSV3, nbytes=NBYTES):
+    return choose_ring_length(E, nbytes, tokens, bps, flops, FLOPS_TOKEN, free)
+
+
+def test_ring_length_limits():
+    assert ring_length(tokens=0) == E_DSV3               # nothing to compute: transfer-bound
+    assert ring_length(tokens=4096) == E_DSV3            # a copy outlasts its GEMMs
+    assert ring_length(tokens=10**6) == 2                # GEMMs hide every copy: ping-pong
+    assert ring_length(tokens=15_000) == 4               # rho = 0.53: 2 + floor(2.28)
+    assert ring_length(tokens=0, E=4) == 4               # never more than the layer
+    assert ring_length(tokens=0, free=10 * NBYTES + 1) == 10     # nor than memory holds
+    assert ring_length(tokens=10**6, free=2 * NBYTES) == 2
+    with pytest.raises(ConfigError) as info:
+        ring_length(free=2 * NBYTES - 1)                 # not even 2 slots
+    assert info.value.field == "ring_length" and "2 expert slots" in str(info.value)
+    for bad in ({"bps": 0}, {"flops": -1.0}):
+        with pytest.raises(ConfigError):
+            ring_length(**bad)
+
+
+def test_ring_length_is_monotonic():
+    tokens = [0, 1, 1000, 8000, 8100, 9000, 10_000, 12_000, 16_000, 30_000, 10**5, 10**6]
+    by_tokens = [ring_length(tokens=t) for t in tokens]
+    assert by_tokens == sorted(by_tokens, reverse=True)  # more compute: fewer slots
+    assert by_tokens[0] == E_DSV3 and by_tokens[-1] == 2 and 2 < by_tokens[6] < E_DSV3
+    links = (1e9, 10e9, 20e9, 30e9, 60e9, 1e12)
+    by_link = [ring_length(tokens=12_000, bps=b) for b in links]
+    assert by_link == sorted(by_link, reverse=True)      # a faster link: fewer slots
+    gpus = (1e12, 1e14, 3e14, 5e14, 1e15, 1e16)
+    by_gpu = [ring_length(tokens=12_000, flops=f) for f in gpus]
+    assert by_gpu == sorted(by_gpu)                      # a faster GPU: more slots
+    assert by_link[0] == by_gpu[-1] == E_DSV3 and by_link[-1] == by_gpu[0] == 2
+    by_free = [ring_length(tokens=0, free=n * NBYTES) for n in (2, 3, 50, 255, 256, 1000)]
+    assert by_free == [2, 3, 50, 255, 256, 256]
+    assert all(2 <= r <= E_DSV3 for r in by_tokens + by_link + by_gpu)

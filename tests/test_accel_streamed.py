@@ -1,8 +1,17 @@
-"""StreamedExperts, the stream-loading expert ring, on the CPU device: its output equals
-the torch reference (TorchExperts) bit for bit, FP8 and BF16, ragged token
-distributions, rings of 2, 3 and a whole layer; its pipeline protocol, asserted from
-the device's event log under a bandwidth cap; clear errors for bad arguments. On
-CUDA (skipped without a device): the reference within TF32 rounding."""
+"""StreamedExperts, the stream-loading expert ring, on the CPU device: its output is the
+precision contract's (BF16 inputs to every linear, FP32 sums), judged like the CPU
+kernels against a float64 reference and within 2x their error, FP8 and BF16, ragged
+token distributions, rings of 2, 3 and a whole layer; the same chunk gives the same
+bits every time and with any ring length; its pipeline protocol, asserted from the
+device's event log under a bandwidth cap; the ring length chosen automatically; clear
+errors for bad arguments. On CUDA (skipped without a device): the CPU twin within the
+contract.
+
+Not asserted: bit-equal rows across chunk splits. The CPU twin's FP32 GEMMs (torch's
+CPU matmul, MKL) round a row differently with the number of rows next to it (measured
+here below 12 rows a GEMM), so a row's bits depend on how many tokens its expert got
+in the chunk; chunk splits are judged within the contract instead.
+"""
 import threading
 import time
 
@@ -10,13 +19,17 @@ import pytest
 import torch
 
 from accel_protocol import check_protocol, expert_layer, intervals, overlaps
+from test_experts import MAX_TOL, TOL, reference
 from moed.backends.accel.cpu_device import CPUDevice
+from moed.backends.accel.ring import RingBudget
 from moed.backends.accel.streamed_experts import StreamedExperts
+from moed.backends.cpu.experts import CPUExpertLayer
 from moed.errors import ConfigError, InvalidRequestError
 from moed.model.checkpoint import Checkpoint
 from moed.model.registry import load_model
 
 E, D, K = 8, 192, 3
+FLOOR = 2.0 ** -12     # of |ref|, under 2x the kernels' error (BF16 inputs: ~2^-9 of |ref|)
 
 
 @pytest.fixture
@@ -36,20 +49,80 @@ def routing(T, k=K, E=E, skew=False, unused=(), seed=1):
     return torch.randn(T, D, generator=g), ids, torch.rand(T, k, generator=g)
 
 
+class Contract:
+    """Judges a path's output for a layer (TorchExperts) as tests/test_experts.py judges
+    the CPU kernels: against the float64 reference on the exact weights, its mean and
+    max error at most 2x the kernels' own (CPUExpertLayer, same weights, same input)
+    plus FLOOR of |ref|, and within test_experts' bounds."""
+
+    def __init__(self, ref):
+        self.cpu = CPUExpertLayer.from_weights(ref.gate, ref.up, ref.down)
+        self.exact = [torch.stack([w.dequantize() for w in ws])      # [E, out, in] each
+                      for ws in (ref.gate, ref.up, ref.down)]
+
+    def check(self, got, x, ids, w, kernel=None):
+        """kernel: the output to measure against (default: the CPU kernels')."""
+        want = reference(self.exact, x, ids, w)                        # [T, D] float64
+        kernel = self.cpu.forward(x, ids, w) if kernel is None else kernel
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        err, base = (got.double() - want).abs(), (kernel.double() - want).abs()
+        mean, peak = want.abs().mean(), want.abs().max()
+        print(f"T={len(x)}: mean error {err.mean() / mean:.2e} of |ref| (kernel "
+              f"{base.mean() / mean:.2e}), max {err.max() / peak:.2e} "
+              f"(kernel {base.max() / peak:.2e})")
+        assert err.mean() <= 2 * base.mean() + FLOOR * mean and err.mean() <= TOL * mean
+        assert err.max() <= 2 * base.max() + FLOOR * peak and err.max() <= MAX_TOL * peak
+
+
+def chunks():
+    """Ragged chunks: 1, 5, 37 (one hot expert, a tail, 2 idle) and 130 tokens, each
+    with an expert no token picks."""
+    return [routing(1, seed=2), routing(5, seed=3, unused=(4,)),
+            routing(37, skew=True, unused=(2, 5)), routing(130, seed=4, unused=(7,))]
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
 @pytest.mark.parametrize("ring_length", [2, 3, E])
-def test_equals_reference_bit_for_bit(device, fmt, ring_length):
+def test_within_the_contract_of_the_cpu_kernels(device, fmt, ring_length):
     ref = expert_layer(fmt, E=E, D=D)
+    contract = Contract(ref)
     streamed = StreamedExperts.from_reference(ref, device, ring_length)
-    cases = [routing(37, skew=True, unused=(2, 5)),   # ragged: one hot expert, a tail, 2 idle
-             routing(1, seed=2),                       # a single token
-             routing(64, seed=3)]                      # every expert busy
+    cases = chunks()
     for x, ids, w in cases:
-        got = streamed.forward(x, ids, w)
-        want = ref.forward(x, ids, w)
-        assert got.dtype == want.dtype and got.shape == want.shape
-        assert torch.equal(got, want), f"max |diff| {(got - want).abs().max():.3e}"
+        contract.check(streamed.forward(x, ids, w), x, ids, w)
     assert streamed.chunks == len(cases)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+def test_the_same_chunk_gives_the_same_bits(device, fmt):
+    # twice on one ring, and on rings of 2, 3 and E: the slot an expert sits in
+    # changes nothing of its arithmetic
+    ref = expert_layer(fmt, E=E, D=D)
+    rings = [StreamedExperts.from_reference(ref, device, R) for R in (2, 3, E)]
+    for x, ids, w in chunks():
+        first = rings[0].forward(x, ids, w)
+        assert torch.equal(rings[0].forward(x, ids, w), first)
+        assert all(torch.equal(s.forward(x, ids, w), first) for s in rings[1:])
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+def test_chunk_splits_agree_within_the_contract(device, fmt):
+    # the same 130 tokens in chunks of 1, 5, 37 and 130; the CPU kernels give the same
+    # rows for every split (batch-invariant), this twin within the contract
+    ref = expert_layer(fmt, E=E, D=D)
+    contract = Contract(ref)
+    streamed = StreamedExperts.from_reference(ref, device, 3)
+    x, ids, w = routing(130, skew=True, unused=(2,), seed=9)
+    whole = streamed.forward(x, ids, w)
+    kernel = contract.cpu.forward(x, ids, w)
+    for size in (1, 5, 37):
+        parts = [slice(i, i + size) for i in range(0, len(x), size)]
+        split = torch.cat([streamed.forward(x[p], ids[p], w[p]) for p in parts])
+        assert torch.equal(torch.cat([contract.cpu.forward(x[p], ids[p], w[p]) for p in parts]),
+                           kernel)
+        same = int((split == whole).all(dim=1).sum())
+        print(f"chunks of {size}: {same}/{len(x)} rows bit-equal to one chunk's")
+        contract.check(split, x, ids, w, kernel)
 
 
 def test_no_tokens_gives_zeros(device):
@@ -70,12 +143,18 @@ def test_stands_in_for_a_tiny_models_experts(tiny_model_dir, arch):
             x = torch.randn(29, ref.gate[0].shape[1], generator=torch.Generator().manual_seed(i))
             ids, w = mlp.router(x)                  # the layer's own routing
             streamed = StreamedExperts.from_reference(ref, device, 3)
+            contract = Contract(ref)
             assert ref.gate[0].is_fp8
-            assert torch.equal(streamed.forward(x, ids, w), ref.forward(x, ids, w))
+            routed = streamed.forward(x, ids, w)
+            contract.check(routed, x, ids, w)
+            mlp.experts = contract.cpu
             want = mlp(x)
             mlp.experts = streamed                  # the layer's interface, swapped in
-            assert torch.equal(mlp(x), want)
+            got = mlp(x)
             mlp.experts = ref
+            # the layer adds the same shared part to either routed output
+            diff = routed - contract.cpu.forward(x, ids, w)
+            assert torch.allclose(got - want, diff, atol=1e-6 * want.abs().max())
 
 
 @pytest.mark.parametrize("ring_length", [2, 3, E])
@@ -84,10 +163,11 @@ def test_protocol_from_the_event_log(ring_length):
     # is next to its GEMMs
     with CPUDevice(bandwidth=20e6) as device:
         ref = expert_layer("fp8", E=E, D=D)
+        contract = Contract(ref)
         streamed = StreamedExperts.from_reference(ref, device, ring_length)
         chunks = [routing(40, skew=True, unused=(1, 6)), routing(24, seed=4, unused=(0,))]
         for x, ids, w in chunks:
-            assert torch.equal(streamed.forward(x, ids, w), ref.forward(x, ids, w))
+            contract.check(streamed.forward(x, ids, w), x, ids, w)
         for chunk, (_, ids, _) in enumerate(chunks):
             copies, launches = check_protocol(device.log, chunk, ids, ring_length, E)
             unused = set(range(E)) - set(ids.reshape(-1).tolist())
@@ -109,7 +189,7 @@ def test_tight_ring_makes_the_loader_wait_for_done():
         slow = streamed.expert
         streamed.expert = lambda *a: (time.sleep(0.003), slow(*a))
         x, ids, w = routing(32, seed=5)
-        assert torch.equal(streamed.forward(x, ids, w), ref.forward(x, ids, w))
+        Contract(ref).check(streamed.forward(x, ids, w), x, ids, w)
         check_protocol(device.log, 0, ids, 2, E)
         waits = [e for e in device.entries(stream="loader") if e.kind == "wait_end"]
         assert all(e.event.startswith("done") for e in waits)
@@ -142,6 +222,28 @@ def test_bad_ring_length(device, ring_length):
     assert "ring_length" in str(info.value)
 
 
+def test_auto_ring_length(device):
+    ref = expert_layer("fp8", E=E, D=D)
+    contract = Contract(ref)
+    nbytes = StreamedExperts.from_reference(ref, device, 2).ring.layout.nbytes
+    plenty = 100 * nbytes
+    # transfer-bound (slow link): a whole layer; compute-bound (slow GEMMs): ping-pong;
+    # a whole layer that does not fit: what fits
+    slow_link = RingBudget(16, h2d_bps=1e3, gpu_flops=1e15, free_bytes=plenty)
+    slow_gemm = RingBudget(16, h2d_bps=1e12, gpu_flops=1e3, free_bytes=plenty)
+    tight = RingBudget(16, h2d_bps=1e3, gpu_flops=1e15, free_bytes=5 * nbytes + 1)
+    x, ids, w = routing(37, skew=True, unused=(2, 5))
+    for budget, want in ((slow_link, E), (slow_gemm, 2), (tight, 5)):
+        with CPUDevice() as dev:
+            streamed = StreamedExperts.from_reference(ref, dev, "auto", budget)
+            assert streamed.ring.length == want
+            contract.check(streamed.forward(x, ids, w), x, ids, w)
+            check_protocol(dev.log, 0, ids, want, E)
+    with pytest.raises(ConfigError) as info:
+        StreamedExperts.from_reference(ref, device, "auto")
+    assert info.value.field == "ring_length" and "RingBudget" in str(info.value)
+
+
 @pytest.mark.parametrize("bad, field", [(-1, "topk_ids"), (E, "topk_ids")])
 def test_ids_out_of_range(device, bad, field):
     streamed = StreamedExperts.from_reference(expert_layer("bf16"), device, 2)
@@ -171,16 +273,16 @@ def test_mixed_expert_layouts_refused(device):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
-def test_cuda_matches_reference(fmt):
+def test_cuda_matches_the_cpu_twin(device, fmt):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     from moed.backends.accel.cuda_device import CUDADevice
-    dev = CUDADevice()
     ref = expert_layer(fmt, E=E, D=D)
-    streamed = StreamedExperts.from_reference(ref, dev, 3)
+    contract = Contract(ref)
+    streamed = StreamedExperts.from_reference(ref, CUDADevice(), 3)
+    twin = StreamedExperts.from_reference(ref, device, 3)
     assert streamed.host.is_pinned() and streamed.ring.slots.is_cuda
-    x, ids, w = routing(37, skew=True, unused=(2,))
-    got = streamed.forward(x.cuda(), ids.cuda(), w.cuda()).cpu()
-    want = ref.forward(x, ids, w)
-    # TF32 may be on for matmuls on the GPU: allow 1e-3 of the output scale
-    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    for x, ids, w in chunks():
+        got = streamed.forward(x.cuda(), ids.cuda(), w.cuda()).cpu()
+        contract.check(got, x, ids, w, kernel=twin.forward(x, ids, w))
+        contract.check(got, x, ids, w)

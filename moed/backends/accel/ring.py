@@ -5,11 +5,13 @@ float32 block scales, or BF16), packed into one byte block by an ExpertLayout, s
 slot is filled by one host -> device copy. The ring is R such slots on the device with
 a "ready" and a "done" event each, allocated once and reused for every layer's
 chunk. Position i of a chunk's active experts goes to slot i % R; the slot is
-refilled (position i + R) only after position i's "done".
+refilled (position i + R) only after position i's "done". choose_ring_length sizes
+the ring from the copy and compute times of an expert and the free device memory.
 
 Shape legend: E experts, R ring slots, D hidden, I intermediate; an expert's bytes
 are N = ExpertLayout.nbytes.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +119,38 @@ def check_ring_length(length, num_experts):
             not 2 <= length <= max(2, num_experts):
         raise ConfigError(f"ring_length must be an int in [2, {num_experts}] (the layer's "
                           f"experts), got {length!r}", field="ring_length")
+
+
+@dataclass(frozen=True)
+class RingBudget:
+    """What ring_length="auto" weighs besides the layer's own shapes."""
+    tokens_per_expert: float   # a chunk's (token, expert) pairs per active expert
+    h2d_bps: float             # host -> device bytes/s from pinned staging
+    gpu_flops: float           # the device's BF16 GEMM FLOP/s
+    free_bytes: int            # device memory the ring may take
+
+
+def choose_ring_length(num_experts, expert_bytes, tokens_per_expert, h2d_bps, gpu_flops,
+                       expert_flops_per_token, free_bytes):
+    """The ring length in [2, E] for a layer, from rho = copy time / compute time of an
+    average expert: a whole layer when transfer-bound (rho >= 1: the loader is the
+    bottleneck and must never stall on a done), ping-pong when compute-bound (rho ~ 0),
+    2 + floor(2 rho / (1 - rho)) between (3 from rho = 1/3, 4 at 1/2, 20 at 0.9): the
+    loader has to ride out runs of cold experts (a whole copy, little compute), and the
+    nearer rho is to 1, the less time each expert gives back. Never more slots than
+    free_bytes holds; ConfigError if 2 do not fit."""
+    if h2d_bps <= 0 or gpu_flops <= 0:
+        raise ConfigError(f"h2d_bps and gpu_flops must be > 0, got {h2d_bps}, {gpu_flops}",
+                          field="ring_length")
+    fits = int(free_bytes // expert_bytes)
+    if fits < 2:
+        raise ConfigError(f"a ring needs 2 expert slots of {expert_bytes} bytes, the device "
+                          f"has {free_bytes} bytes free", field="ring_length")
+    copy_s = expert_bytes / h2d_bps
+    compute_s = tokens_per_expert * expert_flops_per_token / gpu_flops
+    rho = copy_s / compute_s if compute_s > 0 else float("inf")
+    wanted = num_experts if rho >= 1 else 2 + math.floor(2 * rho / (1 - rho))
+    return max(2, min(wanted, num_experts, fits))
 
 
 def _aligned(n):

@@ -9,15 +9,21 @@ Two streams, one host thread issuing in order:
 with s = i % R for the chunk's i-th active expert (ascending id). The loader runs up
 to R experts ahead of the compute; a slot is refilled only after its "done". Only
 experts that received tokens are copied, each once per chunk. Weights cross as
-stored (FP8 as FP8, with its scales) and are widened on the device exactly as
-moed.model.formats.Weight.dequantize does, then multiplied in FP32.
+stored (FP8 as FP8, with its scales) and stay so in the slot.
 
-Each expert's tokens are computed as moed.backends.torch.TorchExperts.forward does
-(same grouping, same index_add order), so on the CPU device the output equals the
-reference bit for bit.
+An expert's arithmetic is the precision contract's (moed.backends.accel.tiles): its
+tokens' x rounded to BF16 for gate and up, silu(g) * u in FP32 rounded to BF16 for
+down, every linear a BF16 GEMM (FP8 widened per k block, block scales applied in
+FP32) with FP32 sums, the weighted sum over a token's experts in FP32. So it agrees
+with the CPU backend's kernels within the contract, not bit for bit with the FP32
+reference (moed.backends.torch.TorchExperts), whose grouping and index_add order it
+keeps. The same chunk gives the same bits every time, whatever the ring length; a
+token's bits can change with the number of tokens its expert gets in the chunk (the
+CPU twin's FP32 GEMMs round a row differently in GEMMs of fewer than ~12 rows, and
+cuBLAS chooses its algorithm by shape).
 
 Shape legend: T tokens, k experts per token, E experts, A active experts (received a
-token), D hidden, I intermediate, R ring slots.
+token), D hidden, I intermediate, R ring slots, n an expert's tokens.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,8 +32,11 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from moed.backends.accel.ring import ExpertRing, check_ring_length, layer_layout, pack_host
+from moed.backends.accel.ring import (ExpertRing, check_ring_length, choose_ring_length,
+                                     layer_layout, pack_host)
+from moed.backends.accel.tiles import linear
 from moed.backends.torch import check_routing
+from moed.errors import ConfigError
 
 
 @dataclass
@@ -57,16 +66,19 @@ def plan_chunk(topk_ids):
 
 
 class StreamedExperts:
-    """forward(x [T, D], topk_ids [T, k], topk_weights [T, k]) -> [T, D], the experts
-    streamed through a ring of ring_length (2 .. E) device slots."""
+    """forward(x [T, D], topk_ids [T, k], topk_weights [T, k]) -> [T, D] float32, the
+    experts streamed through a ring of ring_length (2 .. E) device slots; "auto" picks
+    it from budget (a moed.backends.accel.ring.RingBudget) with choose_ring_length."""
 
-    def __init__(self, gate, up, down, device, ring_length=2):
+    def __init__(self, gate, up, down, device, ring_length=2, budget=None):
         # gate, up: lists of E Weight [I, D]; down: E Weight [D, I] (as TorchExperts)
-        check_ring_length(ring_length, len(gate))
         self.device = device
         self.num_experts = len(gate)
         self.hidden = gate[0].shape[1]
         layout = layer_layout(gate, up, down)
+        if ring_length == "auto":
+            ring_length = self.auto_ring_length(layout, gate[0].shape[0], budget)
+        check_ring_length(ring_length, len(gate))
         self.host = pack_host(device, layout, gate, up, down)    # [E, N] uint8, staging
         self.ring = ExpertRing(device, layout, ring_length)      # [R, N] on the device
         self.loader = device.stream("loader")
@@ -74,9 +86,18 @@ class StreamedExperts:
         self.chunks = 0            # chunks run so far (tags the device's log)
 
     @classmethod
-    def from_reference(cls, experts, device, ring_length=2):
+    def from_reference(cls, experts, device, ring_length=2, budget=None):
         """From a moed.backends.torch.TorchExperts (its Weights, as stored)."""
-        return cls(experts.gate, experts.up, experts.down, device, ring_length)
+        return cls(experts.gate, experts.up, experts.down, device, ring_length, budget)
+
+    def auto_ring_length(self, layout, inter, budget):
+        """The ring length choose_ring_length gives this layer under budget."""
+        if budget is None:
+            raise ConfigError('ring_length="auto" needs a RingBudget (budget=...)',
+                              field="ring_length")
+        flops = 6 * self.hidden * inter         # gate, up and down: 2 D I FLOPs each
+        return choose_ring_length(self.num_experts, layout.nbytes, budget.tokens_per_expert,
+                                  budget.h2d_bps, budget.gpu_flops, flops, budget.free_bytes)
 
     @property
     def name(self):
@@ -89,7 +110,7 @@ class StreamedExperts:
         xd = dev.to_device(x)                                        # [T, D]
         wd = dev.to_device(topk_weights.reshape(-1))                 # [T k]
         order = dev.to_device(plan.order)                            # [T k]
-        out = torch.zeros_like(xd)                                   # [T, D]
+        out = torch.zeros(xd.shape, dtype=torch.float32, device=xd.device)   # [T, D]
         dev.after_caller(self.compute)
         self.issue(ChunkPlan(plan.experts, plan.counts, order), xd, wd, ids.shape[1], out)
         dev.join(self.compute)
@@ -130,14 +151,13 @@ class StreamedExperts:
         return {"chunk": self.chunks, "position": position, "expert": expert, "slot": slot}
 
     def expert(self, slot, pairs, x, w, k, out):
-        """One expert's tokens, from its ring slot, as TorchExperts.forward computes them.
+        """One expert's tokens, from its ring slot, under the precision contract.
         pairs [n] flat (token, j) indices, x [T, D], w [T k], out [T, D] += ..."""
         gate, up, down = self.ring.weights(slot)
         tok = pairs // k                                      # [n]
-        h = x[tok]                                            # [n, D]
-        g = h @ gate.dequantize().T                           # [n, I]
-        u = h @ up.dequantize().T                             # [n, I]
-        y = (F.silu(g) * u) @ down.dequantize().T             # [n, D]
+        h = x[tok].bfloat16()                                 # [n, D]
+        act = F.silu(linear(h, gate)) * linear(h, up)         # [n, I] float32
+        y = linear(act.bfloat16(), down)                      # [n, D] float32
         out.index_add_(0, tok, y * w[pairs, None])
 
     # -- arguments
