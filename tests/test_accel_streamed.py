@@ -286,3 +286,27 @@ def test_cuda_matches_the_cpu_twin(device, fmt):
         got = streamed.forward(x.cuda(), ids.cuda(), w.cuda()).cpu()
         contract.check(got, x, ids, w, kernel=twin.forward(x, ids, w))
         contract.check(got, x, ids, w)
+
+
+def test_layers_share_one_ring_and_refill_a_slot_only_after_the_last_layers_done():
+    with CPUDevice(bandwidth=20e6) as device:
+        a_ref, b_ref = expert_layer("fp8", E=E, D=D, seed=0), expert_layer("fp8", E=E, D=D, seed=1)
+        a = StreamedExperts.from_reference(a_ref, device, ring_length=2)
+        b = StreamedExperts.from_reference(b_ref, device, share=a)
+        a.layer, b.layer = 0, 1
+        assert b.ring is a.ring and b.loader is a.loader
+        x, ids, w = routing(30, seed=5)
+        Contract(a_ref).check(a.forward(x, ids, w), x, ids, w)
+        Contract(b_ref).check(b.forward(x, ids, w), x, ids, w)
+        for layer in (0, 1):
+            mine = [e for e in device.log if e.tag.get("layer", layer) == layer]
+            check_protocol(mine, 0, ids, 2, E)
+        # layer 1's first copy into each slot follows layer 0's last done on it
+        for s in range(2):
+            done_a = max(e.seq for e in device.log if e.kind == "record" and
+                         e.event == f"done[{s}]" and e.tag.get("layer") == 0)
+            copy_b = min(e.seq for e in device.log if e.kind == "copy_start" and
+                         e.tag.get("layer") == 1 and e.tag["slot"] == s)
+            assert done_a < copy_b, f"slot {s} refilled for layer 1 before layer 0's done"
+    with CPUDevice() as other, pytest.raises(ConfigError):
+        StreamedExperts.from_reference(expert_layer("bf16", E=E, D=D), other, share=a)

@@ -1,12 +1,13 @@
 """The CUDA paths (skipped where no CUDA device is present; tools/gpu_check.sh runs them):
 the hybrid engine (dense part on the GPU, routed experts on the host) and its
-stream-loading prefill agree with the CPU engine within the precision contract, judged
-against the FP32 reference as tests/test_fidelity.py judges the CPU kernels; dual-batch
+stream-loading prefill are inside the precision contract, judged against the FP32
+reference and the contract's emulation as tests/test_fidelity.py judges the CPU kernels; dual-batch
 overlap agrees with single batches; `accel: off` puts the whole model on the GPU."""
 import numpy as np
 import pytest
 import torch
 
+from contract_reference import clear_margin, mean_kl, reference_logits
 from moed import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -15,25 +16,19 @@ ARCHS = [("deepseek_v3", "fp8"), ("qwen3_moe", "fp8"), ("mixtral", "bf16"), ("qw
 IDS = [int(t) for t in np.random.RandomState(5).randint(3, 200, size=96)]
 
 
-def mean_kl(logits, ref):
-    """Mean KL(ref || logits) over positions, in nats."""
-    lp = torch.from_numpy(logits).double().log_softmax(-1)
-    lr = torch.from_numpy(ref).double().log_softmax(-1)
-    return float((lr.exp() * (lr - lp)).sum(-1).mean())
-
-
 @pytest.mark.parametrize("path", ["cpu", "slp"])
 @pytest.mark.parametrize("arch,fmt", ARCHS)
 def test_hybrid_within_the_contract(tiny_model_dir, arch, fmt, path):
+    # the GPU attends in FP32 (the torch operations): judged against the emulation of
+    # the roundings it makes, as the AVX2 kernels are
     d = tiny_model_dir(arch, fmt)
-    ref = LLM(d, device="cpu", experts="torch").logits(IDS)
-    cpu = LLM(d, device="cpu").logits(IDS)
+    ref, emu = reference_logits(d, IDS, bf16_attention=False)
     llm = LLM(d, device="cuda", prefill_path=path, prefill_chunk=32)
     assert llm.engine.backends.accel.startswith("hybrid on cuda"), llm.engine.backends.summary()
     gpu = llm.logits(IDS)
-    floor = 1e-6
-    assert mean_kl(gpu, ref) <= 2 * mean_kl(cpu, ref) + floor, (mean_kl(gpu, ref), mean_kl(cpu, ref))
-    assert (gpu.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    print(f"{arch} {fmt} {path}: KL {mean_kl(ref, gpu):.3e}, emulation {mean_kl(ref, emu):.3e}")
+    assert mean_kl(ref, gpu) <= 2 * mean_kl(ref, emu) + 1e-7
+    assert (torch.from_numpy(gpu).argmax(-1) == ref.argmax(-1))[clear_margin(ref, 0.5)].all()
 
 
 def test_dual_batch_overlap_agrees_with_single_batches(tiny_model_dir):

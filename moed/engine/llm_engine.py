@@ -90,11 +90,15 @@ class LLMEngine:
         else:
             from moed.backends.accel.install import install as install_accel
             self.model = load_model(ckpt, self.device, expert_device=torch.device("cpu"))
+            slp = prefill_path in ("slp", "dslp") or (
+                prefill_path == "auto" and self.accel_device.kind == "cuda")
+            ring, budget = 2, None
+            if slp and self.accel_device.kind == "cuda":
+                budget = self._ring_budget()       # None: the GPU could not be measured
+                ring = "auto" if budget is not None else 2
             self.backends, self.accel = install_accel(
                 self.model, model_dir, self.accel_device, deterministic=deterministic,
-                slp=prefill_path in ("slp", "dslp") or (
-                    prefill_path == "auto" and self.accel_device.kind == "cuda"),
-                verify_store=verify_store)
+                slp=slp, ring_length=ring, ring_budget=budget, verify_store=verify_store)
         log.info("backends: %s", self.backends.summary())
         self.block_size = block_size
         dtype = getattr(torch, kv_cache_dtype, None)
@@ -150,6 +154,25 @@ class LLMEngine:
         from moed.backends.accel.cuda_device import CUDADevice
         return CUDADevice(self.device.index or 0)
 
+    def gpu_constants(self):
+        """(MachineConstants with the GPU's figures, free device bytes), measured once."""
+        if getattr(self, "_gpu", None) is None:
+            self._gpu = with_gpu(MachineConstants.load(), self.device)
+        return self._gpu
+
+    def _ring_budget(self):
+        """What the stream-loading ring's length weighs: the largest chunk's tokens per
+        expert, the measured link and GEMM speeds, a quarter of free device memory."""
+        from moed.backends.accel.ring import RingBudget
+        shape = ModelShape.of(self.model)
+        consts, free = self.gpu_constants()
+        if consts.h2d_bps is None or consts.gpu_flops is None or not shape.experts:
+            return None
+        chunk = max(c for c in SLP_CHUNKS if shape.activation_bytes(c) <= free // 4) \
+            if shape.activation_bytes(SLP_CHUNKS[0]) <= free // 4 else SLP_CHUNKS[0]
+        return RingBudget(chunk * shape.active / shape.experts, consts.h2d_bps,
+                          consts.gpu_flops, free // 4)
+
     def _planner(self, prefill_chunk, max_num_batched_tokens, fixed_budget, path="auto"):
         """The prefill planner, or None where max_num_batched_tokens fixes every step."""
         if prefill_chunk != "auto" and (isinstance(prefill_chunk, bool) or
@@ -163,7 +186,7 @@ class LLMEngine:
         constants = MachineConstants.load()
         slp_chunks = SLP_CHUNKS
         if self.accel_device is not None and self.accel_device.kind == "cuda":
-            constants, free = with_gpu(constants, self.device)
+            constants, free = self.gpu_constants()
             slp_chunks = [c for c in SLP_CHUNKS if shape.activation_bytes(c) <= free // 4] \
                 or SLP_CHUNKS[:1]
         planner = PrefillPlanner(constants, shape, prefill_chunk,

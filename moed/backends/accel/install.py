@@ -35,10 +35,11 @@ class Accel:
 
 
 def install(model, model_dir, device, *, deterministic=True, slp=False, ring_length=2,
-            verify_store=False):
+            ring_budget=None, verify_store=False):
     """-> (BackendInfo, Accel). `device`: a moed.backends.accel Device (CUDADevice or
     CPUDevice); `slp`: build the streamed experts (only when the planner may choose
-    stream-loading prefill: they hold a host staging copy of the experts)."""
+    stream-loading prefill: they hold a host staging copy of the experts), every layer
+    over one ring of ring_length slots ("auto": chosen under ring_budget, a RingBudget)."""
     refs = {i: moe.experts for i, moe in model.moe_layers()}
     if device.kind == "cpu":
         from moed.backends.cpu.install import install as install_cpu
@@ -47,15 +48,19 @@ def install(model, model_dir, device, *, deterministic=True, slp=False, ring_len
     else:
         info = install_device_dense(model, model_dir, device, verify_store)
     bridge, route = HostBridge(device), StepRoute()
+    first = None
     for i, moe in model.moe_layers():
         streamed = None
         if slp:
             from moed.backends.accel.streamed_experts import StreamedExperts
-            streamed = StreamedExperts.from_reference(refs[i], device, ring_length)
+            streamed = StreamedExperts.from_reference(refs[i], device, ring_length,
+                                                      ring_budget, share=first)
+            streamed.layer = i
+            first = first or streamed
         moe.experts = HybridExperts(moe.experts, bridge, route, streamed)
     where = f"{device.kind}" + ("" if device.kind == "cpu" else f" ({device.torch_device})")
     info.accel = f"hybrid on {where}: experts on the host" + (
-        f", stream-loading prefill (ring {ring_length})" if slp else "")
+        f", stream-loading prefill (one ring of {first.ring.length} slots)" if first else "")
     return info, Accel(device, bridge, route, slp)
 
 

@@ -70,25 +70,35 @@ class StreamedExperts:
     experts streamed through a ring of ring_length (2 .. E) device slots; "auto" picks
     it from budget (a moed.backends.accel.ring.RingBudget) with choose_ring_length."""
 
-    def __init__(self, gate, up, down, device, ring_length=2, budget=None):
-        # gate, up: lists of E Weight [I, D]; down: E Weight [D, I] (as TorchExperts)
+    def __init__(self, gate, up, down, device, ring_length=2, budget=None, share=None):
+        # gate, up: lists of E Weight [I, D]; down: E Weight [D, I] (as TorchExperts).
+        # share: another layer's StreamedExperts whose ring and streams this one uses
+        # (a model's layers run one after another: one ring serves them all, and a
+        # slot is refilled only after the previous layer's "done" on it)
         self.device = device
         self.num_experts = len(gate)
         self.hidden = gate[0].shape[1]
         layout = layer_layout(gate, up, down)
-        if ring_length == "auto":
-            ring_length = self.auto_ring_length(layout, gate[0].shape[0], budget)
-        check_ring_length(ring_length, len(gate))
         self.host = pack_host(device, layout, gate, up, down)    # [E, N] uint8, staging
-        self.ring = ExpertRing(device, layout, ring_length)      # [R, N] on the device
-        self.loader = device.stream("loader")
-        self.compute = device.stream("compute")
+        if share is not None:
+            if share.ring.layout != layout or share.device is not device:
+                raise ConfigError("a shared ring needs the same expert layout and device",
+                                  field="experts")
+            self.ring, self.loader, self.compute = share.ring, share.loader, share.compute
+        else:
+            if ring_length == "auto":
+                ring_length = self.auto_ring_length(layout, gate[0].shape[0], budget)
+            check_ring_length(ring_length, len(gate))
+            self.ring = ExpertRing(device, layout, ring_length)  # [R, N] on the device
+            self.loader = device.stream("loader")
+            self.compute = device.stream("compute")
         self.chunks = 0            # chunks run so far (tags the device's log)
+        self.layer = None          # the model layer it serves, where set (tags the log)
 
     @classmethod
-    def from_reference(cls, experts, device, ring_length=2, budget=None):
+    def from_reference(cls, experts, device, ring_length=2, budget=None, share=None):
         """From a moed.backends.torch.TorchExperts (its Weights, as stored)."""
-        return cls(experts.gate, experts.up, experts.down, device, ring_length, budget)
+        return cls(experts.gate, experts.up, experts.down, device, ring_length, budget, share)
 
     def auto_ring_length(self, layout, inter, budget):
         """The ring length choose_ring_length gives this layer under budget."""
@@ -148,7 +158,8 @@ class StreamedExperts:
         self.compute.record(self.ring.done[s], tag)
 
     def tag(self, position, expert, slot):
-        return {"chunk": self.chunks, "position": position, "expert": expert, "slot": slot}
+        return {"chunk": self.chunks, "position": position, "expert": expert, "slot": slot,
+                "layer": self.layer}
 
     def expert(self, slot, pairs, x, w, k, out):
         """One expert's tokens, from its ring slot, under the precision contract.
