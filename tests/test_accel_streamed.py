@@ -310,3 +310,28 @@ def test_layers_share_one_ring_and_refill_a_slot_only_after_the_last_layers_done
             assert done_a < copy_b, f"slot {s} refilled for layer 1 before layer 0's done"
     with CPUDevice() as other, pytest.raises(ConfigError):
         StreamedExperts.from_reference(expert_layer("bf16", E=E, D=D), other, share=a)
+
+
+@pytest.mark.parametrize("ring_length", [2, 3, E])
+def test_bounce_staging_gives_the_pinned_bits_and_keeps_the_protocol(ring_length):
+    """Experts packed into a few shared host blocks just before each copy (no copy of
+    the layer in host memory): the same bytes reach the ring, so the output is the
+    pinned staging's bit for bit; no block is repacked before its copy has read it."""
+    x, ids, w = routing(40, skew=True, unused=(1, 6))
+    with CPUDevice() as device:
+        ref = expert_layer("fp8", E=E, D=D)
+        want = StreamedExperts.from_reference(ref, device, ring_length).forward(x, ids, w)
+    with CPUDevice(bandwidth=20e6) as device:
+        streamed = StreamedExperts.from_reference(ref, device, ring_length, staging="bounce")
+        assert streamed.host is None and len(streamed.bounce.sent) < E
+        assert torch.equal(streamed.forward(x, ids, w), want)
+        check_protocol(device.log, 0, ids, ring_length, E)
+        # block b is repacked for load j only after load j - count's copy ended
+        count = len(streamed.bounce.sent)
+        copies = sorted((e for e in device.log if e.kind == "copy_end"), key=lambda e: e.seq)
+        sent = [e for e in device.log if e.kind == "record" and e.event.startswith("sent")]
+        assert len(sent) == len(copies)
+        for j in range(count, len(copies)):
+            assert sent[j - count].seq < copies[j].seq
+    with CPUDevice() as device, pytest.raises(ConfigError):
+        StreamedExperts.from_reference(ref, device, staging="paged")

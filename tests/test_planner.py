@@ -291,3 +291,17 @@ def test_engine_plans_logs_and_keeps_greedy_output(tiny_model_dir):
     assert fixed.engine.planner is None and "off" in fixed.model_info["planner"]
     auto = LLM(model, device="cpu")
     assert auto.engine.planner is not None and "chunk auto" in auto.model_info["planner"]
+
+
+def test_model_shape_counts_mla_and_shared_experts(tiny_model_dir):
+    from moed.model.checkpoint import Checkpoint
+    from moed.model.registry import load_model
+    import torch
+    d = tiny_model_dir("deepseek_v3", "fp8")
+    model = load_model(Checkpoint(d), torch.device("cpu"))
+    shape, c = ModelShape.of(model), model.cfg.raw
+    H, D = c["num_attention_heads"], c["hidden_size"]
+    dn, dr, dv = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    assert shape.attention_flops == 2 * H * (dn + dr) + 2 * H * dv
+    shared = 3 * D * c["n_shared_experts"] * c["moe_intermediate_size"]
+    assert shape.dense_params > shared + c["n_routed_experts"] * D

@@ -209,12 +209,25 @@ class ModelShape:
         A = get("num_experts_per_tok", default=0)
         inter = get("moe_intermediate_size", "intermediate_size", default=4 * D)
         moe = len(model.moe_layers())
-        attn = (2 * H * d + 2 * KV * d) * D
+        rank = get("kv_lora_rank")
+        if rank:                     # MLA (DeepSeek): low-rank q and kv projections
+            dn, dr = get("qk_nope_head_dim", default=128), get("qk_rope_head_dim", default=64)
+            dv, q_rank = get("v_head_dim", default=128), get("q_lora_rank")
+            q = (D * q_rank + q_rank * H * (dn + dr)) if q_rank else D * H * (dn + dr)
+            attn = q + D * (rank + dr) + rank * H * (dn + dv) + H * dv * D
+            pair = 2 * H * (dn + dr) + 2 * H * dv      # q.k and p.v per (query, key) pair
+        else:
+            attn = (2 * H * d + 2 * KV * d) * D
+            pair = 4 * H * d
+        # shared experts (DeepSeek's n_shared_experts, Qwen2-MoE's one) run every token
+        shared = 3 * D * (get("n_shared_experts", default=0) * inter +
+                          get("shared_expert_intermediate_size", default=0))
         dense_mlp = 3 * D * get("intermediate_size", default=inter)
-        dense = attn + E * D + dense_mlp * (model.num_layers - moe) // max(1, model.num_layers)
+        dense = attn + (E * D + shared) * (moe > 0) + \
+            dense_mlp * (model.num_layers - moe) // max(1, model.num_layers)
         quant = "quantization_config" in c.raw
         return cls(layers=model.num_layers, hidden=D, dense_params=dense, experts=E, active=A,
-                   expert_params=3 * D * inter, moe_layers=moe, attention_flops=4 * H * d,
+                   expert_params=3 * D * inter, moe_layers=moe, attention_flops=pair,
                    weight_bytes=1.0 if quant else 2.0)
 
     def activation_bytes(self, tokens):

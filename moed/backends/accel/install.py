@@ -14,11 +14,14 @@ in host memory (`load_model(ckpt, device, expert_device="cpu")`). Then:
   stream-loading prefill may be chosen, a StreamedExperts over the same weights.
 """
 import logging
+import os
 
 from moed.backends.accel.hybrid import HostBridge, HybridExperts, StepRoute
 from moed.backends.torch import BackendInfo
 
 log = logging.getLogger(__name__)
+
+PINNED_SHARE = 0.25    # of host memory, at most, for a pinned copy of the routed experts
 
 
 class Accel:
@@ -49,19 +52,35 @@ def install(model, model_dir, device, *, deterministic=True, slp=False, ring_len
         info = install_device_dense(model, model_dir, device, verify_store)
     bridge, route = HostBridge(device), StepRoute()
     first = None
+    staging = staging_for(refs.values()) if slp else None
     for i, moe in model.moe_layers():
         streamed = None
         if slp:
             from moed.backends.accel.streamed_experts import StreamedExperts
             streamed = StreamedExperts.from_reference(refs[i], device, ring_length,
-                                                      ring_budget, share=first)
+                                                      ring_budget, share=first,
+                                                      staging=staging)
             streamed.layer = i
             first = first or streamed
         moe.experts = HybridExperts(moe.experts, bridge, route, streamed)
     where = f"{device.kind}" + ("" if device.kind == "cpu" else f" ({device.torch_device})")
     info.accel = f"hybrid on {where}: experts on the host" + (
-        f", stream-loading prefill (one ring of {first.ring.length} slots)" if first else "")
+        f", stream-loading prefill (one ring of {first.ring.length} slots, {staging} "
+        f"staging)" if first else "")
     return info, Accel(device, bridge, route, slp)
+
+
+def staging_for(layers):
+    """"pinned" (each layer packed once into host staging memory) when all layers'
+    routed experts take at most PINNED_SHARE of the host's memory, else "bounce" (a
+    few experts packed per load: no second copy of the experts)."""
+    total = sum(sum(w.data.nbytes + (w.scale_inv.nbytes if w.is_fp8 else 0)
+                    for ws in (ex.gate, ex.up, ex.down) for w in ws) for ex in layers)
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        memory = 0
+    return "pinned" if total <= PINNED_SHARE * memory else "bounce"
 
 
 def install_device_dense(model, model_dir, device, verify_store):

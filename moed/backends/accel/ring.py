@@ -95,6 +95,31 @@ def pack_host(device, layout, gate, up, down):
     return host
 
 
+class BouncePool:
+    """A few host staging blocks (pinned on CUDA) that a load packs its expert into from
+    the checkpoint's tensors just before the copy: host memory for `count` experts
+    instead of a second copy of every layer (DeepSeek-V3's routed experts are ~650 GB).
+    Blocks are taken in turn; one is repacked only after the copy out of it completed
+    (its "sent" event, recorded on the loader stream after the copy). Shared by every
+    layer of a model, as the ring is."""
+
+    def __init__(self, device, layout, count=4):
+        self.layout = layout
+        self.blocks = device.host_empty((count, layout.nbytes), torch.uint8)   # [count, N]
+        self.blocks.zero_()                # alignment padding: deterministic bytes
+        self.sent = [device.event(f"sent[{b}]") for b in range(count)]
+        self.next = 0
+
+    def stage(self, gate, up, down):
+        """Pack one expert's Weights into the next free block -> (block [N], its sent
+        event, to record on the stream that copies out of it)."""
+        b = self.next % len(self.sent)
+        self.next += 1
+        self.sent[b].synchronize()         # the block's previous copy has been read out
+        self.layout.pack(self.blocks[b], gate, up, down)
+        return self.blocks[b], self.sent[b]
+
+
 class ExpertRing:
     """R expert slots on the device, slots [R, N] uint8, with events ready[s] (the
     loader filled slot s) and done[s] (the compute stream finished with it)."""

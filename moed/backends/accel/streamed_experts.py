@@ -32,8 +32,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from moed.backends.accel.ring import (ExpertRing, check_ring_length, choose_ring_length,
-                                     layer_layout, pack_host)
+from moed.backends.accel.ring import (BouncePool, ExpertRing, check_ring_length,
+                                     choose_ring_length, layer_layout, pack_host)
 from moed.backends.accel.tiles import linear
 from moed.backends.torch import check_routing
 from moed.errors import ConfigError
@@ -70,21 +70,31 @@ class StreamedExperts:
     experts streamed through a ring of ring_length (2 .. E) device slots; "auto" picks
     it from budget (a moed.backends.accel.ring.RingBudget) with choose_ring_length."""
 
-    def __init__(self, gate, up, down, device, ring_length=2, budget=None, share=None):
+    def __init__(self, gate, up, down, device, ring_length=2, budget=None, share=None,
+                 staging="pinned"):
         # gate, up: lists of E Weight [I, D]; down: E Weight [D, I] (as TorchExperts).
-        # share: another layer's StreamedExperts whose ring and streams this one uses
-        # (a model's layers run one after another: one ring serves them all, and a
-        # slot is refilled only after the previous layer's "done" on it)
+        # share: another layer's StreamedExperts whose ring, streams and bounce pool
+        # this one uses (a model's layers run one after another: one ring serves them
+        # all, and a slot is refilled only after the previous layer's "done" on it).
+        # staging: "pinned" packs the layer once into host staging memory (a load is
+        # one copy); "bounce" packs each loaded expert into a few shared blocks just
+        # before its copy (host memory for a few experts, not a copy of the layer)
+        if staging not in ("pinned", "bounce"):
+            raise ConfigError(f"staging must be pinned or bounce, got {staging!r}",
+                              field="staging")
         self.device = device
         self.num_experts = len(gate)
         self.hidden = gate[0].shape[1]
         layout = layer_layout(gate, up, down)
-        self.host = pack_host(device, layout, gate, up, down)    # [E, N] uint8, staging
+        self.weights = (gate, up, down)
+        self.host = pack_host(device, layout, gate, up, down) if staging == "pinned" else None
+        self.bounce = None
         if share is not None:
             if share.ring.layout != layout or share.device is not device:
                 raise ConfigError("a shared ring needs the same expert layout and device",
                                   field="experts")
             self.ring, self.loader, self.compute = share.ring, share.loader, share.compute
+            self.bounce = share.bounce
         else:
             if ring_length == "auto":
                 ring_length = self.auto_ring_length(layout, gate[0].shape[0], budget)
@@ -92,13 +102,17 @@ class StreamedExperts:
             self.ring = ExpertRing(device, layout, ring_length)  # [R, N] on the device
             self.loader = device.stream("loader")
             self.compute = device.stream("compute")
+        if staging == "bounce" and self.bounce is None:
+            self.bounce = BouncePool(device, layout)
         self.chunks = 0            # chunks run so far (tags the device's log)
         self.layer = None          # the model layer it serves, where set (tags the log)
 
     @classmethod
-    def from_reference(cls, experts, device, ring_length=2, budget=None, share=None):
+    def from_reference(cls, experts, device, ring_length=2, budget=None, share=None,
+                       staging="pinned"):
         """From a moed.backends.torch.TorchExperts (its Weights, as stored)."""
-        return cls(experts.gate, experts.up, experts.down, device, ring_length, budget, share)
+        return cls(experts.gate, experts.up, experts.down, device, ring_length, budget, share,
+                   staging)
 
     def auto_ring_length(self, layout, inter, budget):
         """The ring length choose_ring_length gives this layer under budget."""
@@ -145,8 +159,14 @@ class StreamedExperts:
         tag = self.tag(i, e, s)
         # the slot's latest done: position i - R's, or at i < R the previous chunk's
         # (its compute may still run on CUDA: join does not block the host)
+        if self.host is not None:
+            src, sent = self.host[e], None
+        else:                   # packed now, on the host, while the device computes
+            src, sent = self.bounce.stage(*(ws[e] for ws in self.weights))
         self.loader.wait(self.ring.done[s])
-        self.loader.copy(self.ring.slots[s], self.host[e], tag)
+        self.loader.copy(self.ring.slots[s], src, tag)
+        if sent is not None:
+            self.loader.record(sent, tag)
         self.loader.record(self.ring.ready[s], tag)
 
     def issue_compute(self, plan, i, x, w, k, out):
