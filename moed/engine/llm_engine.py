@@ -70,6 +70,10 @@ class LLMEngine:
         # an explicit max_num_batched_tokens fixes every step's budget (the planner's
         # chunk choice applies only when it is left unset or prefill_chunk is a number)
         fixed_budget = max_num_batched_tokens is not None
+        if prefill_path == "dslp":
+            raise ConfigError("prefill_path='dslp' needs a worker per GPU, which the engine "
+                              "does not run yet: use 'slp' (one GPU) or 'auto'",
+                              field="prefill_path")
         max_num_batched_tokens = max_num_batched_tokens or BATCHED_TOKENS
         if max_num_batched_tokens < max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
@@ -90,7 +94,7 @@ class LLMEngine:
         else:
             from moed.backends.accel.install import install as install_accel
             self.model = load_model(ckpt, self.device, expert_device=torch.device("cpu"))
-            slp = prefill_path in ("slp", "dslp") or (
+            slp = prefill_path == "slp" or (
                 prefill_path == "auto" and self.accel_device.kind == "cuda")
             ring, budget = 2, None
             if slp and self.accel_device.kind == "cuda":
@@ -114,7 +118,7 @@ class LLMEngine:
             DualBatchPolicy(dual_batch)        # the same error for a bad value
         self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.accel, dbo)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
-        if prefill_path in ("slp", "dslp") and self.accel is None:
+        if prefill_path == "slp" and self.accel is None:
             raise ConfigError(f"prefill_path={prefill_path!r} needs the hybrid engine "
                               f"(accel='auto' on a CUDA device, or accel='cpu')",
                               field="prefill_path")

@@ -400,13 +400,14 @@ def measure_gpu(device):
 
 
 def with_gpu(constants, device):
-    """constants with the GPU's figures measured now -> (constants, free device bytes)."""
+    """constants with the GPU's figures measured now -> (constants, free device bytes).
+    The engine streams on one GPU: num_gpus stays 1 until DSLP runs in it (the layer
+    is built and tested, moed.backends.accel.expert_parallel; the ranks' workers are
+    not), so the planner never predicts a speed it cannot deliver."""
     import dataclasses
 
-    import torch
     h2d, flops, free = measure_gpu(device)
-    consts = dataclasses.replace(constants, h2d_bps=h2d, gpu_flops=flops,
-                                 num_gpus=torch.cuda.device_count())
+    consts = dataclasses.replace(constants, h2d_bps=h2d, gpu_flops=flops, num_gpus=1)
     log.info("planner: GPU h2d %s, BF16 GEMM %s, %.1f GiB free",
              "n/a" if h2d is None else f"{h2d / 1e9:.1f} GB/s",
              "n/a" if flops is None else f"{flops / 1e12:.0f} TFLOP/s", free / 2 ** 30)
