@@ -1,7 +1,8 @@
 """Logits of every architecture, format and CPU path, fingerprinted: what a change of
 shape must leave bit for bit as it was.
 
-    python tests/logits_snapshot.py --write    # save this tree's fingerprints
+    python tests/logits_snapshot.py --write    # save this tree's fingerprints (one
+                                               # entry per machine; others are kept)
     (tests/test_logits_snapshot.py compares a tree against the saved ones)
 
 Each case runs the offline engine on three prompts (a batched prefill, then batched
@@ -106,6 +107,21 @@ def build(arch, fmt, out):
                             {"max_position_embeddings": 512})
 
 
+def saved():
+    """The saved snapshots, one per machine fingerprint ([] when there is no file)."""
+    if not SNAPSHOT.exists():
+        return []
+    doc = json.loads(SNAPSHOT.read_text())
+    return doc["snapshots"] if "snapshots" in doc else [doc]
+
+
+def for_this_machine():
+    """(this machine's saved snapshot or None, the fingerprints saved)."""
+    here, snaps = fingerprint(), saved()
+    return next((s for s in snaps if s["fingerprint"] == here), None), \
+        [s["fingerprint"] for s in snaps]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help=f"write {SNAPSHOT}")
@@ -120,8 +136,10 @@ def main(argv=None):
             result["cases"][f"{arch}/{fmt}/{load}"] = case_hashes(model, load)
             print(arch, fmt, load, "done", file=sys.stderr)
     if args.write:
-        SNAPSHOT.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {SNAPSHOT}")
+        others = [snap for snap in saved() if snap["fingerprint"] != result["fingerprint"]]
+        doc = {"snapshots": others + [result]}
+        SNAPSHOT.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {SNAPSHOT} ({len(doc['snapshots'])} machines)")
     else:
         print(json.dumps(result, indent=1, sort_keys=True))
 
