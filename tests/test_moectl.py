@@ -86,3 +86,15 @@ def test_percentile_nearest_rank():
     assert percentile([5, 1, 3, 2, 4], 50) == 3
     assert percentile(list(range(1, 101)), 99) == 99
     assert percentile([7], 99) == 7
+
+
+def test_bench_mixed_reports_decode_latency_during_a_long_prefill(capsys, target):
+    rc, out, _ = ctl(capsys, target, "--json", "bench", "--mixed", "--streams", "2",
+                     "--prompt-tokens", "8", "--long-prompt-tokens", "200")
+    r = json.loads(out)
+    assert rc == 0 and r["streams"] == 2 and r["long_prompt_tokens"] == 200
+    assert 0 < r["tpot_idle_p50_ms"] <= r["tpot_idle_p99_ms"]
+    assert 0 < r["tpot_prefill_p50_ms"] <= r["tpot_prefill_p99_ms"]
+    assert r["long_ttft_solo_ms"] > 0 and r["long_ttft_mixed_ms"] > 0
+    assert r["tpot_p99_ratio"] > 0 and r["long_ttft_ratio"] > 0
+    assert r["total_tokens"] >= 2 * 32 + 1 and r["throughput_tok_s"] > 0

@@ -1,4 +1,5 @@
-"""`moectl bench`: N concurrent greedy streams of a fixed prompt and output length.
+"""`moectl bench`: N concurrent greedy streams of a fixed prompt and output length;
+`moectl bench --mixed`: N streams decoding while long prompts arrive.
 
 Measured on the client, per stream: TTFT (send -> first token) and TPOT
 ((last token - first token) / (tokens - 1)); overall: output tokens / wall time.
@@ -9,6 +10,8 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass, field
+
+import grpc
 
 from moed.server.gen import generation_pb2 as pb
 
@@ -84,3 +87,95 @@ def _progress_bar(total, show):
     from tqdm import tqdm
     return tqdm(total=total, unit="tok", desc="bench", file=sys.stderr, disable=not show,
                 leave=False)
+
+
+# -- bench --mixed: decoding streams while long prompts arrive
+@dataclass
+class OpenStream:
+    """A stream that decodes until stopped; token_times are its tokens' arrivals."""
+    token_times: list = field(default_factory=list)
+    call: object = None
+
+
+async def open_stream(stub, s, ids, max_new_tokens, progress):
+    """Run OpenStream s until its call ends or is cancelled -> s."""
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), ignore_eos=True,
+                             sampling=pb.SamplingParams(temperature=0,
+                                                        max_new_tokens=max_new_tokens))
+    s.call = stub.Generate(req)
+    try:
+        async for msg in s.call:
+            if msg.HasField("chunk") and msg.chunk.token_ids:
+                s.token_times += [time.perf_counter()] * len(msg.chunk.token_ids)
+                progress(len(msg.chunk.token_ids))
+    except asyncio.CancelledError:
+        pass
+    except grpc.aio.AioRpcError as e:       # CANCELLED: we stopped it
+        if e.code() != grpc.StatusCode.CANCELLED:
+            raise
+    return s
+
+
+def gaps_within(streams, start, end):
+    """Inter-token gaps (s) of every stream whose later token arrived in [start, end)."""
+    return [b - a for s in streams for a, b in zip(s.token_times, s.token_times[1:])
+            if start <= b < end]
+
+
+async def until(predicate, poll=0.005):
+    while not predicate():
+        await asyncio.sleep(poll)
+
+
+async def run_mixed(client, streams, prompt_tokens, long_tokens, long_prompts=1,
+                    idle_tokens=16, show_progress=True):
+    """`streams` greedy streams decode; once each has `idle_tokens` tokens (the idle
+    window), `long_prompts` prompts of `long_tokens` tokens arrive together (one output
+    token each); after the last one's first token the streams decode `idle_tokens` more
+    and are stopped. Each long prompt is first timed alone (its solo TTFT). TPOT here
+    is the gap between a stream's consecutive tokens: idle (before the long prompts
+    and after them) and during their prefill."""
+    async with client.channel(aio=True) as channel:
+        stub = client.generation(channel)
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        long_ids = [prompt_ids(info.vocab_size, long_tokens, 1000 + i) for i in range(long_prompts)]
+        await one_stream(stub, prompt_ids(info.vocab_size, 8, 999), 2, lambda n: None)  # warm
+        solo = [(await one_stream(stub, ids, 1, lambda n: None)).ttft_s for ids in long_ids]
+        bar = _progress_bar(None, show_progress)
+        budget = max(2 * idle_tokens, info.context_length - prompt_tokens - 1)
+        opened = [OpenStream() for _ in range(streams)]
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(open_stream(stub, s, prompt_ids(info.vocab_size, prompt_tokens, i),
+                                                 budget, bar.update))
+                 for i, s in enumerate(opened)]
+        await until(lambda: all(t.done() or len(s.token_times) >= idle_tokens
+                                for t, s in zip(tasks, opened)))
+        sent = time.perf_counter()
+        mixed = await asyncio.gather(*(one_stream(stub, ids, 1, bar.update) for ids in long_ids))
+        done = time.perf_counter()
+        marks = [len(s.token_times) for s in opened]
+        await until(lambda: all(t.done() or len(s.token_times) >= m + idle_tokens
+                                for t, s, m in zip(tasks, opened, marks)))
+        for s in opened:
+            s.call.cancel()
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+        bar.close()
+    idle = gaps_within(opened, t0, sent) + gaps_within(opened, done, float("inf"))
+    during = gaps_within(opened, sent, done)
+    ms = lambda xs, q: round(1000 * percentile(xs, q), 2) if xs else None  # noqa: E731
+    total = sum(len(s.token_times) for s in opened) + sum(r.num_tokens for r in mixed)
+    out = {"model": info.architecture, "weight_format": info.weight_format, "isa": info.isa,
+           "device": info.device, "streams": streams, "prompt_tokens": prompt_tokens,
+           "long_prompt_tokens": long_tokens, "long_prompts": long_prompts,
+           "tpot_idle_p50_ms": ms(idle, 50), "tpot_idle_p99_ms": ms(idle, 99),
+           "tpot_prefill_p50_ms": ms(during, 50), "tpot_prefill_p99_ms": ms(during, 99),
+           "long_ttft_solo_ms": ms(solo, 50),
+           "long_ttft_mixed_ms": ms([r.ttft_s for r in mixed], 50),
+           "total_tokens": total, "wall_s": round(wall, 3),
+           "throughput_tok_s": round(total / wall, 2)}
+    for ratio, num, den in (("tpot_p99_ratio", "tpot_prefill_p99_ms", "tpot_idle_p99_ms"),
+                            ("long_ttft_ratio", "long_ttft_mixed_ms", "long_ttft_solo_ms")):
+        if out[num] and out[den]:
+            out[ratio] = round(out[num] / out[den], 2)
+    return out

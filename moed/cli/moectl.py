@@ -58,6 +58,11 @@ def build_parser():
     b.add_argument("--streams", type=int, default=16)
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--output-tokens", type=int, default=32)
+    b.add_argument("--mixed", action="store_true",
+                   help="the streams decode while long prompts arrive: decode TPOT idle and "
+                        "during their prefill, their TTFT against alone")
+    b.add_argument("--long-prompt-tokens", type=int, default=2048)
+    b.add_argument("--long-prompts", type=int, default=1)
     p = sub.add_parser("pack", help="pack a checkpoint's experts for the CPU engine (local, "
                                     "no daemon)")
     p.add_argument("model_dir")
@@ -168,8 +173,13 @@ def cmd_models(client, args):
 
 
 def cmd_bench(client, args):
-    result = asyncio.run(bench.run_bench(client, args.streams, args.prompt_tokens,
-                                         args.output_tokens, show_progress=not args.json))
+    if args.mixed:
+        result = asyncio.run(bench.run_mixed(client, args.streams, args.prompt_tokens,
+                                             args.long_prompt_tokens, args.long_prompts,
+                                             show_progress=not args.json))
+    else:
+        result = asyncio.run(bench.run_bench(client, args.streams, args.prompt_tokens,
+                                             args.output_tokens, show_progress=not args.json))
     tables.emit(result, args.json)
 
 
