@@ -116,10 +116,11 @@ async def open_stream(stub, s, ids, max_new_tokens, progress):
     return s
 
 
-def gaps_within(streams, start, end):
-    """Inter-token gaps (s) of every stream whose later token arrived in [start, end)."""
+def gaps_within(streams, start, end, whole=False):
+    """Inter-token gaps (s) of every stream whose later token arrived in [start, end)
+    (whole: both tokens did)."""
     return [b - a for s in streams for a, b in zip(s.token_times, s.token_times[1:])
-            if start <= b < end]
+            if start <= b < end and (not whole or a >= start)]
 
 
 async def until(predicate, poll=0.005):
@@ -161,7 +162,8 @@ async def run_mixed(client, streams, prompt_tokens, long_tokens, long_prompts=1,
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
         bar.close()
-    idle = gaps_within(opened, t0, sent) + gaps_within(opened, done, float("inf"))
+    idle = gaps_within(opened, t0, sent, whole=True) + \
+        gaps_within(opened, done, float("inf"), whole=True)
     during = gaps_within(opened, sent, done)
     ms = lambda xs, q: round(1000 * percentile(xs, q), 2) if xs else None  # noqa: E731
     total = sum(len(s.token_times) for s in opened) + sum(r.num_tokens for r in mixed)
