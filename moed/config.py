@@ -36,6 +36,7 @@ class Config:
     accel: str = _setting("auto", "engine", str)                 # auto | off | cpu
     prefill_path: str = _setting("auto", "engine", str)          # auto | cpu | slp | dslp
     dual_batch: str = _setting("auto", "engine", str)            # auto | on | off
+    prefill_worker: bool = _setting(False, "engine", bool)       # long prompts in a process of their own
     max_num_seqs: int = _setting(64, "engine", int)
     max_num_batched_tokens: int = _setting(None, "engine", int, nullable=True)  # None: BATCHED_TOKENS
     prefill_chunk: object = _setting("auto", "engine", (str, int))   # "auto" | tokens
@@ -105,6 +106,7 @@ class Config:
                     max_num_batched_tokens=self.max_num_batched_tokens,
                     prefill_chunk=self.prefill_chunk, accel=self.accel,
                     prefill_path=self.prefill_path, dual_batch=self.dual_batch,
+                    prefill_worker=self.prefill_worker,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
                     max_waiting=self.max_waiting,
                     # "auto" defers to the engine, which honours MOED_EXPERTS

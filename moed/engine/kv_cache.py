@@ -47,10 +47,12 @@ class BlockManager:
         assert len(self.free_blocks) <= self.num_blocks
 
 
-def allocate_kv_caches(model, num_blocks, block_size, dtype, device):
-    """One [S, *kv_token_shape] tensor per layer (zeroed: never read before written)."""
+def allocate_kv_caches(model, num_blocks, block_size, dtype, device, shared=False):
+    """One [S, *kv_token_shape] tensor per layer (zeroed: never read before written);
+    shared: in shared memory (a prefill worker process writes into it)."""
     shape = (num_blocks * block_size, *model.kv_token_shape())
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+    return [c.share_memory_() for c in caches] if shared else caches
 
 
 def slots_of(block_table, start, end, block_size):

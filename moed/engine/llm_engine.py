@@ -13,13 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from moed.backends import install as install_backends
+from moed.backends.cpu.runtime import default_threads
 from moed.engine.kv_cache import BlockManager, blocks_for
 from moed.engine.model_runner import ModelRunner
 from moed.engine.planner import (DUAL_BATCH, SLP_CHUNKS, DualBatchPolicy, MachineConstants,
                                   ModelShape, PrefillPlanner, with_gpu)
 from moed.engine.sampler import sample
 from moed.engine.scheduler import Scheduler
-from moed.engine.sequence import Sequence
+from moed.engine.prefill_worker import set_threads
+from moed.engine.sequence import Sequence, Status
 from moed.engine.stops import StopChecker
 from moed.config import BATCHED_TOKENS
 from moed.errors import CapacityError, ConfigError, InvalidRequestError
@@ -61,7 +63,7 @@ class LLMEngine:
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
                  experts=None, linears=None, detokenize=True, deterministic=True,
                  verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
-                 dual_batch="auto", accel_bandwidth=None):
+                 dual_batch="auto", accel_bandwidth=None, prefill_worker=False):
         # accel: the hybrid engine (dense part on the device, routed experts on the host):
         # "auto" = on where the device is CUDA, "off", or "cpu" = over the CPU device (the
         # twin the tests run; accel_bandwidth caps its copies, bytes/s). prefill_path:
@@ -116,8 +118,16 @@ class LLMEngine:
             dbo = DualBatchPolicy(dual_batch, overlap=self.accel_device.kind == "cuda")
         elif dual_batch not in DUAL_BATCH:
             DualBatchPolicy(dual_batch)        # the same error for a bad value
-        self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.accel, dbo)
+        self.worker = None
+        kv = None
+        if prefill_worker:
+            kv = self._start_worker(model_dir, num_blocks, block_size, dtype, experts, linears,
+                                    deterministic)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.accel, dbo,
+                                  kv_caches=kv)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
+        if self.worker is not None:
+            self.scheduler.hold = self._waits_for_worker
         if prefill_path == "slp" and self.accel is None:
             raise ConfigError(f"prefill_path={prefill_path!r} needs the hybrid engine "
                               f"(accel='auto' on a CUDA device, or accel='cpu')",
@@ -125,6 +135,7 @@ class LLMEngine:
         self.planner = self._planner(prefill_chunk, max_num_batched_tokens, fixed_budget,
                                      prefill_path)
         self.seqs = {}                              # request_id -> unfinished Sequence
+        self.remote = {}                            # request_id -> Sequence in the worker
         # False: outputs carry token ids only, stop strings unchecked (the server does both
         # on its own thread, off the step)
         self.detokenize = detokenize
@@ -157,6 +168,27 @@ class LLMEngine:
             return CPUDevice(bandwidth, keep_log=False)
         from moed.backends.accel.cuda_device import CUDADevice
         return CUDADevice(self.device.index or 0)
+
+    def _start_worker(self, model_dir, num_blocks, block_size, dtype, experts, linears,
+                      deterministic):
+        """The prefill worker on the last half of the CPUs, over a KV cache in shared
+        memory -> the KV cache."""
+        from moed.engine.kv_cache import allocate_kv_caches
+        from moed.engine.prefill_worker import PrefillWorker, split_cpus
+        if self.accel is not None or self.device.type != "cpu":
+            raise ConfigError("prefill_worker runs on the CPU engine only (for now)",
+                              field="prefill_worker")
+        mine, theirs = split_cpus(os.sched_getaffinity(0))
+        kv = allocate_kv_caches(self.model, num_blocks, block_size, dtype, self.device,
+                                shared=True)
+        self.worker = PrefillWorker(model_dir, kv, block_size, dtype, theirs,
+                                    dict(experts=experts, linears=linears,
+                                         deterministic=deterministic))
+        self.engine_cpus, self.worker_cpus = mine, theirs
+        self.threads_all = default_threads()
+        log.info("prefill worker (pid %d) on CPUs %s; decoding on %s", self.worker.process.pid,
+                 theirs, mine)
+        return kv
 
     def gpu_constants(self):
         """(MachineConstants with the GPU's figures, free device bytes), measured once."""
@@ -276,12 +308,71 @@ class LLMEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
+        if self.remote.get(request_id) is seq:      # its blocks are freed when the
+            seq.finish_reason = "cancelled"         # worker is done writing them
+            seq.status = Status.FINISHED
+            return True
         self.scheduler.finish(seq)
         seq.finish_reason = "cancelled"
         return True
 
     def has_unfinished(self):
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.remote)
+
+    # -- the prefill worker
+    def _long(self, seq):
+        """A prompt the worker takes: longer than a step's budget, not begun here."""
+        return not seq.num_computed and seq.num_tokens > self.scheduler.max_tokens
+
+    def _waits_for_worker(self, seq):
+        """While streams decode, a long prompt waits for the worker instead of sharing
+        their steps (a worker that died is not waited for)."""
+        return self._long(seq) and bool(self.scheduler.running) and self.worker.alive
+
+    def _offload(self):
+        """Hand the oldest long waiting prompt to the idle worker while streams are
+        decoding, when its blocks are free."""
+        w, sched = self.worker, self.scheduler
+        if w is None or w.busy is not None or not sched.running or not w.alive:
+            return
+        seq = next((s for s in sched.waiting if self._long(s)), None)
+        if seq is None or not self.blocks.can_grow(seq.block_table, seq.num_tokens):
+            return
+        sched.waiting.remove(seq)
+        self.blocks.grow(seq.block_table, seq.num_tokens)
+        self.remote[seq.request_id] = seq
+        w.submit(seq.request_id, seq.tokens(0, seq.num_tokens), seq.block_table,
+                 seq.prefill_chunk or sched.max_tokens)
+        set_threads(self.model, len(self.engine_cpus))
+
+    def _collect(self, timeout=0.0):
+        """The worker's finished prompt: it joins the running decodes with its first
+        token sampled here -> [RequestOutput]."""
+        if self.worker is None:
+            return []
+        done = self.worker.poll(timeout)
+        if done is None:
+            return []
+        rid, result = done
+        set_threads(self.model, self.threads_all)
+        seq = self.remote.pop(rid)
+        if seq.status is Status.FINISHED:           # cancelled meanwhile
+            self.blocks.free(seq.block_table)
+            return []
+        if isinstance(result, Exception):
+            self.blocks.free(seq.block_table)
+            seq.status = Status.FINISHED
+            return [self._fail_remote(seq, result)]
+        seq.num_computed = seq.num_tokens
+        seq.status = Status.RUNNING
+        self.scheduler.running.append(seq)
+        return [self._postprocess_or_fail(seq, sample(result[None], [seq])[0])]
+
+    def _fail_remote(self, seq, error):
+        self.seqs.pop(seq.request_id, None)
+        seq.finish_reason = "error"
+        return RequestOutput(seq.request_id, [], "", None, True, "error", len(seq.prompt_ids),
+                             len(seq.output_ids), error=error)
 
     def stats(self):
         return {"num_running": len(self.scheduler.running),
@@ -291,9 +382,14 @@ class LLMEngine:
 
     # -- the step
     def step(self):
+        outputs = self._collect()
+        self._offload()
         chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
+        if not chunks:                 # only the worker's prompt in flight: wait for it
+            return outputs + (self._collect(0.05) if self.remote else [])
+        return outputs + self._step(chunks)
+
+    def _step(self, chunks):
         due = [i for i, (seq, n) in enumerate(chunks) if seq.num_computed + n == seq.num_tokens]
         with self.runner.torch_threads(sum(n for _, n in chunks)):
             try:

@@ -23,11 +23,13 @@ class ModelRunner:
     """`accel`: the hybrid engine's state (moed.backends.accel.install.Accel) or None;
     `dbo`: its dual-batch overlap policy (moed.engine.planner.DualBatchPolicy) or None."""
 
-    def __init__(self, model, num_blocks, block_size, kv_dtype, accel=None, dbo=None):
+    def __init__(self, model, num_blocks, block_size, kv_dtype, accel=None, dbo=None,
+                 kv_caches=None):
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, model.device)
+        self.kv_caches = kv_caches if kv_caches is not None else \
+            allocate_kv_caches(model, num_blocks, block_size, kv_dtype, model.device)
         self.accel, self.dbo = accel, dbo
         self._pool = None           # the two micro-batch threads, made on first use
 

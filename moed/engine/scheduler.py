@@ -23,6 +23,9 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.waiting = deque()
         self.running = []
+        # hold(seq) -> True: a waiting sequence this step must not admit (a long prompt
+        # that waits for the prefill worker while streams decode); None: none is held
+        self.hold = None
 
     def can_add(self):
         return len(self.waiting) < self.max_waiting
@@ -49,8 +52,12 @@ class Scheduler:
                 chunks.append((seq, n))
                 scheduled.add(seq)
                 budget -= n
+        held = []                  # waiting for the prefill worker: skipped, kept in order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.hold is not None and self.hold(seq):
+                held.append(self.waiting.popleft())
+                continue
             n = self._chunk(seq, budget)
             if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
                 break
@@ -60,6 +67,7 @@ class Scheduler:
             self.running.append(seq)
             chunks.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))
         return chunks
 
     def step_budget(self, decodes, prefills):

@@ -1,0 +1,164 @@
+"""A prefill worker: long prompts prefilled in a process of their own, on cores of
+their own, into the engine's KV cache (shared memory), while the engine's steps keep
+the running streams decoding.
+
+    engine (decode)                          prefill worker (a process)
+    blocks for the whole prompt  -- ids, block table, chunk -->  chunks into the shared
+    decode steps, on the other cores                             KV cache
+                                 <-- last position's logits --   (one at a time)
+    samples the first token with the request's own sampler state; the sequence joins
+    the decode steps
+
+The worker maps the same packed stores (read-only files: the page cache holds one
+copy of the weights whichever process reads them) and writes only the KV slots of
+the blocks it was handed; the engine owns every block and frees them, so the
+accounting stays in one place. The logits come back, not a token: the engine samples
+with the sequence's generator and penalties as if it had prefilled itself, so the
+output is the single engine's (the CPU kernels give the same bits on any thread
+count and chunking).
+
+Shape legend: L prompt tokens, V vocab.
+"""
+import logging
+import os
+import threading
+
+import torch
+import torch.multiprocessing as mp
+
+from moed.errors import ConfigError
+
+log = logging.getLogger("moed.prefill_worker")
+
+READY_TIMEOUT_S = 600          # a worker loads the model (and opens the packed stores)
+
+
+class PromptSlice:
+    """What ModelRunner.prepare reads of a sequence, for a prompt alone."""
+
+    def __init__(self, ids, block_table):
+        self.ids, self.block_table, self.num_computed = ids, block_table, 0
+        self.prefill_plan = None
+
+    def tokens(self, first, end):
+        return self.ids[first:end]
+
+
+def worker_main(conn, model_dir, kv_caches, block_size, kv_dtype, cpus, backends):
+    """The worker process: load the model on `cpus`, then prefill what arrives."""
+    os.sched_setaffinity(0, cpus)
+    os.environ["MOED_THREADS"] = str(len(cpus))
+    torch.set_num_threads(len(cpus))
+    try:
+        from moed.backends import install
+        from moed.engine.model_runner import ModelRunner
+        from moed.model.checkpoint import Checkpoint
+        from moed.model.registry import load_model
+        model = load_model(Checkpoint(model_dir), torch.device("cpu"))
+        install(model, model_dir, **backends)
+        runner = ModelRunner(model, 0, block_size, kv_dtype, kv_caches=kv_caches)
+    except Exception as e:               # noqa: BLE001 - reported to the engine
+        conn.send(("failed", repr(e)))
+        return
+    conn.send(("ready", os.getpid()))
+    while (msg := conn.recv()) is not None:
+        rid, ids, table, chunk = msg
+        try:
+            seq, logits = PromptSlice(ids, table), None
+            with torch.inference_mode():
+                for start in range(0, len(ids), chunk):
+                    n = min(chunk, len(ids) - start)
+                    seq.num_computed = start
+                    logits = runner.run([(seq, n)], last_of=[0] if start + n == len(ids) else [])
+            conn.send((rid, logits[0].clone()))
+        except Exception as e:           # noqa: BLE001 - fails this request only
+            conn.send((rid, RuntimeError(f"prefill worker: {e}")))
+
+
+class PrefillWorker:
+    """The engine's side: one worker process, one prompt at a time."""
+
+    def __init__(self, model_dir, kv_caches, block_size, kv_dtype, cpus, backends):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.cpus = sorted(cpus)
+        self.process = ctx.Process(target=worker_main, name="moed-prefill-worker", daemon=True,
+                                   args=(child, str(model_dir), kv_caches, block_size, kv_dtype,
+                                         self.cpus, backends))
+        self.process.start()
+        child.close()
+        if not self.conn.poll(READY_TIMEOUT_S):
+            self.close()
+            raise ConfigError("the prefill worker did not start", field="prefill_worker")
+        status, detail = self.conn.recv()
+        if status != "ready":
+            self.close()
+            raise ConfigError(f"the prefill worker failed to start: {detail}",
+                              field="prefill_worker")
+        self.busy = None                 # the request id in flight, or None
+        self.lock = threading.Lock()
+
+    def submit(self, request_id, ids, block_table, chunk):
+        assert self.busy is None
+        self.busy = request_id
+        self.conn.send((request_id, list(ids), list(block_table), int(chunk)))
+
+    def poll(self, timeout=0.0):
+        """-> (request id, logits [V] | Exception) when the prompt in flight is done,
+        else None. A dead worker fails its prompt."""
+        if self.busy is None:
+            return None
+        try:
+            if not self.conn.poll(timeout):
+                if not self.process.is_alive():
+                    raise EOFError
+                return None
+            rid, result = self.conn.recv()
+        except (EOFError, OSError):
+            rid, result = self.busy, RuntimeError("the prefill worker died")
+        self.busy = None
+        return rid, result
+
+    @property
+    def alive(self):
+        return self.process.is_alive()
+
+    def close(self):
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def split_cpus(cpus):
+    """(engine's cores, the worker's) of the process affinity set: the worker takes the
+    last half (at least one), the engine keeps the rest for decoding."""
+    cpus = sorted(cpus)
+    if len(cpus) < 2:
+        raise ConfigError("a prefill worker needs at least 2 CPUs (one for decoding)",
+                          field="prefill_worker")
+    k = max(1, len(cpus) // 2)
+    return cpus[:-k], cpus[-k:]
+
+
+def set_threads(model, n):
+    """Every compiled-backend object of the model runs its calls on n threads (the
+    kernels' pool uses its first n workers, pinned to the first n CPUs)."""
+    seen, todo = set(), [model]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+            continue
+        if not type(obj).__module__.startswith("moed.") or not hasattr(obj, "__dict__"):
+            continue
+        if isinstance(getattr(obj, "threads", None), int) and not isinstance(obj.threads, bool):
+            obj.threads = n
+        todo.extend(v for v in vars(obj).values() if not isinstance(v, (int, float, str, bytes)))
