@@ -186,6 +186,7 @@ class LLMEngine:
                                          deterministic=deterministic))
         self.engine_cpus, self.worker_cpus = mine, theirs
         self.threads_all = default_threads()
+        self.backends.notes.append(f"prefill worker on CPUs {theirs}, decoding on {mine}")
         log.info("prefill worker (pid %d) on CPUs %s; decoding on %s", self.worker.process.pid,
                  theirs, mine)
         return kv
