@@ -62,53 +62,69 @@ def test_outputs_equal_the_single_engine(tiny_model_dir, params):
         eng.worker.close()
 
 
-def test_a_cancelled_prompt_frees_its_blocks_after_the_worker(tiny_model_dir):
+@pytest.fixture
+def engine(tiny_model_dir):
+    """An engine with a prefill worker (closed after the test)."""
     model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
-    llm = LLM(model, device="cpu", prefill_worker=True, **SETTINGS)
-    eng = llm.engine
-    try:
-        params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
-        short, long = prompts(1)
-        eng.add_request(short[0], params)
-        eng.step()
-        rid = eng.add_request(long[0], params)
-        eng.step()
-        assert rid in eng.remote
-        held = eng.blocks.num_used
-        assert eng.abort_request(rid)
-        assert eng.blocks.num_used == held, "blocks kept while the worker writes them"
-        while eng.remote:
-            eng.step()
-        assert all(o.request_id != rid for o in eng.step())
-        while eng.has_unfinished():
-            eng.step()
-        assert eng.blocks.num_used == 0
-    finally:
-        eng.worker.close()
+    eng = LLM(model, device="cpu", prefill_worker=True, **SETTINGS).engine
+    yield eng
+    eng.worker.close()
 
 
-def test_a_killed_worker_fails_only_its_prompt(tiny_model_dir):
-    model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
-    llm = LLM(model, device="cpu", prefill_worker=True, **SETTINGS)
-    eng = llm.engine
-    try:
-        params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
-        short, long = prompts(2)
-        first = eng.add_request(short[0], params)
-        eng.step()
-        doomed = eng.add_request(long[0], params)
-        eng.step()
-        assert doomed in eng.remote
-        eng.worker.process.kill()
-        eng.worker.process.join()
-        later = eng.add_request(long[1], params)     # no worker now: prefilled here
-        ended = {}
-        while eng.has_unfinished():
-            for o in eng.step():
-                if o.finished:
-                    ended[o.request_id] = o
-        assert ended[doomed].finish_reason == "error" and "died" in str(ended[doomed].error)
-        assert ended[first].finish_reason == "length" and ended[later].finish_reason == "length"
-        assert eng.blocks.num_used == 0
-    finally:
-        eng.worker.close()
+def long_beside_a_stream(eng, tokens):
+    """A short stream decoding, then a long prompt handed to the worker -> their ids."""
+    params = SamplingParams(temperature=0, max_new_tokens=tokens, ignore_eos=True)
+    short, long = prompts(2)
+    stream = eng.add_request(short[0], params)
+    eng.step()
+    prompt = eng.add_request(long[0], params)
+    eng.step()
+    assert prompt in eng.remote
+    return stream, prompt
+
+
+def test_a_cancelled_prompt_frees_its_blocks_after_the_worker(engine):
+    _, rid = long_beside_a_stream(engine, 40)
+    held = engine.blocks.num_used
+    assert engine.abort_request(rid)
+    assert engine.blocks.num_used == held, "blocks kept while the worker writes them"
+    while engine.remote:
+        engine.step()
+    assert all(o.request_id != rid for o in engine.step())
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.num_used == 0
+
+
+def test_a_killed_worker_fails_only_its_prompt(engine):
+    first, doomed = long_beside_a_stream(engine, 20)
+    engine.worker.process.kill()
+    engine.worker.process.join()
+    later = engine.add_request(prompts(2)[1][1], SamplingParams(temperature=0, max_new_tokens=20,
+                                                                ignore_eos=True))
+    ended = {}
+    while engine.has_unfinished():                 # no worker now: prefilled here
+        for o in engine.step():
+            if o.finished:
+                ended[o.request_id] = o
+    assert ended[doomed].finish_reason == "error" and "died" in str(ended[doomed].error)
+    assert ended[first].finish_reason == "length" and ended[later].finish_reason == "length"
+    assert engine.blocks.num_used == 0
+
+
+def test_a_dead_worker_is_restarted_and_takes_prompts_again(engine):
+    import time
+    first_pid = engine.worker.process.pid
+    engine.worker.process.kill()
+    engine.worker.process.join()
+    deadline = time.monotonic() + 120
+    while engine.worker.process.pid == first_pid or not engine.worker.alive:
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        engine.step()                                # an idle engine still looks after it
+        time.sleep(0.01)
+    long_beside_a_stream(engine, 40)                 # the new worker takes long prompts
+    for r in list(engine.seqs):
+        engine.abort_request(r)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.num_used == 0

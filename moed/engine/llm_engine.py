@@ -5,6 +5,7 @@
 Not thread-safe: one thread owns it (the server's engine thread, or LLM).
 """
 import itertools
+import threading
 import logging
 import os
 from numbers import Integral
@@ -20,7 +21,7 @@ from moed.engine.planner import (DUAL_BATCH, SLP_CHUNKS, DualBatchPolicy, Machin
                                   ModelShape, PrefillPlanner, with_gpu)
 from moed.engine.sampler import sample
 from moed.engine.scheduler import Scheduler
-from moed.engine.prefill_worker import set_threads
+from moed.engine.prefill_worker import PrefillWorker, set_threads
 from moed.engine.sequence import Sequence, Status
 from moed.engine.stops import StopChecker
 from moed.config import BATCHED_TOKENS
@@ -174,16 +175,18 @@ class LLMEngine:
         """The prefill worker on the last half of the CPUs, over a KV cache in shared
         memory -> the KV cache."""
         from moed.engine.kv_cache import allocate_kv_caches
-        from moed.engine.prefill_worker import PrefillWorker, split_cpus
+        from moed.engine.prefill_worker import split_cpus
         if self.accel is not None or self.device.type != "cpu":
             raise ConfigError("prefill_worker runs on the CPU engine only (for now)",
                               field="prefill_worker")
         mine, theirs = split_cpus(os.sched_getaffinity(0))
         kv = allocate_kv_caches(self.model, num_blocks, block_size, dtype, self.device,
                                 shared=True)
-        self.worker = PrefillWorker(model_dir, kv, block_size, dtype, theirs,
-                                    dict(experts=experts, linears=linears,
-                                         deterministic=deterministic))
+        self._worker_args = (model_dir, kv, block_size, dtype, theirs,
+                             dict(experts=experts, linears=linears, deterministic=deterministic))
+        self.worker = PrefillWorker(*self._worker_args)
+        self._replacement = None          # a restarted worker, once it is ready
+        self._restarting = False
         self.engine_cpus, self.worker_cpus = mine, theirs
         self.threads_all = default_threads()
         self.backends.notes.append(f"prefill worker on CPUs {theirs}, decoding on {mine}")
@@ -330,10 +333,35 @@ class LLMEngine:
         their steps (a worker that died is not waited for)."""
         return self._long(seq) and bool(self.scheduler.running) and self.worker.alive
 
+    def _restart_worker(self):
+        """A dead worker is replaced in the background (it loads the model: seconds); the
+        engine keeps serving, long prompts prefilling here meanwhile."""
+        if self._replacement is not None:
+            old, self.worker, self._replacement = self.worker, self._replacement, None
+            old.close()
+            self._restarting = False
+            log.info("prefill worker restarted (pid %d)", self.worker.process.pid)
+            return
+        if self._restarting or self.worker.alive or self.worker.busy is not None:
+            return
+        self._restarting = True
+        log.warning("the prefill worker died: restarting it")
+
+        def start():
+            try:
+                self._replacement = PrefillWorker(*self._worker_args)
+            except Exception as e:        # noqa: BLE001 - tried again on a later step
+                log.error("prefill worker restart failed: %s", e)
+                self._restarting = False
+        threading.Thread(target=start, name="moed-prefill-restart", daemon=True).start()
+
     def _offload(self):
         """Hand the oldest long waiting prompt to the idle worker while streams are
         decoding, when its blocks are free."""
         w, sched = self.worker, self.scheduler
+        if w is not None:
+            self._restart_worker()
+            w = self.worker
         if w is None or w.busy is not None or not sched.running or not w.alive:
             return
         seq = next((s for s in sched.waiting if self._long(s)), None)

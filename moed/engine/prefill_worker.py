@@ -61,7 +61,13 @@ def worker_main(conn, model_dir, kv_caches, block_size, kv_dtype, cpus, backends
         conn.send(("failed", repr(e)))
         return
     conn.send(("ready", os.getpid()))
-    while (msg := conn.recv()) is not None:
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):      # the engine is gone
+            return
+        if msg is None:
+            return
         rid, ids, table, chunk = msg
         try:
             seq, logits = PromptSlice(ids, table), None
