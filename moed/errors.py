@@ -39,3 +39,7 @@ class InvalidRequestError(MoedError):
 
 class CapacityError(MoedError):
     """The KV cache or the waiting queue cannot take the request now."""
+
+
+class WorkerLostError(MoedError):
+    """A worker process died while it held the request (the daemon restarts it)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moed import LLM, SamplingParams
+from moed.errors import WorkerLostError
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
                                 reason="a prefill worker needs 2 CPUs")
@@ -108,6 +109,7 @@ def test_a_killed_worker_fails_only_its_prompt(engine):
             if o.finished:
                 ended[o.request_id] = o
     assert ended[doomed].finish_reason == "error" and "died" in str(ended[doomed].error)
+    assert isinstance(ended[doomed].error, WorkerLostError)
     assert ended[first].finish_reason == "length" and ended[later].finish_reason == "length"
     assert engine.blocks.num_used == 0
 
@@ -128,3 +130,32 @@ def test_a_dead_worker_is_restarted_and_takes_prompts_again(engine):
     while engine.has_unfinished():
         engine.step()
     assert engine.blocks.num_used == 0
+
+
+def mapped(pid, suffixes):
+    """{path: Counter of smaps fields (kB)} of pid's mappings of files with suffixes."""
+    from collections import Counter
+    out, cur = {}, None
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                path = head[5] if len(head) > 5 else ""
+                cur = out.setdefault(path, Counter()) if path.endswith(suffixes) else None
+            elif cur is not None and line.split(":")[0] in (
+                    "Rss", "Shared_Clean", "Private_Clean", "Private_Dirty"):
+                cur[line.split(":")[0]] += int(line.split()[1])
+    return out
+
+
+def test_one_copy_of_the_weights_the_worker_shares_the_engines_store_pages(engine):
+    long_beside_a_stream(engine, 8)
+    while engine.has_unfinished():
+        engine.step()
+    suffixes = (".moex", ".moed-dense")
+    mine, theirs = mapped(os.getpid(), suffixes), mapped(engine.worker.process.pid, suffixes)
+    assert theirs and set(theirs) <= set(mine), "the worker maps the engine's stores"
+    for path, c in theirs.items():
+        assert c["Private_Dirty"] == 0, f"{path}: the worker wrote to (copied) store pages"
+        assert c["Shared_Clean"] > 0, f"{path}: no page shared with the engine"
+        assert c["Shared_Clean"] >= 0.5 * c["Rss"], (path, c)

@@ -26,7 +26,7 @@ import threading
 import torch
 import torch.multiprocessing as mp
 
-from moed.errors import ConfigError
+from moed.errors import ConfigError, WorkerLostError
 
 log = logging.getLogger("moed.prefill_worker")
 
@@ -121,7 +121,9 @@ class PrefillWorker:
                 return None
             rid, result = self.conn.recv()
         except (EOFError, OSError):
-            rid, result = self.busy, RuntimeError("the prefill worker died")
+            rid, result = self.busy, WorkerLostError(
+                f"the prefill worker died (exit code {self.process.exitcode}) while "
+                f"prefilling this request; it is restarted, retry the request")
         self.busy = None
         return rid, result
 

@@ -11,10 +11,11 @@ import uuid
 import grpc
 from opentelemetry import propagate
 
+from moed.errors import MoedError
 from moed.server import protocol
 from moed.server.auth import is_admin
 from moed.server.gen import generation_pb2_grpc
-from moed.server.status import RequestRejected, abort, invalid
+from moed.server.status import RequestRejected, abort, from_moed_error, invalid
 from moed.server.tracked import Tracked
 
 
@@ -80,6 +81,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 return
 
     async def _fail(self, context, error):
+        if isinstance(error, MoedError):        # the request's own failure, said plainly
+            error = from_moed_error(error) or error
         if isinstance(error, RequestRejected):
             await abort(context, error)
         # a bug, not the client's doing; the details (paths, values) are in the server's log

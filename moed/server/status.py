@@ -5,7 +5,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from moed.errors import CapacityError, InvalidRequestError
+from moed.errors import CapacityError, InvalidRequestError, WorkerLostError
 from moed.model.tokenizer import BrokenChatTemplate, NoChatTemplate
 
 
@@ -38,6 +38,8 @@ def from_moed_error(err):
         return RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, msg, field)
     if isinstance(err, CapacityError):
         return RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+    if isinstance(err, WorkerLostError):
+        return RequestRejected(grpc.StatusCode.UNAVAILABLE, str(err))
     return None
 
 
