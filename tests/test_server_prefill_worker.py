@@ -1,0 +1,78 @@
+"""The prefill worker behind the daemon, over real gRPC: streams equal their solo runs
+on the single engine while long prompts go to the worker mid-decode; a worker killed
+with SIGKILL fails the prompt it held with UNAVAILABLE, the other streams complete,
+and after its restart a long prompt succeeds again."""
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from moed.server.background import BackgroundServer
+from moed.server.gen import generation_pb2 as pb
+from moed.server.gen import generation_pb2_grpc
+from test_server_invariance import CHUNKED, check_equal, concurrent_runs, config, generate, \
+    requests, solo_runs
+
+pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                                reason="a prefill worker needs 2 CPUs")
+
+
+def watch_submits(engine):
+    sent, submit = [], engine.worker.submit
+    engine.worker.submit = lambda rid, *a: (sent.append(rid), submit(rid, *a))[1]
+    return sent
+
+
+def test_streams_equal_solo_runs_with_long_prompts_in_the_worker(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8")
+    with BackgroundServer(config(**CHUNKED), model) as srv:
+        solo = asyncio.run(solo_runs(srv.target, requests("solo")))
+    with BackgroundServer(config(prefill_worker=True, **CHUNKED), model) as srv:
+        engine = srv.app.engine_loop.engine
+        sent = watch_submits(engine)
+        reqs = requests("load")
+        together, _ = asyncio.run(concurrent_runs(srv.target, reqs))
+        assert sent, "no long prompt went to the worker"
+    check_equal(solo, together, reqs, "prefill worker")
+
+
+def request(rid, ids, new_tokens):
+    return pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids), ignore_eos=True,
+                              sampling=pb.SamplingParams(temperature=0, max_new_tokens=new_tokens))
+
+
+async def kill_mid_prefill(target, engine):
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        started = asyncio.Event()
+        stream = asyncio.ensure_future(generate(stub, request("stream", [5, 6, 7], 300), started))
+        await asyncio.wait_for(started.wait(), 60)
+        doomed = asyncio.ensure_future(generate(stub, request("doomed", list(range(3, 200)), 4)))
+        deadline = time.monotonic() + 60
+        while "doomed" not in engine.remote:
+            assert time.monotonic() < deadline, "the long prompt never reached the worker"
+            await asyncio.sleep(0.001)
+        pid = engine.worker.process.pid
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(doomed, 60)
+        ids, _, reason = await asyncio.wait_for(stream, 120)
+        while engine.worker.process.pid == pid or not engine.worker.alive:
+            assert time.monotonic() < deadline + 120, "the worker was not restarted"
+            await generate(stub, request("nudge", [9, 9], 2))      # steps look after it
+            await asyncio.sleep(0.05)
+        again = await asyncio.wait_for(generate(stub, request("again", list(range(3, 180)), 4)), 120)
+        return err.value, (ids, reason), again
+
+
+def test_a_killed_worker_fails_its_prompt_unavailable_and_is_restarted(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
+    with BackgroundServer(config(prefill_worker=True, **CHUNKED), model) as srv:
+        engine = srv.app.engine_loop.engine
+        err, (ids, reason), again = asyncio.run(kill_mid_prefill(srv.target, engine))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "prefill worker died" in err.details()
+    assert reason == pb.FINISH_REASON_LENGTH and len(ids) == 300, "the other stream completed"
+    assert again[2] == pb.FINISH_REASON_LENGTH and len(again[0]) == 4
