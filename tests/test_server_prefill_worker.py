@@ -10,6 +10,9 @@ import time
 import grpc
 import pytest
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moed.server.app import PREFILL_WORKER
 from moed.server.background import BackgroundServer
 from moed.server.gen import generation_pb2 as pb
 from moed.server.gen import generation_pb2_grpc
@@ -55,16 +58,26 @@ async def kill_mid_prefill(target, engine):
         while "doomed" not in engine.remote:
             assert time.monotonic() < deadline, "the long prompt never reached the worker"
             await asyncio.sleep(0.001)
+        health = health_pb2_grpc.HealthStub(ch)
+        check = lambda: health.Check(health_pb2.HealthCheckRequest(service=PREFILL_WORKER))  # noqa: E731
+        assert (await check()).status == health_pb2.HealthCheckResponse.SERVING
         pid = engine.worker.process.pid
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await asyncio.wait_for(doomed, 60)
+        for _ in range(200):              # set by the engine thread's next step
+            down = (await check()).status
+            if down == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.005)
         ids, _, reason = await asyncio.wait_for(stream, 120)
         while engine.worker.process.pid == pid or not engine.worker.alive:
             assert time.monotonic() < deadline + 120, "the worker was not restarted"
             await generate(stub, request("nudge", [9, 9], 2))      # steps look after it
             await asyncio.sleep(0.05)
         again = await asyncio.wait_for(generate(stub, request("again", list(range(3, 180)), 4)), 120)
+        assert down == health_pb2.HealthCheckResponse.NOT_SERVING, "health shows the worker down"
+        assert (await check()).status == health_pb2.HealthCheckResponse.SERVING
         return err.value, (ids, reason), again
 
 

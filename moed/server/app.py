@@ -31,6 +31,7 @@ from moed.server.wire import WireDecodeInterceptor
 log = logging.getLogger("moed.server")
 GENERATION = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+PREFILL_WORKER = "moed.v1.PrefillWorker"     # a health entry only (engine.prefill_worker)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -80,7 +81,8 @@ class MoedServer:
         """Bind and serve; the model loads in the background (see wait_ready)."""
         self.engine_loop = EngineLoop(self._make_engine, asyncio.get_running_loop(),
                                       on_finish=self.telemetry.record,
-                                      on_dead=self._engine_died)
+                                      on_dead=self._engine_died,
+                                      on_worker=self._worker_changed)
         self.tokenizers = TokenizerPool(self.model_dir, self.cfg.tokenizer_processes,
                                         lambda: self.engine_loop.engine.tokenizer)
         self.server = self._build_server()
@@ -102,6 +104,12 @@ class MoedServer:
         up = self.ready and not self.draining and self.engine_loop.dead is None
         for service in ("", GENERATION):
             await self.health.set(service, SERVING if up else NOT_SERVING)
+
+    def _worker_changed(self, up):
+        """Health PREFILL_WORKER: SERVING while the prefill worker runs, NOT_SERVING while it
+        is down (the daemon keeps serving: long prompts prefill in the engine meanwhile)."""
+        (log.info if up else log.warning)("prefill worker %s", "up" if up else "down")
+        asyncio.ensure_future(self.health.set(PREFILL_WORKER, SERVING if up else NOT_SERVING))
 
     def _engine_died(self, error):
         log.error("the engine thread died (%r): every service reports NOT_SERVING", error)

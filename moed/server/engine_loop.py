@@ -59,11 +59,13 @@ class Snapshot:
 
 
 class EngineLoop:
-    def __init__(self, make_engine, loop, on_finish=None, on_dead=None):
+    def __init__(self, make_engine, loop, on_finish=None, on_dead=None, on_worker=None):
         self._make_engine = make_engine         # () -> LLMEngine, run on the engine thread
         self._loop = loop
         self._on_finish = on_finish or (lambda tracked: None)
         self._on_dead = on_dead or (lambda error: None)     # run on the loop
+        self._on_worker = on_worker or (lambda up: None)    # the prefill worker's state, on the loop
+        self._worker_up = None
         self._commands = queue.Queue()
         self._lock = threading.Lock()           # submit checks `dead` and queues in one step
         self.dead = None                        # what killed the engine thread
@@ -243,6 +245,7 @@ class EngineLoop:
             self._fail_all(e)
             return
         self.steps += 1
+        self._watch_worker()
         self._track_prefill(prefilling, t0)
         batch = []
         for out in outputs:
@@ -253,6 +256,15 @@ class EngineLoop:
         self.rate.add(sum(len(o.new_token_ids) for o in outputs))
         self._publish()         # before delivering: a client that saw its request end
         self._deliver(batch)    # must find its KV blocks freed in the status
+
+    def _watch_worker(self):
+        """Tell the server when the prefill worker goes down or comes back."""
+        worker = getattr(self.engine, "worker", None)
+        up = None if worker is None else worker.alive
+        if up != self._worker_up:
+            self._worker_up = up
+            if up is not None:
+                self._loop.call_soon_threadsafe(self._on_worker, up)
 
     def _track_prefill(self, prefilling, t0):
         """Count the prompt chunks each still-prefilling request got this step."""
