@@ -37,6 +37,7 @@ class Config:
     prefill_path: str = _setting("auto", "engine", str)          # auto | cpu | slp | dslp
     dual_batch: str = _setting("auto", "engine", str)            # auto | on | off
     prefill_worker: bool = _setting(False, "engine", bool)       # long prompts in a process of their own
+    tpot_target_ms: float = _setting(None, "engine", float, nullable=True)  # decode steps' time target
     max_num_seqs: int = _setting(64, "engine", int)
     max_num_batched_tokens: int = _setting(None, "engine", int, nullable=True)  # None: BATCHED_TOKENS
     prefill_chunk: object = _setting("auto", "engine", (str, int))   # "auto" | tokens
@@ -77,6 +78,8 @@ class Config:
                                              or self.prefill_chunk < 1):
             _bad("prefill_chunk", f"must be auto or a number of tokens >= 1, got "
                  f"{self.prefill_chunk!r}")
+        if self.tpot_target_ms is not None and not self.tpot_target_ms > 0:
+            _bad("tpot_target_ms", f"must be > 0 or null, got {self.tpot_target_ms}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             _bad("num_kv_blocks", f"must be >= 1 or null, got {self.num_kv_blocks}")
         if not 0 <= self.port <= 65535:
@@ -106,7 +109,7 @@ class Config:
                     max_num_batched_tokens=self.max_num_batched_tokens,
                     prefill_chunk=self.prefill_chunk, accel=self.accel,
                     prefill_path=self.prefill_path, dual_batch=self.dual_batch,
-                    prefill_worker=self.prefill_worker,
+                    prefill_worker=self.prefill_worker, tpot_target_ms=self.tpot_target_ms,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
                     max_waiting=self.max_waiting,
                     # "auto" defers to the engine, which honours MOED_EXPERTS

@@ -305,3 +305,47 @@ def test_model_shape_counts_mla_and_shared_experts(tiny_model_dir):
     assert shape.attention_flops == 2 * H * (dn + dr) + 2 * H * dv
     shared = 3 * D * c["n_shared_experts"] * c["moe_intermediate_size"]
     assert shape.dense_params > shared + c["n_routed_experts"] * D
+
+
+def test_tpot_budget_follows_the_measured_step_times():
+    b = P.TPOTBudget(0.100, max_tokens=256, per_token_s=0.002)
+    assert b.budget(2) == 2 + P.TPOT_MIN_PREFILL, "before any measurement: cautious"
+    for _ in range(20):
+        b.observe(2, 0, 0.040)                       # decode-only steps: 40 ms
+    assert b.budget(2) == 2 + 30                     # (100 - 40) ms / 2 ms a token
+    for _ in range(40):
+        b.observe(2, 60, 0.040 + 60 * 0.004)         # prompt tokens cost 4 ms each
+    assert abs(b.budget(2) - (2 + 15)) <= 1
+    slow = P.TPOTBudget(0.030, max_tokens=256, per_token_s=0.002)
+    slow.observe(2, 0, 0.040)                        # over the target already
+    assert slow.budget(2) == 2 + P.TPOT_MIN_PREFILL, "prompts still progress"
+    fast = P.TPOTBudget(10.0, max_tokens=64, per_token_s=0.001)
+    fast.observe(4, 0, 0.010)
+    assert fast.budget(4) == 64, "never past max_num_batched_tokens"
+    mixed = P.TPOTBudget(0.100, max_tokens=256, per_token_s=0.002)
+    mixed.observe(2, 20, 0.080)                      # no decode-only step yet
+    assert mixed.decode_s == pytest.approx(0.040) and mixed.budget(2) == 2 + 30
+    for bad in (0, -1.0, float("nan"), True, "fast"):
+        with pytest.raises(P.ConfigError):
+            P.TPOTBudget(bad, 256, 0.001)
+
+
+def test_a_tpot_target_keeps_greedy_output_and_bounds_the_steps(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True, logprobs=0)
+    prompts_ = [list(range(3, 3 + n)) for n in (5, 120, 9, 200)]
+    run = lambda llm: [(o.token_ids, [lp[1] for lp in o.logprobs])  # noqa: E731
+                       for o in llm.generate(prompts_, params)]
+    plain = run(LLM(model, device="cpu", max_num_batched_tokens=256))
+    llm = LLM(model, device="cpu", max_num_batched_tokens=256, tpot_target_ms=1e-3)
+    sizes, schedule = [], llm.engine.scheduler.schedule
+
+    def watched():
+        chunks = schedule()
+        if any(n == 1 for _, n in chunks) and any(n > 1 for _, n in chunks):
+            sizes.append(sum(n for _, n in chunks))
+        return chunks
+    llm.engine.scheduler.schedule = watched
+    assert run(llm) == plain
+    assert sizes and max(sizes) <= 4 + P.TPOT_MIN_PREFILL, sizes
+    assert "TPOT target" in llm.engine.planner_summary()

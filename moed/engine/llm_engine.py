@@ -6,6 +6,7 @@ Not thread-safe: one thread owns it (the server's engine thread, or LLM).
 """
 import itertools
 import threading
+import time
 import logging
 import os
 from numbers import Integral
@@ -18,7 +19,7 @@ from moed.backends.cpu.runtime import default_threads
 from moed.engine.kv_cache import BlockManager, blocks_for
 from moed.engine.model_runner import ModelRunner
 from moed.engine.planner import (DUAL_BATCH, SLP_CHUNKS, DualBatchPolicy, MachineConstants,
-                                  ModelShape, PrefillPlanner, with_gpu)
+                                  ModelShape, PrefillPlanner, TPOTBudget, with_gpu)
 from moed.engine.sampler import sample
 from moed.engine.scheduler import Scheduler
 from moed.engine.prefill_worker import PrefillWorker, set_threads
@@ -64,7 +65,8 @@ class LLMEngine:
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
                  experts=None, linears=None, detokenize=True, deterministic=True,
                  verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
-                 dual_batch="auto", accel_bandwidth=None, prefill_worker=False):
+                 dual_batch="auto", accel_bandwidth=None, prefill_worker=False,
+                 tpot_target_ms=None):
         # accel: the hybrid engine (dense part on the device, routed experts on the host):
         # "auto" = on where the device is CUDA, "off", or "cpu" = over the CPU device (the
         # twin the tests run; accel_bandwidth caps its copies, bytes/s). prefill_path:
@@ -129,6 +131,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
         if self.worker is not None:
             self.scheduler.hold = self._waits_for_worker
+        if tpot_target_ms is not None:
+            self.scheduler.tpot = TPOTBudget(tpot_target_ms / 1e3 if isinstance(
+                tpot_target_ms, (int, float)) and not isinstance(tpot_target_ms, bool)
+                else tpot_target_ms, max_num_batched_tokens, self._per_token_s())
         if prefill_path == "slp" and self.accel is None:
             raise ConfigError(f"prefill_path={prefill_path!r} needs the hybrid engine "
                               f"(accel='auto' on a CUDA device, or accel='cpu')",
@@ -200,6 +206,11 @@ class LLMEngine:
             self._gpu = with_gpu(MachineConstants.load(), self.device)
         return self._gpu
 
+    def _per_token_s(self):
+        """The cost model's time a prompt token adds to a step (the TPOT budget's seed)."""
+        model = PrefillPlanner(MachineConstants.load(), ModelShape.of(self.model))
+        return max((model.cpu_chunk_s(0, 257) - model.cpu_chunk_s(0, 1)) / 256, 1e-6)
+
     def _ring_budget(self):
         """What the stream-loading ring's length weighs: the largest chunk's tokens per
         expert, the measured link and GEMM speeds, a quarter of free device memory."""
@@ -236,8 +247,9 @@ class LLMEngine:
         return planner
 
     def planner_summary(self):
-        dbo = self.runner.dbo
-        tail = f"; {dbo.summary()}" if dbo is not None else ""
+        dbo, tpot = self.runner.dbo, self.scheduler.tpot
+        tail = (f"; {dbo.summary()}" if dbo is not None else "") + \
+            (f"; {tpot.summary()}" if tpot is not None else "")
         if self.planner is None:
             return (f"off: max_num_batched_tokens={self.scheduler.max_tokens} fixes every "
                     f"step{tail}")
@@ -421,10 +433,15 @@ class LLMEngine:
     def _step(self, chunks):
         due = [i for i, (seq, n) in enumerate(chunks) if seq.num_computed + n == seq.num_tokens]
         with self.runner.torch_threads(sum(n for _, n in chunks)):
+            start = time.perf_counter()
             try:
                 logits = self.runner.run(chunks, last_of=due)
             except Exception:
                 return self._run_alone(chunks, due)
+            if self.scheduler.tpot is not None:
+                decodes = sum(1 for seq, n in chunks if n == 1 and seq.num_remaining == 1)
+                self.scheduler.tpot.observe(decodes, sum(n for _, n in chunks) - decodes,
+                                            time.perf_counter() - start)
             for seq, n in chunks:
                 seq.num_computed += n
             seqs = [chunks[i][0] for i in due]

@@ -473,3 +473,54 @@ class DualBatchPolicy:
         step, cpu = self.single
         return (f"dual batch {self.mode}: decode step {step * 1e3:.2f} ms/token, "
                 f"{100 * cpu / step:.0f}% in CPU experts")
+
+
+# -- the decode steps' token budget from a TPOT target
+TPOT_MIN_PREFILL = 16        # prompt tokens a step with decodes takes at least (progress)
+TPOT_EMA = 0.2
+
+
+class TPOTBudget:
+    """Tokens of a step with decodes running, so that the step stays within the time
+    per output token the deployment targets (engine.tpot_target_ms).
+
+    From measured steps: a = a decode-only step's time (EMA), b = the time each prompt
+    token adds (EMA over steps that carry at least TPOT_MIN_PREFILL prompt tokens,
+    seeded by the cost model's figure). The budget is decodes + (target - a) / b prompt
+    tokens, at least TPOT_MIN_PREFILL, at most max_tokens. On the CPU this moves no
+    logit (the kernels give the same bits in any chunking)."""
+
+    def __init__(self, target_s, max_tokens, per_token_s):
+        if isinstance(target_s, bool) or not (isinstance(target_s, (int, float)) and
+                                              math.isfinite(target_s) and target_s > 0):
+            raise ConfigError(f"tpot_target_ms must be > 0, got {target_s!r}",
+                              field="tpot_target_ms")
+        self.target_s, self.max_tokens = float(target_s), max_tokens
+        self.decode_s = None               # a
+        self.per_token_s = per_token_s     # b
+
+    def budget(self, decodes):
+        if self.decode_s is None or self.per_token_s <= 0:     # not measured: cautious
+            return min(decodes + TPOT_MIN_PREFILL, self.max_tokens)
+        room = (self.target_s - self.decode_s) / self.per_token_s
+        prefill = int(min(max(room, TPOT_MIN_PREFILL), self.max_tokens - decodes))
+        return decodes + max(prefill, 0)
+
+    def observe(self, decodes, prefill_tokens, step_s):
+        if decodes == 0:
+            return
+        if prefill_tokens == 0:
+            self.decode_s = step_s if self.decode_s is None else \
+                (1 - TPOT_EMA) * self.decode_s + TPOT_EMA * step_s
+        elif self.decode_s is None:        # only mixed steps so far: a from the seed's b
+            self.decode_s = max(step_s - self.per_token_s * prefill_tokens, 0.0)
+        elif prefill_tokens >= TPOT_MIN_PREFILL:
+            b = max(step_s - self.decode_s, 0.0) / prefill_tokens
+            self.per_token_s = (1 - TPOT_EMA) * self.per_token_s + TPOT_EMA * b
+
+    def summary(self):
+        base = f"TPOT target {self.target_s * 1e3:.0f} ms"
+        if self.decode_s is None:
+            return base + " (not measured yet)"
+        return (f"{base}: decode step {self.decode_s * 1e3:.1f} ms, "
+                f"{self.per_token_s * 1e3:.2f} ms a prompt token")

@@ -26,6 +26,7 @@ class Scheduler:
         # hold(seq) -> True: a waiting sequence this step must not admit (a long prompt
         # that waits for the prefill worker while streams decode); None: none is held
         self.hold = None
+        self.tpot = None           # a TPOTBudget: the decode steps' budget from a target
 
     def can_add(self):
         return len(self.waiting) < self.max_waiting
@@ -71,10 +72,11 @@ class Scheduler:
         return chunks
 
     def step_budget(self, decodes, prefills):
-        """Tokens this step may take: max_num_batched_tokens while decodes run (they
-        must not stall behind a long chunk), else the oldest prefill's chunk size."""
+        """Tokens this step may take: while decodes run, the TPOT target's budget
+        (`tpot`, a moed.engine.planner.TPOTBudget) or max_num_batched_tokens (they must
+        not stall behind a long chunk), else the oldest prefill's chunk size."""
         if decodes:
-            return self.max_tokens
+            return self.tpot.budget(len(decodes)) if self.tpot is not None else self.max_tokens
         first = prefills[0] if prefills else (self.waiting[0] if self.waiting else None)
         return (first and first.prefill_chunk) or self.max_tokens
 
