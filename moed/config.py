@@ -36,7 +36,7 @@ class Config:
     accel: str = _setting("auto", "engine", str)                 # auto | off | cpu
     prefill_path: str = _setting("auto", "engine", str)          # auto | cpu | slp | dslp
     dual_batch: str = _setting("auto", "engine", str)            # auto | on | off
-    prefill_worker: bool = _setting(False, "engine", bool)       # long prompts in a process of their own
+    prefill_worker: str = _setting("auto", "engine", str)        # auto | on | off
     tpot_target_ms: float = _setting(None, "engine", float, nullable=True)  # decode steps' time target
     max_num_seqs: int = _setting(64, "engine", int)
     max_num_batched_tokens: int = _setting(None, "engine", int, nullable=True)  # None: BATCHED_TOKENS
@@ -95,7 +95,8 @@ class Config:
             _bad("experts", f"must be auto, cpu or torch, got {self.experts!r}")
         for name, choices in (("accel", ("auto", "off", "cpu")),
                               ("prefill_path", ("auto", "cpu", "slp", "dslp")),
-                              ("dual_batch", ("auto", "on", "off"))):
+                              ("dual_batch", ("auto", "on", "off")),
+                              ("prefill_worker", ("auto", "on", "off"))):
             if getattr(self, name) not in choices:
                 _bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 

@@ -136,6 +136,8 @@ class Watch:
 
 
 def config(**engine):
+    # the prefill worker off unless asked: here long prompts are to chunk beside decodes
+    engine.setdefault("prefill_worker", "off")
     return Config(port=0, device="cpu", experts="cpu", tokenizer_processes=0,
                   max_waiting=64, **engine)
 

@@ -33,7 +33,7 @@ def test_streams_equal_solo_runs_with_long_prompts_in_the_worker(tiny_model_dir)
     model = tiny_model_dir("qwen3_moe", "fp8")
     with BackgroundServer(config(**CHUNKED), model) as srv:
         solo = asyncio.run(solo_runs(srv.target, requests("solo")))
-    with BackgroundServer(config(prefill_worker=True, **CHUNKED), model) as srv:
+    with BackgroundServer(config(prefill_worker="on", **CHUNKED), model) as srv:
         engine = srv.app.engine_loop.engine
         sent = watch_submits(engine)
         reqs = requests("load")
@@ -83,7 +83,7 @@ async def kill_mid_prefill(target, engine):
 
 def test_a_killed_worker_fails_its_prompt_unavailable_and_is_restarted(tiny_model_dir):
     model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
-    with BackgroundServer(config(prefill_worker=True, **CHUNKED), model) as srv:
+    with BackgroundServer(config(prefill_worker="on", **CHUNKED), model) as srv:
         engine = srv.app.engine_loop.engine
         err, (ids, reason), again = asyncio.run(kill_mid_prefill(srv.target, engine))
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "prefill worker died" in err.details()

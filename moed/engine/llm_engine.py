@@ -123,7 +123,7 @@ class LLMEngine:
             DualBatchPolicy(dual_batch)        # the same error for a bad value
         self.worker = None
         kv = None
-        if prefill_worker:
+        if self._wants_worker(prefill_worker, experts):
             kv = self._start_worker(model_dir, num_blocks, block_size, dtype, experts, linears,
                                     deterministic)
         self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.accel, dbo,
@@ -175,6 +175,22 @@ class LLMEngine:
             return CPUDevice(bandwidth, keep_log=False)
         from moed.backends.accel.cuda_device import CUDADevice
         return CUDADevice(self.device.index or 0)
+
+    def _wants_worker(self, setting, experts):
+        """prefill_worker: True / "on" (an error where it cannot run), "auto" (where it
+        can: the CPU engine with its kernels and at least 2 CPUs), False / "off"."""
+        if setting in (True, "on"):
+            return True
+        if setting in (False, "off", None):
+            return False
+        if setting != "auto":
+            raise ConfigError(f"prefill_worker must be auto, on or off, got {setting!r}",
+                              field="prefill_worker")
+        ok = self.accel is None and self.device.type == "cpu" and experts != "torch" and \
+            len(os.sched_getaffinity(0)) >= 2 and self.backends.experts.startswith("cpu")
+        if not ok:
+            log.info("prefill worker: off (it needs the CPU engine's kernels and 2 CPUs)")
+        return ok
 
     def _start_worker(self, model_dir, num_blocks, block_size, dtype, experts, linears,
                       deterministic):
