@@ -89,3 +89,42 @@ def test_a_killed_worker_fails_its_prompt_unavailable_and_is_restarted(tiny_mode
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "prefill worker died" in err.details()
     assert reason == pb.FINISH_REASON_LENGTH and len(ids) == 300, "the other stream completed"
     assert again[2] == pb.FINISH_REASON_LENGTH and len(again[0]) == 4
+
+
+async def cancelled_in_the_worker(target, engine):
+    """A long prompt's call cancelled by its client (the path a deadline takes) while the
+    worker prefills it -> how many tries it took to catch it there."""
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        started = asyncio.Event()
+        stream = asyncio.ensure_future(generate(stub, request("stream", [5, 6, 7], 400), started))
+        await asyncio.wait_for(started.wait(), 60)
+        for attempt in range(1, 20):
+            rid = f"late-{attempt}"
+            call = stub.Generate(request(rid, list(range(3, 480)), 4))
+            reader = asyncio.ensure_future(call.read())
+            t0 = time.monotonic()
+            while rid not in engine.remote and not reader.done() and time.monotonic() - t0 < 10:
+                await asyncio.sleep(0.0005)
+            caught = rid in engine.remote
+            call.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            if caught:
+                break
+        await asyncio.wait_for(stream, 120)
+        deadline = time.monotonic() + 60
+        while engine.remote or engine.has_unfinished():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        return attempt if caught else None
+
+
+def test_a_request_cancelled_in_the_worker_frees_every_block_once(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
+    with BackgroundServer(config(prefill_worker="on", **CHUNKED), model) as srv:
+        engine = srv.app.engine_loop.engine
+        tries = asyncio.run(cancelled_in_the_worker(srv.target, engine))
+        assert tries is not None, "never caught a long prompt in the worker"
+        assert engine.blocks.num_used == 0, "a block leaked or was freed twice"
+        worker = engine.worker.process
+    assert not worker.is_alive(), "the daemon's stop stops its worker"

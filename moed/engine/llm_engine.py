@@ -121,7 +121,7 @@ class LLMEngine:
             dbo = DualBatchPolicy(dual_batch, overlap=self.accel_device.kind == "cuda")
         elif dual_batch not in DUAL_BATCH:
             DualBatchPolicy(dual_batch)        # the same error for a bad value
-        self.worker = None
+        self.worker = self._replacement = None
         kv = None
         if self._wants_worker(prefill_worker, experts):
             kv = self._start_worker(model_dir, num_blocks, block_size, dtype, experts, linears,
@@ -347,6 +347,13 @@ class LLMEngine:
         self.scheduler.finish(seq)
         seq.finish_reason = "cancelled"
         return True
+
+    def close(self):
+        """Stop the prefill worker (if any); the engine is not used after."""
+        if self.worker is not None:
+            self.worker.close()
+        if self._replacement is not None:
+            self._replacement.close()
 
     def has_unfinished(self):
         return self.scheduler.has_work() or bool(self.remote)

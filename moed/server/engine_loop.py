@@ -140,6 +140,10 @@ class EngineLoop:
         except BaseException as e:
             log.exception("the engine thread died")
             self._die(e)
+        finally:
+            close = getattr(self.engine, "close", None)
+            if close is not None:          # its worker processes, if any
+                close()
 
     def _die(self, error):
         """No engine any more: fail what is in flight and what is queued, refuse the rest."""
