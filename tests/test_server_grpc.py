@@ -421,6 +421,7 @@ def test_spans_and_metrics_recorded(client, telemetry):
     assert kids["prefill"].attributes["moed.prefill.chunks"] == -(-prompt_tokens // 64)
     # max_num_batched_tokens set: the planner is off, every step has that budget
     assert kids["prefill"].attributes["moed.prefill.plan"] == "fixed budget"
+    assert kids["prefill"].attributes["moed.prefill.where"] == "engine"   # nothing decoding
     assert kids["decode"].attributes["moed.decode.tokens"] == 6
     assert kids["queue"].end_time <= kids["prefill"].start_time <= kids["decode"].start_time
     data = telemetry.metrics.get_metrics_data()

@@ -272,8 +272,11 @@ class EngineLoop:
 
     def _track_prefill(self, prefilling, t0):
         """Count the prompt chunks each still-prefilling request got this step."""
+        remote = getattr(self.engine, "remote", {})
         for t in prefilling:
             seq = self.engine.seqs.get(t.request_id)
+            if t.request_id in remote and t.t_scheduled is None:    # handed to the worker
+                t.t_scheduled, t.prefill_where = t0, "prefill worker"
             computed = seq.num_computed if seq is not None else t.num_prompt_tokens
             if computed != t.computed:
                 t.prefill_chunks += 1

@@ -111,7 +111,8 @@ class Telemetry:
             self._child("prefill", ctx, start_prefill, end_prefill,
                         {"moed.prefill.chunks": t.prefill_chunks,
                          "moed.prefill.tokens": t.num_prompt_tokens,
-                         "moed.prefill.plan": t.prefill_plan or "fixed budget"})
+                         "moed.prefill.plan": t.prefill_plan or "fixed budget",
+                         "moed.prefill.where": t.prefill_where})
         if t.t_first_token is not None:
             self._child("decode", ctx, t.t_first_token, t.t_finished,
                         {"moed.decode.tokens": t.num_output_tokens})

@@ -24,6 +24,7 @@ class Tracked:
     t_finished: int = None
     prefill_chunks: int = 0
     prefill_plan: str = ""          # the planner's choice for its prompt (path, chunk, why)
+    prefill_where: str = "engine"   # engine | prefill worker
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     finish_reason: str = None
