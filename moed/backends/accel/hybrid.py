@@ -91,14 +91,18 @@ class HostBridge:
         d2h, h2d, sent, staging = self._mine()
         T, D = x.shape
         xs, ids_s, ws, ys = staging.take(T, D, ids.shape[1], x.dtype)
+        # dtype conversions on the caller's stream, before d2h is told to wait for it;
+        # `srcs` keeps them alive until the copies out of them are done (sent)
+        srcs = [src if src.dtype == dst.dtype else src.to(dst.dtype)
+                for dst, src in ((xs, x), (ids_s, ids), (ws, w))]
         self.device.after_caller(d2h)
-        for dst, src in ((xs, x), (ids_s, ids), (ws, w)):
-            d2h.copy(dst, src.to(dst.dtype) if src.dtype != dst.dtype else src,
-                     {"what": "experts-in"})
+        for dst, src in zip((xs, ids_s, ws), srcs):
+            d2h.copy(dst, src, {"what": "experts-in"})
         d2h.record(sent)
 
         def finish():
             sent.synchronize()
+            srcs.clear()
             start = time.perf_counter()
             with self.cpu_lock:
                 if takes_out(experts):
