@@ -37,6 +37,7 @@ class Config:
     prefill_path: str = _setting("auto", "engine", str)          # auto | cpu | slp | dslp
     dual_batch: str = _setting("auto", "engine", str)            # auto | on | off
     prefill_worker: str = _setting("auto", "engine", str)        # auto | on | off
+    prefill_worker_cpus: int = _setting(None, "engine", int, nullable=True)  # None: half
     tpot_target_ms: float = _setting(None, "engine", float, nullable=True)  # decode steps' time target
     max_num_seqs: int = _setting(64, "engine", int)
     max_num_batched_tokens: int = _setting(None, "engine", int, nullable=True)  # None: BATCHED_TOKENS
@@ -111,6 +112,7 @@ class Config:
                     prefill_chunk=self.prefill_chunk, accel=self.accel,
                     prefill_path=self.prefill_path, dual_batch=self.dual_batch,
                     prefill_worker=self.prefill_worker, tpot_target_ms=self.tpot_target_ms,
+                    prefill_worker_cpus=self.prefill_worker_cpus,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
                     max_waiting=self.max_waiting,
                     # "auto" defers to the engine, which honours MOED_EXPERTS

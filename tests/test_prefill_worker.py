@@ -159,3 +159,14 @@ def test_one_copy_of_the_weights_the_worker_shares_the_engines_store_pages(engin
         assert c["Private_Dirty"] == 0, f"{path}: the worker wrote to (copied) store pages"
         assert c["Shared_Clean"] > 0, f"{path}: no page shared with the engine"
         assert c["Shared_Clean"] >= 0.5 * c["Rss"], (path, c)
+
+
+def test_the_cpu_split_and_its_bad_values():
+    from moed.engine.prefill_worker import split_cpus
+    from moed.errors import ConfigError
+    assert split_cpus({0, 1}) == ([0], [1])
+    assert split_cpus(range(8)) == ([0, 1, 2, 3], [4, 5, 6, 7])
+    assert split_cpus(range(8), 2) == ([0, 1, 2, 3, 4, 5], [6, 7])
+    for bad, cpus in ((0, range(4)), (4, range(4)), (True, range(4)), (None, [3])):
+        with pytest.raises(ConfigError):
+            split_cpus(cpus, bad)

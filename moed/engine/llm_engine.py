@@ -66,7 +66,7 @@ class LLMEngine:
                  experts=None, linears=None, detokenize=True, deterministic=True,
                  verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
                  dual_batch="auto", accel_bandwidth=None, prefill_worker=False,
-                 tpot_target_ms=None):
+                 tpot_target_ms=None, prefill_worker_cpus=None):
         # accel: the hybrid engine (dense part on the device, routed experts on the host):
         # "auto" = on where the device is CUDA, "off", or "cpu" = over the CPU device (the
         # twin the tests run; accel_bandwidth caps its copies, bytes/s). prefill_path:
@@ -125,7 +125,7 @@ class LLMEngine:
         kv = None
         if self._wants_worker(prefill_worker, experts):
             kv = self._start_worker(model_dir, num_blocks, block_size, dtype, experts, linears,
-                                    deterministic)
+                                    deterministic, prefill_worker_cpus)
         self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.accel, dbo,
                                   kv_caches=kv)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
@@ -193,7 +193,7 @@ class LLMEngine:
         return ok
 
     def _start_worker(self, model_dir, num_blocks, block_size, dtype, experts, linears,
-                      deterministic):
+                      deterministic, worker_cpus=None):
         """The prefill worker on the last half of the CPUs, over a KV cache in shared
         memory -> the KV cache."""
         from moed.engine.kv_cache import allocate_kv_caches
@@ -201,7 +201,7 @@ class LLMEngine:
         if self.accel is not None or self.device.type != "cpu":
             raise ConfigError("prefill_worker runs on the CPU engine only (for now)",
                               field="prefill_worker")
-        mine, theirs = split_cpus(os.sched_getaffinity(0))
+        mine, theirs = split_cpus(os.sched_getaffinity(0), worker_cpus)
         kv = allocate_kv_caches(self.model, num_blocks, block_size, dtype, self.device,
                                 shared=True)
         self._worker_args = (model_dir, kv, block_size, dtype, theirs,
@@ -360,8 +360,12 @@ class LLMEngine:
 
     # -- the prefill worker
     def _long(self, seq):
-        """A prompt the worker takes: longer than a step's budget, not begun here."""
-        return not seq.num_computed and seq.num_tokens > self.scheduler.max_tokens
+        """A prompt the worker takes: longer than the prompt tokens a step with decodes
+        takes (the TPOT budget's, else max_num_batched_tokens), not begun here."""
+        sched = self.scheduler
+        room = sched.max_tokens if sched.tpot is None else \
+            sched.tpot.budget(len(sched.running)) - len(sched.running)
+        return not seq.num_computed and seq.num_tokens > max(room, 1)
 
     def _waits_for_worker(self, seq):
         """While streams decode, a long prompt waits for the worker instead of sharing

@@ -142,14 +142,18 @@ class PrefillWorker:
             self.process.join()
 
 
-def split_cpus(cpus):
+def split_cpus(cpus, worker=None):
     """(engine's cores, the worker's) of the process affinity set: the worker takes the
-    last half (at least one), the engine keeps the rest for decoding."""
+    last `worker` (default: half, at least one), the engine keeps the rest (at least
+    one) for decoding."""
     cpus = sorted(cpus)
     if len(cpus) < 2:
         raise ConfigError("a prefill worker needs at least 2 CPUs (one for decoding)",
                           field="prefill_worker")
-    k = max(1, len(cpus) // 2)
+    k = max(1, len(cpus) // 2) if worker is None else worker
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < len(cpus):
+        raise ConfigError(f"prefill_worker_cpus must be in [1, {len(cpus) - 1}] (the "
+                          f"engine keeps one), got {k!r}", field="prefill_worker_cpus")
     return cpus[:-k], cpus[-k:]
 
 
