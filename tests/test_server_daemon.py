@@ -90,3 +90,46 @@ def test_sigterm_drains_inflight_stream_then_exits_0(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_drains_a_prompt_in_the_prefill_worker_and_stops_the_worker(tiny_model_dir):
+    import threading
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a prefill worker needs 2 CPUs")
+    model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=1024)
+    proc = moed("--model", str(model), "--port", "0", "--device", "cpu",
+                "--max-num-batched-tokens", "32", "--max-num-seqs", "8",
+                env=dict(os.environ, MOED_ADMIN_TOKEN="t"))
+    lines = []
+    try:
+        target = wait_listening(proc)
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        channel = grpc.insecure_channel(target)
+        wait_serving(channel)
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        greedy = lambda ids, n: pb.GenerateRequest(  # noqa: E731
+            token_ids=pb.TokenIds(ids=ids), ignore_eos=True,
+            sampling=pb.SamplingParams(temperature=0, max_new_tokens=n))
+        stream = stub.Generate(greedy([5, 6, 7], 200))
+        next(stream)
+        long = stub.Generate(greedy([3 + i % 500 for i in range(600)], 4))  # to the worker
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        got = [m for m in long if m.HasField("chunk")]
+        rest = list(stream)
+        assert sum(len(m.chunk.token_ids) for m in got) == 4
+        assert rest[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH
+        assert proc.wait(timeout=60) == 0
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    pids = [int(m.group(1)) for line in lines
+            for m in [re.search(r"prefill worker \(pid (\d+)\)", line)] if m]
+    assert pids, "the daemon started no prefill worker"
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pids[0]}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pids[0]}"), "the worker outlived the daemon"
