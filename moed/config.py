@@ -31,6 +31,7 @@ class Config:
     drain_timeout_s: float = _setting(60.0, "server", float)
     log_level: str = _setting("info", "server", str)
     tokenizer_processes: int = _setting(2, "server", int)        # 0: one thread in the daemon
+    engine_process: bool = _setting(False, "server", bool)       # the engine in its own process
     # engine
     device: str = _setting("auto", "engine", str)
     accel: str = _setting("auto", "engine", str)                 # auto | off | cpu

@@ -4,6 +4,17 @@
 class MoedError(Exception):
     """Base of every moed error."""
 
+    def __reduce__(self):
+        # crosses process boundaries (the engine process) with its fields (field, path)
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls, args, fields):
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(fields)
+    return err
+
 
 class CheckpointError(MoedError):
     """A checkpoint directory is missing, truncated or inconsistent.

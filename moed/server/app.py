@@ -37,6 +37,9 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 def default_engine_factory(model_dir, cfg):
     def make():
+        if cfg.engine_process:          # the engine (and the weights) in a process of its own
+            from moed.server.engine_process import RemoteEngine
+            return RemoteEngine(model_dir, cfg.engine_kwargs())
         from moed.engine.llm_engine import LLMEngine
         # text is the server's text stage's job, off the engine thread
         return LLMEngine(model_dir, **cfg.engine_kwargs(), detokenize=False)

@@ -1,0 +1,197 @@
+"""The decode engine in a process of its own (`server.engine_process: true`): the gRPC
+front end keeps no weights (the tokenizer only), the engine process holds the model
+and the KV cache and runs the steps, and its prefill worker (if any) is its child.
+
+RemoteEngine stands in for LLMEngine on the server's engine thread: every call is one
+message over a pipe (add, abort, step, stats), answered in order. A step's answer
+carries its outputs and what the server tracks of each request (how much of its
+prompt is computed, whether the prefill worker holds it). An engine process that dies
+fails the requests it held with UNAVAILABLE (WorkerLostError); the next request
+starts a new one (the model loads again), so the daemon keeps serving.
+"""
+import logging
+import os
+from dataclasses import dataclass
+
+import torch.multiprocessing as mp
+
+from moed.errors import ConfigError, MoedError, WorkerLostError
+
+log = logging.getLogger("moed.server.engine_process")
+
+READY_TIMEOUT_S = 900
+
+
+def engine_main(conn, model_dir, kwargs):
+    """The engine process: build the engine, then answer the front end's calls."""
+    from moed.engine.llm_engine import LLMEngine
+    try:
+        engine = LLMEngine(model_dir, **kwargs)
+    except BaseException as e:           # noqa: BLE001 - reported to the front end
+        conn.send(("failed", e if isinstance(e, MoedError) else RuntimeError(repr(e))))
+        return
+    conn.send(("ready", engine.model_info))
+    try:
+        while True:
+            try:
+                cmd = conn.recv()
+            except (EOFError, OSError):
+                return
+            if cmd is None:
+                return
+            try:
+                conn.send(("ok", answer(engine, cmd)))
+            except Exception as e:       # noqa: BLE001 - the call's own failure
+                conn.send(("error", e if isinstance(e, MoedError) else RuntimeError(repr(e))))
+    finally:
+        engine.close()
+
+
+def answer(engine, cmd):
+    kind, args = cmd[0], cmd[1:]
+    if kind == "add":
+        rid = engine.add_request(*args)
+        seq = engine.seqs[rid]
+        plan = seq.prefill_plan.summary() if seq.prefill_plan is not None else None
+        return rid, len(seq.prompt_ids), plan
+    if kind == "abort":
+        return engine.abort_request(*args)
+    if kind == "step":
+        outputs = engine.step()
+        worker = engine.worker.alive if engine.worker is not None else None
+        return (outputs, engine.has_unfinished(),
+                {rid: seq.num_computed for rid, seq in engine.seqs.items()},
+                set(engine.remote), worker)
+    if kind == "stats":
+        return engine.stats()
+    raise ValueError(f"unknown engine call {kind!r}")
+
+
+@dataclass
+class SeqView:
+    """What the server reads of a request's sequence, as of the last step."""
+    prompt_ids: range
+    num_computed: int = 0
+    prefill_plan: object = None
+
+
+@dataclass
+class PlanView:
+    text: str
+
+    def summary(self):
+        return self.text
+
+
+@dataclass
+class WorkerView:
+    alive: bool
+
+
+class RemoteEngine:
+    """LLMEngine's calls the server makes, answered by the engine process."""
+
+    def __init__(self, model_dir, kwargs):
+        from moed.model.tokenizer import Tokenizer
+        self.model_dir, self.kwargs = str(model_dir), dict(kwargs, detokenize=False)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.detokenize = False
+        self.seqs, self.remote, self.worker = {}, set(), None
+        self._unfinished = False
+        self.process = self.conn = None
+        self.model_info = self._start()
+
+    def _start(self):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=engine_main, name="moed-engine", daemon=False,
+                                   args=(child, self.model_dir, self.kwargs))
+        self.process.start()
+        child.close()
+        if not self.conn.poll(READY_TIMEOUT_S):
+            self.close()
+            raise ConfigError("the engine process did not start", field="engine_process")
+        status, detail = self._recv()
+        if status != "ready":
+            self.close()
+            raise detail
+        info = dict(detail, engine_process=self.process.pid)
+        log.info("engine process (pid %d) ready", self.process.pid)
+        return info
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            raise self._lost() from None
+
+    def _lost(self):
+        code = self.process.exitcode if self.process is not None else None
+        self.seqs, self.remote, self._unfinished = {}, set(), False
+        self.process = None
+        return WorkerLostError(f"the engine process died (exit code {code}) under this "
+                               f"request; it is restarted, retry the request")
+
+    def _call(self, *cmd):
+        if self.process is None:                   # died before: a new one (loads again)
+            self.model_info = self._start()
+        try:
+            self.conn.send(cmd)
+        except (OSError, ValueError):
+            raise self._lost() from None
+        status, value = self._recv()
+        if status == "error":
+            raise value
+        return value
+
+    # -- what the server calls
+    def add_request(self, prompt, params, request_id=None):
+        rid, n, plan = self._call("add", prompt, params, request_id)
+        self.seqs[rid] = SeqView(range(n), 0, PlanView(plan) if plan else None)
+        self._unfinished = True
+        return rid
+
+    def abort_request(self, request_id):
+        if self.process is None:
+            return self.seqs.pop(request_id, None) is not None
+        found = self._call("abort", request_id)
+        self.seqs.pop(request_id, None)
+        return found
+
+    def step(self):
+        outputs, self._unfinished, computed, self.remote, worker = self._call("step")
+        for rid, n in computed.items():
+            if rid in self.seqs:
+                self.seqs[rid].num_computed = n
+        for rid in set(self.seqs) - set(computed):
+            del self.seqs[rid]
+        self.worker = None if worker is None else WorkerView(worker)
+        return outputs
+
+    def has_unfinished(self):
+        return self._unfinished
+
+    def stats(self):
+        if self.process is None:
+            return {"num_running": 0, "num_waiting": 0, "kv_blocks_used": 0,
+                    "kv_blocks_total": self.model_info.get("kv_blocks_total", 0)}
+        return self._call("stats")
+
+    def close(self):
+        if self.process is None:
+            return
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.process = None
+
+
+def engine_pid(engine):
+    """The engine process's pid, or this process's when the engine runs here."""
+    return engine.process.pid if isinstance(engine, RemoteEngine) and engine.process \
+        else os.getpid()

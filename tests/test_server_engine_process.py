@@ -1,0 +1,71 @@
+"""The engine in a process of its own (server.engine_process): streams equal their solo
+runs on the in-process engine (long prompts arriving mid-decode, with the prefill
+worker a grandchild); the front end maps no weights; an engine process killed with
+SIGKILL fails the requests it held UNAVAILABLE and the next request starts a new one."""
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from moed.server.background import BackgroundServer
+from moed.server.gen import generation_pb2 as pb
+from moed.server.gen import generation_pb2_grpc
+from test_prefill_worker import mapped
+from test_server_invariance import CHUNKED, check_equal, concurrent_runs, config, generate, \
+    requests, solo_runs
+
+WEIGHTS = (".moex", ".moed-dense", ".safetensors")
+
+
+def test_streams_equal_solo_runs_and_the_front_end_maps_no_weights(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8")
+    with BackgroundServer(config(**CHUNKED), model) as srv:
+        solo = asyncio.run(solo_runs(srv.target, requests("solo")))
+    before = set(mapped(os.getpid(), WEIGHTS))
+    with BackgroundServer(config(engine_process=True, prefill_worker="auto", **CHUNKED),
+                          model) as srv:
+        engine = srv.app.engine_loop.engine
+        pid = engine.process.pid
+        assert srv.app.engine_loop.engine.model_info["engine_process"] == pid
+        reqs = requests("load")
+        together, _ = asyncio.run(concurrent_runs(srv.target, reqs))
+        theirs = mapped(pid, WEIGHTS)
+        mine = set(mapped(os.getpid(), WEIGHTS)) - before
+    check_equal(solo, together, reqs, "engine process")
+    assert any(p.endswith(".moex") for p in theirs), "the engine process maps the experts"
+    assert not mine, f"the front end mapped weights: {sorted(mine)}"
+
+
+def request(rid, ids, n):
+    return pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids), ignore_eos=True,
+                              sampling=pb.SamplingParams(temperature=0, max_new_tokens=n))
+
+
+async def kill_the_engine(target, engine):
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        started = asyncio.Event()
+        stream = asyncio.ensure_future(generate(stub, request("held", [5, 6, 7], 240), started))
+        await asyncio.wait_for(started.wait(), 60)
+        os.kill(engine.process.pid, signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(stream, 60)
+        t0 = time.monotonic()
+        after = await asyncio.wait_for(generate(stub, request("after", [8, 9], 5)), 300)
+        return err.value, after, time.monotonic() - t0
+
+
+def test_a_killed_engine_process_fails_its_requests_and_is_replaced(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8")
+    with BackgroundServer(config(engine_process=True, prefill_worker="off", **CHUNKED),
+                          model) as srv:
+        engine = srv.app.engine_loop.engine
+        first = engine.process.pid
+        err, after, took = asyncio.run(kill_the_engine(srv.target, engine))
+        assert engine.process is not None and engine.process.pid != first
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "engine process died" in err.details()
+    assert after[2] == pb.FINISH_REASON_LENGTH and len(after[0]) == 5
+    print(f"a new engine process served the next request {took:.1f} s after the kill")
