@@ -349,3 +349,18 @@ def test_a_tpot_target_keeps_greedy_output_and_bounds_the_steps(tiny_model_dir):
     assert run(llm) == plain
     assert sizes and max(sizes) <= 4 + P.TPOT_MIN_PREFILL, sizes
     assert "TPOT target" in llm.engine.planner_summary()
+
+
+def test_decode_keeps_the_fewest_cpus_that_read_nearly_all_the_memory_can_give():
+    saturating = lambda k: min(k, 6) * 10e9          # noqa: E731 - 6 CPUs saturate the memory
+    assert P.decode_cpus(saturating, 64) == 6
+    assert P.decode_cpus(lambda k: k * 1e9, 16) == 15, "never saturated: all but one"
+    assert P.decode_cpus(lambda k: 50e9, 16) == 1, "one CPU reads it all"
+    assert P.decode_cpus(saturating, 2) == 1
+    broken = lambda k: 1 / 0                          # noqa: E731
+
+    assert P.decode_cpus(broken, 8) == 4, "a failing probe: half"
+    with pytest.raises(P.ConfigError):
+        P.decode_cpus(saturating, 1)
+    probe = P.read_probe()
+    assert probe(1) > 1e8

@@ -201,7 +201,11 @@ class LLMEngine:
         if self.accel is not None or self.device.type != "cpu":
             raise ConfigError("prefill_worker runs on the CPU engine only (for now)",
                               field="prefill_worker")
-        mine, theirs = split_cpus(os.sched_getaffinity(0), worker_cpus)
+        cpus = os.sched_getaffinity(0)
+        if worker_cpus is None and len(cpus) > 2:     # the planner's split: see decode_cpus
+            from moed.engine.planner import decode_cpus, read_probe
+            worker_cpus = len(cpus) - decode_cpus(read_probe(), len(cpus))
+        mine, theirs = split_cpus(cpus, worker_cpus)
         kv = allocate_kv_caches(self.model, num_blocks, block_size, dtype, self.device,
                                 shared=True)
         self._worker_args = (model_dir, kv, block_size, dtype, theirs,

@@ -524,3 +524,44 @@ class TPOTBudget:
             return base + " (not measured yet)"
         return (f"{base}: decode step {self.decode_s * 1e3:.1f} ms, "
                 f"{self.per_token_s * 1e3:.2f} ms a prompt token")
+
+
+# -- the CPUs of the decode steps and of the prefill worker
+DECODE_READ_SHARE = 0.9      # decoding keeps the fewest CPUs that read this much of all
+
+
+def decode_cpus(read_bps, total):
+    """How many of `total` CPUs the decode steps keep while the prefill worker runs:
+    decode is bound by the memory's read rate and prefill by compute, so the decode
+    steps get the fewest CPUs whose streaming read reaches DECODE_READ_SHARE of all the
+    CPUs' (read_bps(k): bytes/s on k threads), and the worker every other one; at least
+    one each. Falls back to half when a probe fails."""
+    if total < 2:
+        raise ConfigError("a prefill worker needs at least 2 CPUs (one for decoding)",
+                          field="prefill_worker")
+    if total == 2:
+        return 1
+    try:
+        full = read_bps(total)
+        lo, hi = 1, total - 1              # the smallest k with read(k) >= share * full
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if read_bps(mid) >= DECODE_READ_SHARE * full:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+    except Exception as e:                 # noqa: BLE001 - a probe failed: half
+        log.warning("planner: cannot measure the read rate per CPU count (%s): half", e)
+        return total - max(1, total // 2)
+
+
+def read_probe(kernels=None):
+    """read_bps(k): the kernels' streaming read on k threads, bytes/s (best of 3)."""
+    import numpy as np
+    if kernels is None:
+        from moed.backends.cpu.isa import load_kernels
+        kernels = load_kernels()
+    buf = np.ones(PROBE_BYTES, dtype=np.uint8)
+    return lambda k: max(PROBE_BYTES / kernels.read_seconds(buf.ctypes.data, PROBE_BYTES, k)
+                         for _ in range(3))
