@@ -162,7 +162,10 @@ async def run_mixed(client, streams, prompt_tokens, long_tokens, long_prompts=1,
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
         bar.close()
-    idle = gaps_within(opened, t0, sent, whole=True) + \
+    # idle: once every stream has its first token (their own prompts are prefilled), and
+    # after the long prompts; `whole`: both tokens of a gap inside the window
+    settled = max((s.token_times[0] for s in opened if s.token_times), default=t0)
+    idle = gaps_within(opened, settled, sent, whole=True) + \
         gaps_within(opened, done, float("inf"), whole=True)
     during = gaps_within(opened, sent, done)
     ms = lambda xs, q: round(1000 * percentile(xs, q), 2) if xs else None  # noqa: E731
