@@ -179,6 +179,12 @@ async def run_mixed(client, streams, prompt_tokens, long_tokens, long_prompts=1,
            "long_ttft_mixed_ms": ms([r.ttft_s for r in mixed], 50),
            "total_tokens": total, "wall_s": round(wall, 3),
            "throughput_tok_s": round(total / wall, 2)}
+    worst = max(((b - a, b) for st in opened for a, b in zip(st.token_times, st.token_times[1:])
+                 if a >= settled), default=None)
+    if worst is not None:      # the longest gap, and when it ended (ms after the prompts came)
+        out["worst_gap_ms"] = round(1000 * worst[0], 2)
+        out["worst_gap_end_ms"] = round(1000 * (worst[1] - sent), 2)
+        out["prefill_window_ms"] = round(1000 * (done - sent), 2)
     for ratio, num, den in (("tpot_p99_ratio", "tpot_prefill_p99_ms", "tpot_idle_p99_ms"),
                             ("long_ttft_ratio", "long_ttft_mixed_ms", "long_ttft_solo_ms")):
         if out[num] and out[den]:
