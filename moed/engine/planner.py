@@ -391,7 +391,8 @@ def measure_gpu(device):
             return min(times)
         h2d = H2D_PROBE_BYTES / best(lambda: dst.copy_(src, non_blocking=True))
         flops = 2 * GEMM_PROBE ** 3 / best(lambda: a @ b)
-        del src, dst, a, b
+        src = dst = a = b = None          # the probes' buffers back before counting free memory
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         return h2d, flops, free
     except Exception as e:           # a failed probe: the GPU paths are not predicted

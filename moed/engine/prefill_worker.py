@@ -21,7 +21,6 @@ Shape legend: L prompt tokens, V vocab.
 """
 import logging
 import os
-import threading
 
 import torch
 import torch.multiprocessing as mp
@@ -102,7 +101,6 @@ class PrefillWorker:
             raise ConfigError(f"the prefill worker failed to start: {detail}",
                               field="prefill_worker")
         self.busy = None                 # the request id in flight, or None
-        self.lock = threading.Lock()
 
     def submit(self, request_id, ids, block_table, chunk):
         assert self.busy is None
