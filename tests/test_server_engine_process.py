@@ -14,6 +14,7 @@ from moed.server.background import BackgroundServer
 from moed.server.gen import generation_pb2 as pb
 from moed.server.gen import generation_pb2_grpc
 from test_prefill_worker import mapped
+from test_server_prefill_worker import decoding, request
 from test_server_invariance import CHUNKED, check_equal, concurrent_runs, config, generate, \
     requests, solo_runs
 
@@ -39,17 +40,10 @@ def test_streams_equal_solo_runs_and_the_front_end_maps_no_weights(tiny_model_di
     assert not mine, f"the front end mapped weights: {sorted(mine)}"
 
 
-def request(rid, ids, n):
-    return pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids), ignore_eos=True,
-                              sampling=pb.SamplingParams(temperature=0, max_new_tokens=n))
-
-
 async def kill_the_engine(target, engine):
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
-        started = asyncio.Event()
-        stream = asyncio.ensure_future(generate(stub, request("held", [5, 6, 7], 240), started))
-        await asyncio.wait_for(started.wait(), 60)
+        stream = await decoding(stub, "held", 240)
         os.kill(engine.process.pid, signal.SIGKILL)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await asyncio.wait_for(stream, 60)

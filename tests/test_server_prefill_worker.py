@@ -47,12 +47,18 @@ def request(rid, ids, new_tokens):
                               sampling=pb.SamplingParams(temperature=0, max_new_tokens=new_tokens))
 
 
+async def decoding(stub, rid, new_tokens):
+    """A stream of `new_tokens` tokens, returned once its first token is out."""
+    started = asyncio.Event()
+    stream = asyncio.ensure_future(generate(stub, request(rid, [5, 6, 7], new_tokens), started))
+    await asyncio.wait_for(started.wait(), 60)
+    return stream
+
+
 async def kill_mid_prefill(target, engine):
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
-        started = asyncio.Event()
-        stream = asyncio.ensure_future(generate(stub, request("stream", [5, 6, 7], 300), started))
-        await asyncio.wait_for(started.wait(), 60)
+        stream = await decoding(stub, "stream", 300)
         doomed = asyncio.ensure_future(generate(stub, request("doomed", list(range(3, 200)), 4)))
         deadline = time.monotonic() + 60
         while "doomed" not in engine.remote:
@@ -96,9 +102,7 @@ async def cancelled_in_the_worker(target, engine):
     worker prefills it -> how many tries it took to catch it there."""
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
-        started = asyncio.Event()
-        stream = asyncio.ensure_future(generate(stub, request("stream", [5, 6, 7], 400), started))
-        await asyncio.wait_for(started.wait(), 60)
+        stream = await decoding(stub, "stream", 400)
         for attempt in range(1, 20):
             rid = f"late-{attempt}"
             call = stub.Generate(request(rid, list(range(3, 480)), 4))

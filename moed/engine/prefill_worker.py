@@ -130,14 +130,19 @@ class PrefillWorker:
         return self.process.is_alive()
 
     def close(self):
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+        stop_process(self.conn, self.process, 5)
+
+
+def stop_process(conn, process, timeout):
+    """Ask a worker process to stop (None on its pipe), kill it past `timeout` s."""
+    try:
+        conn.send(None)
+    except (OSError, ValueError):
+        pass
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
 
 
 def split_cpus(cpus, worker=None):

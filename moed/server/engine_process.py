@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch.multiprocessing as mp
 
+from moed.engine.prefill_worker import stop_process
 from moed.errors import ConfigError, MoedError, WorkerLostError
 
 log = logging.getLogger("moed.server.engine_process")
@@ -178,17 +179,9 @@ class RemoteEngine:
         return self._call("stats")
 
     def close(self):
-        if self.process is None:
-            return
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.process = None
+        if self.process is not None:
+            stop_process(self.conn, self.process, 10)
+            self.process = None
 
 
 def engine_pid(engine):
