@@ -364,3 +364,27 @@ def test_decode_keeps_the_fewest_cpus_that_read_nearly_all_the_memory_can_give()
         P.decode_cpus(saturating, 1)
     probe = P.read_probe()
     assert probe(1) > 1e8
+
+
+def test_figures_measured_on_a_busy_machine_are_measured_again_once_it_is_quiet(tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setattr(P, "load_average", lambda: 4.0)        # busy: 2 per thread
+    busy = MachineConstants.load(threads=2, cache_dir=tmp_path, kernels=SlowKernels())
+    assert busy.source == "measured" and busy.load_avg == 4.0
+    assert MachineConstants.load(threads=2, cache_dir=tmp_path).source == "cache", \
+        "still busy: the cache stands"
+    monkeypatch.setattr(P, "load_average", lambda: 0.1)        # quiet now
+    again = MachineConstants.load(threads=2, cache_dir=tmp_path, kernels=FixedKernels())
+    assert again.source == "measured"
+    assert (again.cpu_read_bps, again.cpu_flops) == pytest.approx((20e9, 500e9))
+    kept = MachineConstants.load(threads=2, cache_dir=tmp_path, kernels=SlowKernels())
+    assert kept.source == "cache" and kept.cpu_flops == pytest.approx(500e9), \
+        "measured quiet: cached for good"
+
+
+class SlowKernels:
+    def read_seconds(self, buf, nbytes, threads):
+        return nbytes / 5e9
+
+    def peak_flops(self, iters, threads):
+        return 100e9

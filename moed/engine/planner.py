@@ -72,6 +72,7 @@ class MachineConstants:
     h2d_bps: float = None              # pinned host -> GPU copy, bytes/s (GPU path: later)
     gpu_flops: float = None            # GPU BF16 GEMM, flop/s (GPU path: later)
     num_gpus: int = 0
+    load_avg: float = None             # the 1-minute load average when measured
     source: str = "default"            # measured | cache | default
 
     def __post_init__(self):
@@ -104,11 +105,34 @@ class MachineConstants:
         path = cache_file(cpu, threads, cache_dir)
         cached = _read_cache(path)
         if cached is not None:
-            return cls(**dict(cached, source="cache"))
+            consts = cls(**dict(cached, source="cache"))
+            if not consts.measured_busy():
+                return consts
+            # measured on a busy machine (low figures, cached for good): once the machine
+            # is quieter, measure again and keep the better of each figure
+            fresh = measure(threads, kernels)
+            best = lambda a, b: max(x for x in (a, b) if x is not None) \
+                if a is not None or b is not None else None  # noqa: E731
+            consts = cls(cpu=consts.cpu, threads=threads, source="measured",
+                         cpu_read_bps=best(consts.cpu_read_bps, fresh.cpu_read_bps),
+                         cpu_flops=best(consts.cpu_flops, fresh.cpu_flops),
+                         load_avg=fresh.load_avg)
+            if consts.cpu_read_bps and consts.cpu_flops:
+                _write_cache(path, consts)
+            return consts
         consts = measure(threads, kernels)
         if consts.cpu_read_bps and consts.cpu_flops:     # an absurd figure: measure again
             _write_cache(path, consts)
         return consts
+
+    def measured_busy(self):
+        """Whether these figures were measured while other work held the CPUs (load
+        average above BUSY_LOAD per thread) and the machine is quieter now."""
+        if self.load_avg is None:
+            return False
+        now = load_average()
+        return self.load_avg > BUSY_LOAD * self.threads and now is not None and \
+            now < self.load_avg / 2
 
     def summary(self):
         g = lambda x, unit: "n/a" if x is None else f"{x / 1e9:.0f} {unit}"  # noqa: E731
@@ -116,6 +140,16 @@ class MachineConstants:
                f"{g(self.gpu_flops, 'GFLOP/s')}") if self.num_gpus else "; no GPU"
         return (f"cpu read {g(self.cpu_read_bps, 'GB/s')}, {g(self.cpu_flops, 'GFLOP/s')} "
                 f"on {self.threads} threads ({self.source}){gpu}")
+
+
+BUSY_LOAD = 0.5              # load average per thread above which a probe reads low
+
+
+def load_average():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def cpu_model():
@@ -181,7 +215,7 @@ def measure(threads, kernels=None):
         log.warning("planner: cannot measure the CPU (%s): default constants", e)
         return MachineConstants(cpu=cpu_model(), threads=threads)
     return MachineConstants(cpu=cpu_model(), threads=threads, cpu_read_bps=read,
-                            cpu_flops=peak, source="measured")
+                            cpu_flops=peak, load_avg=load_average(), source="measured")
 
 
 @dataclass(frozen=True)
