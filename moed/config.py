@@ -11,6 +11,7 @@ from moed.errors import ConfigError
 
 SECTIONS = ("server", "engine", "limits", "telemetry")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"    # the daemon's and its workers'
 BATCHED_TOKENS = 256       # engine.max_num_batched_tokens when unset (null)
 
 
@@ -31,7 +32,7 @@ class Config:
     drain_timeout_s: float = _setting(60.0, "server", float)
     log_level: str = _setting("info", "server", str)
     tokenizer_processes: int = _setting(2, "server", int)        # 0: one thread in the daemon
-    engine_process: bool = _setting(False, "server", bool)       # the engine in its own process
+    engine_process: bool = _setting(True, "server", bool)        # the engine in its own process
     # engine
     device: str = _setting("auto", "engine", str)
     accel: str = _setting("auto", "engine", str)                 # auto | off | cpu

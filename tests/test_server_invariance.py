@@ -138,6 +138,8 @@ class Watch:
 def config(**engine):
     # the prefill worker off unless asked: here long prompts are to chunk beside decodes
     engine.setdefault("prefill_worker", "off")
+    # the engine in this process: the tests watch its scheduler
+    engine.setdefault("engine_process", False)
     return Config(port=0, device="cpu", experts="cpu", tokenizer_processes=0,
                   max_waiting=64, **engine)
 

@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from moed.config import load_config
+from moed.config import LOG_FORMAT, load_config
 from moed.errors import ConfigError, MoedError
 
 EXIT_CONFIG = 2
@@ -93,7 +93,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"moed: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=cfg.log_level.upper(), format=LOG_FORMAT)
     try:
         return asyncio.run(serve(cfg, model_dir))
     except ConfigError as e:            # found at bind time (port in use, TLS files)

@@ -43,8 +43,12 @@ class PromptSlice:
         return self.ids[first:end]
 
 
-def worker_main(conn, model_dir, kv_caches, block_size, kv_dtype, cpus, backends):
-    """The worker process: load the model on `cpus`, then prefill what arrives."""
+def worker_main(conn, model_dir, kv_caches, block_size, kv_dtype, cpus, backends,
+                log_level=logging.INFO):
+    """The worker process: load the model on `cpus`, then prefill what arrives (logging
+    to the inherited stderr at the engine's level)."""
+    from moed.config import LOG_FORMAT
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
     os.sched_setaffinity(0, cpus)
     os.environ["MOED_THREADS"] = str(len(cpus))
     torch.set_num_threads(len(cpus))
@@ -89,7 +93,8 @@ class PrefillWorker:
         self.cpus = sorted(cpus)
         self.process = ctx.Process(target=worker_main, name="moed-prefill-worker", daemon=True,
                                    args=(child, str(model_dir), kv_caches, block_size, kv_dtype,
-                                         self.cpus, backends))
+                                         self.cpus, backends,
+                                         logging.getLogger().getEffectiveLevel()))
         self.process.start()
         child.close()
         if not self.conn.poll(READY_TIMEOUT_S):

@@ -23,9 +23,12 @@ log = logging.getLogger("moed.server.engine_process")
 READY_TIMEOUT_S = 900
 
 
-def engine_main(conn, model_dir, kwargs):
-    """The engine process: build the engine, then answer the front end's calls."""
+def engine_main(conn, model_dir, kwargs, log_level=logging.INFO):
+    """The engine process: build the engine, then answer the front end's calls. It logs
+    to the daemon's stderr (inherited) at the daemon's level."""
+    from moed.config import LOG_FORMAT
     from moed.engine.llm_engine import LLMEngine
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
     try:
         engine = LLMEngine(model_dir, **kwargs)
     except BaseException as e:           # noqa: BLE001 - reported to the front end
@@ -106,7 +109,8 @@ class RemoteEngine:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=engine_main, name="moed-engine", daemon=False,
-                                   args=(child, self.model_dir, self.kwargs))
+                                   args=(child, self.model_dir, self.kwargs,
+                                         logging.getLogger().getEffectiveLevel()))
         self.process.start()
         child.close()
         if not self.conn.poll(READY_TIMEOUT_S):
