@@ -88,21 +88,11 @@ class PrefillWorker:
     """The engine's side: one worker process, one prompt at a time."""
 
     def __init__(self, model_dir, kv_caches, block_size, kv_dtype, cpus, backends):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
         self.cpus = sorted(cpus)
-        self.process = ctx.Process(target=worker_main, name="moed-prefill-worker", daemon=True,
-                                   args=(child, str(model_dir), kv_caches, block_size, kv_dtype,
-                                         self.cpus, backends,
-                                         logging.getLogger().getEffectiveLevel()))
-        self.process.start()
-        child.close()
-        if not self.conn.poll(READY_TIMEOUT_S):
-            self.close()
-            raise ConfigError("the prefill worker did not start", field="prefill_worker")
-        status, detail = self.conn.recv()
+        self.conn, self.process, (status, detail) = spawn(
+            worker_main, "moed-prefill-worker", True, "prefill_worker",
+            str(model_dir), kv_caches, block_size, kv_dtype, self.cpus, backends)
         if status != "ready":
-            self.close()
             raise ConfigError(f"the prefill worker failed to start: {detail}",
                               field="prefill_worker")
         self.busy = None                 # the request id in flight, or None
@@ -136,6 +126,31 @@ class PrefillWorker:
 
     def close(self):
         stop_process(self.conn, self.process, 5)
+
+
+def spawn(target, name, daemon, field, *args, timeout=READY_TIMEOUT_S):
+    """A worker process target(conn, *args, log level), started and waited for: ->
+    (conn, process, its first message: ("ready", ...) or ("failed", why)). The process
+    is stopped when it does not answer in time or exits instead (then "failed")."""
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    process = ctx.Process(target=target, name=name, daemon=daemon,
+                          args=(child, *args, logging.getLogger().getEffectiveLevel()))
+    process.start()
+    child.close()
+    try:
+        if not conn.poll(timeout):
+            raise ConfigError(f"{name} did not start in {timeout} s", field=field)
+        first = conn.recv()
+    except (EOFError, OSError):
+        process.join(5)
+        first = ("failed", f"it exited with code {process.exitcode} while starting")
+    except ConfigError:
+        stop_process(conn, process, 5)
+        raise
+    if first[0] != "ready":
+        stop_process(conn, process, 5)
+    return conn, process, first
 
 
 def stop_process(conn, process, timeout):

@@ -13,9 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-import torch.multiprocessing as mp
-
-from moed.engine.prefill_worker import stop_process
+from moed.engine.prefill_worker import spawn, stop_process
 from moed.errors import ConfigError, MoedError, WorkerLostError
 
 log = logging.getLogger("moed.server.engine_process")
@@ -106,20 +104,15 @@ class RemoteEngine:
         self.model_info = self._start()
 
     def _start(self):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=engine_main, name="moed-engine", daemon=False,
-                                   args=(child, self.model_dir, self.kwargs,
-                                         logging.getLogger().getEffectiveLevel()))
-        self.process.start()
-        child.close()
-        if not self.conn.poll(READY_TIMEOUT_S):
-            self.close()
-            raise ConfigError("the engine process did not start", field="engine_process")
-        status, detail = self._recv()
+        # not a daemonic process: it has a child of its own (the prefill worker)
+        self.conn, self.process, (status, detail) = spawn(
+            engine_main, "moed-engine", False, "engine_process", self.model_dir, self.kwargs,
+            timeout=READY_TIMEOUT_S)
         if status != "ready":
-            self.close()
-            raise detail
+            self.process = None
+            raise detail if isinstance(detail, BaseException) else \
+                ConfigError(f"the engine process failed to start: {detail}",
+                            field="engine_process")
         info = dict(detail, engine_process=self.process.pid)
         log.info("engine process (pid %d) ready", self.process.pid)
         return info
