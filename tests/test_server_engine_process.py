@@ -63,3 +63,24 @@ def test_a_killed_engine_process_fails_its_requests_and_is_replaced(tiny_model_d
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "engine process died" in err.details()
     assert after[2] == pb.FINISH_REASON_LENGTH and len(after[0]) == 5
     print(f"a new engine process served the next request {took:.1f} s after the kill")
+
+
+def test_a_model_the_engine_process_cannot_load_is_reported_not_hung(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir("qwen3_moe", "bf16"), broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    srv = BackgroundServer(config(engine_process=True, prefill_worker="off"), broken)
+    srv.start(wait_ready=False)
+    try:
+        loop = srv.app.engine_loop
+        assert loop.loaded.wait(120), "the load never ended"
+        err = loop.load_error
+        assert type(err).__name__ == "UnsupportedArchitectureError" and "NoSuchForCausalLM" in str(err)
+        assert err.path and err.path.endswith("config.json"), "its fields crossed the process"
+        assert not srv.app.ready
+    finally:
+        srv.stop()
