@@ -10,6 +10,9 @@ import time
 import grpc
 import pytest
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moed.server.app import ENGINE_PROCESS
 from moed.server.background import BackgroundServer
 from moed.server.gen import generation_pb2 as pb
 from moed.server.gen import generation_pb2_grpc
@@ -44,12 +47,32 @@ async def kill_the_engine(target, engine):
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
         stream = await decoding(stub, "held", 240)
+        health = health_pb2_grpc.HealthStub(ch)
+        status = lambda: health.Check(  # noqa: E731
+            health_pb2.HealthCheckRequest(service=ENGINE_PROCESS))
+        for _ in range(400):                        # set after the first step
+            if (await status()).status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.005)
+        assert (await status()).status == health_pb2.HealthCheckResponse.SERVING
         os.kill(engine.process.pid, signal.SIGKILL)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await asyncio.wait_for(stream, 60)
+        for _ in range(400):
+            down = (await status()).status
+            if down == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.005)
+        assert down == health_pb2.HealthCheckResponse.NOT_SERVING, "health shows it down"
         t0 = time.monotonic()
         after = await asyncio.wait_for(generate(stub, request("after", [8, 9], 5)), 300)
-        return err.value, after, time.monotonic() - t0
+        took = time.monotonic() - t0
+        for _ in range(400):
+            if (await status()).status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.005)
+        assert (await status()).status == health_pb2.HealthCheckResponse.SERVING, "back up"
+        return err.value, after, took
 
 
 def test_a_killed_engine_process_fails_its_requests_and_is_replaced(tiny_model_dir):
@@ -84,3 +107,28 @@ def test_a_model_the_engine_process_cannot_load_is_reported_not_hung(tiny_model_
         assert not srv.app.ready
     finally:
         srv.stop()
+
+
+def test_a_loss_seen_outside_a_step_is_reported_by_the_next_step(tiny_model_dir):
+    from moed.engine.sampling_params import SamplingParams
+    from moed.errors import WorkerLostError
+    from moed.server.engine_process import RemoteEngine
+    engine = RemoteEngine(tiny_model_dir("qwen3_moe", "bf16"),
+                          dict(device="cpu", experts="torch", prefill_worker="off"))
+    try:
+        engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_new_tokens=50))
+        engine.step()
+        os.kill(engine.process.pid, signal.SIGKILL)
+        engine.process.join(10)
+        assert engine.stats()["num_running"] == 0, "stats never raise"
+        assert engine.has_unfinished(), "the loss is still to be reported"
+        with pytest.raises(WorkerLostError):
+            engine.step()
+        assert not engine.has_unfinished() and not engine.seqs
+        rid = engine.add_request([8, 9], SamplingParams(temperature=0, max_new_tokens=2))
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+        assert [o.request_id for o in outs if o.finished] == [rid], "a new engine process"
+    finally:
+        engine.close()

@@ -31,7 +31,8 @@ from moed.server.wire import WireDecodeInterceptor
 log = logging.getLogger("moed.server")
 GENERATION = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
-PREFILL_WORKER = "moed.v1.PrefillWorker"     # a health entry only (engine.prefill_worker)
+PREFILL_WORKER = "moed.v1.PrefillWorker"     # health entries only (engine.prefill_worker,
+ENGINE_PROCESS = "moed.v1.EngineProcess"     # server.engine_process)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -108,11 +109,13 @@ class MoedServer:
         for service in ("", GENERATION):
             await self.health.set(service, SERVING if up else NOT_SERVING)
 
-    def _worker_changed(self, up):
-        """Health PREFILL_WORKER: SERVING while the prefill worker runs, NOT_SERVING while it
-        is down (the daemon keeps serving: long prompts prefill in the engine meanwhile)."""
-        (log.info if up else log.warning)("prefill worker %s", "up" if up else "down")
-        asyncio.ensure_future(self.health.set(PREFILL_WORKER, SERVING if up else NOT_SERVING))
+    def _worker_changed(self, which, up):
+        """Health PREFILL_WORKER / ENGINE_PROCESS: SERVING while that process runs,
+        NOT_SERVING while it is down. The daemon keeps serving: long prompts prefill in
+        the engine meanwhile, and the next request starts a new engine process."""
+        (log.info if up else log.warning)("%s %s", which, "up" if up else "down")
+        service = PREFILL_WORKER if which == "prefill" else ENGINE_PROCESS
+        asyncio.ensure_future(self.health.set(service, SERVING if up else NOT_SERVING))
 
     def _engine_died(self, error):
         log.error("the engine thread died (%r): every service reports NOT_SERVING", error)

@@ -64,8 +64,10 @@ class EngineLoop:
         self._loop = loop
         self._on_finish = on_finish or (lambda tracked: None)
         self._on_dead = on_dead or (lambda error: None)     # run on the loop
-        self._on_worker = on_worker or (lambda up: None)    # the prefill worker's state, on the loop
-        self._worker_up = None
+        # (which, up) of the engine's worker processes, on the loop: which is "prefill"
+        # (the prefill worker) or "engine" (the engine process)
+        self._on_worker = on_worker or (lambda which, up: None)
+        self._up = {}
         self._commands = queue.Queue()
         self._lock = threading.Lock()           # submit checks `dead` and queues in one step
         self.dead = None                        # what killed the engine thread
@@ -247,6 +249,7 @@ class EngineLoop:
         except Exception as e:              # a bug under some request: fail them, keep serving
             log.exception("engine step failed")
             self._fail_all(e)
+            self._watch_worker()
             return
         self.steps += 1
         self._watch_worker()
@@ -262,13 +265,15 @@ class EngineLoop:
         self._deliver(batch)    # must find its KV blocks freed in the status
 
     def _watch_worker(self):
-        """Tell the server when the prefill worker goes down or comes back."""
+        """Tell the server when a worker process goes down or comes back."""
         worker = getattr(self.engine, "worker", None)
-        up = None if worker is None else worker.alive
-        if up != self._worker_up:
-            self._worker_up = up
-            if up is not None:
-                self._loop.call_soon_threadsafe(self._on_worker, up)
+        states = {"prefill": None if worker is None else worker.alive}
+        if hasattr(self.engine, "process"):            # the engine in a process of its own
+            states["engine"] = self.engine.process is not None and self.engine.process.is_alive()
+        for which, up in states.items():
+            if up is not None and up != self._up.get(which):
+                self._up[which] = up
+                self._loop.call_soon_threadsafe(self._on_worker, which, up)
 
     def _track_prefill(self, prefilling, t0):
         """Count the prompt chunks each still-prefilling request got this step."""

@@ -100,6 +100,7 @@ class RemoteEngine:
         self.detokenize = False
         self.seqs, self.remote, self.worker = {}, set(), None
         self._unfinished = False
+        self._pending = None             # a loss the next step reports
         self.process = self.conn = None
         self.model_info = self._start()
 
@@ -124,11 +125,17 @@ class RemoteEngine:
             raise self._lost() from None
 
     def _lost(self):
+        """The engine process is gone: -> the error its requests fail with, also kept
+        for the next step to raise wherever the loss was seen (a stats call, say), so
+        that the server fails the requests it held."""
+        if self.process is not None:
+            self.process.join(5)
         code = self.process.exitcode if self.process is not None else None
         self.seqs, self.remote, self._unfinished = {}, set(), False
         self.process = None
-        return WorkerLostError(f"the engine process died (exit code {code}) under this "
-                               f"request; it is restarted, retry the request")
+        self._pending = WorkerLostError(f"the engine process died (exit code {code}) under "
+                                        f"this request; it is restarted, retry the request")
+        return self._pending
 
     def _call(self, *cmd):
         if self.process is None:                   # died before: a new one (loads again)
@@ -152,12 +159,22 @@ class RemoteEngine:
     def abort_request(self, request_id):
         if self.process is None:
             return self.seqs.pop(request_id, None) is not None
-        found = self._call("abort", request_id)
+        try:
+            found = self._call("abort", request_id)
+        except WorkerLostError:                # the next step fails what it held
+            found = False
         self.seqs.pop(request_id, None)
         return found
 
     def step(self):
-        outputs, self._unfinished, computed, self.remote, worker = self._call("step")
+        if self._pending is not None:
+            err, self._pending = self._pending, None
+            raise err
+        try:
+            outputs, self._unfinished, computed, self.remote, worker = self._call("step")
+        except WorkerLostError:
+            self._pending = None               # raised here: reported once
+            raise
         for rid, n in computed.items():
             if rid in self.seqs:
                 self.seqs[rid].num_computed = n
@@ -167,13 +184,17 @@ class RemoteEngine:
         return outputs
 
     def has_unfinished(self):
-        return self._unfinished
+        return self._unfinished or self._pending is not None
 
     def stats(self):
-        if self.process is None:
-            return {"num_running": 0, "num_waiting": 0, "kv_blocks_used": 0,
-                    "kv_blocks_total": self.model_info.get("kv_blocks_total", 0)}
-        return self._call("stats")
+        """The engine's counters; zeros while there is no engine process (never raises:
+        the server publishes them after every step)."""
+        if self.process is not None:
+            try:
+                return self._call("stats")
+            except WorkerLostError:
+                pass
+        return {"num_running": 0, "num_waiting": 0, "kv_blocks_used": 0, "kv_blocks_total": 0}
 
     def close(self):
         if self.process is not None:
