@@ -19,7 +19,7 @@ from moed.backends.cpu.runtime import default_threads
 from moed.engine.kv_cache import BlockManager, blocks_for
 from moed.engine.model_runner import ModelRunner
 from moed.engine.planner import (DUAL_BATCH, SLP_CHUNKS, DualBatchPolicy, MachineConstants,
-                                  ModelShape, PrefillPlanner, TPOTBudget, with_gpu)
+                                  ModelShape, PrefillPlanner, TPOTBudget, slp_chunks, with_gpu)
 from moed.engine.sampler import sample
 from moed.engine.scheduler import Scheduler
 from moed.engine.prefill_worker import PrefillWorker, set_threads
@@ -132,9 +132,8 @@ class LLMEngine:
         if self.worker is not None:
             self.scheduler.hold = self._waits_for_worker
         if tpot_target_ms is not None:
-            self.scheduler.tpot = TPOTBudget(tpot_target_ms / 1e3 if isinstance(
-                tpot_target_ms, (int, float)) and not isinstance(tpot_target_ms, bool)
-                else tpot_target_ms, max_num_batched_tokens, self._per_token_s())
+            self.scheduler.tpot = TPOTBudget.from_ms(tpot_target_ms, max_num_batched_tokens,
+                                                     self._per_token_s())
         if prefill_path == "slp" and self.accel is None:
             raise ConfigError(f"prefill_path={prefill_path!r} needs the hybrid engine "
                               f"(accel='auto' on a CUDA device, or accel='cpu')",
@@ -239,8 +238,7 @@ class LLMEngine:
         consts, free = self.gpu_constants()
         if consts.h2d_bps is None or consts.gpu_flops is None or not shape.experts:
             return None
-        chunk = max(c for c in SLP_CHUNKS if shape.activation_bytes(c) <= free // 4) \
-            if shape.activation_bytes(SLP_CHUNKS[0]) <= free // 4 else SLP_CHUNKS[0]
+        chunk = max(slp_chunks(shape, free))
         return RingBudget(chunk * shape.active / shape.experts, consts.h2d_bps,
                           consts.gpu_flops, free // 4)
 
@@ -255,14 +253,14 @@ class LLMEngine:
             return None
         shape = ModelShape.of(self.model)
         constants = MachineConstants.load()
-        slp_chunks = SLP_CHUNKS
         if self.accel_device is not None and self.accel_device.kind == "cuda":
             constants, free = self.gpu_constants()
-            slp_chunks = [c for c in SLP_CHUNKS if shape.activation_bytes(c) <= free // 4] \
-                or SLP_CHUNKS[:1]
+            chunks = slp_chunks(shape, free)
+        else:
+            chunks = SLP_CHUNKS
         planner = PrefillPlanner(constants, shape, prefill_chunk,
                                  min_chunk=max_num_batched_tokens, path=path,
-                                 slp_chunks=slp_chunks)
+                                 slp_chunks=chunks)
         log.info("planner: %s", planner.summary())
         return planner
 
@@ -432,19 +430,11 @@ class LLMEngine:
             self.blocks.free(seq.block_table)
             return []
         if isinstance(result, Exception):
-            self.blocks.free(seq.block_table)
-            seq.status = Status.FINISHED
-            return [self._fail_remote(seq, result)]
+            return [self._fail(seq, result)]
         seq.num_computed = seq.num_tokens
         seq.status = Status.RUNNING
         self.scheduler.running.append(seq)
         return [self._postprocess_or_fail(seq, sample(result[None], [seq])[0])]
-
-    def _fail_remote(self, seq, error):
-        self.seqs.pop(seq.request_id, None)
-        seq.finish_reason = "error"
-        return RequestOutput(seq.request_id, [], "", None, True, "error", len(seq.prompt_ids),
-                             len(seq.output_ids), error=error)
 
     def stats(self):
         return {"num_running": len(self.scheduler.running),

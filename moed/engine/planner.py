@@ -397,6 +397,13 @@ class PrefillPlanner:
                 + (f"; GPU prefill from {cross} tokens" if cross else "") + ")")
 
 
+def slp_chunks(shape, free_bytes):
+    """The GPU paths' chunk sizes whose activations fit a quarter of free device memory
+    (the smallest when none does)."""
+    return [c for c in SLP_CHUNKS if shape.activation_bytes(c) <= free_bytes // 4] \
+        or list(SLP_CHUNKS[:1])
+
+
 # -- the GPU's constants (measured at every start: a machine's GPUs can change)
 H2D_PROBE_BYTES = 256 << 20
 GEMM_PROBE = 8192                      # a square BF16 GEMM's side
@@ -533,6 +540,12 @@ class TPOTBudget:
         self.target_s, self.max_tokens = float(target_s), max_tokens
         self.decode_s = None               # a
         self.per_token_s = per_token_s     # b
+
+    @classmethod
+    def from_ms(cls, target_ms, max_tokens, per_token_s):
+        """From engine.tpot_target_ms (ConfigError for anything but a positive number)."""
+        ok = isinstance(target_ms, (int, float)) and not isinstance(target_ms, bool)
+        return cls(target_ms / 1e3 if ok else target_ms, max_tokens, per_token_s)
 
     def budget(self, decodes):
         if self.decode_s is None or self.per_token_s <= 0:     # not measured: cautious
