@@ -13,6 +13,7 @@ SECTIONS = ("server", "engine", "limits", "telemetry")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"    # the daemon's and its workers'
 BATCHED_TOKENS = 256       # engine.max_num_batched_tokens when unset (null)
+KV_CACHE_DTYPES = ("bfloat16", "float32", "fp8_e4m3")   # moed.model.kv_dtype's names
 
 
 def _setting(default, section, kind, *, nullable=False):
@@ -46,6 +47,7 @@ class Config:
     prefill_chunk: object = _setting("auto", "engine", (str, int))   # "auto" | tokens
     num_kv_blocks: int = _setting(None, "engine", int, nullable=True)
     block_size: int = _setting(16, "engine", int)
+    kv_cache_dtype: str = _setting("bfloat16", "engine", str)     # bfloat16 | float32 | fp8_e4m3
     max_waiting: int = _setting(256, "engine", int)
     experts: str = _setting("auto", "engine", str)
     deterministic: bool = _setting(True, "engine", bool)
@@ -94,6 +96,9 @@ class Config:
             _bad("tls_cert_file", "TLS needs both server.tls_cert_file and server.tls_key_file")
         if self.log_level not in LOG_LEVELS:
             _bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            _bad("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                 f"{self.kv_cache_dtype!r}")
         if self.experts not in ("auto", "cpu", "torch"):
             _bad("experts", f"must be auto, cpu or torch, got {self.experts!r}")
         for name, choices in (("accel", ("auto", "off", "cpu")),
@@ -116,6 +121,7 @@ class Config:
                     prefill_worker=self.prefill_worker, tpot_target_ms=self.tpot_target_ms,
                     prefill_worker_cpus=self.prefill_worker_cpus,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
+                    kv_cache_dtype=self.kv_cache_dtype,
                     max_waiting=self.max_waiting,
                     # "auto" defers to the engine, which honours MOED_EXPERTS
                     experts=None if self.experts == "auto" else self.experts,

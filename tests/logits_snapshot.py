@@ -52,11 +52,13 @@ def paths():
         from moed.backends.cpu.isa import supported_isas
     except ImportError:          # the tree before the backends moved
         from moed.cpu import supported_isas
-    out = [("torch", {"experts": "torch"}, "")]
+    # the recorded fingerprints are of a float32 cache (the default before bfloat16)
+    f32 = {"kv_cache_dtype": "float32"}
+    out = [("torch", {"experts": "torch", **f32}, "")]
     for isa in supported_isas():
-        out.append((f"{isa}", {}, isa))
+        out.append((f"{isa}", dict(f32), isa))
         if isa != "generic":
-            out.append((f"{isa}-nondet", {"deterministic": False}, isa))
+            out.append((f"{isa}-nondet", {"deterministic": False, **f32}, isa))
     out.append(("avx2-bf16kv", {"kv_cache_dtype": "bfloat16"}, "avx2")
                if "avx2" in supported_isas() else ("generic-bf16kv", {"kv_cache_dtype": "bfloat16"}, "generic"))
     return out

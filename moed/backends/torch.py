@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moed.errors import InvalidRequestError
+from moed.model.kv_dtype import to_cache
 
 LATENT_MASK_BYTES = 1 << 26        # the folded mask of one latent_sdpa call, at most
 
@@ -93,8 +94,8 @@ class GQAOps:
     def store_kv(self, kv_cache, slot_mapping, k, v):
         """The step's new keys and values into their cache slots: kv_cache [S, 2, Hkv, d],
         slot_mapping [N], k, v [N, Hkv, d]."""
-        kv_cache[slot_mapping, 0] = k.to(kv_cache.dtype)
-        kv_cache[slot_mapping, 1] = v.to(kv_cache.dtype)
+        kv_cache[slot_mapping, 0] = to_cache(k, kv_cache.dtype)
+        kv_cache[slot_mapping, 1] = to_cache(v, kv_cache.dtype)
 
     def attend_prefill(self, q, k, v, mask, out):
         """One chunk: q [n, H, d] at positions L - n .. L - 1 over k, v [L, Hkv, d]; mask
@@ -122,7 +123,7 @@ class MLAOps:
 
     def store(self, kv_cache, slot_mapping, entry):
         """entry [N, r + dr] float32 into kv_cache [S, r + dr] at slot_mapping [N]."""
-        kv_cache[slot_mapping] = entry.to(kv_cache.dtype)
+        kv_cache[slot_mapping] = to_cache(entry, kv_cache.dtype)
 
     def attend_prefill(self, q, cached, mask):
         """q [n, H, dn + dr] over cached [L, r + dr] float32, mask [n, L] (None: plain

@@ -28,6 +28,7 @@ from moed.engine.stops import StopChecker
 from moed.config import BATCHED_TOKENS
 from moed.errors import CapacityError, ConfigError, InvalidRequestError
 from moed.model.checkpoint import Checkpoint
+from moed.model.kv_dtype import DEFAULT as KV_DEFAULT, cache_dtype, dtype_name
 from moed.model.registry import load_model
 from moed.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -62,7 +63,7 @@ def resolve_device(device):
 
 class LLMEngine:
     def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=None,
-                 num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype="float32",
+                 num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype=KV_DEFAULT,
                  experts=None, linears=None, detokenize=True, deterministic=True,
                  verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
                  dual_batch="auto", accel_bandwidth=None, prefill_worker=False,
@@ -80,6 +81,7 @@ class LLMEngine:
                               "does not run yet: use 'slp' (one GPU) or 'auto'",
                               field="prefill_path")
         max_num_batched_tokens = max_num_batched_tokens or BATCHED_TOKENS
+        dtype = cache_dtype(kv_cache_dtype)
         if max_num_batched_tokens < max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
                               field="max_num_batched_tokens")
@@ -110,12 +112,10 @@ class LLMEngine:
                 slp=slp, ring_length=ring, ring_budget=budget, verify_store=verify_store)
         log.info("backends: %s", self.backends.summary())
         self.block_size = block_size
-        dtype = getattr(torch, kv_cache_dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not a torch dtype",
-                              field="kv_cache_dtype")
         num_blocks = num_kv_blocks or self._default_num_blocks(max_num_seqs, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
+        log.info("KV cache: %d blocks of %d tokens, %s, %.0f MiB", num_blocks, block_size,
+                 dtype_name(dtype), num_blocks * self._block_bytes(dtype) / 2**20)
         dbo = None
         if self.accel is not None:
             dbo = DualBatchPolicy(dual_batch, overlap=self.accel_device.kind == "cuda")
@@ -273,9 +273,12 @@ class LLMEngine:
                     f"step{tail}")
         return self.planner.summary() + tail
 
-    def _default_num_blocks(self, max_num_seqs, dtype):
+    def _block_bytes(self, dtype):
         per_token = torch.Size(self.model.kv_token_shape()).numel() * dtype.itemsize
-        per_block = per_token * self.block_size * self.model.num_layers
+        return per_token * self.block_size * self.model.num_layers
+
+    def _default_num_blocks(self, max_num_seqs, dtype):
+        per_block = self._block_bytes(dtype)
         full = max_num_seqs * blocks_for(self.model.max_positions, self.block_size)
         return max(1, min(full, KV_BUDGET_BYTES // per_block))
 

@@ -7,6 +7,7 @@ import torch
 
 from moed.backends.torch import GQAOps
 from moed.model.base import CausalLM, require_divisible
+from moed.model.kv_dtype import readable
 from moed.model.layers import Rotary
 
 
@@ -43,7 +44,7 @@ class GQAttention:
             out[batch.decode_rows] = self.ops.attend_decodes(q[batch.decode_rows], batch,
                                                              kv_cache)
         for p in batch.prefills:
-            kv = p.cached(kv_cache)                                # [L, 2, Hkv, d]
+            kv = readable(p.cached(kv_cache))                      # [L, 2, Hkv, d]
             self.ops.attend_prefill(q[p.rows], kv[:, 0], kv[:, 1], p.mask, out[p.rows])
         return out
 
