@@ -66,6 +66,7 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        "tiktoken>=0.7",  # checkpoints that ship tiktoken.model (Kimi-K2)
         "jinja2>=3.1",
         "pyyaml>=6",
         "tqdm>=4.60",

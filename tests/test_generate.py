@@ -115,3 +115,20 @@ def test_small_steps_run_torch_on_one_thread_and_restore_it(llm):
     assert after == 2                                   # restored after every step
     assert seen[0] == (len(long_prompt), 2)             # the prefill keeps its threads
     assert seen[1:] and all(s == (1, 1) for s in seen[1:])   # decode steps: one thread
+
+
+def test_kimi_k2_generates_through_its_tiktoken_tokenizer(tiny_model_dir):
+    """Kimi-K2 (FP8, as published) end to end: chat prompt, generation, streamed text."""
+    llm = LLM(tiny_model_dir("kimi_k2", "fp8"), device="cpu", experts="torch")
+    tok = llm.tokenizer
+    prompt = "今天天气很好 🤖, tell me"
+    assert tok.decode(tok.encode(prompt)) == prompt
+    params = SamplingParams(temperature=0.8, seed=3, max_new_tokens=24, ignore_eos=True)
+    out = llm.generate([prompt], params)[0]
+    assert len(out.token_ids) == 24 and out.text == tok.decode(out.token_ids)
+    assert "".join(llm.stream(prompt, params)) == out.text
+    chat = llm.chat([{"role": "user", "content": "你好"}],
+                    SamplingParams(temperature=0, max_new_tokens=8))
+    im_user, im_middle = tok.token_to_id("<|im_user|>"), tok.token_to_id("<|im_middle|>")
+    assert im_user in chat.prompt_token_ids and chat.prompt_token_ids[-1] == im_middle
+    assert 1 <= len(chat.token_ids) <= 8 and chat.text == tok.decode(chat.token_ids)

@@ -70,6 +70,29 @@ def test_greedy_32_tokens_match_transformers(models, arch, fmt):
     assert out.token_ids == theirs
 
 
+def test_kimi_k2_runs_as_deepseek_v3(tiny_model_dir, tmp_path):
+    """model_type kimi_k2 loads as DeepseekV3ForCausalLM: its logits are transformers'
+    DeepSeek-V3 on the same weights (config relabelled deepseek_v3, remote code dropped)."""
+    import json
+    from moed.model.registry import model_class
+    d = tiny_model_dir("kimi_k2", "bf16")
+    cfg = json.loads((d / "config.json").read_text())
+    assert model_class(cfg).architecture == "DeepseekV3ForCausalLM"
+    for f in d.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").unlink()
+    cfg.pop("auto_map")
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v3"}))
+    llm, ref = LLM(d, device="cpu", experts="torch"), hf_model(tmp_path)
+    ids = prompt_ids(llm, 24, seed=2)
+    ours = llm.logits(ids)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].float().numpy()
+    err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    print(f"\nkimi_k2 bf16: max |logit error| / max |logit| = {err:.2e}")
+    assert ours.shape == theirs.shape and err <= REL_TOL
+
+
 def _no_eos(ref):
     cfg = ref.generation_config.__class__.from_dict(ref.generation_config.to_dict())
     cfg.eos_token_id = None

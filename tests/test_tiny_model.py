@@ -119,6 +119,25 @@ def test_deepseek_routing_and_yarn_fields(tiny_model_dir):
     assert rs["factor"] * rs["original_max_position_embeddings"] == c["max_position_embeddings"]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kimi_k2_is_deepseek_v3_with_a_tiktoken_tokenizer(tiny_model_dir, fmt):
+    """Kimi-K2 as published: DeepSeek-V3's architecture and tensors under model_type
+    kimi_k2, remote code named in auto_map, tiktoken.model and no tokenizer.json."""
+    d, ds = tiny_model_dir("kimi_k2", fmt), tiny_model_dir("deepseek_v3", fmt)
+    c = config(d)
+    assert c["architectures"] == ["DeepseekV3ForCausalLM"] and c["model_type"] == "kimi_k2"
+    assert COMMON_FIELDS | ARCH_FIELDS["deepseek_v3"] <= set(c)
+    assert c["n_group"] == c["topk_group"] == 1 and "AutoModelForCausalLM" in c["auto_map"]
+    assert (d / "tiktoken.model").is_file() and not (d / "tokenizer.json").exists()
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    assert tc["tokenizer_class"] == "TikTokenTokenizer" and "add_bos_token" not in tc
+    assert tc["auto_map"]["AutoTokenizer"][0] == "tokenization_kimi.TikTokenTokenizer"
+    ranks = len((d / "tiktoken.model").read_text().splitlines())
+    assert min(map(int, tc["added_tokens_decoder"])) == ranks
+    assert c["vocab_size"] >= ranks + len(tc["added_tokens_decoder"])
+    assert set(read_all(d)) == set(read_all(ds))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tensor_names_as_published(tiny_model_dir, arch):
     bf16 = read_all(tiny_model_dir(arch, "bf16"))

@@ -1,7 +1,9 @@
 """The checkpoint tokenizer: round trips, special tokens, chat templates,
 streaming detokenization, and errors that name the file at fault."""
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,11 +29,14 @@ def tokenizers(tiny_model_dir):
     return {arch: Tokenizer.from_dir(tiny_model_dir(arch, "bf16")) for arch in ARCHS}
 
 
+def copy_of(tiny_model_dir, tmp_path, arch):
+    """A checkpoint of one's own to break."""
+    return Path(shutil.copytree(tiny_model_dir(arch, "bf16"), tmp_path / arch))
+
+
 @pytest.fixture
 def tok_copy(tiny_model_dir, tmp_path):
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_model_dir("qwen3_moe", "bf16"), dst)
-    return dst
+    return copy_of(tiny_model_dir, tmp_path, "qwen3_moe")
 
 
 def edit_json(path, change):
@@ -309,3 +314,189 @@ def test_non_string_prompt_is_a_bad_request(tokenizers):
     with pytest.raises(InvalidRequestError) as e:
         tokenizers["qwen3_moe"].encode([1, 2, 3])
     assert e.value.field == "prompt"
+
+
+# ---------------------------------------------------------------- tiktoken.model (Kimi-K2)
+
+@pytest.fixture(scope="module")
+def kimi(tiny_model_dir):
+    return Tokenizer.from_dir(tiny_model_dir("kimi_k2", "bf16"))
+
+
+@pytest.fixture(scope="module")
+def kimi_reference():
+    """The tiny Kimi BPE as a `tokenizers` tokenizer: same vocabulary, merges, split."""
+    from moed.testing.tiny import TOKENIZER_VOCAB, TOKENIZERS, train_tokenizer
+    return train_tokenizer(TOKENIZERS["kimi_k2"], TOKENIZER_VOCAB)
+
+
+@pytest.fixture
+def kimi_copy(tiny_model_dir, tmp_path):
+    return copy_of(tiny_model_dir, tmp_path, "kimi_k2")
+
+
+def test_kimi_checkpoint_has_no_tokenizer_json(kimi, tiny_model_dir):
+    from moed.model.tiktoken_bpe import TiktokenBPE
+    d = tiny_model_dir("kimi_k2", "bf16")
+    assert (d / "tiktoken.model").is_file() and not (d / "tokenizer.json").exists()
+    assert isinstance(kimi.backend, TiktokenBPE)
+
+
+@pytest.mark.parametrize("kind", sorted(TEXTS))
+def test_kimi_round_trip(kimi, kind):
+    text = TEXTS[kind]
+    ids = kimi.encode(text)
+    assert ids and all(0 <= i < kimi.vocab_size for i in ids)
+    assert kimi.decode(ids) == text
+
+
+def test_kimi_agrees_with_tokenizers_on_the_same_vocabulary(kimi, kimi_reference):
+    """tiktoken merges the lowest-ranked pair, tokenizers the earliest-learned merge:
+    the same thing when ranks are the merge order, so every id must agree."""
+    from moed.testing.tiny import CORPUS
+    texts = (list(TEXTS.values()) + CORPUS.read_text(encoding="utf-8").splitlines(True)
+             + ["don't STOP'S Ǆemo 12345 \n\n\t x  \r\n", "<|im_user|>user<|im_middle|>世界"])
+    assert kimi.vocab_size == kimi_reference.get_vocab_size()
+    for text in texts:
+        ids = kimi.encode(text, add_special_tokens=False)
+        assert ids == kimi_reference.encode(text, add_special_tokens=False).ids, text
+        assert kimi.decode(ids, False) == kimi_reference.decode(ids, skip_special_tokens=False)
+    for i in range(kimi.vocab_size):
+        token = kimi_reference.id_to_token(i)
+        assert kimi.token_to_id(token) == i, (i, token)
+
+
+def test_kimi_special_tokens(kimi):
+    assert kimi.bos_token_id == kimi.token_to_id("[BOS]") == kimi.backend.num_ranks
+    assert kimi.eos_token_ids == {kimi.token_to_id("[EOS]"), kimi.token_to_id("<|im_end|>")}
+    assert kimi.add_bos is None and kimi.encode("hi") == kimi.encode("hi", False)  # no BOS
+    assert kimi.token_to_id("[PAD]") == kimi.vocab_size - 1
+    reserved = kimi.backend.num_ranks + 5
+    assert kimi.token_to_id(f"<|reserved_token_{reserved}|>") == reserved
+
+
+def test_kimi_chat_markers_are_single_ids(kimi):
+    text = kimi.apply_chat_template(CONVERSATION)
+    assert text.startswith("<|im_system|>system<|im_middle|>")
+    assert text.endswith("<|im_end|><|im_assistant|>assistant<|im_middle|>")
+    ids = kimi.encode(text)
+    for marker, count in [("<|im_system|>", 1), ("<|im_user|>", 2), ("<|im_assistant|>", 2),
+                          ("<|im_middle|>", 5), ("<|im_end|>", 4)]:
+        assert ids.count(kimi.token_to_id(marker)) == count, marker
+    assert kimi.decode(ids, skip_special_tokens=False) == text
+    plain = kimi.decode(ids)
+    assert "<|" not in plain and "Héllo 世界 🤖!" in plain
+
+
+@pytest.mark.parametrize("kind", ["cjk", "emoji", "unseen", "accents"])
+def test_kimi_streaming_multibyte(kimi, kind):
+    ids = kimi.encode(TEXTS[kind])
+    deltas, tail = stream(kimi, ids)
+    assert "".join(deltas) + tail == TEXTS[kind] and tail == ""
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_kimi_streaming_byte_tokens_one_at_a_time(kimi):
+    text = "é世🤖a"
+    byte_ids = [kimi.token_to_id(ch) for ch in bytes_as_tokens(text)]
+    assert None not in byte_ids
+    assert all(len(kimi.backend.encoding.decode_single_token_bytes(i)) == 1 for i in byte_ids)
+    deltas, tail = stream(kimi, byte_ids)
+    assert [d for d in deltas if d] == ["é", "世", "🤖", "a"] and tail == ""
+
+
+def test_kimi_streaming_random_ids_match_decode(kimi):
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        ids = torch.randint(0, kimi.vocab_size + 8, (40,), generator=g).tolist()  # some unknown
+        deltas, tail = stream(kimi, ids)
+        assert "".join(deltas) + tail == kimi.decode(ids), trial
+
+
+def test_kimi_long_runs_are_cut_but_round_trip(kimi, monkeypatch):
+    from moed.model import tiktoken_bpe
+    monkeypatch.setattr(tiktoken_bpe, "MAX_RUN_CHARS", 7)
+    monkeypatch.setattr(tiktoken_bpe, "MAX_PIECE_CHARS", 20)
+    text = "a" * 30 + " " * 16 + "世界" * 9 + "\n" + "x y " * 6
+    pieces = list(tiktoken_bpe.pieces(text))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 20
+    assert all(len(run) <= 7 for p in pieces for run in re.findall(r"\s+|\S+", p))
+    assert kimi.decode(kimi.encode(text)) == text
+
+
+def test_tokenizer_json_wins_over_tiktoken_model(kimi_copy, tiny_model_dir):
+    shutil.copy(tiny_model_dir("qwen3_moe", "bf16") / "tokenizer.json", kimi_copy)
+    tok = Tokenizer.from_dir(kimi_copy)
+    assert type(tok.backend).__module__.startswith("tokenizers")
+
+
+def test_kimi_reserved_ids_the_config_leaves_out(kimi_copy, kimi):
+    """Only the named tokens listed: the ids between them are still reserved."""
+    edit_json(kimi_copy / "tokenizer_config.json", lambda c: c.update(added_tokens_decoder={
+        k: v for k, v in c["added_tokens_decoder"].items()
+        if not v["content"].startswith("<|reserved_token_")}))
+    tok = Tokenizer.from_dir(kimi_copy)
+    assert tok.vocab_size == kimi.vocab_size
+    text = kimi.apply_chat_template(CONVERSATION)
+    assert tok.encode(text) == kimi.encode(text)
+
+
+def write_ranks(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def base64_bytes():
+    import base64
+    return [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+
+
+@pytest.mark.parametrize("lines,why", [
+    (["not-a-line"], "base64-token rank"),
+    (["aGk= x"], "base64-token rank"),
+    (["!!!! 0"], "not base64"),
+    (base64_bytes() + ["aGk= 300"], "no rank 256"),
+    (base64_bytes() + ["AA== 256"], "listed twice"),
+    (["aGk= 0"] + base64_bytes()[1:], "single bytes"),      # b"hi" where b"\x00" was
+])
+def test_malformed_tiktoken_model_names_the_file(kimi_copy, lines, why):
+    write_ranks(kimi_copy / "tiktoken.model", lines)
+    with pytest.raises(CheckpointError, match=why) as e:
+        Tokenizer.from_dir(kimi_copy)
+    assert e.value.path.endswith("tiktoken.model")
+
+
+def test_binary_tiktoken_model_is_a_checkpoint_error(kimi_copy):
+    (kimi_copy / "tiktoken.model").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match="tiktoken.model"):
+        Tokenizer.from_dir(kimi_copy)
+
+
+def test_added_token_inside_the_ranks_names_the_config(kimi_copy):
+    edit_json(kimi_copy / "tokenizer_config.json",
+              lambda c: c["added_tokens_decoder"].update({"3": {"content": "<|x|>"}}))
+    with pytest.raises(CheckpointError, match="inside the BPE ranks") as e:
+        Tokenizer.from_dir(kimi_copy)
+    assert e.value.path.endswith("tokenizer_config.json")
+
+
+def test_neither_tokenizer_file_names_both(kimi_copy):
+    from moed.model.tokenizer import has_tokenizer
+    assert has_tokenizer(kimi_copy)
+    (kimi_copy / "tiktoken.model").unlink()
+    assert not has_tokenizer(kimi_copy)
+    with pytest.raises(CheckpointError, match="tokenizer.json.*tiktoken.model"):
+        Tokenizer.from_dir(kimi_copy)
+
+
+def test_kimi_tokenizer_worker_processes(tiny_model_dir, kimi):
+    """The daemon's tokenizer workers load tiktoken.model too (not the thread fallback)."""
+    import asyncio
+    from moed.server.tokenizer_pool import TokenizerPool
+    pool = TokenizerPool(tiny_model_dir("kimi_k2", "bf16"), 1, lambda: kimi)
+    pool.start()
+    try:
+        ids = asyncio.run(pool.encode_chat(CONVERSATION))
+    finally:
+        pool.shutdown()
+    assert pool.kind == "processes"
+    assert list(ids) == kimi.encode(kimi.apply_chat_template(CONVERSATION))

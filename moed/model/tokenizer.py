@@ -1,4 +1,5 @@
-"""A checkpoint's tokenizer: `tokenizer.json` through the `tokenizers` library,
+"""A checkpoint's tokenizer: `tokenizer.json` through the `tokenizers` library
+(or, where a checkpoint ships none, `tiktoken.model`: moed.model.tiktoken_bpe),
 special tokens from `tokenizer_config.json` / `generation_config.json`, the
 chat template (jinja2, sandboxed, with the globals hub templates expect) and
 streaming detokenization that never emits half a UTF-8 character.
@@ -50,10 +51,26 @@ def as_id_set(value):
     return {int(v) for v in value} if isinstance(value, list) else {int(value)}
 
 
-def load_backend(path):
+def has_tokenizer(model_dir):
+    """Whether the directory holds a tokenizer file load_backend reads."""
+    from moed.model.tiktoken_bpe import TIKTOKEN_FILE
+    return any((Path(model_dir) / name).is_file() for name in (TOKENIZER_FILE, TIKTOKEN_FILE))
+
+
+def load_backend(model_dir, config):
+    """tokenizer.json where there is one (it says everything), else tiktoken.model."""
+    from moed.model.tiktoken_bpe import TIKTOKEN_FILE, TiktokenBPE
+    path, tiktoken_path = model_dir / TOKENIZER_FILE, model_dir / TIKTOKEN_FILE
+    if not path.is_file() and tiktoken_path.is_file():
+        return TiktokenBPE.from_files(tiktoken_path, config, model_dir / TOKENIZER_CONFIG)
+    return load_tokenizer_json(path)
+
+
+def load_tokenizer_json(path):
     from tokenizers import Tokenizer as Backend
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found", path=str(path))
+        raise CheckpointError(f"{path}: file not found (nor tiktoken.model beside it)",
+                              path=str(path))
     try:
         return Backend.from_file(str(path))
     except Exception as e:          # the Rust side raises its own exception type
@@ -79,10 +96,10 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, model_dir):
         d = Path(model_dir)
-        backend = load_backend(d / TOKENIZER_FILE)
+        config = optional_json(d / TOKENIZER_CONFIG)
+        backend = load_backend(d, config)
         model_config = optional_json(d / "config.json")
-        return cls(backend, optional_json(d / TOKENIZER_CONFIG),
-                   optional_json(d / GENERATION_CONFIG), model_config, d)
+        return cls(backend, config, optional_json(d / GENERATION_CONFIG), model_config, d)
 
     def _bos_id(self, generation, model_config):
         if "bos_token" in self.config:            # explicit, possibly null (Qwen: no BOS)

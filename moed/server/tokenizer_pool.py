@@ -12,7 +12,7 @@ once from the checkpoint's files and running at a lower CPU priority than the
 engine. Ids come back as packed int32 bytes: no half-million-element list to
 unpickle next to the engine.
 
-Without a tokenizer.json on disk (scripted engines in tests) or with
+Without a tokenizer file on disk (scripted engines in tests) or with
 `tokenizer_processes: 0`, the engine's tokenizer runs on one thread instead.
 """
 import asyncio
@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from moed.errors import MoedError
+from moed.model.tokenizer import has_tokenizer
 from moed.server.status import RequestRejected, from_moed_error
 
 log = logging.getLogger("moed.server")
@@ -84,7 +85,7 @@ class TokenizerPool:
 
     def start(self):
         """Start the workers now (they load next to the model, not on the first request)."""
-        if self.processes > 0 and (self.model_dir / "tokenizer.json").is_file():
+        if self.processes > 0 and has_tokenizer(self.model_dir):
             self.kind = "processes"
             self._executor = self._process_pool()
             for _ in range(self.processes):

@@ -1,8 +1,9 @@
 """Tiny random Hugging Face checkpoints, laid out exactly as the publishers lay
-out the real ones (DeepSeek-V3/R1 FP8, Qwen3-30B-A3B(-FP8), Mixtral-8x7B,
-Qwen1.5-MoE / Qwen2-MoE): config.json field spellings, tensor names, FP8
-tensors with float32 `weight_scale_inv` block grids, sharded safetensors with
-an index, generation_config.json and a trained byte-level BPE tokenizer.
+out the real ones (DeepSeek-V3/R1 FP8, Kimi-K2 FP8, Qwen3-30B-A3B(-FP8),
+Mixtral-8x7B, Qwen1.5-MoE / Qwen2-MoE): config.json field spellings, tensor
+names, FP8 tensors with float32 `weight_scale_inv` block grids, sharded
+safetensors with an index, generation_config.json and a trained byte-level BPE
+tokenizer (Kimi-K2: the same BPE as `tiktoken.model` ranks, no tokenizer.json).
 
 Dims are small but ragged (160, 136, 296: not multiples of 128, some above it)
 so FP8 edge blocks are partial and some dims have several blocks. Weights are
@@ -13,6 +14,7 @@ margins: greedy tokens compared against transformers must not hinge on ties.
 Tensors are generated one at a time and streamed into their shard, so a
 benchmark-sized model (via `overrides`) never sits in memory twice.
 """
+import base64
 import hashlib
 import json
 import math
@@ -24,8 +26,10 @@ import torch
 
 from moed.errors import ConfigError
 from moed.model.formats import FP8_DTYPE, block_grid, quantize_fp8
+from moed.model.tiktoken_bpe import KIMI_PATTERN, TIKTOKEN_FILE, byte_level_alphabet
 
-ARCHS = ("deepseek_v3", "qwen3_moe", "mixtral", "qwen2_moe")
+ARCHS = ("deepseek_v3", "qwen3_moe", "mixtral", "qwen2_moe", "kimi_k2")
+LAYOUTS = {"kimi_k2": "deepseek_v3"}     # checkpoint kinds that reuse another's tensors
 FORMATS = ("bf16", "fp8")
 FP8_BLOCK = (128, 128)
 TOKENIZER_VOCAB = 500          # tokenizer size; config vocab_size is padded above it
@@ -62,6 +66,17 @@ def deepseek_v3_config():
         "tie_word_embeddings": False, "topk_group": 2, "topk_method": "noaux_tc",
         "torch_dtype": "bfloat16", "use_cache": True, "v_head_dim": 24,
     }
+
+
+def kimi_k2_config():
+    """DeepSeek-V3's architecture under its own model_type; one expert group (the
+    router does not limit groups) and the config and modeling code it ships."""
+    cfg = deepseek_v3_config()
+    cfg.update(model_type="kimi_k2", n_group=1, topk_group=1, routed_scaling_factor=2.827,
+               auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                         "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                         "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    return cfg
 
 
 def qwen3_moe_config():
@@ -109,7 +124,8 @@ def qwen2_moe_config():
 
 
 CONFIGS = {"deepseek_v3": deepseek_v3_config, "qwen3_moe": qwen3_moe_config,
-           "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config}
+           "mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config,
+           "kimi_k2": kimi_k2_config}
 
 
 def quantization_config(arch, cfg):
@@ -134,7 +150,8 @@ def quantization_config(arch, cfg):
 class TokenizerSpec:
     """Special tokens and chat template in the style of one publisher."""
     leading: tuple           # specials at ids 0.. (DeepSeek, Mixtral)
-    trailing: tuple          # specials appended after the BPE vocab (Qwen, chat markers)
+    trailing: tuple          # specials appended after the BPE vocab (Qwen, chat markers);
+                             # None: a reserved id (Kimi), named after training
     plain: tuple             # added tokens that are not special (Qwen3's <think>)
     bos: str                 # None when the model has no BOS (Qwen)
     eos: str                 # tokenizer_config eos_token
@@ -144,6 +161,7 @@ class TokenizerSpec:
     tokenizer_class: str
     max_length: int
     chat_template: str = field(repr=False)
+    tiktoken: bool = False   # ships tiktoken.model (split by Kimi's regex), no tokenizer.json
 
 
 DEEPSEEK_TEMPLATE = (
@@ -178,6 +196,28 @@ MIXTRAL_TEMPLATE = (
     "{%- endfor -%}")
 
 
+KIMI_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_system|>system<|im_middle|>' + default_system + '<|im_end|>' -}}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{- '<|im_user|>user<|im_middle|>' -}}"
+    "{%- elif m['role'] == 'assistant' -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}"
+    "{%- else -%}{{- '<|im_system|>' + (m.get('name') or m['role']) + '<|im_middle|>' -}}"
+    "{%- endif -%}{{- m['content'] + '<|im_end|>' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}"
+    "{%- endif -%}")
+
+# Kimi's added tokens follow the BPE ranks: turn markers, tool-call markers, then a
+# reserved block closed by [UNK] and [PAD] (256 ids in Kimi-K2, 32 here).
+KIMI_ADDED = (("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", None,
+               "<|start_header_id|>", "<|end_header_id|>", None, "[EOT]", "<|im_system|>",
+               "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
+               "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
+               None, "<|im_middle|>") + (None,) * 12 + ("[UNK]", "[PAD]"))
+KIMI_CHAT = ("<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
+             "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>")
+
+
 def chatml(default_system):
     return ("{%- set default_system = " + json.dumps(default_system) + " -%}"
             + CHATML_TEMPLATE)
@@ -205,31 +245,57 @@ TOKENIZERS = {
         bos=None, eos="<|im_end|>", generation_eos=("<|im_end|>", "<|endoftext|>"),
         pad="<|endoftext|>", add_bos=False, tokenizer_class="Qwen2Tokenizer",
         max_length=32768, chat_template=chatml("You are a helpful assistant.")),
+    "kimi_k2": TokenizerSpec(
+        leading=(), trailing=KIMI_ADDED, plain=(), bos="[BOS]", eos="[EOS]",
+        generation_eos=("<|im_end|>",), pad="[PAD]", add_bos=None,
+        tokenizer_class="TikTokenTokenizer", max_length=1000000000000000019884624838656,
+        chat_template=("{%- set default_system = 'You are a helpful assistant.' -%}"
+                       + KIMI_TEMPLATE), tiktoken=True),
 }
 
 
 def train_tokenizer(spec, size):
     """Byte-level BPE over the packaged corpus; deterministic, a few ms."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([        # what tiktoken does: Kimi's split, then bytes
+            pre_tokenizers.Split(Regex(KIMI_PATTERN), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if spec.tiktoken else pre_tokenizers.ByteLevel(add_prefix_space=False))
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=size - len(spec.trailing) - len(spec.plain), show_progress=False,
         special_tokens=list(spec.leading), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(True), trainer)
-    tok.add_special_tokens(list(spec.trailing))
+    first = tok.get_vocab_size()
+    tok.add_special_tokens([name or f"<|reserved_token_{first + k}|>"
+                            for k, name in enumerate(spec.trailing)])
     tok.add_tokens(list(spec.plain))
     return tok
 
 
+def added_names(spec, tok):
+    """The added tokens' contents in id order, reserved ones named."""
+    first = tok.get_vocab_size() - len(spec.trailing) - len(spec.plain)
+    return (spec.leading + tuple(tok.id_to_token(first + k) for k in range(len(spec.trailing)))
+            + spec.plain)
+
+
 def tokenizer_config(spec, tok):
     added = {}
-    for name in spec.leading + spec.trailing + spec.plain:
+    for name in added_names(spec, tok):
         added[str(tok.token_to_id(name))] = {
             "content": name, "lstrip": False, "normalized": False, "rstrip": False,
             "single_word": False, "special": name not in spec.plain}
+    if spec.tiktoken:       # as Kimi publishes it: its own tokenizer class, no BOS flags
+        return {"added_tokens_decoder": added, "additional_special_tokens": list(KIMI_CHAT),
+                "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
+                "bos_token": spec.bos, "chat_template": spec.chat_template,
+                "clean_up_tokenization_spaces": False, "eos_token": spec.eos,
+                "model_max_length": spec.max_length, "pad_token": spec.pad,
+                "tokenizer_class": spec.tokenizer_class, "unk_token": "[UNK]"}
     return {"add_bos_token": spec.add_bos, "add_eos_token": False,
             "added_tokens_decoder": added, "bos_token": spec.bos,
             "chat_template": spec.chat_template, "clean_up_tokenization_spaces": False,
@@ -237,6 +303,14 @@ def tokenizer_config(spec, tok):
             "pad_token": spec.pad, "tokenizer_class": spec.tokenizer_class,
             "unk_token": "<unk>" if "<unk>" in spec.leading else None,
             **({"legacy": True} if spec.tokenizer_class == "LlamaTokenizerFast" else {})}
+
+
+def tiktoken_model(tok):
+    """The BPE as tiktoken.model lines: ids are ranks (merges were learned in id order)."""
+    bytes_of = {ch: b for b, ch in byte_level_alphabet().items()}
+    vocab = tok.get_vocab(with_added_tokens=False)
+    ranked = sorted((i, bytes(bytes_of[ch] for ch in token)) for token, i in vocab.items())
+    return "".join(f"{base64.b64encode(token).decode()} {i}\n" for i, token in ranked)
 
 
 def generation_config(spec, tok):
@@ -405,7 +479,8 @@ def quiet_tokens(tok, vocab_size):
     U+FFFD where a real model writes whole characters."""
     quiet = torch.ones(vocab_size, dtype=torch.bool)
     for i in range(tok.get_vocab_size()):
-        quiet[i] = "\ufffd" in tok.decode([i], skip_special_tokens=False)
+        text = tok.decode([i], skip_special_tokens=False)
+        quiet[i] = "\ufffd" in text or text.startswith("<|reserved_token_")
     return quiet
 
 
@@ -514,7 +589,7 @@ def model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab):
                           f"{tok.get_vocab_size()} tokens (tokenizer_vocab={tokenizer_vocab})",
                           field="vocab_size")
     if fmt == "fp8":
-        cfg["quantization_config"] = quantization_config(arch, cfg)
+        cfg["quantization_config"] = quantization_config(LAYOUTS.get(arch, arch), cfg)
     return dict(sorted(cfg.items()))
 
 
@@ -542,11 +617,14 @@ def write_model(out, arch, fmt, seed, num_shards, overrides, tokenizer_vocab):
     spec = TOKENIZERS[arch]
     tok = train_tokenizer(spec, min(tokenizer_vocab, (overrides or {}).get("vocab_size", 1 << 30)))
     cfg = model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab)
-    plan = storage_plan(model_params(arch, cfg), fmt)
+    plan = storage_plan(model_params(LAYOUTS.get(arch, arch), cfg), fmt)
     quiet = quiet_tokens(tok, cfg["vocab_size"])
     write_checkpoint(out, plan, stored_tensors(plan, seed, quiet), num_shards)
     write_json(out / "config.json", cfg)
     write_json(out / "generation_config.json", generation_config(spec, tok))
     write_json(out / "tokenizer_config.json", tokenizer_config(spec, tok))
-    (out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    if spec.tiktoken:
+        (out / TIKTOKEN_FILE).write_text(tiktoken_model(tok), encoding="ascii")
+    else:
+        (out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
     return out
