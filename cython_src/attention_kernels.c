@@ -202,6 +202,35 @@ static inline void att_t8x8(const float *const *rows, int d0, float *dst) {
         _mm256_storeu_ps(dst + (col[i] + 4) * ATT_BN, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
     }
 }
+
+#ifdef ATT_BF16_DOT
+/* 16 rows of 16 words -> 16 columns, stored BN apart: the same movement in zmm
+ * registers, 64 shuffles for 256 words where the 8 x 8 takes 96. */
+static inline void att_t16x16(const float *const *rows, int d0, float *dst) {
+    __m512i r[16], a[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(rows[i] + d0);
+    for (int i = 0; i < 16; i += 2) {            /* (r_2i, r_2i+1) words 2x, 2x+1 of a lane */
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int q = 0; q < 16; q += 4) {            /* rows q..q+3 of lane element e in r[q+e] */
+        r[q] = _mm512_unpacklo_epi64(a[q], a[q + 2]);
+        r[q + 1] = _mm512_unpackhi_epi64(a[q], a[q + 2]);
+        r[q + 2] = _mm512_unpacklo_epi64(a[q + 1], a[q + 3]);
+        r[q + 3] = _mm512_unpackhi_epi64(a[q + 1], a[q + 3]);
+    }
+    for (int e = 0; e < 4; e++) {                /* word 4L + e: lane L of r[e], r[4+e], .. */
+        __m512i c = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88);
+        __m512i d = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xdd);
+        __m512i c2 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
+        __m512i d2 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xdd);
+        _mm512_storeu_si512(dst + e * ATT_BN, _mm512_shuffle_i32x4(c, c2, 0x88));
+        _mm512_storeu_si512(dst + (8 + e) * ATT_BN, _mm512_shuffle_i32x4(c, c2, 0xdd));
+        _mm512_storeu_si512(dst + (4 + e) * ATT_BN, _mm512_shuffle_i32x4(d, d2, 0x88));
+        _mm512_storeu_si512(dst + (12 + e) * ATT_BN, _mm512_shuffle_i32x4(d, d2, 0xdd));
+    }
+}
+#endif
 #endif
 
 /* ====================================================== AVX-512 BF16 path */
@@ -255,16 +284,33 @@ static inline __m512i att_v16(const att_operand *x, const void *row, int c, int 
     return _mm512_cvtepu16_epi32(bf16x16(_mm512_maskz_loadu_ps(m, (const float *)row + c)));
 }
 
+/* 32 BF16 of row a and of row b -> 32 (a, b) pair words in order: vpunpck*wd
+ * interleave within 128-bit lanes, one two-source permute per half puts the lanes
+ * back in order (pure data movement: the words att_v16's path builds). */
+static inline void att_pairs32(const uint16_t *a, const uint16_t *b, uint32_t *dst) {
+    const __m512i x = _mm512_loadu_si512(a), y = _mm512_loadu_si512(b);
+    const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi64(lo, first, hi));
+    _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi64(lo, second, hi));
+}
+
 /* Vb [BN/2][dvp] words: rows 2t and 2t+1 interleaved; keys past nk are zero. */
 static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
                        const int64_t *slots) {
     uint32_t *vb = (uint32_t *)dst_block;
+    const int whole = j->v.bf16 ? j->dv & ~31 : 0;      /* columns by att_pairs32 */
     for (int t = 0; t < ATT_BN / 2; t++) {
         uint32_t *dst = vb + (int64_t)t * j->dvp;
         int a = 2 * t < nk, b = 2 * t + 1 < nk;
         const void *ra = a ? att_row(&j->v, att_key(slots, k0 + 2 * t), g) : NULL;
         const void *rb = b ? att_row(&j->v, att_key(slots, k0 + 2 * t + 1), g) : NULL;
-        for (int c = 0; c < j->dvp; c += 16) {
+        int c = 0;
+        if (a && b)
+            for (; c < whole; c += 32)
+                att_pairs32((const uint16_t *)ra + c, (const uint16_t *)rb + c, dst + c);
+        for (; c < j->dvp; c += 16) {
             __m512i lo = a ? att_v16(&j->v, ra, c, j->dv) : _mm512_setzero_si512();
             __m512i hi = b ? att_v16(&j->v, rb, c, j->dv) : _mm512_setzero_si512();
             _mm512_storeu_si512(dst + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
@@ -451,7 +497,7 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0
 static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
     att_word *kb = (att_word *)dst;
     const int n = att_k_words(j), in_place = att_k_in_place(j);
-    att_word zero[n + 8], conv[in_place ? 1 : ATT_BN][in_place ? 1 : n + 1];
+    att_word zero[n + 16], conv[in_place ? 1 : ATT_BN][in_place ? 1 : n + 1];
     memset(zero, 0, sizeof(zero));
     const float *rows[ATT_BN];
     for (int t = 0; t < ATT_BN; t++) {
@@ -463,8 +509,14 @@ static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const
             rows[t] = (const float *)conv[t];
         }
     }
+    int p0 = 0;
+#ifdef ATT_BF16_DOT
+    for (; p0 + 16 <= n; p0 += 16)
+        for (int t0 = 0; t0 < ATT_BN; t0 += 16)
+            att_t16x16(rows + t0, p0, (float *)(kb + (int64_t)p0 * ATT_BN + t0));
+#endif
     const int n8 = n & ~7;
-    for (int p0 = 0; p0 < n8; p0 += 8)
+    for (; p0 < n8; p0 += 8)
         for (int t0 = 0; t0 < ATT_BN; t0 += 8)
             att_t8x8(rows + t0, p0, (float *)(kb + (int64_t)p0 * ATT_BN + t0));
     for (int t = 0; t < ATT_BN; t++)
