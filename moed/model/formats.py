@@ -244,6 +244,37 @@ class Weight:
         int4 = None if self.int4 is None else self.int4.to(device)
         return Weight(self.data.to(device), scale, self.block, int4)
 
+    def row_slice(self, r0, r1):
+        """Rows [r0, r1) (FP8: r0 on a scale block)."""
+        if self.is_int4:
+            p = self.int4
+            zeros = None if p.zeros is None else p.zeros[r0:r1]
+            return Weight(self.data[r0:r1], int4=Int4(p.in_features, p.group, p.scales[r0:r1],
+                                                       zeros, p.g_idx))
+        if self.is_fp8:
+            bo = self.block[0]
+            assert r0 % bo == 0
+            return Weight(self.data[r0:r1], self.scale_inv[r0 // bo:-(-r1 // bo)], self.block)
+        return Weight(self.data[r0:r1])
+
+
+def concat_rows(weights, align=128):
+    """Weights of one format and input width stacked by rows (fused q/k/v, gate/up), each
+    but the last padded with zero rows to a multiple of `align` (FP8: its scale blocks)."""
+    def padded(t, fill=0):
+        return [torch.cat([t(w), t(w).new_full((-w.shape[0] % align,) + t(w).shape[1:], fill)])
+                for w in weights[:-1]] + [t(weights[-1])]
+    first = weights[0]
+    data = torch.cat(padded(lambda w: w.data))
+    if first.is_int4:
+        p = first.int4
+        asym = any(w.int4.zeros is not None for w in weights)
+        scales = torch.cat(padded(lambda w: w.int4.scales.float()))
+        zeros = torch.cat(padded(lambda w: w.int4.zero_points().to(torch.uint8), 8)) if asym else None
+        return Weight(data, int4=Int4(p.in_features, p.group, scales, zeros, p.g_idx))
+    scale = torch.cat([w.scale_inv for w in weights]) if first.is_fp8 else None
+    return Weight(data, scale, first.block)
+
 
 def dequantize_fp8(data, scale_inv, block):
     """float32 [out, in] = fp8 data * block scale broadcast over each block."""
