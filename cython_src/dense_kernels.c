@@ -5,8 +5,9 @@
  * SHAPES (T tokens; R rows = out features; K = in features; Rp, Kp = R, K
  *         rounded up to 128)
  *   x      [T, K]   FP32 or BF16 activations
- *   W      packed [Rp/64 row tiles][Kp/128 k blocks] units (FP8 or BF16),
- *          scales [Rp/64][Kp/128] FP32 beside them (1.0 for BF16)
+ *   W      packed [Rp/64 row tiles][Kp/128 k blocks] units (FP8, BF16 or INT4: `fp8`
+ *          is the format code of expert_units.h), scales [Rp/64][Kp/128] FP32
+ *          beside them (1.0 for BF16 and INT4, whose group scales are in its units)
  *   y      [T, R]   FP32 (no bias: the caller adds it)
  *
  * DEFINITION (unit_scalar in expert_units.h is the inner loop of the twin)
@@ -73,7 +74,7 @@ typedef struct {
 } dense_job;
 
 static int64_t dense_scratch_stride(void) {
-    return BF16_UNIT_BYTES + 4 * (int64_t)DENSE_TOK_BLOCK * UNIT_ROWS + 64;
+    return WIDE_UNIT_BYTES + 4 * (int64_t)DENSE_TOK_BLOCK * UNIT_ROWS + 64;
 }
 
 /* Bytes of workspace dense_forward needs for T tokens of K inputs. */
@@ -130,7 +131,14 @@ static void dense_unit_rows(const uint8_t *u, int fp8, const uint16_t *x, int ld
         float *o = acc + q * UNIT_ROWS;
         const uint8_t *p = q == 0 ? pf : NULL;           /* fetch each line once */
         if (scalar) { unit_scalar(u, fp8, xk, nt, scale, o); continue; }
-        if (fp8) {
+        if (wf_int4(fp8)) {
+            switch (nt) {
+            case 1: unit_body_pf(u, fp8, xk, 1, scale, o, p, pf_fp8); break;
+            case 2: unit_body_pf(u, fp8, xk, 2, scale, o, p, pf_fp8); break;
+            case 3: unit_body_pf(u, fp8, xk, 3, scale, o, p, pf_fp8); break;
+            default: unit_body_pf(u, fp8, xk, 4, scale, o, p, pf_fp8); break;
+            }
+        } else if (fp8) {
             switch (nt) {
             case 1: unit_body_pf(u, 1, xk, 1, scale, o, p, pf_fp8); break;
             case 2: unit_body_pf(u, 1, xk, 2, scale, o, p, pf_fp8); break;
@@ -149,7 +157,7 @@ static void dense_unit_rows(const uint8_t *u, int fp8, const uint16_t *x, int ld
 }
 
 static const uint8_t *dense_tile(const dense_matrix *m, int rt) {
-    return m->w + (int64_t)rt * m->kblocks * (m->fp8 ? FP8_UNIT_BYTES : BF16_UNIT_BYTES);
+    return m->w + (int64_t)rt * m->kblocks * unit_bytes_of(m->fp8);
 }
 
 /* The line PF_BYTES past byte `off` of this thread's stream: the rest of the
@@ -167,18 +175,18 @@ static const uint8_t *dense_ahead(const uint8_t *tile, const uint8_t *next, int6
 static void dense_task(dense_job *j, int rt, int t0, int n, uint16_t *wide, float *acc,
                        const uint8_t *next) {
     const dense_matrix *m = &j->m;
-    const int ub = m->fp8 ? FP8_UNIT_BYTES : BF16_UNIT_BYTES;
+    const int ub = unit_bytes_of(m->fp8);
     const uint8_t *tile = dense_tile(m, rt);
     const int stream = n <= 2;                   /* decode: prefetch along the own stream */
     const float *sc = m->scale + (int64_t)rt * m->kblocks;
     const uint16_t *x = j->xb + (int64_t)t0 * j->Kp;
-    const int widen = m->fp8 && n > DENSE_DIRECT_MAX && !j->scalar;
+    const int widen = wf_widens(m->fp8) && n > DENSE_DIRECT_MAX && !j->scalar;
     memset(acc, 0, sizeof(float) * (size_t)n * UNIT_ROWS);
     for (int kb = 0; kb < m->kblocks; kb++) {
         const uint8_t *u = tile + (int64_t)kb * ub;
         int ufp8 = m->fp8;
 #ifdef UNIT_WIDEN
-        if (widen) { unit_widen(u, wide); u = (const uint8_t *)wide; ufp8 = 0; }
+        if (widen) { unit_widen(u, m->fp8, wide); u = (const uint8_t *)wide; ufp8 = unit_widen_fmt(m->fp8); }
 #else
         (void)widen; (void)wide;
 #endif
@@ -196,7 +204,7 @@ static void dense_worker(void *arg, int tid, int nthreads) {
     dense_job *j = (dense_job *)arg;
     uint8_t *s = j->scratch + tid * j->scratch_stride;
     uint16_t *wide = (uint16_t *)s;                             /* 64-aligned */
-    float *acc = (float *)(s + BF16_UNIT_BYTES);
+    float *acc = (float *)(s + WIDE_UNIT_BYTES);
     const int n_all = j->live_tiles * j->ntb;
     if (j->T <= 2) {
         /* decode: one token block; each tile claimed one ahead, so the prefetch

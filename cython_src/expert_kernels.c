@@ -5,6 +5,8 @@
  *   x        [T, H]   FP32 or BF16 activations
  *   ids      [T, k]   int64 expert ids;   wts [T, k] FP32 routing weights
  *   gate, up [E] x packed [Ip/64 row tiles][Hp/128 k blocks] units, scales [E][Ip/64][Hp/128]
+ *            (units FP8, BF16 or INT4 with their group scales inside: `fp8` is the
+ *            format code of expert_units.h)
  *   down     [E] x packed [Hp/64 row tiles][Ip/128 k blocks] units, scales [E][Hp/64][Ip/128]
  *   y        [T, H]   FP32
  *
@@ -111,7 +113,7 @@ static inline const uint8_t *plan_ahead(const stream_plan *p, int64_t off) {
     return NULL;
 }
 
-static inline int unit_bytes(int fp8) { return fp8 ? FP8_UNIT_BYTES : BF16_UNIT_BYTES; }
+static inline int unit_bytes(int fmt) { return unit_bytes_of(fmt); }
 
 static inline const uint8_t *tile_base(const packed_matrix *m, int e, int rt, int fp8) {
     return m->w + e * m->w_stride + (int64_t)rt * m->kblocks * unit_bytes(fp8);
@@ -125,13 +127,17 @@ static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
     const int ub = unit_bytes(fp8);
     const uint8_t *tile = tile_base(m, e, rt, fp8);
     const float *sc = m->scale + e * m->s_stride + (int64_t)rt * m->kblocks;
-    const int widen = fp8 && n > DIRECT_MAX;
+    const int widen = wf_widens(fp8) && n > DIRECT_MAX;
     for (int kb = 0; kb < m->kblocks; kb++) {
         const uint8_t *pf = plan ? plan_ahead(plan, at + (int64_t)kb * ub) : NULL;
         const uint8_t *u = tile + (int64_t)kb * ub;
         int ufp8 = fp8;
 #ifdef UNIT_WIDEN
-        if (widen) { unit_widen(u, wide); u = (const uint8_t *)wide; ufp8 = 0; }
+        if (widen) {
+            unit_widen(u, fp8, wide);
+            u = (const uint8_t *)wide;
+            ufp8 = unit_widen_fmt(fp8);
+        }
 #else
         (void)widen; (void)wide;
 #endif
@@ -142,7 +148,14 @@ static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
             float *o = out + q * UNIT_ROWS;
             /* constant nt per branch: the body unrolls into registers */
             const uint8_t *p = q == 0 ? pf : NULL;      /* fetch each line once */
-            if (ufp8) {
+            if (wf_int4(ufp8)) {
+                switch (nt) {
+                case 1: unit_body_pf(u, ufp8, xk, 1, sc[kb], o, p, fp8); break;
+                case 2: unit_body_pf(u, ufp8, xk, 2, sc[kb], o, p, fp8); break;
+                case 3: unit_body_pf(u, ufp8, xk, 3, sc[kb], o, p, fp8); break;
+                default: unit_body_pf(u, ufp8, xk, 4, sc[kb], o, p, fp8); break;
+                }
+            } else if (ufp8) {
                 switch (nt) {
                 case 1: unit_body_pf(u, 1, xk, 1, sc[kb], o, p, fp8); break;
                 case 2: unit_body_pf(u, 1, xk, 2, sc[kb], o, p, fp8); break;
@@ -166,8 +179,8 @@ typedef struct { float *g, *u; uint16_t *wide; const uint16_t *rows[SLOT_BLOCK];
 static thread_scratch scratch_of(moe_job *job, int tid) {
     thread_scratch s;
     uint8_t *base = job->scratch + tid * job->scratch_stride;
-    s.wide = (uint16_t *)base;                                 /* BF16_UNIT_BYTES, 64-aligned */
-    s.g = (float *)(base + BF16_UNIT_BYTES);
+    s.wide = (uint16_t *)base;                                 /* WIDE_UNIT_BYTES, 64-aligned */
+    s.g = (float *)(base + WIDE_UNIT_BYTES);
     s.u = s.g + SLOT_BLOCK * UNIT_ROWS;
     return s;
 }
@@ -314,7 +327,7 @@ static int64_t moe_workspace_bytes(int T, int k, int E, int Hp, int Ip, int nthr
     b += 64 + 4 * ((int64_t)E + Hp / UNIT_ROWS + 2);   /* gu_done, turn */
     b += 64 + 2 * (int64_t)T * Hp;                     /* xb */
     b += 64 + 2 * S * Ip;                              /* hb */
-    b += 64 + (int64_t)nthreads * (BF16_UNIT_BYTES + 2 * 4 * SLOT_BLOCK * UNIT_ROWS + 64);
+    b += 64 + (int64_t)nthreads * (WIDE_UNIT_BYTES + 2 * 4 * SLOT_BLOCK * UNIT_ROWS + 64);
     int64_t A = S < E ? S : E;                         /* active experts, at most */
     b += 64 + 4 * A * (Ip / UNIT_ROWS + Hp / UNIT_ROWS);   /* order */
     b += 64 + 16 * (int64_t)nthreads * SHARE_STRIDE;       /* shares */
@@ -402,7 +415,7 @@ static int64_t moe_forward(packed_matrix gate, packed_matrix up, packed_matrix d
     job.turn = carve(&cur, 4 * (int64_t)down.tiles);
     uint16_t *xb = carve(&cur, 2 * (int64_t)T * job.Hp);
     job.hb = carve(&cur, 2 * S * job.Ip);
-    job.scratch_stride = BF16_UNIT_BYTES + 2 * 4 * SLOT_BLOCK * UNIT_ROWS + 64;
+    job.scratch_stride = WIDE_UNIT_BYTES + 2 * 4 * SLOT_BLOCK * UNIT_ROWS + 64;
     job.scratch = carve(&cur, nthreads * job.scratch_stride);
     int *order = carve(&cur, 4 * (int64_t)(T * (int64_t)k < E ? T * (int64_t)k : E)
                                * (gate.tiles + down.tiles));
@@ -437,8 +450,21 @@ static void unit_apply(const uint8_t *w, int fp8, const uint16_t *x, int ldx, in
     const uint16_t *xk[MAX_NT];
     for (int t = 0; t < nt; t++) xk[t] = x + (int64_t)t * ldx;
     if (scalar) { unit_scalar(w, fp8, xk, nt, scale, out); return; }
-    if (fp8) unit_body(w, 1, xk, nt < 1 ? 1 : nt, scale, out);
+    if (wf_int4(fp8)) unit_body(w, fp8, xk, nt, scale, out);
+    else if (fp8) unit_body(w, 1, xk, nt < 1 ? 1 : nt, scale, out);
     else unit_body(w, 0, xk, nt, scale, out);
+}
+
+/* Exposed for tests: the widening prefill uses (this ISA's, or the scalar twin's). */
+static int unit_widen_apply(const uint8_t *w, int fmt, uint16_t *dst, int scalar) {
+    if (wf_int4(fmt) && scalar) unit_widen_q4_scalar(w, fmt, dst);
+#ifdef UNIT_WIDEN
+    else unit_widen(w, fmt, dst);
+#else
+    else if (wf_int4(fmt)) unit_widen_q4_scalar(w, fmt, dst);
+    else return -1;
+#endif
+    return unit_widen_fmt(fmt);
 }
 
 static void kernels_init(void) { fp8_tables_init(); }

@@ -5,11 +5,17 @@
  * SHAPES
  *   unit (FP8)   64 rows x 128 k = 4 row groups x 32 chunks x 64 bytes (8 KiB)
  *   unit (BF16)  64 rows x 128 k = 4 row groups x 32 chunks x 128 bytes (16 KiB)
+ *   unit (INT4)  64 rows x 128 k = 4 row groups x 16 chunk pairs x 64 bytes (4 KiB)
+ *                of codes, then FP32 group scales [4 row groups][ng][16 rows]
+ *                (ng = 128 / G groups of G columns), then, asymmetric only,
+ *                index offsets 16 - zero as bytes in the same order
  *   x[t]         128 BF16 activations of token t for this k block
  *   out[t][64]   FP32, out += scale * (unit . x[t])
  *
  * DEFINITION (the scalar twin below is this loop)
  *   for t, r < 64: out[t][r] += scale * sum_{k<128} W[r][k] * x[t][k]
+ *   INT4: out[t][r] += sum_j s[r][j] * sum_{k in group j} (q[r][k] - z[r][j]) * x[t][k]
+ *   (the unit's own group scales; the `scale` argument is unused)
  *   (precision contract: x is BF16, products exact, sums FP32; a token's sum
  *   runs in one order whatever nt is, so the output is batch-invariant)
  *
@@ -20,6 +26,11 @@
  *   FP8:  64 bytes whose 128-bit lane j holds A words 8j..8j+7 in bytes 0..7
  *         and B words 8j..8j+7 in bytes 8..15, so that after the byte LUT the
  *         per-lane vpunpcklbw / vpunpckhbw of (lo, hi) produce A and B exactly.
+ *   INT4: chunks 2p and 2p+1 share 64 bytes = 32 u16 words; word w (= A/B word
+ *         w: row w/2, column pair w%2) holds in nibbles 0..3 the codes of A(2p),
+ *         B(2p), A(2p+1), B(2p+1). Shift, mask, add the row's offset 16 - z and
+ *         one vpermw through the BF16 table of -16..15 gives the BF16 of q - z
+ *         (exact: 5-bit integers) in the BF16 layout, 16 lanes a row.
  *
  * REGULARITIES  decode: 1 token per expert, 8 experts; prefill: tens to
  *   hundreds of tokens per expert, so FP8 units are widened once into a BF16
@@ -43,6 +54,46 @@
 #define FP8_UNIT_BYTES (UNIT_ROWS * UNIT_K)
 #define BF16_UNIT_BYTES (UNIT_ROWS * UNIT_K * 2)
 #define MAX_NT 4
+#define INT4_CODE_BYTES (UNIT_ROWS * UNIT_K / 2)
+#define WIDE_UNIT_BYTES (BF16_UNIT_BYTES + 4 * UNIT_ROWS * 4)   /* BF16 + INT4 scales, ng <= 4 */
+
+/* Weight format codes (the `fmt` of a packed matrix): 0 BF16, 1 FP8, INT4 =
+ * 2 | asym << 2 | log2(ng) << 3; WF_WIDE marks an INT4 unit widened to BF16
+ * codes (q - z) with its group scales after them (prefill scratch). */
+#define WF_BF16 0
+#define WF_FP8 1
+#define WF_INT4 2
+#define WF_WIDE 64
+static inline int wf_int4(int f) { return (f & 3) == WF_INT4; }
+static inline int wf_asym(int f) { return (f >> 2) & 1; }
+static inline int wf_ng(int f) { return 1 << ((f >> 3) & 3); }
+static inline int wf_wide(int f) { return (f & WF_WIDE) != 0; }
+
+static inline int unit_bytes_of(int f) {
+    if (!wf_int4(f)) return f == WF_FP8 ? FP8_UNIT_BYTES : BF16_UNIT_BYTES;
+    int ng = wf_ng(f);
+    if (wf_wide(f)) return BF16_UNIT_BYTES + 256 * ng;
+    return INT4_CODE_BYTES + 256 * ng + (wf_asym(f) ? 64 * ng : 0);
+}
+
+/* Whether a unit of this format is widened once into BF16 scratch before a
+ * prefill's token groups reuse it (the format it then has: unit_widen_fmt). */
+static inline int wf_widens(int f) { return f == WF_FP8 || (wf_int4(f) && !wf_wide(f)); }
+
+static inline const float *int4_scales(const uint8_t *w, int f) {
+    return (const float *)(w + (wf_wide(f) ? BF16_UNIT_BYTES : INT4_CODE_BYTES));
+}
+static inline const uint8_t *int4_offsets(const uint8_t *w, int f) {
+    return (const uint8_t *)(int4_scales(w, f) + 64 * wf_ng(f));
+}
+
+/* Prefetch share `it` (0..31, one per row group and 4 chunks) of the unit pf:
+ * a 32nd of its bytes, whatever its format. */
+ALWAYS_INLINE void pf_share(const uint8_t *pf, int pf_fmt, int it) {
+    const int ub = unit_bytes_of(pf_fmt);
+    for (int b = (it * ub / 32) & ~63; b < (it + 1) * ub / 32; b += 64)
+        __builtin_prefetch((const char *)pf + b, 0, 3);
+}
 #ifndef PF_BYTES
 #define PF_BYTES 65536
 #endif
@@ -57,6 +108,8 @@ static uint8_t g_fp8_bf16_hi[128] __attribute__((aligned(64)));
 static uint8_t g_fp8_bf16_lo[128] __attribute__((aligned(64)));
 /* e4m3 code -> BF16 bits of the same value (sign included). */
 static uint16_t g_fp8_bf16[256];
+/* BF16 of the integer i - 16, i < 32: INT4 q - z + 16 -> BF16 (vpermw's table). */
+static uint16_t g_int4_bf16[32] __attribute__((aligned(64)));
 
 static float fp8_e4m3_decode(uint8_t code) {
     int sign = code >> 7, exp = (code >> 3) & 15, man = code & 7;
@@ -96,6 +149,7 @@ static void fp8_tables_init(void) {
     for (int c = 0; c < 256; c++)
         g_fp8_bf16[c] = (uint16_t)(((c & 0x80) << 8) | (g_fp8_bf16_hi[c & 0x7f] << 8)
                                    | g_fp8_bf16_lo[c & 0x7f]);
+    for (int i = 0; i < 32; i++) g_int4_bf16[i] = f32_to_bf16((float)(i - 16));
 }
 
 /* Position inside a chunk of element (row r < 16, column k < 4). */
@@ -105,10 +159,59 @@ static inline int fp8_chunk_pos(int r, int k) {
     return 16 * (word >> 3) + 8 * (k >> 1) + (word & 7);
 }
 
+/* INT4 q - z (row r < 16 of row group g, column k < 4 of chunk c; j: c's group)
+ * as stored: codes and offsets, or widened BF16. */
+static inline float int4_value(const uint8_t *w, int f, int g, int c, int r, int k) {
+    if (wf_wide(f))
+        return bf16_to_f32(((const uint16_t *)w)[g * 2048 + c * 64 + bf16_chunk_pos(r, k)]);
+    int word = ((const uint16_t *)w)[g * 512 + (c >> 1) * 32 + 2 * r + (k & 1)];
+    int code = (word >> (4 * (2 * (c & 1) + (k >> 1)))) & 15;
+    int ng = wf_ng(f), j = c / (CHUNKS / ng);
+    int zero = wf_asym(f) ? 16 - int4_offsets(w, f)[(g * ng + j) * 16 + r] : 8;
+    return (float)(code - zero);
+}
+
+/* INT4 unit -> the same unit widened: BF16 q - z in the BF16 chunk layout, then its
+ * group scales (prefill: widen once, reuse). Scalar: the oracle of the SIMD one. */
+static void unit_widen_q4_scalar(const uint8_t *w, int f, uint16_t *dst) {
+    for (int g = 0; g < 4; g++)
+        for (int c = 0; c < CHUNKS; c++)
+            for (int r = 0; r < GROUP_ROWS; r++)
+                for (int k = 0; k < 4; k++)
+                    dst[g * 2048 + c * 64 + bf16_chunk_pos(r, k)] =
+                        f32_to_bf16(int4_value(w, f, g, c, r, k));
+    memcpy((uint8_t *)dst + BF16_UNIT_BYTES, int4_scales(w, f), 256 * (size_t)wf_ng(f));
+}
+
+static inline int unit_widen_fmt(int f) {
+    return wf_int4(f) ? ((f & ~4) | WF_WIDE) : WF_BF16;
+}
+
+static void unit_scalar_q4(const uint8_t *w, int f, const uint16_t *const *x, int nt,
+                           float *out) {
+    const int ng = wf_ng(f), gc = CHUNKS / ng;
+    const float *sc = int4_scales(w, f);
+    for (int g = 0; g < 4; g++)
+        for (int j = 0; j < ng; j++) {
+            float acc[MAX_NT][GROUP_ROWS] = {{0}};
+            for (int c = j * gc; c < (j + 1) * gc; c++)
+                for (int r = 0; r < GROUP_ROWS; r++)
+                    for (int k = 0; k < 4; k++) {
+                        float wv = int4_value(w, f, g, c, r, k);
+                        for (int t = 0; t < nt; t++)
+                            acc[t][r] += wv * bf16_to_f32(x[t][4 * c + k]);
+                    }
+            for (int t = 0; t < nt; t++)
+                for (int r = 0; r < GROUP_ROWS; r++)
+                    out[t * UNIT_ROWS + g * GROUP_ROWS + r] += sc[(g * ng + j) * 16 + r] * acc[t][r];
+        }
+}
+
 /* ---------------------------------------------------------------- scalar */
 /* The scalar twin: oracle for the SIMD bodies and the portable path. */
 static void unit_scalar(const uint8_t *w, int fp8, const uint16_t *const *x, int nt,
                         float scale, float *out) {
+    if (wf_int4(fp8)) { unit_scalar_q4(w, fp8, x, nt, out); return; }
     for (int g = 0; g < 4; g++) {
         float acc[MAX_NT][GROUP_ROWS] = {{0}};
         for (int c = 0; c < CHUNKS; c++) {
@@ -198,10 +301,7 @@ ALWAYS_INLINE void unit_pair(const uint8_t *w, int fp8, const uint16_t *const *x
         for (int t = 0; t < nt; t++)
             for (int i = 0; i < 2 * U; i++) a[t][i] = _mm512_setzero_ps();
         for (int c = 0; c < CHUNKS; c += U) {
-            if (pf) {
-                const char *p = (const char *)pf + (pf_fp8 ? g * 2048 + c * 64 : g * 4096 + c * 128);
-                for (int b = 0; b < U * (pf_fp8 ? 64 : 128); b += 64) _mm_prefetch(p + b, PF_HINT);
-            }
+            if (pf) pf_share(pf, pf_fp8, g * 8 + c / U);
             for (int j = 0; j < U; j++) {
                 __m512i A, B;
                 load_chunk(w, fp8, g, c + j, l, &A, &B);
@@ -221,6 +321,78 @@ ALWAYS_INLINE void unit_pair(const uint8_t *w, int fp8, const uint16_t *const *x
     }
 }
 
+/* INT4 chunks 2p, 2p+1 of row group g -> their A and B halves as BF16 q - z. */
+ALWAYS_INLINE void widen_q4(const uint8_t *w, int g, int p, __m512i off, __m512i tab,
+                            __m512i *A0, __m512i *B0, __m512i *A1, __m512i *B1) {
+    const __m512i m4 = _mm512_set1_epi16(15);
+    __m512i v = _mm512_loadu_si512((const void *)(w + g * 1024 + p * 64));
+    *A0 = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_and_si512(v, m4), off), tab);
+    *B0 = _mm512_permutexvar_epi16(
+        _mm512_add_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), off), tab);
+    *A1 = _mm512_permutexvar_epi16(
+        _mm512_add_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 8), m4), off), tab);
+    *B1 = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_srli_epi16(v, 12), off), tab);
+}
+
+/* Row group g, group j's index offsets (16 - z) in both words of each row's lane. */
+ALWAYS_INLINE __m512i q4_offsets(const uint8_t *w, int f, int g, int j) {
+    if (!wf_asym(f) || wf_wide(f)) return _mm512_set1_epi16(8);
+    __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+        (const __m128i *)(int4_offsets(w, f) + (g * wf_ng(f) + j) * 16)));
+    return _mm512_or_si512(z, _mm512_slli_epi32(z, 16));
+}
+
+/* INT4 (codes, or widened: the same A/B values from BF16 scratch) against 1 or 2
+ * tokens, in the FP8/BF16 body's order within a group: chunk c's halves into
+ * a[2 (c % 4)], a[2 (c % 4) + 1], summed a[0] + .. + a[7], then out += sum *
+ * the rows' group scale, group after group. The widened and direct units give
+ * identical A/B, so prefill and decode give identical bits. */
+ALWAYS_INLINE void unit_pair_q4(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
+                                float *out, const uint8_t *pf, int pf_fmt) {
+    const int ng = wf_ng(f), gc = CHUNKS / ng, wide = wf_wide(f);
+    const float *sc = int4_scales(w, f);
+    const __m512i tab = _mm512_load_si512((const void *)g_int4_bf16);
+    for (int g = 0; g < 4; g++)
+        for (int j = 0; j < ng; j++) {
+            __m512 a[2][8];
+            for (int t = 0; t < nt; t++)
+                for (int i = 0; i < 8; i++) a[t][i] = _mm512_setzero_ps();
+            const __m512i off = q4_offsets(w, f, g, j);
+            for (int c = j * gc; c < (j + 1) * gc; c += 4) {
+                if (pf) pf_share(pf, pf_fmt, g * 8 + c / 4);
+                for (int h = 0; h < 4; h += 2) {
+                    __m512i A0, B0, A1, B1;
+                    if (wide) {
+                        const uint8_t *q = w + g * 4096 + (c + h) * 128;
+                        A0 = _mm512_loadu_si512((const void *)q);
+                        B0 = _mm512_loadu_si512((const void *)(q + 64));
+                        A1 = _mm512_loadu_si512((const void *)(q + 128));
+                        B1 = _mm512_loadu_si512((const void *)(q + 192));
+                    } else {
+                        widen_q4(w, g, (c + h) / 2, off, tab, &A0, &B0, &A1, &B1);
+                    }
+                    for (int t = 0; t < nt; t++) {
+                        const uint16_t *xt = x[t] + 4 * (c + h);
+                        a[t][2 * h] = _mm512_dpbf16_ps(a[t][2 * h], (__m512bh)A0, bcast_pair(xt));
+                        a[t][2 * h + 1] = _mm512_dpbf16_ps(a[t][2 * h + 1], (__m512bh)B0,
+                                                           bcast_pair(xt + 2));
+                        a[t][2 * h + 2] = _mm512_dpbf16_ps(a[t][2 * h + 2], (__m512bh)A1,
+                                                           bcast_pair(xt + 4));
+                        a[t][2 * h + 3] = _mm512_dpbf16_ps(a[t][2 * h + 3], (__m512bh)B1,
+                                                           bcast_pair(xt + 6));
+                    }
+                }
+            }
+            const __m512 s = _mm512_loadu_ps(sc + (g * ng + j) * 16);
+            for (int t = 0; t < nt; t++) {
+                __m512 sum = a[t][0];
+                for (int i = 1; i < 8; i++) sum = _mm512_add_ps(sum, a[t][i]);
+                float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(sum, s, _mm512_loadu_ps(o)));
+            }
+        }
+}
+
 /* unit_body with an explicit prefetch target: `pf` (or NULL) is the unit this
  * thread will stream PF_BYTES from now, FP8 when pf_fp8 (it may differ from
  * w's format: prefill widens FP8 units into BF16 scratch); every line of it
@@ -230,6 +402,13 @@ ALWAYS_INLINE void unit_pair(const uint8_t *w, int fp8, const uint16_t *const *x
  * own. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
+    if (wf_int4(fp8)) {
+        if (nt == 1) { unit_pair_q4(w, fp8, x, 1, out, pf, pf_fp8); return; }
+        unit_pair_q4(w, fp8, x, 2, out, pf, pf_fp8);
+        if (nt == 3) unit_pair_q4(w, fp8, x + 2, 1, out + 2 * UNIT_ROWS, NULL, pf_fp8);
+        if (nt == 4) unit_pair_q4(w, fp8, x + 2, 2, out + 2 * UNIT_ROWS, NULL, pf_fp8);
+        return;
+    }
     fp8_lut l = fp8_lut_load();
     if (nt == 1) { unit_pair(w, fp8, x, 1, scale, out, pf, pf_fp8, &l); return; }
     unit_pair(w, fp8, x, 2, scale, out, pf, pf_fp8, &l);
@@ -242,8 +421,29 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
     unit_body_pf(w, fp8, x, nt, scale, out, nt <= 2 ? w + PF_BYTES : NULL, fp8);
 }
 
-/* FP8 unit -> BF16 unit in the BF16 chunk layout (prefill: widen once, reuse). */
-static void unit_widen(const uint8_t *w, uint16_t *dst) {
+static void unit_widen_q4(const uint8_t *w, int f, uint16_t *dst) {
+    const __m512i tab = _mm512_load_si512((const void *)g_int4_bf16);
+    const int ng = wf_ng(f), gc = CHUNKS / ng;
+    for (int g = 0; g < 4; g++)
+        for (int j = 0; j < ng; j++) {
+            const __m512i off = q4_offsets(w, f, g, j);
+            for (int c = j * gc; c < (j + 1) * gc; c += 2) {
+                __m512i A0, B0, A1, B1;
+                widen_q4(w, g, c / 2, off, tab, &A0, &B0, &A1, &B1);
+                uint16_t *d = dst + g * 2048 + c * 64;
+                _mm512_store_si512((void *)d, A0);
+                _mm512_store_si512((void *)(d + 32), B0);
+                _mm512_store_si512((void *)(d + 64), A1);
+                _mm512_store_si512((void *)(d + 96), B1);
+            }
+        }
+    memcpy((uint8_t *)dst + BF16_UNIT_BYTES, int4_scales(w, f), 256 * (size_t)ng);
+}
+
+/* FP8 unit -> BF16 unit in the BF16 chunk layout (prefill: widen once, reuse);
+ * INT4 -> the widened INT4 unit (unit_widen_fmt says which). */
+static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
+    if (wf_int4(f)) { unit_widen_q4(w, f, dst); return; }
     fp8_lut l = fp8_lut_load();
     for (int g = 0; g < 4; g++)
         for (int c = 0; c < CHUNKS; c++) {
@@ -293,8 +493,9 @@ ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
 /* FP8 unit -> BF16 unit in the BF16 chunk layout, by table (prefill: widen
  * once, reuse for every token; the FP8 body converts per token and ran
  * prefill ~3x slower). In FP8 chunk lane j, bytes 0..7 are A words 8j..8j+7
- * and bytes 8..15 the B words. */
-static void unit_widen(const uint8_t *w, uint16_t *dst) {
+ * and bytes 8..15 the B words. INT4 -> its widened unit (unit_widen_fmt). */
+static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
+    if (wf_int4(f)) { unit_widen_q4_scalar(w, f, dst); return; }
     for (int g = 0; g < 4; g++)
         for (int c = 0; c < CHUNKS; c++) {
             const uint8_t *src = w + g * 2048 + c * 64;
@@ -307,19 +508,73 @@ static void unit_widen(const uint8_t *w, uint16_t *dst) {
         }
 }
 
+/* 8 INT4 values q - z of lane j (rows 4j..4j+3 x one column pair) of chunk c,
+ * half kh, as floats; zero: the 8 lanes' zero points. */
+ALWAYS_INLINE __m256 load8_q4(const uint8_t *w, int g, int c, int kh, int j, __m256i zero) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(
+        (const __m128i *)(w + g * 1024 + (c >> 1) * 64 + 16 * j)));
+    v = _mm256_and_si256(_mm256_srli_epi32(v, 4 * (2 * (c & 1) + kh)), _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(v, zero));
+}
+
+/* INT4 (codes, or widened BF16), one token at a time, group by group: the FP32
+ * FMA body of the BF16 units with the group's scale per row after each group. */
+ALWAYS_INLINE void unit_body_q4(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
+                                float *out, const uint8_t *pf, int pf_fmt) {
+    const int ng = wf_ng(f), gc = CHUNKS / ng, wide = wf_wide(f), asym = wf_asym(f) && !wide;
+    const float *sc = int4_scales(w, f);
+    for (int t = 0; t < nt; t++)
+        for (int g = 0; g < 4; g++)
+            for (int jg = 0; jg < ng; jg++) {
+                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
+                                 _mm256_setzero_ps(), _mm256_setzero_ps()};
+                __m256i zero[4];
+                for (int j = 0; j < 4; j++) {
+                    if (asym) {
+                        const uint8_t *o = int4_offsets(w, f) + (g * ng + jg) * 16 + 4 * j;
+                        zero[j] = _mm256_setr_epi32(16 - o[0], 16 - o[0], 16 - o[1], 16 - o[1],
+                                                    16 - o[2], 16 - o[2], 16 - o[3], 16 - o[3]);
+                    } else {
+                        zero[j] = _mm256_set1_epi32(8);
+                    }
+                }
+                for (int c = jg * gc; c < (jg + 1) * gc; c++) {
+                    if (pf && t == 0 && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
+                    __m256 xa = xpair(x[t] + 4 * c), xb = xpair(x[t] + 4 * c + 2);
+                    for (int j = 0; j < 4; j++) {
+                        __m256 fa, fb;
+                        if (wide) {
+                            const uint8_t *pa = w + g * 4096 + c * 128 + 16 * j;
+                            fa = load8(pa, 0);
+                            fb = load8(pa + 64, 0);
+                        } else {
+                            fa = load8_q4(w, g, c, 0, j, zero[j]);
+                            fb = load8_q4(w, g, c, 1, j, zero[j]);
+                        }
+                        acc[j] = _mm256_fmadd_ps(fa, xa, acc[j]);
+                        acc[j] = _mm256_fmadd_ps(fb, xb, acc[j]);
+                    }
+                }
+                float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
+                const float *s = sc + (g * ng + jg) * 16;
+                for (int j = 0; j < 4; j++) {
+                    float a[8];
+                    _mm256_storeu_ps(a, acc[j]);
+                    for (int i = 0; i < 4; i++) o[4 * j + i] += s[4 * j + i] * (a[2 * i] + a[2 * i + 1]);
+                }
+            }
+}
+
 /* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
+    if (wf_int4(fp8)) { unit_body_q4(w, fp8, x, nt, out, pf, pf_fp8); return; }
     for (int t = 0; t < nt; t++)
         for (int g = 0; g < 4; g++) {
             __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
                              _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int c = 0; c < CHUNKS; c++) {
-                if (pf && t == 0) {
-                    const char *p = (const char *)pf + g * (pf_fp8 ? 2048 : 4096) + c * (pf_fp8 ? 64 : 128);
-                    _mm_prefetch(p, _MM_HINT_T0);
-                    if (!pf_fp8) _mm_prefetch(p + 64, _MM_HINT_T0);
-                }
+                if (pf && t == 0 && c % 4 == 0) pf_share(pf, pf_fp8, g * 8 + c / 4);
                 __m256 xa = xpair(x[t] + 4 * c), xb = xpair(x[t] + 4 * c + 2);
                 for (int j = 0; j < 4; j++) {
                     const uint8_t *pa, *pb;

@@ -23,6 +23,9 @@ cdef extern from "expert_kernels.c" nogil:
                         uint8_t *workspace, int nthreads)
     void unit_apply(const uint8_t *w, int fp8, const uint16_t *x, int ldx, int nt,
                     float scale, float *out, int scalar)
+    int unit_widen_apply(const uint8_t *w, int fmt, uint16_t *dst, int scalar)
+    int unit_bytes_of(int fmt)
+    int WIDE_UNIT_BYTES
     int pool_size()
     void pool_configure(int pin, int64_t spin_ns)
 
@@ -34,6 +37,7 @@ kernels_init()
 
 ISA = UNIT_ISA.decode()
 UNIT_BYTES = {"fp8": FP8_UNIT_BYTES, "bf16": BF16_UNIT_BYTES}
+WIDE_BYTES = WIDE_UNIT_BYTES
 
 
 cdef packed_matrix _matrix(tuple m):
@@ -52,10 +56,11 @@ def workspace_bytes(int T, int k, int E, int Hp, int Ip, int nthreads):
     return moe_workspace_bytes(T, k, E, Hp, Ip, nthreads)
 
 
-def forward(tuple gate, tuple up, tuple down, bint fp8, int E, int H, int I,
+def forward(tuple gate, tuple up, tuple down, int fp8, int E, int H, int I,
             uintptr_t x, bint x_bf16, int T, int k, uintptr_t ids, uintptr_t wts,
             uintptr_t y, uintptr_t workspace, int nthreads):
-    """Fused MoE forward over raw pointers; returns 0 or -1-i for a bad ids[i]."""
+    """Fused MoE forward over raw pointers (fp8: the weights' format code, see
+    moed/backends/cpu/layout.py); returns 0 or -1-i for a bad ids[i]."""
     cdef packed_matrix g = _matrix(gate), u = _matrix(up), d = _matrix(down)
     cdef int64_t rc
     with nogil:
@@ -65,12 +70,23 @@ def forward(tuple gate, tuple up, tuple down, bint fp8, int E, int H, int I,
     return rc
 
 
-def apply_unit(uintptr_t w, bint fp8, uintptr_t x, int ldx, int nt, float scale,
+def apply_unit(uintptr_t w, int fp8, uintptr_t x, int ldx, int nt, float scale,
                uintptr_t out, bint scalar=False):
-    """out[nt, 64] += scale * unit . x[nt, 128] (tests: the SIMD body vs its scalar twin)."""
+    """out[nt, 64] += scale * unit . x[nt, 128] (tests: the SIMD body vs its scalar twin);
+    fp8: the unit's format code."""
     with nogil:
         unit_apply(<const uint8_t *>w, fp8, <const uint16_t *>x, ldx, nt, scale,
                    <float *>out, scalar)
+
+
+def widen_unit(uintptr_t w, int fmt, uintptr_t dst, bint scalar=False):
+    """The unit widened as prefill widens it into dst (WIDE_UNIT_BYTES, 64-aligned) ->
+    the widened unit's format code, or -1 where this ISA does not widen (tests)."""
+    return unit_widen_apply(<const uint8_t *>w, fmt, <uint16_t *>dst, scalar)
+
+
+def format_unit_bytes(int fmt):
+    return unit_bytes_of(fmt)
 
 
 def threads_started():

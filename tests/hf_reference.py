@@ -1,10 +1,12 @@
 """The transformers reference model for a checkpoint directory (test helper).
 
-transformers runs FP8 block-quantized checkpoints only through its own
-quantizer (which needs a GPU or re-quantizes activations), so for FP8 we write
-a dequantized copy once per model directory: every FP8 weight becomes float32
-data * block scale (exact: an e4m3 value times a float32 scale is a float32),
-the `weight_scale_inv` tensors and `quantization_config` are dropped. The
+transformers runs FP8 block-quantized and INT4 checkpoints only through its own
+quantizers (which need a GPU, extra packages, or re-quantize activations), so
+for those we write a dequantized copy once per model directory: every FP8
+weight becomes float32 data * block scale (exact: an e4m3 value times a float32
+scale is a float32), every INT4 weight (code - zero) * group scale (exact too),
+the scale, zero-point and group tensors and `quantization_config` are dropped
+(and Kimi-K2's `model_type` reads as the DeepSeek-V3 it is). The
 model then runs in float32 with eager attention on the CPU, and loading must
 report no missing, unexpected or mismatched keys.
 """
@@ -17,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moed.model.checkpoint import Checkpoint
 from moed.model.formats import FP8_DTYPE, dequantize_fp8
 
 _models = {}          # resolved model dir -> loaded transformers model
@@ -47,15 +50,41 @@ def dequantized_tensors(model_dir, block):
     return out
 
 
+INT4_PARTS = {"weight_packed": "ct", "weight_scale": None, "weight_shape": None,
+              "qweight": "gptq", "qzeros": None, "scales": None, "g_idx": None}
+
+
+def int4_dequantized_tensors(model_dir):
+    """name -> tensor with every INT4 weight (its parts) replaced by `<prefix>.weight`,
+    its exact float32 value, read by moed's own checkpoint reader."""
+    ckpt = Checkpoint(model_dir)
+    out = {}
+    for name in ckpt.names():
+        prefix, _, part = name.rpartition(".")
+        if part not in INT4_PARTS:
+            out[name] = ckpt.tensor(name).contiguous()
+        elif INT4_PARTS[part] == "ct":
+            rows, inp = ckpt.tensor(f"{prefix}.weight_shape").tolist()
+            out[f"{prefix}.weight"] = ckpt.weight(prefix, rows, inp).dequantize()
+        elif INT4_PARTS[part] == "gptq":
+            words, rows = ckpt.tensor(name).shape
+            out[f"{prefix}.weight"] = ckpt.weight(prefix, rows, words * 8).dequantize()
+    return out
+
+
 def dequantized_copy(model_dir):
-    """Directory of a float32 copy of an FP8 checkpoint (made once per process)."""
+    """Directory of a float32 copy of a quantized checkpoint (made once per process)."""
     if model_dir not in _copies:
         cfg = json.loads((model_dir / "config.json").read_text())
-        block = tuple(cfg.pop("quantization_config")["weight_block_size"])
+        q = cfg.pop("quantization_config", None) or {"quant_method": None}
+        if cfg.get("model_type") == "kimi_k2":
+            cfg["model_type"] = "deepseek_v3"
+        tensors = (int4_dequantized_tensors(model_dir)
+                   if q["quant_method"] in ("compressed-tensors", "gptq")
+                   else dequantized_tensors(model_dir, tuple(q.get("weight_block_size", ()))))
         tmp = tempfile.TemporaryDirectory(prefix="moed-hf-ref-")
         dst = Path(tmp.name)
-        save_file(dequantized_tensors(model_dir, block), str(dst / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
         (dst / "config.json").write_text(json.dumps(cfg))
         gen = model_dir / "generation_config.json"
         if gen.exists():
@@ -67,7 +96,8 @@ def dequantized_copy(model_dir):
 def load_reference(model_dir):
     from transformers import AutoModelForCausalLM
     cfg = json.loads((model_dir / "config.json").read_text())
-    src = dequantized_copy(model_dir) if cfg.get("quantization_config") else model_dir
+    src = (dequantized_copy(model_dir)
+           if cfg.get("quantization_config") or cfg.get("model_type") == "kimi_k2" else model_dir)
     model, info = AutoModelForCausalLM.from_pretrained(
         str(src), dtype=torch.float32, attn_implementation="eager",
         output_loading_info=True, device_map=None)

@@ -32,6 +32,11 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     return {("qwen3_moe", "fp8"): build_tiny_model(root / "qwen-fp8", "qwen3_moe", "fp8",
                                                    overrides={"head_dim": 64}),
+            ("qwen3_moe", "int4-ct"): build_tiny_model(root / "qwen-int4", "qwen3_moe", "int4-ct",
+                                                       overrides={"head_dim": 64}),
+            ("qwen3_moe", "int4-gptq"): build_tiny_model(
+                root / "qwen-gptq", "qwen3_moe", "int4-gptq", overrides={"head_dim": 64},
+                int4={"sym": False, "group_size": 64}),
             ("mixtral", "bf16"): build_tiny_model(root / "mixtral", "mixtral", "bf16",
                                                   overrides={"hidden_size": 256}),
             ("deepseek_v3", "bf16"): build_tiny_model(root / "deepseek", "deepseek_v3", "bf16")}
@@ -116,7 +121,8 @@ def ragged_logits(llm, prompts):
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
 @pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch,fmt", [("qwen3_moe", "fp8"), ("mixtral", "bf16")])
+@pytest.mark.parametrize("arch,fmt", [("qwen3_moe", "fp8"), ("mixtral", "bf16"),
+                                      ("qwen3_moe", "int4-ct"), ("qwen3_moe", "int4-gptq")])
 def test_stack_logits_equal_the_layer_loop_bit_for_bit(arch, fmt, kv_dtype, isa, models,
                                                        monkeypatch):
     use_isa(isa, monkeypatch)

@@ -17,7 +17,11 @@ from isa_kernels import kernels_or_skip
 from moed import LLM
 
 ARCHS = [("qwen3_moe", "fp8"), ("qwen3_moe", "bf16"), ("mixtral", "bf16"),
-         ("deepseek_v3", "fp8"), ("qwen2_moe", "bf16")]
+         ("deepseek_v3", "fp8"), ("qwen2_moe", "bf16"), ("qwen3_moe", "int4-ct"),
+         ("deepseek_v3", "int4-ct"), ("qwen3_moe", "int4-gptq"), ("deepseek_v3", "int4-gptq")]
+# INT4: compressed-tensors group 32 (Kimi-K2's ignore list on DeepSeek-V3: only routed
+# experts in INT4; attention and dense MLPs too on Qwen3); GPTQ asymmetric, group 128
+INT4 = {"int4-ct": None, "int4-gptq": {"group_size": 128, "sym": False}}
 # the tiny random checkpoints' router near-ties flip an expert here and there under any
 # rounding, and a flip moves a whole prompt's KL (the emulation's own moves x10 between
 # prompts): six prompts are pooled
@@ -30,7 +34,7 @@ ROUTER_TIE = 1e-2
 
 
 def model_for(tiny_model_dir, arch, fmt):
-    return tiny_model_dir(arch, fmt, max_position_embeddings=1024)
+    return tiny_model_dir(arch, fmt, int4=INT4.get(fmt), max_position_embeddings=1024)
 
 
 _refs = {}

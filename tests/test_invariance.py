@@ -18,7 +18,9 @@ from moed.backends.cpu.decode_attention import latent_decode_attention, paged_de
 from test_decode_attention import slot_table
 
 LENGTHS = (5, 17, 40, 64, 90, 33, 120, 8)
-ARCHS = [("qwen3_moe", "fp8"), ("mixtral", "bf16"), ("deepseek_v3", "fp8"), ("qwen2_moe", "bf16")]
+ARCHS = [("qwen3_moe", "fp8"), ("mixtral", "bf16"), ("deepseek_v3", "fp8"), ("qwen2_moe", "bf16"),
+         ("qwen3_moe", "int4-gptq"), ("deepseek_v3", "int4-ct")]
+INT4 = {"int4-gptq": {"sym": False, "group_size": 32}}      # asymmetric: zero points too
 # (engine settings, what it exercises)
 LOADS = [({}, "one step for all prompts, then batched decodes"),
          ({"max_num_batched_tokens": 32, "max_num_seqs": 8},
@@ -41,8 +43,8 @@ def run(llm, batch, params):
 def test_greedy_continuations_equal_solo_runs(arch, fmt, isa, tiny_model_dir, monkeypatch):
     kernels_or_skip(isa)
     monkeypatch.setenv("MOED_ISA", isa)
-    model = tiny_model_dir(arch, fmt, max_position_embeddings=512) if arch != "deepseek_v3" \
-        else tiny_model_dir(arch, fmt)
+    model = tiny_model_dir(arch, fmt, int4=INT4.get(fmt), max_position_embeddings=512) \
+        if arch != "deepseek_v3" else tiny_model_dir(arch, fmt, int4=INT4.get(fmt))
     params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True, logprobs=0)
     ps = prompts()
     solo_llm = LLM(model, device="cpu")

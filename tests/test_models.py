@@ -93,6 +93,26 @@ def test_kimi_k2_runs_as_deepseek_v3(tiny_model_dir, tmp_path):
     assert ours.shape == theirs.shape and err <= REL_TOL
 
 
+INT4 = [("qwen3_moe", "int4-ct", None), ("deepseek_v3", "int4-ct", None),
+        ("qwen3_moe", "int4-gptq", {"group_size": 128, "sym": False, "desc_act": True}),
+        ("deepseek_v3", "int4-gptq", {"group_size": 64, "checkpoint_format": "gptq_v2"})]
+
+
+@pytest.mark.parametrize("arch,fmt,int4", INT4)
+def test_int4_logits_match_transformers(tiny_model_dir, arch, fmt, int4):
+    # INT4 as published (compressed-tensors pack-quantized; GPTQ v1/v2, asymmetric,
+    # act-order) dequantized exactly: the same tolerance as BF16 and FP8
+    d = tiny_model_dir(arch, fmt, int4=int4)
+    llm, ref = LLM(d, device="cpu", experts="torch"), hf_model(d)
+    ids = prompt_ids(llm, 40)
+    ours = llm.logits(ids)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].float().numpy()
+    err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    print(f"\n{arch} {fmt} {int4}: max |logit error| / max |logit| = {err:.2e}")
+    assert err <= REL_TOL
+
+
 def _no_eos(ref):
     cfg = ref.generation_config.__class__.from_dict(ref.generation_config.to_dict())
     cfg.eos_token_id = None

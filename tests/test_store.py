@@ -307,3 +307,29 @@ def test_engine_verifies_its_stores_at_start_only_when_told(tmp_path, monkeypatc
     assert [p.stat().st_mtime_ns for p in paths] == mtimes        # mapped as found
     np.testing.assert_array_equal(LLM(d, device="cpu", verify_store=True).logits(prompt), clean)
     assert all(p.stat().st_mtime_ns != m for p, m in zip(paths, mtimes))   # both rebuilt
+
+
+def test_a_store_packed_from_another_format_is_not_reused(tmp_path, monkeypatch):
+    """The same directory rewritten INT4 (config.json and shards change): the checkpoint's
+    identity changes, so the FP8 stores are not mapped for it; the new ones carry the
+    INT4 format tag, and the logits are the INT4 model's."""
+    import shutil
+
+    from moed import LLM
+    from moed.backends.cpu import dense_store, store
+    from moed.backends.cpu.packed_file import source_key
+    from moed.testing.tiny import build_tiny_model
+    monkeypatch.setenv("MOED_CACHE_DIR", str(tmp_path / "cache"))
+    d = build_tiny_model(tmp_path / "m", "qwen3_moe", "fp8")
+    prompt = [5, 9, 17, 33, 2]
+    LLM(d, device="cpu").logits(prompt)
+    key = source_key(d)
+    shutil.rmtree(d)
+    build_tiny_model(d, "qwen3_moe", "int4-ct")
+    assert source_key(d) != key
+    got = LLM(d, device="cpu").logits(prompt)
+    assert ExpertStore.open(store.store_path(d), source_key(d)).layers[1]["fmt"] == "int4g32"
+    entries = dense_store.DenseStore.open(dense_store.store_path(d), source_key(d)).entries
+    assert {e["fmt"] for e in entries.values()} >= {"int4g32", "bf16"}      # q/k/v; lm_head
+    ref = LLM(d, device="cpu", experts="torch").logits(prompt)
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()

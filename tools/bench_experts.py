@@ -13,7 +13,7 @@ Every layer's working set is >= 8x the L3 size, and expert ids are drawn at
 random per call, so weights come from DRAM. Each figure is the best of its
 repetitions (kernel calls, reference calls, probes between the kernel calls):
 the same policy for the kernel and for both baselines. Usage:
-    python tools/bench_experts.py [--shapes qwen,deepseek] [--fmts fp8,bf16]
+    python tools/bench_experts.py [--shapes qwen,deepseek] [--fmts fp8,bf16,int4]
                                   [--tokens 1,4,32,512] [--threads N] [--isa avx512]
 """
 import argparse
@@ -25,8 +25,9 @@ import torch
 from moed.backends.cpu.isa import load_kernels
 from moed.backends.cpu.experts import CPUExpertLayer
 from moed.backends.cpu.runtime import default_threads
+from moed.backends.cpu.layout import INT4_CODE_BYTES
 from moed.backends.cpu.packed import PackedExperts, empty_buffers
-from moed.model.formats import Weight
+from moed.model.formats import Int4, Weight, pack_int4
 from moed.model.moe import TorchExperts
 
 SHAPES = {  # name: (H, I, experts, top-k)
@@ -36,12 +37,21 @@ SHAPES = {  # name: (H, I, experts, top-k)
 L3_BYTES = 32 << 20
 
 
+INT4_FMT = "int4g32"        # `--fmts int4`: symmetric, group 32 (Kimi-K2-Thinking's)
+
+
 def random_packed(fmt, E, H, I, rng):
-    """Packed experts with random FP8 codes (finite, |w| <= 448) or BF16 in [-2, 2]."""
+    """Packed experts with random FP8 codes (finite, |w| <= 448), BF16 in [-2, 2] or INT4
+    codes with group scales 1/8."""
+    fmt = INT4_FMT if fmt == "int4" else fmt
     b = empty_buffers(fmt, E, H, I)
     for name, a in b.items():
         if name.endswith("_scale"):
-            a[:] = 1.0 / 448
+            a[:] = 1.0 if fmt == INT4_FMT else 1.0 / 448
+        elif fmt == INT4_FMT:
+            a[:] = rng.integers(0, 256, size=a.shape, dtype=np.uint8)
+            units = a.reshape(E, -1, INT4_CODE_BYTES + 1024)
+            units[:, :, INT4_CODE_BYTES:].view(np.float32)[:] = 1.0 / 8
         elif fmt == "fp8":
             a[:] = rng.integers(0, 256, size=a.shape, dtype=np.uint8) & 0xF7   # never NaN
         else:
@@ -54,6 +64,10 @@ def random_packed(fmt, E, H, I, rng):
 def reference_experts(fmt, E, H, I, n, rng):
     """A torch-reference layer of n experts (stored FP8 + scales, or BF16), same shapes."""
     def w(out, inp):
+        if fmt == "int4":
+            codes = torch.from_numpy(rng.integers(0, 16, (out, inp), dtype=np.uint8))
+            return Weight(pack_int4(codes), int4=Int4(inp, 32, torch.full(
+                (out, -(-inp // 32)), 1.0 / 8, dtype=torch.bfloat16)))
         if fmt == "fp8":
             data = torch.from_numpy(rng.integers(0, 256, (out, inp), dtype=np.uint8) & 0x77)
             return Weight(data.view(torch.float8_e4m3fn), torch.full((-(-out // 128), -(-inp // 128)),
@@ -136,7 +150,7 @@ def bench_case(kernels, threads, shape, packed, T, rng, ref):
     bw = touched * packed.expert_bytes() / t
     flops = 2 * 3 * H * I * T * k / t
     t_ref = min(time_calls(ref.forward, ids_list[:3 if T <= 32 else 2], x, w))
-    print(f"{shape:8s} {fmt:4s} T={T:<4d} {t * 1e3:8.3f} ms  read {read / 1e9:5.1f} GB/s, peak "
+    print(f"{shape:8s} {fmt:7s} T={T:<4d} {t * 1e3:8.3f} ms  read {read / 1e9:5.1f} GB/s, peak "
           f"{peak / 1e9:5.0f} GFLOP/s | weights {bw / 1e9:6.1f} GB/s = "
           f"{bw / read:5.1%} of read  |  {flops / 1e9:7.1f} GFLOP/s = {flops / peak:5.1%} of peak"
           f"  |  torch {t_ref * 1e3:9.2f} ms -> x{t_ref / t:6.1f}", flush=True)

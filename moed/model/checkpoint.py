@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from moed.errors import CheckpointError
-from moed.model.formats import FP8_DTYPE, PLAIN_DTYPES, QuantConfig, Weight, block_grid
+from moed.model.formats import (FP8_DTYPE, PLAIN_DTYPES, Int4, QuantConfig, Weight, block_grid,
+                                 unpack_int4)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -103,7 +104,12 @@ class Checkpoint:
         return t
 
     def weight(self, prefix, out_features, in_features):
-        """The linear weight `<prefix>.weight` [out, in], FP8 with its block scales or plain."""
+        """The linear weight of module `prefix` [out, in]: INT4 with its group scales (and
+        zero points), FP8 with its block scales, or plain."""
+        if self.quant is not None and self.quant.is_int4:
+            w = self._int4_weight(prefix, out_features, in_features)
+            if w is not None:
+                return w
         name = f"{prefix}.weight"
         data = self.tensor(name, shape=(out_features, in_features),
                            dtypes=PLAIN_DTYPES + (FP8_DTYPE,))
@@ -117,6 +123,70 @@ class Checkpoint:
         scale = self.tensor(scale_name, shape=block_grid(data.shape, block),
                             dtypes=(torch.float32, torch.bfloat16))
         return Weight(data, scale.float(), block)
+
+    def _error(self, msg, name):
+        return CheckpointError(f"{self.dir}: {msg}", path=str(self.dir), tensor=name)
+
+    def _int4_weight(self, prefix, out_features, in_features):
+        """INT4 `prefix` as published, or None where the module is stored unquantized."""
+        q = self.quant
+        if q.method == "compressed-tensors":
+            return self._ct_weight(prefix, out_features, in_features)
+        return self._gptq_weight(prefix, out_features, in_features)
+
+    def _ct_weight(self, prefix, out, inp):
+        q, name = self.quant, f"{prefix}.weight_packed"
+        if q.ignores(prefix):
+            if name in self:
+                raise self._error(f"tensor {name!r} is packed but quantization_config.ignore "
+                                  f"keeps {prefix!r} unquantized", name)
+            return None
+        if name not in self:
+            return None              # not a quantized target (DeepSeek's router: no Linear)
+        words = self.tensor(name, shape=(out, -(-inp // 8)), dtypes=(torch.int32,))
+        shape_name = f"{prefix}.weight_shape"
+        if shape_name in self:
+            stored = [int(v) for v in self.tensor(shape_name).flatten().tolist()]
+            if stored != [out, inp]:
+                raise self._error(f"tensor {shape_name!r} is {stored}, expected {[out, inp]}",
+                                  shape_name)
+        G = q.group_size
+        scales = self.tensor(f"{prefix}.weight_scale", shape=(out, -(-inp // G)),
+                             dtypes=(torch.bfloat16, torch.float16, torch.float32))
+        return Weight(words, int4=Int4(inp, G, scales))
+
+    def _gptq_weight(self, prefix, out, inp):
+        q, name = self.quant, f"{prefix}.qweight"
+        if name not in self:
+            return None              # kept unquantized (routers, lm_head)
+        if inp % 8:
+            raise self._error(f"tensor {name!r}: {inp} input features are not a multiple "
+                              "of 8 (GPTQ packs 8 rows a word)", name)
+        G = q.group_size
+        ng = -(-inp // G)
+        qweight = self.tensor(name, shape=(inp // 8, out), dtypes=(torch.int32,))
+        scales = self.tensor(f"{prefix}.scales", shape=(ng, out),
+                             dtypes=(torch.float16, torch.bfloat16, torch.float32))
+        qzeros = self.tensor(f"{prefix}.qzeros", shape=(ng, -(-out // 8)), dtypes=(torch.int32,))
+        zeros = unpack_int4(qzeros, out).to(torch.int16) + q.zero_offset    # [groups, out]
+        zeros = None if bool((zeros == 8).all()) else zeros.t().to(torch.uint8).contiguous()
+        return Weight(qweight.t(), int4=Int4(inp, G, scales.t(), zeros,
+                                              self._g_idx(prefix, inp, G, ng)))
+
+    def _g_idx(self, prefix, inp, G, ng):
+        """GPTQ's g_idx, or None where it is the plain k // G."""
+        name = f"{prefix}.g_idx"
+        if name not in self:
+            if self.quant.desc_act:
+                raise self._error(f"tensor {name!r} is missing: quantization_config.desc_act "
+                                  "is true (act-order needs each column's group)", name)
+            return None
+        g_idx = self.tensor(name, shape=(inp,), dtypes=(torch.int32, torch.int64))
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= ng:
+            raise self._error(f"tensor {name!r} has groups outside [0, {ng})", name)
+        if torch.equal(g_idx.long(), torch.arange(inp) // G):
+            return None
+        return g_idx.to(torch.int32)
 
     def vector(self, name, size, dtype=None):
         """A 1-D tensor such as a norm weight or a bias."""

@@ -1,9 +1,13 @@
 """Tiny random Hugging Face checkpoints, laid out exactly as the publishers lay
 out the real ones (DeepSeek-V3/R1 FP8, Kimi-K2 FP8, Qwen3-30B-A3B(-FP8),
 Mixtral-8x7B, Qwen1.5-MoE / Qwen2-MoE): config.json field spellings, tensor
-names, FP8 tensors with float32 `weight_scale_inv` block grids, sharded
-safetensors with an index, generation_config.json and a trained byte-level BPE
-tokenizer (Kimi-K2: the same BPE as `tiktoken.model` ranks, no tokenizer.json).
+names, FP8 tensors with float32 `weight_scale_inv` block grids, INT4 as
+compressed-tensors `pack-quantized` (Kimi-K2-Thinking's layout: BF16 group
+scales, an `ignore` list) or GPTQ (`qweight`, `qzeros`, FP16 `scales`, `g_idx`;
+v1 or v2 zero points, symmetric or not, act-order with a real permuted g_idx),
+sharded safetensors with an index, generation_config.json and a trained
+byte-level BPE tokenizer (Kimi-K2: the same BPE as `tiktoken.model` ranks, no
+tokenizer.json).
 
 Dims are small but ragged (160, 136, 296: not multiples of 128, some above it)
 so FP8 edge blocks are partial and some dims have several blocks. Weights are
@@ -25,12 +29,13 @@ from pathlib import Path
 import torch
 
 from moed.errors import ConfigError
-from moed.model.formats import FP8_DTYPE, block_grid, quantize_fp8
+from moed.model.formats import (FP8_DTYPE, GPTQ_FORMATS, INT4_GROUPS, block_grid, pack_int4,
+                                 quantize_fp8, quantize_int4)
 from moed.model.tiktoken_bpe import KIMI_PATTERN, TIKTOKEN_FILE, byte_level_alphabet
 
 ARCHS = ("deepseek_v3", "qwen3_moe", "mixtral", "qwen2_moe", "kimi_k2")
 LAYOUTS = {"kimi_k2": "deepseek_v3"}     # checkpoint kinds that reuse another's tensors
-FORMATS = ("bf16", "fp8")
+FORMATS = ("bf16", "fp8", "int4-ct", "int4-gptq")
 FP8_BLOCK = (128, 128)
 TOKENIZER_VOCAB = 500          # tokenizer size; config vocab_size is padded above it
 CORPUS = Path(__file__).with_name("tiny_corpus.txt")
@@ -142,6 +147,55 @@ def quantization_config(arch, cfg):
                 keep.append(f"{p}.mlp.gate")
         q["modules_to_not_convert"] = keep + ["model.norm"]
     return q
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    """How an INT4 tiny checkpoint is quantized (compressed-tensors: symmetric only)."""
+    group_size: int = 32
+    sym: bool = True
+    desc_act: bool = False                  # GPTQ act-order: a permuted g_idx
+    checkpoint_format: str = "gptq"         # GPTQ: "gptq" (v1: zeros - 1) or "gptq_v2"
+
+    @classmethod
+    def of(cls, fmt, options):
+        o = cls(**(options or {}))
+        check_choice(o.group_size, INT4_GROUPS, "group_size")
+        if fmt == "int4-ct":
+            if not o.sym or o.desc_act:
+                raise ConfigError("int4-ct checkpoints are symmetric without act-order "
+                                  "(as Kimi-K2-Thinking's)", field="int4")
+            return cls(o.group_size, checkpoint_format=None)
+        check_choice(o.checkpoint_format, tuple(GPTQ_FORMATS), "checkpoint_format")
+        return o
+
+
+def ct_ignore(arch):
+    """What stays BF16: Kimi-K2-Thinking's list for the DeepSeek-V3 architecture (only
+    routed experts in INT4); the LM head and routers elsewhere."""
+    if arch == "deepseek_v3":
+        return ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"]
+    return ["lm_head", "re:.*mlp\\.gate$", "re:.*shared_expert_gate$",
+            "re:.*block_sparse_moe\\.gate$"]
+
+
+def int4_quantization_config(arch, fmt, o):
+    if fmt == "int4-ct":
+        weights = {"actorder": None, "block_structure": None, "dynamic": False,
+                   "group_size": o.group_size, "num_bits": 4, "observer": "minmax",
+                   "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                   "type": "int"}
+        return {"config_groups": {"group_0": {"input_activations": None,
+                                              "output_activations": None,
+                                              "targets": ["Linear"], "weights": weights}},
+                "format": "pack-quantized", "ignore": ct_ignore(arch),
+                "kv_cache_scheme": None, "quant_method": "compressed-tensors",
+                "quantization_status": "compressed"}
+    return {"bits": 4, "checkpoint_format": o.checkpoint_format, "damp_percent": 0.01,
+            "desc_act": o.desc_act, "group_size": o.group_size, "model_file_base_name": None,
+            "model_name_or_path": None, "quant_method": "gptq", "static_groups": False,
+            "sym": o.sym, "true_sequential": True}
 
 
 # ---------------------------------------------------------------- tokenizer spec
@@ -454,13 +508,42 @@ def is_fp8(param, fmt):
     return fmt == "fp8" and param.role in ("linear")
 
 
-def storage_plan(params, fmt):
+def is_int4(param, fmt, arch):
+    """GPTQ: every Linear in the decoder layers but routers; compressed-tensors: those
+    its `ignore` list does not keep."""
+    if not fmt.startswith("int4") or param.role != "linear":
+        return False
+    if fmt == "int4-gptq":
+        return True
+    from moed.model.formats import QuantConfig
+    return not QuantConfig("compressed-tensors", ignore=tuple(ct_ignore(arch))).ignores(
+        param.name.removesuffix(".weight"))
+
+
+def int4_plan(p, fmt, G):
+    """The tensors of one INT4 Linear as the format names and shapes them."""
+    out, inp = p.shape
+    prefix, ng = p.name.removesuffix(".weight"), -(-inp // G)
+    if fmt == "int4-ct":
+        parts = [("weight_packed", (out, -(-inp // 8)), torch.int32),
+                 ("weight_scale", (out, ng), torch.bfloat16), ("weight_shape", (2,), torch.int64)]
+    else:
+        parts = [("qweight", (inp // 8, out), torch.int32),
+                 ("qzeros", (ng, -(-out // 8)), torch.int32),
+                 ("scales", (ng, out), torch.float16), ("g_idx", (inp,), torch.int32)]
+    return [Stored(f"{prefix}.{n}", shape, dtype, p, is_scale=i > 0)
+            for i, (n, shape, dtype) in enumerate(parts)]
+
+
+def storage_plan(params, fmt, arch="qwen3_moe", int4=None):
     plan = []
     for p in params:
         if is_fp8(p, fmt):
             plan += [Stored(p.name, p.shape, FP8_DTYPE, p),
                      Stored(p.name + "_scale_inv", block_grid(p.shape, FP8_BLOCK),
                             torch.float32, p, is_scale=True)]
+        elif is_int4(p, fmt, arch):
+            plan += int4_plan(p, fmt, int4.group_size)
         else:
             dtype = torch.float32 if p.role == "ecb" else torch.bfloat16
             plan.append(Stored(p.name, p.shape, dtype, p))
@@ -495,22 +578,56 @@ def init_values(p, seed, quiet):
     return w
 
 
-def stored_tensors(plan, seed, quiet):
-    """Yield (Stored, tensor) in plan order; an FP8 weight yields data then scale."""
-    pending_scale = None
+def stored_tensors(plan, seed, quiet, int4=None):
+    """Yield (Stored, tensor) in plan order; a quantized weight yields data then its
+    scales (and zero points, group indices)."""
+    pending = {}
     for s in plan:
         if s.is_scale:
-            yield s, pending_scale
+            yield s, pending.pop(s.name)
             continue
         w = init_values(s.param, seed, quiet)
         if s.dtype == FP8_DTYPE:
-            w, pending_scale = quantize_fp8(w, FP8_BLOCK)
+            w, pending[s.name + "_scale_inv"] = quantize_fp8(w, FP8_BLOCK)
+        elif s.name.endswith((".weight_packed", ".qweight")):
+            parts = int4_tensors(w, s.name.rsplit(".", 1)[0], int4, seed)
+            w = parts.pop(s.name)
+            pending.update(parts)
         yield s, w.to(s.dtype).contiguous()
+
+
+def act_order(inp, G, g):
+    """A real act-order g_idx [in]: the columns in a random order, cut into groups."""
+    perm = torch.randperm(inp, generator=g)
+    g_idx = torch.empty(inp, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(inp) // G).to(torch.int32)
+    return g_idx
+
+
+def int4_tensors(w, prefix, o, seed):
+    """float32 [out, in] -> {name: tensor} in the layout of compressed-tensors (when
+    `prefix.weight_packed` is asked for) or GPTQ."""
+    out, inp = w.shape
+    G = o.group_size
+    if o.checkpoint_format is None:     # compressed-tensors
+        codes, p = quantize_int4(w, G, torch.bfloat16)
+        return {f"{prefix}.weight_packed": pack_int4(codes), f"{prefix}.weight_scale": p.scales,
+                f"{prefix}.weight_shape": torch.tensor([out, inp], dtype=torch.int64)}
+    g = torch.Generator().manual_seed(tensor_seed(seed, prefix + ".g_idx"))
+    g_idx = act_order(inp, G, g) if o.desc_act else None
+    v1 = GPTQ_FORMATS[o.checkpoint_format]
+    codes, p = quantize_int4(w, G, torch.float16, o.sym, g_idx, min_zero=v1)
+    zeros = p.zero_points() - v1                           # as stored: v1 lacks one
+    return {f"{prefix}.qweight": pack_int4(codes).t().contiguous(),
+            f"{prefix}.qzeros": pack_int4(zeros.t().contiguous().to(torch.uint8)),
+            f"{prefix}.scales": p.scales.t().contiguous(),
+            f"{prefix}.g_idx": (p.group_index() if g_idx is None else g_idx).to(torch.int32)}
 
 
 # ---------------------------------------------------------------- safetensors writer
 
-SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", FP8_DTYPE: "F8_E4M3"}
+SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", FP8_DTYPE: "F8_E4M3",
+                     torch.float16: "F16", torch.int32: "I32", torch.int64: "I64"}
 
 
 def safetensors_header(items):
@@ -578,7 +695,7 @@ def padded_vocab(arch, size):
     return size if arch == "mixtral" else -(-size // 64) * 64
 
 
-def model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab):
+def model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab, int4=None):
     cfg = CONFIGS[arch]()
     gen = generation_config(spec, tok)
     cfg.update(bos_token_id=gen["bos_token_id"], eos_token_id=gen["eos_token_id"],
@@ -590,36 +707,43 @@ def model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab):
                           field="vocab_size")
     if fmt == "fp8":
         cfg["quantization_config"] = quantization_config(LAYOUTS.get(arch, arch), cfg)
+    if fmt.startswith("int4"):
+        cfg["quantization_config"] = int4_quantization_config(LAYOUTS.get(arch, arch), fmt, int4)
     return dict(sorted(cfg.items()))
 
 
 def check_choice(value, choices, what):
     if value not in choices:
-        raise ConfigError(f"{what} must be one of {', '.join(choices)}, got {value!r}", field=what)
+        raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}, got {value!r}",
+                          field=what)
 
 
 def build_tiny_model(out_dir, arch, fmt="bf16", seed=0, num_shards=2, overrides=None,
-                     tokenizer_vocab=TOKENIZER_VOCAB):
-    """Write a tiny random checkpoint of `arch` in `fmt` into out_dir; returns its path."""
+                     tokenizer_vocab=TOKENIZER_VOCAB, int4=None):
+    """Write a tiny random checkpoint of `arch` in `fmt` into out_dir; returns its path.
+    int4: Int4Options fields for the INT4 formats (group_size, sym, desc_act,
+    checkpoint_format)."""
     check_choice(arch, ARCHS, "arch")
     check_choice(fmt, FORMATS, "format")
+    int4 = Int4Options.of(fmt, int4) if fmt.startswith("int4") else None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)    # tensors this small only lose time waking a thread pool
     try:
         return write_model(Path(out_dir), arch, fmt, seed, num_shards, overrides,
-                           tokenizer_vocab)
+                           tokenizer_vocab, int4)
     finally:
         torch.set_num_threads(threads)
 
 
-def write_model(out, arch, fmt, seed, num_shards, overrides, tokenizer_vocab):
+def write_model(out, arch, fmt, seed, num_shards, overrides, tokenizer_vocab, int4=None):
     out.mkdir(parents=True, exist_ok=True)
     spec = TOKENIZERS[arch]
     tok = train_tokenizer(spec, min(tokenizer_vocab, (overrides or {}).get("vocab_size", 1 << 30)))
-    cfg = model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab)
-    plan = storage_plan(model_params(LAYOUTS.get(arch, arch), cfg), fmt)
+    cfg = model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab, int4)
+    layout = LAYOUTS.get(arch, arch)
+    plan = storage_plan(model_params(layout, cfg), fmt, layout, int4)
     quiet = quiet_tokens(tok, cfg["vocab_size"])
-    write_checkpoint(out, plan, stored_tensors(plan, seed, quiet), num_shards)
+    write_checkpoint(out, plan, stored_tensors(plan, seed, quiet, int4), num_shards)
     write_json(out / "config.json", cfg)
     write_json(out / "generation_config.json", generation_config(spec, tok))
     write_json(out / "tokenizer_config.json", tokenizer_config(spec, tok))

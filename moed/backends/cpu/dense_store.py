@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-import torch
 
 from moed.backends.cpu import packed_writer
-from moed.backends.cpu.layout import UNIT_ROWS, MatrixShape, pack_matrix, pack_matrix_into
+from moed.backends.cpu.layout import UNIT_ROWS, MatrixShape, format_code, pack_weight_into, packed_format
+from moed.backends.cpu.layout import pack_weight as layout_pack_weight
+from moed.model import formats
 from moed.backends.cpu.packed_file import MappedStore, cache_path, source_key
 from moed.backends.cpu.packed_writer import Section
 
@@ -20,7 +21,7 @@ PACK_ROWS = 16384          # rows packed by one part: bounds the padding tempora
 @dataclass
 class PackedMatrix:
     """One dense matrix [rows, cols] in the tile layout."""
-    fmt: str                # "fp8" | "bf16"
+    fmt: str                # "fp8" | "bf16" | "int4g<G>[a]" (layout.py)
     rows: int
     cols: int
     units: np.ndarray       # uint8 [tiles * kblocks * unit bytes]
@@ -38,7 +39,7 @@ class PackedMatrix:
         """(weights ptr, scales ptr, rows, cols, row tiles, k blocks, fp8) for `dense`."""
         s = self.shape
         return (self.units.ctypes.data, self.scales.ctypes.data, self.rows, self.cols,
-                s.tiles, s.kblocks, self.fmt == "fp8")
+                s.tiles, s.kblocks, format_code(self.fmt))
 
     def row_slice(self, start, stop):
         """Rows [start, stop) as a view (start a multiple of 64): one fused matrix's parts."""
@@ -53,9 +54,9 @@ class PackedMatrix:
 
 def pack_weight(weight, name):
     """A formats.Weight -> PackedMatrix in fresh memory."""
-    units, scales = pack_matrix(weight.data, weight.scale_inv, weight.block, name)
-    fmt = "fp8" if weight.is_fp8 else "bf16"
-    return PackedMatrix(fmt, weight.shape[0], weight.shape[1], units, scales)
+    units, scales = layout_pack_weight(weight, name)
+    return PackedMatrix(packed_format(weight, name), weight.shape[0], weight.shape[1], units,
+                        scales)
 
 
 def store_path(model_dir):
@@ -80,7 +81,7 @@ def dense_sections(sources):
     """[(name, Weight)] -> one Section a matrix, by row tiles; one part per PACK_ROWS rows."""
     sections, tiles = [], PACK_ROWS // UNIT_ROWS
     for name, w in sources:
-        s = MatrixShape(w.shape[0], w.shape[1], "fp8" if w.is_fp8 else "bf16")
+        s = MatrixShape(w.shape[0], w.shape[1], packed_format(w, name))
         parts = [partial(_pack_rows, w, s, r0, name) for r0 in range(0, s.rows, PACK_ROWS)]
         sections.append(Section(name, {"fmt": s.fmt, "rows": s.rows, "cols": s.cols},
                                 {"units": ("uint8", [s.tiles, s.kblocks * s.unit_bytes]),
@@ -91,9 +92,8 @@ def dense_sections(sources):
 def _pack_rows(w, s, r0, name, tiles):
     """Rows [r0, r0 + PACK_ROWS) of Weight w into `tiles`, their row tiles."""
     r1 = min(r0 + PACK_ROWS, s.rows)
-    scale = None if w.scale_inv is None else w.scale_inv[r0 // 128:-(-r1 // 128)]
-    pack_matrix_into(tiles["units"].reshape(-1), tiles["scales"].reshape(-1), w.data[r0:r1], scale,
-                     w.block, name)
+    pack_weight_into(tiles["units"].reshape(-1), tiles["scales"].reshape(-1), w.row_slice(r0, r1),
+                     name)
 
 
 def open_or_build(model_dir, sources, verify=False):
@@ -104,17 +104,10 @@ def open_or_build(model_dir, sources, verify=False):
 
 
 def concat_rows(weights, name):
-    """Weights with the same columns stacked by rows (fused q/k/v, gate/up), FP8 scales too.
-    Each part but the last is padded with zero rows to a multiple of 128, so every
+    """Weights with the same columns stacked by rows (fused q/k/v, gate/up), their scales
+    too. Each part but the last is padded with zero rows to a multiple of 128, so every
     part starts on a scale block and a row tile: part i's rows start at `starts[i]`."""
-    parts = []
-    for w in weights[:-1]:
-        pad = -w.shape[0] % 128
-        parts.append(torch.cat([w.data, w.data.new_zeros(pad, w.shape[1])]) if pad else w.data)
-    parts.append(weights[-1].data)
-    first = weights[0]
-    scale = torch.cat([w.scale_inv for w in weights]) if first.is_fp8 else None
-    return type(first)(torch.cat(parts), scale, first.block)
+    return formats.concat_rows(weights, 128)
 
 
 def part_starts(weights):

@@ -25,7 +25,7 @@ class CPUExpertLayer:
         # fp8, E, H, I), computed once: a decode call is ~0.5 ms, and rebuilding them per
         # call cost a few percent of it (the decode stack passes them too)
         self.fixed_args = (self._args["gate"], self._args["up"], self._args["down"],
-                       packed.fmt == "fp8", packed.num_experts, packed.hidden, packed.inter)
+                       packed.code, packed.num_experts, packed.hidden, packed.inter)
         self._padded = (packed.shape("gate").kblocks * 128, packed.shape("down").kblocks * 128)
 
     @property

@@ -15,7 +15,8 @@ from moed.backends.cpu.mla import CPUMLAOps, LatentAbsorb
 from moed.backends.cpu.runtime import default_threads
 from moed.backends.cpu.store import _torch_layers, open_or_build
 from moed.backends.torch import BackendInfo
-from moed.errors import InvalidRequestError
+from moed.backends.cpu.layout import packed_format
+from moed.errors import CheckpointError, InvalidRequestError
 from moed.model.attention import GQAttention
 from moed.model.deepseek_v3 import MLAttention
 from moed.model.layers import Linear, RMSNorm
@@ -34,7 +35,10 @@ def install(model, model_dir, experts=True, linears=True, deterministic=True, th
     kernels = load_kernels()
     threads = threads or default_threads()
     info = BackendInfo()
-    if experts and model.moe_layers():
+    unpackable = experts and model.moe_layers() and unpackable_experts(model)
+    if unpackable:
+        info.notes.append(f"experts on torch: {unpackable}")
+    elif experts and model.moe_layers():
         path = install_experts(model, model_dir, kernels, threads, verify_store)
         info.experts = f"cpu-{kernels.ISA}"
         info.routers = f"cpu ({install_routers(model, kernels, threads)})"
@@ -51,6 +55,20 @@ def install(model, model_dir, experts=True, linears=True, deterministic=True, th
                 model.ops = StackedLayers(stack)
                 info.decode_stack = f"on (layers {stack.first}..)"
     return info
+
+
+def unpackable_experts(model):
+    """Why the routed experts' weights cannot go to the kernels (GPTQ act-order), or None:
+    they then stay on the reference, which dequantizes them exactly."""
+    for i, moe in _torch_layers(model):
+        ws = moe.experts
+        for w in ws.gate + ws.up + ws.down:
+            if w.is_int4:
+                try:
+                    packed_format(w, f"layer {i} experts")
+                except CheckpointError as e:
+                    return str(e)
+    return None
 
 
 def install_experts(model, model_dir, kernels, threads, verify=False):

@@ -8,7 +8,10 @@ with the element order described in cython_src/expert_units.h (FP8 bytes are
 pre-permuted so the in-register widening lands them where vdpbf16ps wants
 them). Each unit has one float32 scale beside it: the checkpoint's 128x128
 block scale for FP8 (a 64-row tile sits inside one 128-row block), 1.0 for
-BF16.
+BF16 and INT4. An INT4 unit carries its own group parameters: 4 KiB of codes,
+then its rows' FP32 group scales, then (asymmetric) the index offsets 16 - zero
+(cython_src/expert_units.h). INT4 formats are named int4g<G> (symmetric: zero
+8) or int4g<G>a (zero points per row and group).
 """
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ import torch
 from moed.errors import CheckpointError
 
 UNIT_ROWS, UNIT_K = 64, 128
+INT4_CODE_BYTES = UNIT_ROWS * UNIT_K // 2
 
 
 # Inside a unit, each chunk [16 rows r, 4 cols k] (r = 4 rh + rl, k = 2 kh + kl) holds
@@ -50,6 +54,9 @@ class MatrixShape:
 
     @property
     def unit_bytes(self):
+        if is_int4(self.fmt):
+            ng, asym = int4_params(self.fmt)
+            return INT4_CODE_BYTES + 256 * ng + (64 * ng if asym else 0)
         return UNIT_ROWS * UNIT_K * (1 if self.fmt == "fp8" else 2)
 
     @property
@@ -61,6 +68,38 @@ class MatrixShape:
         return self.tiles * self.kblocks
 
 
+def is_int4(fmt):
+    return fmt.startswith("int4")
+
+
+def int4_params(fmt):
+    """'int4g32a' -> (groups per unit 4, asymmetric True)."""
+    asym = fmt.endswith("a")
+    return UNIT_K // int(fmt[5:-1] if asym else fmt[5:]), asym
+
+
+def format_code(fmt):
+    """The kernels' code of a packed format (cython_src/expert_units.h, WF_*)."""
+    if is_int4(fmt):
+        ng, asym = int4_params(fmt)
+        return 2 | (4 if asym else 0) | ((ng.bit_length() - 1) << 3)
+    return 1 if fmt == "fp8" else 0
+
+
+def packed_format(w, name="weight"):
+    """The packed format of a formats.Weight: 'fp8', 'bf16' or int4g<G>[a]."""
+    if not w.is_int4:
+        return weight_format(w.data, name)
+    p = w.int4
+    if p.g_idx is not None:
+        raise CheckpointError(f"{name}: act-order INT4 (a permuted g_idx) is not taken by the "
+                              "CPU kernels", tensor=name)
+    if UNIT_K % p.group or p.group % 4:
+        raise CheckpointError(f"{name}: INT4 group size {p.group} does not divide {UNIT_K}",
+                              tensor=name)
+    return f"int4g{p.group}" + ("a" if p.zeros is not None else "")
+
+
 def weight_format(data, name="weight"):
     """'fp8' or 'bf16' for a stored expert weight (fp16/fp32 are packed as bf16)."""
     if data.dtype == torch.float8_e4m3fn:
@@ -69,6 +108,50 @@ def weight_format(data, name="weight"):
         return "bf16"
     raise CheckpointError(f"{name}: expert weights of dtype {data.dtype} are not supported "
                           "by the CPU expert engine (fp8 e4m3, bf16, fp16, fp32)", tensor=name)
+
+
+def pack_weight_into(units, scales, w, name="weight"):
+    """A formats.Weight (any format) into units and scales (see pack_matrix_into)."""
+    if w.is_int4:
+        _int4_units(units, scales, w, packed_format(w, name))
+    else:
+        pack_matrix_into(units, scales, w.data, w.scale_inv, w.block, name)
+
+
+def pack_weight(w, name="weight"):
+    """A formats.Weight -> (units uint8 [nbytes], scales float32 [nscales])."""
+    shape = MatrixShape(*w.shape, packed_format(w, name))
+    units, scales = np.empty(shape.nbytes, np.uint8), np.empty(shape.nscales, np.float32)
+    pack_weight_into(units, scales, w, name)
+    return units, scales
+
+
+def _int4_units(units, scales, w, fmt):
+    """INT4 codes + group parameters -> units: codes of chunks 2p, 2p+1 four to a u16
+    word (see cython_src/expert_units.h), then the unit's group scales and offsets."""
+    rows, cols = w.shape
+    shape = MatrixShape(rows, cols, fmt)
+    ng, asym = int4_params(fmt)
+    T, K, rp, kp = shape.tiles, shape.kblocks, padded(rows), padded(cols)
+    codes = np.full((rp, kp), 8, np.uint16)
+    codes[:rows, :cols] = w.codes().numpy()
+    n = codes.reshape(T, 4, 16, K, 16, 2, 2, 2).transpose(0, 3, 1, 4, 2, 7, 5, 6)
+    n = n.reshape(T, K, 4, 16, 32, 4)                        # t kb g p (r kl) (cpar kh)
+    words = n[..., 0] | (n[..., 1] << 4) | (n[..., 2] << 8) | (n[..., 3] << 12)
+    p = w.int4
+    sc = np.zeros((rp, K * ng), np.float32)
+    sc[:rows, :p.groups] = p.scales.float().numpy()
+    sc = sc.reshape(T, 4, 16, K, ng).transpose(0, 3, 1, 4, 2)   # t kb g j r
+    out = units.reshape(T, K, shape.unit_bytes)
+    out[..., :INT4_CODE_BYTES] = words.reshape(T, K, -1).view(np.uint8)
+    out[..., INT4_CODE_BYTES:INT4_CODE_BYTES + 256 * ng] = \
+        np.ascontiguousarray(sc).reshape(T, K, -1).view(np.uint8)
+    if asym:
+        z = np.full((rp, K * ng), 8, np.int16)
+        z[:rows, :p.groups] = p.zero_points().numpy()
+        off = (16 - z).astype(np.uint8).reshape(T, 4, 16, K, ng).transpose(0, 3, 1, 4, 2)
+        out[..., INT4_CODE_BYTES + 256 * ng:] = off.reshape(T, K, -1)
+    scales[:] = 1.0
 
 
 def pack_matrix(data, scale_inv=None, block=None, name="weight"):

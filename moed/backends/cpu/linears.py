@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from moed.backends.cpu.dense_store import (PackedMatrix, concat_rows, open_or_build,
                                            pack_weight, part_starts)
+from moed.backends.cpu.layout import packed_format
 from moed.backends.cpu.runtime import default_threads, workspace
-from moed.errors import InvalidRequestError
+from moed.errors import CheckpointError, InvalidRequestError
 from moed.model.formats import FP8_DTYPE
 from moed.model.layers import MLP, Linear
 
@@ -127,6 +128,12 @@ def packable(linear):
     w = linear.weight
     if w.data.device.type != "cpu" or w.data.dim() != 2:
         return False
+    if w.is_int4:
+        try:
+            packed_format(w)
+        except CheckpointError:        # act-order: the reference Linear, exact
+            return False
+        return True
     if w.is_fp8:
         return w.data.dtype == FP8_DTYPE and tuple(w.block or ()) == (128, 128)
     return w.data.dtype == torch.bfloat16
@@ -138,7 +145,8 @@ def stackable(linears):
     if not all(type(lin) is Linear and packable(lin) for lin in linears):
         return False
     first = linears[0].weight
-    return all(lin.weight.shape[1] == first.shape[1] and lin.weight.is_fp8 == first.is_fp8
+    return all(lin.weight.shape[1] == first.shape[1] and lin.weight.fmt == first.fmt
+               and (not first.is_int4 or lin.weight.int4.group == first.int4.group)
                for lin in linears)
 
 

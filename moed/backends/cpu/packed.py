@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from moed.errors import CheckpointError
-from moed.backends.cpu.layout import MatrixShape, pack_matrix_into, weight_format
+from moed.backends.cpu.layout import MatrixShape, format_code, pack_weight_into, packed_format
 
 MATRICES = ("gate", "up", "down")
 
 
 @dataclass
 class PackedExperts:
-    fmt: str                    # "fp8" | "bf16"
+    fmt: str                    # "fp8" | "bf16" | "int4g<G>[a]" (layout.py)
     num_experts: int            # E
     hidden: int                 # H
     inter: int                  # I
@@ -31,6 +31,11 @@ class PackedExperts:
         s = self.shape(m)
         w, sc = self.buffers[m], self.buffers[m + "_scale"]
         return (w.ctypes.data, sc.ctypes.data, s.nbytes, s.nscales, s.tiles, s.kblocks)
+
+    @property
+    def code(self):
+        """The kernels' format code (layout.format_code)."""
+        return format_code(self.fmt)
 
     @property
     def nbytes(self):
@@ -59,7 +64,7 @@ def empty_buffers(fmt, E, H, I):
 
 def layer_format(weights, where):
     """The one format of a layer's expert weights ([(Weight, name)]), or CheckpointError."""
-    fmts = {weight_format(w.data, name) for w, name in weights}
+    fmts = {packed_format(w, name) for w, name in weights}
     if len(fmts) != 1:
         raise CheckpointError(f"{where}: experts mix weight formats {sorted(fmts)}")
     return fmts.pop()
@@ -69,8 +74,8 @@ def pack_expert_into(buffers, e, gate, up, down, names=("gate", "up", "down")):
     """Pack expert e's three Weights into row e of preallocated buffers."""
     for m, w, name in zip(MATRICES, (gate, up, down), names):
         units, scales = buffers[m][e], buffers[m + "_scale"][e]
-        s = MatrixShape(*w.data.shape, weight_format(w.data, name))
+        s = MatrixShape(*w.shape, packed_format(w, name))
         if (s.nbytes, s.nscales) != (units.size, scales.size):
-            raise CheckpointError(f"{name}: shape {tuple(w.data.shape)} differs from the layer's "
+            raise CheckpointError(f"{name}: shape {tuple(w.shape)} differs from the layer's "
                                   "other experts", tensor=name)
-        pack_matrix_into(units, scales, w.data, w.scale_inv, w.block, name)
+        pack_weight_into(units, scales, w, name)
