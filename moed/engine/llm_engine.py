@@ -63,7 +63,7 @@ def resolve_device(device):
 
 class LLMEngine:
     def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=None,
-                 num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype=KV_DEFAULT,
+                 num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype=None,
                  experts=None, linears=None, detokenize=True, deterministic=True,
                  verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
                  dual_batch="auto", accel_bandwidth=None, prefill_worker=False,
@@ -81,7 +81,9 @@ class LLMEngine:
                               "does not run yet: use 'slp' (one GPU) or 'auto'",
                               field="prefill_path")
         max_num_batched_tokens = max_num_batched_tokens or BATCHED_TOKENS
-        dtype = cache_dtype(kv_cache_dtype)
+        # kv_cache_dtype None: bfloat16, float32 on the torch reference path (the tests'
+        # oracle, float32 throughout)
+        dtype = None if kv_cache_dtype is None else cache_dtype(kv_cache_dtype)
         if max_num_batched_tokens < max_num_seqs:
             raise ConfigError("max_num_batched_tokens must be >= max_num_seqs",
                               field="max_num_batched_tokens")
@@ -92,6 +94,8 @@ class LLMEngine:
         experts = experts or os.environ.get("MOED_EXPERTS", "auto")
         linears = linears or os.environ.get("MOED_LINEARS") or (
             "torch" if experts == "torch" else "auto")
+        if dtype is None:
+            dtype = torch.float32 if experts == "torch" else cache_dtype(KV_DEFAULT)
         self.accel_device = self._accel_device(accel, experts, accel_bandwidth)
         self.accel = None
         if self.accel_device is None:
