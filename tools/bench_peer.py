@@ -5,21 +5,26 @@ A B A B, with the paired ratio moed/llama.cpp per round and the median of
 those ratios.
 
 Nothing here builds llama.cpp or is needed by the tests: bring your own build
-(CPU, Release, -DGGML_NATIVE=ON) and its source checkout (for the converter).
+(CPU only, Release, GGML_NATIVE on, LLAMA_CURL off; the targets llama-bench
+and, for --batch, llama-batched-bench) and its source checkout (for the
+converter). Figures in this project's notes were taken with commit 0c1e570.
 
 1. The model (moed's benchmark model, kept in the dir and reused):
      python tools/bench_decode.py --layers 8 --model-dir /tmp/peer/m8 --ref-tokens 0
    builds the 8-layer Qwen3-30B-A3B-shaped FP8 checkpoint (128x128 block
-   scales, random weights, BF16 embedding and LM head as published).
+   scales, random weights, BF16 embedding and LM head as published) and
+   prints moed's own decode figures (% of the read bandwidth, layers against
+   LM head).
 
 2. The GGUF: llama.cpp's own converter, which dequantizes the FP8 block-scaled
-   weights itself (FP8 * scale_inv, exact in FP32) and, with --fp8-as-q8, stores
-   the tensors that were FP8 as Q8_0 while the BF16 ones (LM head, embedding,
-   routers, norms) stay BF16, as published:
-     python tools/bench_peer.py convert --llama-cpp ~/llama.cpp \\
+   weights itself (FP8 * scale_inv in FP32) and, with --fp8-as-q8, stores the
+   tensors that were FP8 as Q8_0 while the rest keep their published types
+   (LM head and embedding BF16; the converter writes norms and routers F32):
+     python tools/bench_peer.py convert --llama-cpp ~/llama.cpp \
          --model-dir /tmp/peer/m8 --gguf /tmp/peer/m8-q8_0-bf16head.gguf
-   (run it with a Python that has torch, transformers, safetensors and numpy:
-   moed's venv has them; --python picks another.) It runs
+   (with a Python that has torch, transformers, safetensors and numpy: moed's
+   venv has them; --python picks another; 6.5 GB, ~9 min on 2 busy cores.)
+   It runs
      convert_hf_to_gguf.py M --outtype bf16 --fp8-as-q8 --outfile GGUF
    with one change: the benchmark model's tokenizer is a small trained
    byte-level BPE whose pre-tokenizer hash is in no table of the converter's,
@@ -27,11 +32,14 @@ Nothing here builds llama.cpp or is needed by the tests: bring your own build
    pre-tokenizer (the published Qwen3's). llama-bench feeds token ids, so the
    figures do not depend on it. It then prints every tensor type in the GGUF.
 
-3. The figures:
-     python tools/bench_peer.py bench --llama-bench ~/llama.cpp/build \\
-         --model-dir /tmp/peer/m8 --gguf /tmp/peer/m8-q8_0-bf16head.gguf \\
-         --context 5 --tokens 32 --rounds 4 [--batch 1] [--threads 2]
-   --llama-bench is the build dir (bin/ inside it is searched) or the binary.
+3. The figures (alternating rounds; --llama-bench is the build dir, bin/
+   inside it is searched, or the binary):
+     python tools/bench_peer.py bench --llama-bench ~/llama.cpp/build \
+         --model-dir /tmp/peer/m8 --gguf /tmp/peer/m8-q8_0-bf16head.gguf \
+         --context 5 --tokens 64 --rounds 4
+     ... --context 2048 --tokens 32 --rounds 3 --reps 1 --bench-args='--repack 0'
+     ... --context 5 --tokens 32 --rounds 2 --batch 4 --batched-args=--no-repack
+   (--repack 0 / --no-repack only where AMX faults: see AMX below.)
 
 What is timed:
   moed      one long-lived LLM (built once, so its caches stay warm); per round
@@ -50,13 +58,29 @@ What is timed:
             batch > 1: `llama-batched-bench -m GGUF -npp CONTEXT -ntg TOKENS
             -npl BATCH -t THREADS -c ...`, its S_TG (batch x TOKENS / the
             decode time); n/a when the build lacks it.
+AMX: a native build on a CPU with AMX repacks Q8_0 dense matrices for its AMX
+kernels (llama-bench --repack 1, the default). One token at a time they run
+its AVX512-VNNI path; more than one (a prompt, the -d fill, a batch) runs AMX
+tiles, and where the OS or hypervisor does not give the process the tile state,
+ldtilecfg faults and llama.cpp dies (seen here: SIGSEGV in
+ggml_backend_amx_mul_mat). Then pass --bench-args '--repack 0' (and
+--batched-args '--no-repack') for context > 5 and batch > 1: without the
+repack llama.cpp's decode is slower (measured here at context 5: 16.0-16.4
+against 17.5-17.6 tok/s).
+Fairness: llama.cpp gets the environment this process started with (importing
+moed sets OMP_WAIT_POLICY=PASSIVE, which costs llama.cpp's OpenMP build ~17%);
+before the rounds the checkpoint's shards are dropped from the page cache and
+the GGUF and moed's store are read in, so neither side reads from disk.
 The machine's free read bandwidth moves from minute to minute on a shared
 host: hence rounds that alternate, and paired ratios rather than a ratio of
-means. `uptime`'s load average is printed at the start and the end.
+means. `uptime`'s load average is printed at the start, after every round and
+at the end: another process on the cores (a compile) ruins a round for both
+sides, for llama.cpp's spinning barriers most.
 """
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -207,9 +231,11 @@ class Peer:
         a = self.args
         if a.batch > 1:
             return (f"{self.batched} -npp {a.context} -ntg {a.tokens} -npl {a.batch} "
-                    f"-t {a.threads}" if self.batched else "llama-batched-bench: not built")
+                    f"-t {a.threads} {a.batched_args}".rstrip() if self.batched
+                    else "llama-batched-bench: not built")
         depth = f" -d {a.context}" if a.context > 5 else ""
-        return f"{self.bench} -p 0 -n {a.tokens}{depth} -t {a.threads} -r {a.reps}"
+        return (f"{self.bench} -p 0 -n {a.tokens}{depth} -t {a.threads} -r {a.reps} "
+                f"{a.bench_args}").rstrip()
 
     def round(self):
         """-> tok/s, or None (n/a)."""
@@ -217,7 +243,7 @@ class Peer:
         if a.batch > 1:
             return self._batched() if self.batched else None
         cmd = [self.bench, "-m", a.gguf, "-p", "0", "-n", str(a.tokens), "-t", str(a.threads),
-               "-r", str(a.reps), "-o", "json"]
+               "-r", str(a.reps), "-o", "json"] + shlex.split(a.bench_args)
         if a.context > 5:
             if not self.depth:
                 return None
@@ -235,7 +261,7 @@ class Peer:
         ctx = a.batch * (a.context + a.tokens) + 64
         cmd = [self.batched, "-m", a.gguf, "-npp", str(a.context), "-ntg", str(a.tokens),
                "-npl", str(a.batch), "-t", str(a.threads), "-c", str(ctx),
-               "--output-format", "jsonl"]
+               "--output-format", "jsonl"] + shlex.split(a.batched_args)
         out = subprocess.run(cmd, capture_output=True, text=True, env=PEER_ENV)
         if out.returncode != 0:
             sys.exit(f"llama-batched-bench failed ({out.returncode}):\n{out.stderr[-2000:]}")
@@ -340,6 +366,10 @@ def main():
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--reps", type=int, default=2,
                    help="llama-bench repetitions per round (its avg_ts is their mean)")
+    b.add_argument("--bench-args", default="",
+                   help="more llama-bench options, e.g. '--repack 0' (see the docstring)")
+    b.add_argument("--batched-args", default="",
+                   help="more llama-batched-bench options, e.g. '--no-repack'")
     b.add_argument("--torch-threads", type=int, default=None)
     args = ap.parse_args()
     if args.cmd == "convert":
