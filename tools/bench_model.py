@@ -18,19 +18,30 @@ QWEN3_30B = {"hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 1
              "max_window_layers": 48}
 
 
-def qwen3_30b_shaped(model_dir, layers):
-    """The checkpoint in model_dir (built there once; reused while its config matches)."""
+# --fmt -> (the tiny builder's format, the quant_method its config.json names)
+FORMATS = {"fp8": ("fp8", "fp8"), "int4": ("int4-ct", "compressed-tensors")}
+
+
+def qwen3_30b_shaped(model_dir, layers, fmt="fp8"):
+    """The checkpoint in model_dir (built there once; reused while its config matches).
+    fmt: fp8 (128 x 128 block scales, as Qwen publishes) | int4 (compressed-tensors
+    pack-quantized, symmetric, group 32, BF16 scales; the LM head and routers BF16)."""
     import json
 
     from moed.testing.tiny import build_tiny_model
     d = Path(model_dir)
     want = dict(QWEN3_30B, num_hidden_layers=layers)
+    builder_fmt, method = FORMATS[fmt]
     cfg = d / "config.json"
-    if cfg.exists() and all(json.loads(cfg.read_text()).get(k) == v for k, v in want.items()):
-        return d
+    if cfg.exists():
+        have = json.loads(cfg.read_text())
+        if all(have.get(k) == v for k, v in want.items()) and \
+                (have.get("quantization_config") or {}).get("quant_method") == method:
+            return d
     t0 = time.perf_counter()
-    build_tiny_model(d, "qwen3_moe", fmt="fp8", overrides=want)
-    print(f"built {d} ({layers} layers) in {time.perf_counter() - t0:.0f} s", flush=True)
+    build_tiny_model(d, "qwen3_moe", fmt=builder_fmt, overrides=want,
+                     int4={"group_size": 32} if fmt == "int4" else None)
+    print(f"built {d} ({layers} layers, {fmt}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return d
 
 
@@ -237,6 +248,8 @@ def add_model_args(ap):
     ap.add_argument("--layers", type=int, default=12,
                     help="decoder layers (12: as many as fit; see bench_decode.py)")
     ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--fmt", default="fp8", choices=sorted(FORMATS),
+                    help="weights: fp8 (as Qwen publishes) or int4 (group 32)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads for what stays in torch (default: torch's)")
 
@@ -251,7 +264,8 @@ def model_setup(args):
         torch.set_num_threads(args.torch_threads)
     tmp = tempfile.TemporaryDirectory()
     os.environ.setdefault("MOED_CACHE_DIR", os.path.join(args.model_dir or tmp.name, "cache"))
-    model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers)
+    model = qwen3_30b_shaped(args.model_dir or os.path.join(tmp.name, "model"), args.layers,
+                             args.fmt)
     from moed.backends.cpu.isa import load_kernels
     kernels, threads = load_kernels(), env_threads()
     line = (f"isa={kernels.ISA}, {threads} threads (torch {torch.get_num_threads()}, "
