@@ -165,7 +165,11 @@ def test_mla_expanded_prefill_through_the_kernel_matches_the_reference(models, m
     monkeypatch.setattr(MLAOps, "absorbed_is_cheaper", lambda self, n: n == 1)
     d = models[("deepseek_v3", "fp8")]
     ref = LLM(d, device="cpu", experts="torch")
-    fast = LLM(d, device="cpu", deterministic=False)
+    # a float32 cache, as the reference's: this compares the kernel's arithmetic, not the
+    # cache's rounding (with the default bfloat16 latent cache this prompt's mean rel L1
+    # is 2.5e-2 against 5.5e-3, while the contract's judge, the mean KL over the
+    # fidelity prompts, is 9.0e-3 against 1.7e-2, the emulation's 1.4e-2)
+    fast = LLM(d, device="cpu", deterministic=False, kv_cache_dtype="float32")
     seen = []
     for layer in fast.engine.model.layers:
         ops = layer.attn.ops
