@@ -113,10 +113,8 @@ static inline const uint8_t *plan_ahead(const stream_plan *p, int64_t off) {
     return NULL;
 }
 
-static inline int unit_bytes(int fmt) { return unit_bytes_of(fmt); }
-
 static inline const uint8_t *tile_base(const packed_matrix *m, int e, int rt, int fp8) {
-    return m->w + e * m->w_stride + (int64_t)rt * m->kblocks * unit_bytes(fp8);
+    return m->w + e * m->w_stride + (int64_t)rt * m->kblocks * unit_bytes_of(fp8);
 }
 
 /* out[n][64] += W-tile(rt) . x rows, over all k blocks. The tile starts at
@@ -124,7 +122,7 @@ static inline const uint8_t *tile_base(const packed_matrix *m, int e, int rt, in
 static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
                         const uint16_t *const *rows, int n, float *out, uint16_t *wide,
                         const stream_plan *plan, int64_t at) {
-    const int ub = unit_bytes(fp8);
+    const int ub = unit_bytes_of(fp8);
     const uint8_t *tile = tile_base(m, e, rt, fp8);
     const float *sc = m->scale + e * m->s_stride + (int64_t)rt * m->kblocks;
     const int widen = wf_widens(fp8) && n > DIRECT_MAX;
@@ -187,7 +185,7 @@ static thread_scratch scratch_of(moe_job *job, int tid) {
 
 static void gate_up_task(moe_job *job, int a, int rt, thread_scratch *s,
                          const stream_plan *plan) {
-    const int64_t tile_bytes = (int64_t)job->gate.kblocks * unit_bytes(job->fp8);
+    const int64_t tile_bytes = (int64_t)job->gate.kblocks * unit_bytes_of(job->fp8);
     int e = job->active[a];
     for (int s0 = job->offs[a]; s0 < job->offs[a + 1]; s0 += SLOT_BLOCK) {
         int n = job->offs[a + 1] - s0 < SLOT_BLOCK ? job->offs[a + 1] - s0 : SLOT_BLOCK;
@@ -228,7 +226,7 @@ static void down_task(moe_job *job, int a, int rt, thread_scratch *s,
 
 /* Append task's weight tiles to the plan. */
 static void plan_add(const moe_job *job, int task, stream_plan *p) {
-    const int n_gu = job->n_active * job->gate.tiles, ub = unit_bytes(job->fp8);
+    const int n_gu = job->n_active * job->gate.tiles, ub = unit_bytes_of(job->fp8);
     if (task < n_gu) {
         int a = task / job->gate.tiles, rt = task % job->gate.tiles;
         int64_t len = (int64_t)job->gate.kblocks * ub;

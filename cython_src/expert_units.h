@@ -97,9 +97,6 @@ ALWAYS_INLINE void pf_share(const uint8_t *pf, int pf_fmt, int it) {
 #ifndef PF_BYTES
 #define PF_BYTES 65536
 #endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
-#endif
 
 /* e4m3 code -> float, exact for all 256 codes (0x7f, 0xff are NaN). */
 static float g_fp8_value[256];

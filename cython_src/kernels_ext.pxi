@@ -24,7 +24,6 @@ cdef extern from "expert_kernels.c" nogil:
     void unit_apply(const uint8_t *w, int fp8, const uint16_t *x, int ldx, int nt,
                     float scale, float *out, int scalar)
     int unit_widen_apply(const uint8_t *w, int fmt, uint16_t *dst, int scalar)
-    int unit_bytes_of(int fmt)
     int WIDE_UNIT_BYTES
     int pool_size()
     void pool_configure(int pin, int64_t spin_ns)
@@ -83,10 +82,6 @@ def widen_unit(uintptr_t w, int fmt, uintptr_t dst, bint scalar=False):
     """The unit widened as prefill widens it into dst (WIDE_UNIT_BYTES, 64-aligned) ->
     the widened unit's format code, or -1 where this ISA does not widen (tests)."""
     return unit_widen_apply(<const uint8_t *>w, fmt, <uint16_t *>dst, scalar)
-
-
-def format_unit_bytes(int fmt):
-    return unit_bytes_of(fmt)
 
 
 def threads_started():
