@@ -28,11 +28,20 @@ def random_int4(out, inp, group, sym, g, scale_dtype=torch.bfloat16):
     return Weight(pack_int4(codes), int4=p)
 
 
-def apply(kernels, units, fmt, x, scalar):
+def packed_units(g, scale_dtype=torch.bfloat16):
+    """(group, sym, Weight, its packed unit) of a random 64 x 128 unit, every group size,
+    symmetric and not."""
+    for group in GROUPS:
+        for sym in (True, False):
+            w = random_int4(64, 128, group, sym, g, scale_dtype)
+            yield group, sym, w, pack_weight(w)[0]
+
+
+def apply(kernels, unit_ptr, code, x, scalar):
+    """out [nt, 64] = the unit at unit_ptr (format code) . x [nt, 128]."""
     nt = x.shape[0]
     out = torch.full((nt, 64), 0.0)
-    kernels.apply_unit(units.ctypes.data, format_code(fmt), x.data_ptr(), 128, nt, 1.0,
-                       out.data_ptr(), scalar)
+    kernels.apply_unit(unit_ptr, code, x.data_ptr(), 128, nt, 1.0, out.data_ptr(), scalar)
     return out
 
 
@@ -56,7 +65,8 @@ def test_every_code_and_zero_point_widens_exactly(isa, scalar):
                 x = torch.zeros(4, 128, dtype=torch.bfloat16)
                 for t in range(4):
                     x[t, k + t] = 1.0
-                got[:, k:k + 4] = apply(kernels, units, fmt, x, scalar).T
+                got[:, k:k + 4] = apply(kernels, units.ctypes.data, format_code(fmt), x,
+                                        scalar).T
             assert torch.equal(got, w.dequantize()), (group, zs is None)
 
 
@@ -66,21 +76,18 @@ def test_simd_body_matches_scalar_twin(isa):
     # group scale: <= 1e-6 of sum |x w|
     kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(3)
-    for group in GROUPS:
-        for sym in (True, False):
-            w = random_int4(64, 128, group, sym, g, torch.float16)
-            units, _ = pack_weight(w)
-            fmt, ref_w = packed_format(w), w.dequantize().double()
-            for nt in (1, 2, 3, 4):
-                x = torch.randn(nt, 128, generator=g).bfloat16()
-                a = apply(kernels, units, fmt, x, False)
-                b = apply(kernels, units, fmt, x, True)
-                ref = x.double() @ ref_w.T
-                scale = x.double().abs() @ ref_w.abs().T
-                assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (group, sym, nt)
-                for got in (a, b):
-                    err = ((got.double() - ref).abs() / scale).max().item()
-                    assert err <= 1e-6, (isa, group, sym, nt, err)
+    for group, sym, w, units in packed_units(g, torch.float16):
+        code, ref_w = format_code(packed_format(w)), w.dequantize().double()
+        for nt in (1, 2, 3, 4):
+            x = torch.randn(nt, 128, generator=g).bfloat16()
+            a = apply(kernels, units.ctypes.data, code, x, False)
+            b = apply(kernels, units.ctypes.data, code, x, True)
+            ref = x.double() @ ref_w.T
+            scale = x.double().abs() @ ref_w.abs().T
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (group, sym, nt)
+            for got in (a, b):
+                err = ((got.double() - ref).abs() / scale).max().item()
+                assert err <= 1e-6, (isa, group, sym, nt, err)
 
 
 @pytest.mark.parametrize("isa", cpu.ISAS)
@@ -89,25 +96,19 @@ def test_widened_unit_gives_the_same_bits(isa):
     # widening, and the same bits through the body as the unit itself (batch-invariance)
     kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(4)
-    for group in GROUPS:
-        for sym in (True, False):
-            w = random_int4(64, 128, group, sym, g)
-            units, _ = pack_weight(w)
-            code = format_code(packed_format(w))
-            wide, ref = aligned(kernels.WIDE_BYTES), aligned(kernels.WIDE_BYTES)
-            wfmt = kernels.widen_unit(units.ctypes.data, code, wide.ctypes.data, False)
-            if wfmt < 0:
-                pytest.skip(f"{isa} does not widen units (no prefill scratch)")
-            kernels.widen_unit(units.ctypes.data, code, ref.ctypes.data, True)
-            assert np.array_equal(wide, ref)
-            x = torch.randn(4, 128, generator=g).bfloat16()
-            for nt in (1, 2, 4):
-                outs = []
-                for ptr, f in ((units.ctypes.data, code), (wide.ctypes.data, wfmt)):
-                    o = torch.zeros(nt, 64)
-                    kernels.apply_unit(ptr, f, x.data_ptr(), 128, nt, 1.0, o.data_ptr(), False)
-                    outs.append(o)
-                assert torch.equal(outs[0], outs[1]), (group, sym, nt)
+    for group, sym, w, units in packed_units(g):
+        code = format_code(packed_format(w))
+        wide, ref = aligned(kernels.WIDE_BYTES), aligned(kernels.WIDE_BYTES)
+        wfmt = kernels.widen_unit(units.ctypes.data, code, wide.ctypes.data, False)
+        if wfmt < 0:
+            pytest.skip(f"{isa} does not widen units (no prefill scratch)")
+        kernels.widen_unit(units.ctypes.data, code, ref.ctypes.data, True)
+        assert np.array_equal(wide, ref)
+        x = torch.randn(4, 128, generator=g).bfloat16()
+        for nt in (1, 2, 4):
+            as_is = apply(kernels, units.ctypes.data, code, x[:nt], False)
+            widened = apply(kernels, wide.ctypes.data, wfmt, x[:nt], False)
+            assert torch.equal(as_is, widened), (group, sym, nt)
 
 
 def aligned(n):
@@ -115,10 +116,6 @@ def aligned(n):
     buf = np.zeros(n + 64, np.uint8)
     at = -buf.ctypes.data % 64
     return buf[at:at + n]
-
-
-def reference_experts(gate, up, down):
-    return TorchExperts(gate, up, down)
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -133,7 +130,7 @@ def test_fused_moe_matches_the_reference(isa, sym):
     down = [random_int4(H, I, 32, sym, g) for _ in range(E)]
     fast = CPUExpertLayer.from_weights(gate, up, down, threads=2, kernels=kernels)
     assert fast.packed.fmt == ("int4g32" if sym else "int4g32a")
-    ref = reference_experts(gate, up, down)
+    ref = TorchExperts(gate, up, down)
     for T in (1, 3, 40):
         x = torch.randn(T, H, generator=g)
         ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])

@@ -111,8 +111,8 @@ class MachineConstants:
             # measured on a busy machine (low figures, cached for good): once the machine
             # is quieter, measure again and keep the better of each figure
             fresh = measure(threads, kernels)
-            best = lambda a, b: max(x for x in (a, b) if x is not None) \
-                if a is not None or b is not None else None  # noqa: E731
+            best = lambda a, b: max((x for x in (a, b) if x is not None),  # noqa: E731
+                                    default=None)
             consts = cls(cpu=consts.cpu, threads=threads, source="measured",
                          cpu_read_bps=best(consts.cpu_read_bps, fresh.cpu_read_bps),
                          cpu_flops=best(consts.cpu_flops, fresh.cpu_flops),

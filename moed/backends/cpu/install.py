@@ -15,8 +15,8 @@ from moed.backends.cpu.mla import CPUMLAOps, LatentAbsorb
 from moed.backends.cpu.runtime import default_threads
 from moed.backends.cpu.store import _torch_layers, open_or_build
 from moed.backends.torch import BackendInfo
-from moed.backends.cpu.layout import packed_format
-from moed.errors import CheckpointError, InvalidRequestError
+from moed.backends.cpu.layout import int4_refusal
+from moed.errors import InvalidRequestError
 from moed.model.attention import GQAttention
 from moed.model.deepseek_v3 import MLAttention
 from moed.model.layers import Linear, RMSNorm
@@ -63,11 +63,9 @@ def unpackable_experts(model):
     for i, moe in _torch_layers(model):
         ws = moe.experts
         for w in ws.gate + ws.up + ws.down:
-            if w.is_int4:
-                try:
-                    packed_format(w, f"layer {i} experts")
-                except CheckpointError as e:
-                    return str(e)
+            why = w.is_int4 and int4_refusal(w, f"layer {i} experts")
+            if why:
+                return why
     return None
 
 

@@ -100,6 +100,16 @@ def packed_format(w, name="weight"):
     return f"int4g{p.group}" + ("a" if p.zeros is not None else "")
 
 
+def int4_refusal(w, name="weight"):
+    """Why the kernels cannot take INT4 weight w (act-order), or None: it then stays on
+    the reference, which dequantizes it exactly."""
+    try:
+        packed_format(w, name)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
 def weight_format(data, name="weight"):
     """'fp8' or 'bf16' for a stored expert weight (fp16/fp32 are packed as bf16)."""
     if data.dtype == torch.float8_e4m3fn:

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from moed.backends.cpu.dense_store import (PackedMatrix, concat_rows, open_or_build,
                                            pack_weight, part_starts)
-from moed.backends.cpu.layout import packed_format
+from moed.backends.cpu.layout import int4_refusal
 from moed.backends.cpu.runtime import default_threads, workspace
-from moed.errors import CheckpointError, InvalidRequestError
+from moed.errors import InvalidRequestError
 from moed.model.formats import FP8_DTYPE
 from moed.model.layers import MLP, Linear
 
@@ -129,11 +129,7 @@ def packable(linear):
     if w.data.device.type != "cpu" or w.data.dim() != 2:
         return False
     if w.is_int4:
-        try:
-            packed_format(w)
-        except CheckpointError:        # act-order: the reference Linear, exact
-            return False
-        return True
+        return int4_refusal(w) is None
     if w.is_fp8:
         return w.data.dtype == FP8_DTYPE and tuple(w.block or ()) == (128, 128)
     return w.data.dtype == torch.bfloat16
