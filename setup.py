@@ -79,6 +79,10 @@ setup(
         "opentelemetry-api>=1.45,<2",
         "opentelemetry-sdk>=1.45,<2",
         "opentelemetry-exporter-otlp-proto-grpc>=1.45,<2",
+        "opentelemetry-exporter-prometheus>=0.66b0",   # /metrics
+        # the OpenAI-compatible HTTP API
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
         "test": [
@@ -86,6 +90,8 @@ setup(
             "transformers==4.57.6",
             # pinned: tests/test_protos.py asserts regenerating gives byte-identical code
             "grpcio-tools==1.85.1",
+            "openai>=1.40",     # the HTTP API's tests drive it with the official client
+            "httpx>=0.27",
         ],
     },
     entry_points={
