@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moed.errors import CheckpointError, InvalidRequestError
-from moed.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from moed.model.tokenizer import IncrementalDetokenizer, NoTokenizer, Tokenizer
 
 ARCHS = ["deepseek_v3", "qwen3_moe", "mixtral", "qwen2_moe"]
 TEXTS = {
@@ -291,11 +291,19 @@ def test_broken_or_missing_template_names_the_file(tok_copy):
 
 # ---------------------------------------------------------------- errors
 
-def test_missing_tokenizer_json_names_the_file(tok_copy):
+def test_without_tokenizer_files_token_ids_only(tok_copy):
+    """A checkpoint without tokenizer files loads; text needs a tokenizer and says so."""
     (tok_copy / "tokenizer.json").unlink()
-    with pytest.raises(CheckpointError, match="tokenizer.json") as e:
-        Tokenizer.from_dir(tok_copy)
-    assert e.value.path.endswith("tokenizer.json")
+    tok = Tokenizer.from_dir(tok_copy)
+    assert not tok.has_text
+    eos = json.loads((tok_copy / "config.json").read_text()).get("eos_token_id")
+    assert tok.eos_token_ids == ({eos} if isinstance(eos, int) else set(eos or ()))
+    assert tok.decode([1, 2, 3]) == ""
+    with pytest.raises(NoTokenizer, match="tokenizer.json") as e:
+        tok.encode("hello")
+    assert e.value.path == str(tok_copy)
+    with pytest.raises(NoTokenizer, match="chat prompt"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def test_corrupt_tokenizer_json_names_the_file(tok_copy):
@@ -479,13 +487,13 @@ def test_added_token_inside_the_ranks_names_the_config(kimi_copy):
     assert e.value.path.endswith("tokenizer_config.json")
 
 
-def test_neither_tokenizer_file_names_both(kimi_copy):
+def test_neither_tokenizer_file_token_ids_only_names_both(kimi_copy):
     from moed.model.tokenizer import has_tokenizer
     assert has_tokenizer(kimi_copy)
     (kimi_copy / "tiktoken.model").unlink()
     assert not has_tokenizer(kimi_copy)
-    with pytest.raises(CheckpointError, match="tokenizer.json.*tiktoken.model"):
-        Tokenizer.from_dir(kimi_copy)
+    with pytest.raises(NoTokenizer, match="tokenizer.json nor tiktoken.model"):
+        Tokenizer.from_dir(kimi_copy).encode("hello")
 
 
 def test_kimi_tokenizer_worker_processes(tiny_model_dir, kimi):

@@ -30,6 +30,7 @@ from moed.errors import CapacityError, ConfigError, InvalidRequestError
 from moed.model.checkpoint import Checkpoint
 from moed.model.kv_dtype import DEFAULT as KV_DEFAULT, cache_dtype, dtype_name
 from moed.model.registry import load_model
+from moed.engine.reasoning import reasoning_tags
 from moed.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("moed.engine")
@@ -90,6 +91,8 @@ class LLMEngine:
         self.device = resolve_device(device)
         ckpt = Checkpoint(model_dir)
         self.tokenizer = Tokenizer.from_dir(model_dir)
+        if not self.tokenizer.has_text:
+            log.info("%s has no tokenizer files: token-id requests only", ckpt.dir.name)
         # experts="torch" alone means the whole reference path (the oracle of the tests)
         experts = experts or os.environ.get("MOED_EXPERTS", "auto")
         linears = linears or os.environ.get("MOED_LINEARS") or (
@@ -161,6 +164,8 @@ class LLMEngine:
             "linears": self.backends.linears,
             "backends": self.backends.summary(),
             "planner": self.planner_summary(),
+            "has_tokenizer": self.tokenizer.has_text,
+            "reasoning": reasoning_tags(self.tokenizer) is not None,
         }
 
     def _accel_device(self, accel, experts, bandwidth):
@@ -310,6 +315,8 @@ class LLMEngine:
                 raise InvalidRequestError(f"token_ids: {bad} is outside the vocabulary "
                                           f"[0, {V})", field="token_ids")
         params.validate()
+        if params.stop and not self.tokenizer.has_text:
+            self.tokenizer.refuse("stop strings")       # raises NoTokenizer
         ctx = self.model.max_positions
         if len(ids) >= ctx:
             raise InvalidRequestError(f"prompt has {len(ids)} tokens; the context is {ctx}",

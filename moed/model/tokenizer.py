@@ -36,6 +36,10 @@ class NoChatTemplate(CheckpointError):
     """The checkpoint has no chat template: what the model cannot do (not the request)."""
 
 
+class NoTokenizer(CheckpointError):
+    """The checkpoint has no tokenizer files: it serves token ids only."""
+
+
 class BrokenChatTemplate(CheckpointError):
     """The chat template does not compile or does something the sandbox forbids."""
 
@@ -93,9 +97,15 @@ class Tokenizer:
         self.add_eos = bool(config.get("add_eos_token", False))
         self._templates = None
 
+    has_text = True
+
     @classmethod
     def from_dir(cls, model_dir):
+        """The directory's tokenizer; a TokenIdsOnly stand-in when it ships no tokenizer file
+        (clients that send token ids need none)."""
         d = Path(model_dir)
+        if not has_tokenizer(d):
+            return TokenIdsOnly.from_dir(d)
         config = optional_json(d / TOKENIZER_CONFIG)
         backend = load_backend(d, config)
         model_config = optional_json(d / "config.json")
@@ -183,6 +193,46 @@ class Tokenizer:
             return {t["name"]: (compile_template(t["template"], source), source) for t in raw
                     if isinstance(t, dict) and "name" in t and "template" in t}
         return {}
+
+
+class TokenIdsOnly:
+    """A checkpoint without tokenizer files: its special ids from config.json and
+    generation_config.json, no text. Encoding and chat templates raise NoTokenizer (the
+    server answers FAILED_PRECONDITION); generated ids decode to no text."""
+    has_text = False
+    bos_token = eos_token = None
+    add_bos, add_eos = None, False
+
+    def __init__(self, model_dir, generation, model_config):
+        self.dir = Path(model_dir)
+        self.config = {}
+        bos = generation.get("bos_token_id", model_config.get("bos_token_id"))
+        self.bos_token_id = bos if isinstance(bos, int) else None
+        self.eos_token_ids = as_id_set(generation.get("eos_token_id",
+                                                      model_config.get("eos_token_id")))
+        self.vocab_size = model_config.get("vocab_size")
+
+    @classmethod
+    def from_dir(cls, model_dir):
+        return cls(model_dir, optional_json(model_dir / GENERATION_CONFIG),
+                   optional_json(model_dir / "config.json"))
+
+    def refuse(self, what):
+        raise NoTokenizer(f"the model has no tokenizer ({self.dir.name} ships neither "
+                          f"{TOKENIZER_FILE} nor tiktoken.model): {what} needs one; send "
+                          "token ids instead", path=str(self.dir))
+
+    def token_to_id(self, token):
+        return None
+
+    def encode(self, text, add_special_tokens=True):
+        self.refuse("text")
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.refuse("a chat prompt")
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
 
 
 def read_text(path):

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moed.engine.reasoning import reasoning_tags
 from moed.errors import ConfigError
 from moed.server.admin import AdminServicer
 from moed.server.auth import AdminAuthInterceptor
@@ -79,6 +80,7 @@ class MoedServer:
         self.server = None
         self.health = health.aio.HealthServicer()
         self.tokenizers = None                  # TokenizerPool, from start()
+        self.reasoning_tags = None              # (<think>, </think>) ids, for reasoning models
 
     # -- lifecycle
     async def start(self):
@@ -164,6 +166,8 @@ class MoedServer:
         if self.engine_loop.load_error is not None:
             log.error("loading %s failed: %s", self.model_dir, self.engine_loop.load_error)
             return
+        tokenizer = getattr(self.engine_loop.engine, "tokenizer", None)
+        self.reasoning_tags = reasoning_tags(tokenizer) if tokenizer is not None else None
         self.ready = True
         info = self.engine_loop.engine.model_info
         log.info("model loaded: %s (%s) on %s, experts %s, isa %s", info["architecture"],

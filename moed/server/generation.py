@@ -5,17 +5,16 @@ submits, and relays its events. If the stream ends early (client cancel,
 deadline, server stop), the `finally` aborts the request on the engine thread,
 which frees its KV blocks at once.
 """
-import asyncio
+import contextlib
 import uuid
 
 import grpc
 from opentelemetry import propagate
 
-from moed.errors import MoedError
-from moed.server import protocol
+from moed.server import protocol, streams
 from moed.server.auth import is_admin
 from moed.server.gen import generation_pb2_grpc
-from moed.server.status import RequestRejected, abort, from_moed_error, invalid
+from moed.server.status import RequestRejected, abort, invalid
 from moed.server.tracked import Tracked
 
 
@@ -37,57 +36,29 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             protocol.fit_max_new_tokens(params, request, len(prompt), ctx)
         except RequestRejected as r:
             await abort(context, r)
-        events = asyncio.Queue()
         tracked = Tracked(request.request_id or new_request_id(), prompt, params,
-                          sink=events.put_nowait,
                           trace_context=propagate.extract(dict(context.invocation_metadata())))
-        finished = False
-        async with self.app.stream_slot():
+        updates = streams.stream(self.app, tracked, split_reasoning=protocol.is_chat(request))
+        async with contextlib.aclosing(updates):
             try:
-                await self._admit(tracked, request, context)
-                async for message in self._relay(tracked.request_id, events, context):
-                    finished = message.HasField("complete")
-                    yield message
-            finally:
-                if not finished:
-                    self.app.engine_loop.abort(tracked)
+                async for update in updates:
+                    if not update.empty:
+                        yield protocol.chunk_response(tracked.request_id, update)
+                    if update.final is not None:
+                        yield protocol.complete_response(tracked.request_id, update.final,
+                                                         update.timing)
+            except RequestRejected as r:
+                await abort(context, self._labelled(r, request))
 
-    async def _admit(self, tracked, request, context):
-        try:
-            await self.app.engine_loop.submit(tracked)
-        except RequestRejected as r:
-            if r.field:
-                field = protocol.field_path(r.field, request)
-                msg = str(r) if str(r).startswith(field) else f"{field}: {r}"
-                code = grpc.StatusCode.ALREADY_EXISTS if field == "request_id" else r.code
-                r = RequestRejected(code, msg, field)
-            await abort(context, r)
-
-    async def _relay(self, request_id, events, context):
-        """Events -> messages; whatever queued up while we were busy goes out as one chunk."""
-        while True:
-            batch = [await events.get()]
-            while not events.empty():
-                batch.append(events.get_nowait())
-            failed = next((ev.error for ev in batch if ev.error is not None), None)
-            if failed is not None:
-                await self._fail(context, failed)
-            chunk = protocol.chunk_response(request_id, [ev.output for ev in batch])
-            if chunk is not None:
-                yield chunk
-            last = batch[-1]
-            if last.output.finished:
-                yield protocol.complete_response(request_id, last.output, last.timing)
-                return
-
-    async def _fail(self, context, error):
-        if isinstance(error, MoedError):        # the request's own failure, said plainly
-            error = from_moed_error(error) or error
-        if isinstance(error, RequestRejected):
-            await abort(context, error)
-        # a bug, not the client's doing; the details (paths, values) are in the server's log
-        await context.abort(grpc.StatusCode.INTERNAL, "the engine failed while running this "
-                            f"request ({type(error).__name__}); other requests are unaffected")
+    @staticmethod
+    def _labelled(r, request):
+        """An engine field name -> the protobuf field path the client sent."""
+        if not r.field:
+            return r
+        field = protocol.field_path(r.field, request)
+        msg = str(r) if str(r).startswith(field) else f"{field}: {r}"
+        code = grpc.StatusCode.ALREADY_EXISTS if field == "request_id" else r.code
+        return RequestRejected(code, msg, field)
 
     async def Tokenize(self, request, context):
         await self.app.require_loaded(context)

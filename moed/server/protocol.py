@@ -28,6 +28,8 @@ def field_path(engine_field, req):
     """The engine's field name -> the protobuf field path a client sees."""
     if engine_field in SAMPLING_FIELDS:
         return f"sampling.{engine_field}"
+    if engine_field == "messages" and req.WhichOneof("input") == "messages":
+        return "messages.messages"
     if engine_field in ("prompt", "messages"):      # a chat request's one message is `text`
         return "token_ids" if req.WhichOneof("input") == "token_ids" else "text"
     return engine_field or "request"
@@ -61,6 +63,27 @@ def _check_input(req, cfg):
         raise invalid("token_ids", "the prompt is empty")
     if kind == "token_ids" and req.prompt_format == pb.PROMPT_FORMAT_CHAT:
         raise invalid("prompt_format", "PROMPT_FORMAT_CHAT needs text, not token_ids")
+    if kind == "messages":
+        _check_messages(req.messages.messages, cfg)
+
+
+def _check_messages(messages, cfg):
+    if not messages:
+        raise invalid("messages.messages", "the conversation is empty")
+    total = 0
+    for i, m in enumerate(messages):
+        if not m.role:
+            raise invalid(f"messages.messages[{i}].role", "is empty")
+        total += len(m.content)
+    if total > cfg.max_prompt_chars:
+        raise invalid("messages.messages", f"{total} characters in all; the limit is "
+                      f"{cfg.max_prompt_chars}")
+
+
+def is_chat(req):
+    """Whether the prompt goes through the chat template (its reply may hold reasoning)."""
+    kind = req.WhichOneof("input")
+    return kind == "messages" or (kind == "text" and req.prompt_format == pb.PROMPT_FORMAT_CHAT)
 
 
 def _check_sampling(s):
@@ -103,10 +126,14 @@ def sampling_params(req):
 async def prompt_ids(req, tokenizers, context_length):
     """The engine's prompt as token ids, tokenized by the pool (chat text through the
     chat template first); raises RequestRejected naming the field."""
-    if req.WhichOneof("input") == "token_ids":
+    kind = req.WhichOneof("input")
+    if kind == "token_ids":
         return list(req.token_ids.ids)          # its length checked by check_request
     try:
-        if req.prompt_format == pb.PROMPT_FORMAT_CHAT:
+        if kind == "messages":
+            ids = await tokenizers.encode_chat([{"role": m.role, "content": m.content}
+                                                for m in req.messages.messages])
+        elif req.prompt_format == pb.PROMPT_FORMAT_CHAT:
             ids = await tokenizers.encode_chat([{"role": "user", "content": req.text}])
         else:
             ids = await tokenizers.encode(req.text)
@@ -116,8 +143,8 @@ async def prompt_ids(req, tokenizers, context_length):
             raise invalid(field_path(r.field, req), why) from None
         raise
     if len(ids) >= context_length:      # before a list of them is built
-        raise invalid("text", f"the prompt is {len(ids)} tokens; the context is "
-                      f"{context_length}")
+        raise invalid("messages.messages" if kind == "messages" else "text",
+                      f"the prompt is {len(ids)} tokens; the context is {context_length}")
     return ids.tolist()
 
 
@@ -128,26 +155,21 @@ def fit_max_new_tokens(params, req, num_prompt_tokens, context_length):
     return params
 
 
-def chunk_response(request_id, outputs):
-    """Engine outputs since the last message -> one Chunk (None when all were empty)."""
-    chunk = pb.Chunk()
-    for out in outputs:
-        chunk.token_ids.extend(out.new_token_ids)
-        chunk.text += out.new_text
-        for tid, lp, top in out.logprobs or ():
-            chunk.logprobs.append(pb.TokenLogprob(
-                token_id=tid, logprob=lp,
-                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top]))
-    if not chunk.token_ids and not chunk.text:
-        return None
-    return pb.GenerateResponse(request_id=request_id, chunk=chunk)
+def chunk_response(request_id, update):
+    """A streams.Update -> one Chunk message."""
+    return pb.GenerateResponse(request_id=request_id, chunk=pb.Chunk(
+        token_ids=update.token_ids, text=update.text, reasoning=update.reasoning,
+        logprobs=[pb.TokenLogprob(token_id=tid, logprob=lp,
+                                  top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+                  for tid, lp, top in update.logprobs]))
 
 
 def complete_response(request_id, out, timing):
     return pb.GenerateResponse(request_id=request_id, complete=pb.Complete(
         finish_reason=FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         usage=pb.Usage(prompt_tokens=out.num_prompt_tokens,
-                       completion_tokens=out.num_output_tokens),
+                       completion_tokens=out.num_output_tokens,
+                       cached_prompt_tokens=getattr(out, "num_cached_tokens", 0)),
         timing=pb.Timing(queue_seconds=timing.queue_s, time_to_first_token_seconds=timing.ttft_s,
                          total_seconds=timing.total_s)))
 
@@ -158,4 +180,5 @@ def model_info_response(info, model_path=None):
         architecture=info["architecture"], context_length=info["context_length"],
         vocab_size=info["vocab_size"], weight_format=info["weight_format"], isa=info["isa"],
         device=info["device"], experts=info.get("experts", ""),
+        has_tokenizer=info.get("has_tokenizer", True), reasoning=info.get("reasoning", False),
         model_path=str(model_path) if model_path is not None else "")

@@ -6,7 +6,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from moed.errors import CapacityError, InvalidRequestError, WorkerLostError
-from moed.model.tokenizer import BrokenChatTemplate, NoChatTemplate
+from moed.model.tokenizer import BrokenChatTemplate, NoChatTemplate, NoTokenizer
 
 
 class RequestRejected(Exception):
@@ -27,6 +27,8 @@ def invalid(field, message):
 
 def from_moed_error(err):
     """A request's error -> RequestRejected; anything else is ours (None)."""
+    if isinstance(err, NoTokenizer):
+        return RequestRejected(grpc.StatusCode.FAILED_PRECONDITION, str(err))
     if isinstance(err, NoChatTemplate):
         return RequestRejected(grpc.StatusCode.FAILED_PRECONDITION,
                                f"prompt_format: PROMPT_FORMAT_CHAT: {err}")

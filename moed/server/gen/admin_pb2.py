@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from moed.server.gen import generation_pb2 as moed_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13moed/v1/admin.proto\x12\x07moed.v1\x1a\x18moed/v1/generation.proto\"\x18\n\x16GetServerStatusRequest\"\xcf\x02\n\x17GetServerStatusResponse\x12\x16\n\x0euptime_seconds\x18\x01 \x01(\x01\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.moed.v1.GetModelInfoResponse\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x0b\n\x03isa\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x10\n\x08\x64raining\x18\n \x01(\x08\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x17\n\x0frequests_served\x18\x0c \x01(\x04\x12\x10\n\x08\x62\x61\x63kends\x18\r \x01(\t\x12\x0f\n\x07planner\x18\x0e \x01(\t\"\x91\x01\n\x0eRequestSummary\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.moed.v1.RequestState\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x61ge_seconds\x18\x05 \x01(\x01\"\x15\n\x13ListRequestsRequest\"A\n\x14ListRequestsResponse\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.moed.v1.RequestSummary\"*\n\x14\x43\x61ncelRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x17\n\x15\x43\x61ncelRequestResponse\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\"\x0f\n\rResumeRequest\"\x10\n\x0eResumeResponse*}\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_WAITING\x10\x01\x12\x19\n\x15REQUEST_STATE_PREFILL\x10\x02\x12\x18\n\x14REQUEST_STATE_DECODE\x10\x03\x32\xf4\x02\n\x0c\x41\x64minService\x12T\n\x0fGetServerStatus\x12\x1f.moed.v1.GetServerStatusRequest\x1a .moed.v1.GetServerStatusResponse\x12K\n\x0cListRequests\x12\x1c.moed.v1.ListRequestsRequest\x1a\x1d.moed.v1.ListRequestsResponse\x12N\n\rCancelRequest\x12\x1d.moed.v1.CancelRequestRequest\x1a\x1e.moed.v1.CancelRequestResponse\x12\x36\n\x05\x44rain\x12\x15.moed.v1.DrainRequest\x1a\x16.moed.v1.DrainResponse\x12\x39\n\x06Resume\x12\x16.moed.v1.ResumeRequest\x1a\x17.moed.v1.ResumeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13moed/v1/admin.proto\x12\x07moed.v1\x1a\x18moed/v1/generation.proto\"\x18\n\x16GetServerStatusRequest\"\xa2\x03\n\x17GetServerStatusResponse\x12\x16\n\x0euptime_seconds\x18\x01 \x01(\x01\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.moed.v1.GetModelInfoResponse\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x0b\n\x03isa\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x10\n\x08\x64raining\x18\n \x01(\x08\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x17\n\x0frequests_served\x18\x0c \x01(\x04\x12\x10\n\x08\x62\x61\x63kends\x18\r \x01(\t\x12\x0f\n\x07planner\x18\x0e \x01(\t\x12\x1c\n\x14prefix_cache_queries\x18\x0f \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x10 \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x11 \x01(\r\"\x91\x01\n\x0eRequestSummary\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.moed.v1.RequestState\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x61ge_seconds\x18\x05 \x01(\x01\"\x15\n\x13ListRequestsRequest\"A\n\x14ListRequestsResponse\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.moed.v1.RequestSummary\"*\n\x14\x43\x61ncelRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x17\n\x15\x43\x61ncelRequestResponse\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\"\x0f\n\rResumeRequest\"\x10\n\x0eResumeResponse*}\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_WAITING\x10\x01\x12\x19\n\x15REQUEST_STATE_PREFILL\x10\x02\x12\x18\n\x14REQUEST_STATE_DECODE\x10\x03\x32\xf4\x02\n\x0c\x41\x64minService\x12T\n\x0fGetServerStatus\x12\x1f.moed.v1.GetServerStatusRequest\x1a .moed.v1.GetServerStatusResponse\x12K\n\x0cListRequests\x12\x1c.moed.v1.ListRequestsRequest\x1a\x1d.moed.v1.ListRequestsResponse\x12N\n\rCancelRequest\x12\x1d.moed.v1.CancelRequestRequest\x1a\x1e.moed.v1.CancelRequestResponse\x12\x36\n\x05\x44rain\x12\x15.moed.v1.DrainRequest\x1a\x16.moed.v1.DrainResponse\x12\x39\n\x06Resume\x12\x16.moed.v1.ResumeRequest\x1a\x17.moed.v1.ResumeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moed.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTSTATE']._serialized_start=816
-  _globals['_REQUESTSTATE']._serialized_end=941
+  _globals['_REQUESTSTATE']._serialized_start=899
+  _globals['_REQUESTSTATE']._serialized_end=1024
   _globals['_GETSERVERSTATUSREQUEST']._serialized_start=58
   _globals['_GETSERVERSTATUSREQUEST']._serialized_end=82
   _globals['_GETSERVERSTATUSRESPONSE']._serialized_start=85
-  _globals['_GETSERVERSTATUSRESPONSE']._serialized_end=420
-  _globals['_REQUESTSUMMARY']._serialized_start=423
-  _globals['_REQUESTSUMMARY']._serialized_end=568
-  _globals['_LISTREQUESTSREQUEST']._serialized_start=570
-  _globals['_LISTREQUESTSREQUEST']._serialized_end=591
-  _globals['_LISTREQUESTSRESPONSE']._serialized_start=593
-  _globals['_LISTREQUESTSRESPONSE']._serialized_end=658
-  _globals['_CANCELREQUESTREQUEST']._serialized_start=660
-  _globals['_CANCELREQUESTREQUEST']._serialized_end=702
-  _globals['_CANCELREQUESTRESPONSE']._serialized_start=704
-  _globals['_CANCELREQUESTRESPONSE']._serialized_end=727
-  _globals['_DRAINREQUEST']._serialized_start=729
-  _globals['_DRAINREQUEST']._serialized_end=743
-  _globals['_DRAINRESPONSE']._serialized_start=745
-  _globals['_DRAINRESPONSE']._serialized_end=779
-  _globals['_RESUMEREQUEST']._serialized_start=781
-  _globals['_RESUMEREQUEST']._serialized_end=796
-  _globals['_RESUMERESPONSE']._serialized_start=798
-  _globals['_RESUMERESPONSE']._serialized_end=814
-  _globals['_ADMINSERVICE']._serialized_start=944
-  _globals['_ADMINSERVICE']._serialized_end=1316
+  _globals['_GETSERVERSTATUSRESPONSE']._serialized_end=503
+  _globals['_REQUESTSUMMARY']._serialized_start=506
+  _globals['_REQUESTSUMMARY']._serialized_end=651
+  _globals['_LISTREQUESTSREQUEST']._serialized_start=653
+  _globals['_LISTREQUESTSREQUEST']._serialized_end=674
+  _globals['_LISTREQUESTSRESPONSE']._serialized_start=676
+  _globals['_LISTREQUESTSRESPONSE']._serialized_end=741
+  _globals['_CANCELREQUESTREQUEST']._serialized_start=743
+  _globals['_CANCELREQUESTREQUEST']._serialized_end=785
+  _globals['_CANCELREQUESTRESPONSE']._serialized_start=787
+  _globals['_CANCELREQUESTRESPONSE']._serialized_end=810
+  _globals['_DRAINREQUEST']._serialized_start=812
+  _globals['_DRAINREQUEST']._serialized_end=826
+  _globals['_DRAINRESPONSE']._serialized_start=828
+  _globals['_DRAINRESPONSE']._serialized_end=862
+  _globals['_RESUMEREQUEST']._serialized_start=864
+  _globals['_RESUMEREQUEST']._serialized_end=879
+  _globals['_RESUMERESPONSE']._serialized_start=881
+  _globals['_RESUMERESPONSE']._serialized_end=897
+  _globals['_ADMINSERVICE']._serialized_start=1027
+  _globals['_ADMINSERVICE']._serialized_end=1399
 # @@protoc_insertion_point(module_scope)

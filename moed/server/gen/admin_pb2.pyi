@@ -24,7 +24,7 @@ class GetServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("uptime_seconds", "model", "num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "tokens_per_second", "isa", "device", "draining", "ready", "requests_served", "backends", "planner")
+    __slots__ = ("uptime_seconds", "model", "num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "tokens_per_second", "isa", "device", "draining", "ready", "requests_served", "backends", "planner", "prefix_cache_queries", "prefix_cache_hits", "kv_blocks_cached")
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,9 @@ class GetServerStatusResponse(_message.Message):
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     PLANNER_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     uptime_seconds: float
     model: _generation_pb2.GetModelInfoResponse
     num_running: int
@@ -53,7 +56,10 @@ class GetServerStatusResponse(_message.Message):
     requests_served: int
     backends: str
     planner: str
-    def __init__(self, uptime_seconds: _Optional[float] = ..., model: _Optional[_Union[_generation_pb2.GetModelInfoResponse, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., isa: _Optional[str] = ..., device: _Optional[str] = ..., draining: _Optional[bool] = ..., ready: _Optional[bool] = ..., requests_served: _Optional[int] = ..., backends: _Optional[str] = ..., planner: _Optional[str] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    kv_blocks_cached: int
+    def __init__(self, uptime_seconds: _Optional[float] = ..., model: _Optional[_Union[_generation_pb2.GetModelInfoResponse, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., isa: _Optional[str] = ..., device: _Optional[str] = ..., draining: _Optional[bool] = ..., ready: _Optional[bool] = ..., requests_served: _Optional[int] = ..., backends: _Optional[str] = ..., planner: _Optional[str] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ...) -> None: ...
 
 class RequestSummary(_message.Message):
     __slots__ = ("request_id", "state", "prompt_tokens", "completion_tokens", "age_seconds")

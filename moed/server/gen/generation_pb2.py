@@ -24,45 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moed/v1/generation.proto\x12\x07moed.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x82\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\t \x01(\rH\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\x9d\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.moed.v1.TokenIdsH\x00\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.moed.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x12,\n\rprompt_format\x18\t \x01(\x0e\x32\x15.moed.v1.PromptFormatB\x07\n\x05inputB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"S\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12 \n\x03top\x18\x03 \x03(\x0b\x32\x13.moed.v1.TopLogprob\"Q\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\'\n\x08logprobs\x18\x03 \x03(\x0b\x32\x15.moed.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"[\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"x\n\x08\x43omplete\x12,\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x15.moed.v1.FinishReason\x12\x1d\n\x05usage\x18\x02 \x01(\x0b\x32\x0e.moed.v1.Usage\x12\x1f\n\x06timing\x18\x03 \x01(\x0b\x32\x0f.moed.v1.Timing\"w\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0e.moed.v1.ChunkH\x00\x12%\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x11.moed.v1.CompleteH\x00\x42\x07\n\x05\x65vent\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xb1\x01\n\x14GetModelInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rweight_format\x18\x04 \x01(\t\x12\x0b\n\x03isa\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x07 \x01(\t\x12\x12\n\nmodel_path\x18\x08 \x01(\t*\\\n\x0cPromptFormat\x12\x1d\n\x19PROMPT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PROMPT_FORMAT_RAW\x10\x01\x12\x16\n\x12PROMPT_FORMAT_CHAT\x10\x02*\xba\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x03\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x32\xe4\x01\n\x11GenerationService\x12\x41\n\x08Generate\x12\x18.moed.v1.GenerateRequest\x1a\x19.moed.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.moed.v1.TokenizeRequest\x1a\x19.moed.v1.TokenizeResponse\x12K\n\x0cGetModelInfo\x12\x1c.moed.v1.GetModelInfoRequest\x1a\x1d.moed.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moed/v1/generation.proto\x12\x07moed.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x82\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\t \x01(\rH\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\xc8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.moed.v1.TokenIdsH\x00\x12)\n\x08messages\x18\n \x01(\x0b\x32\x15.moed.v1.ConversationH\x00\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.moed.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x12,\n\rprompt_format\x18\t \x01(\x0e\x32\x15.moed.v1.PromptFormatB\x07\n\x05inputB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43onversation\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.moed.v1.ChatMessage\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"S\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12 \n\x03top\x18\x03 \x03(\x0b\x32\x13.moed.v1.TopLogprob\"d\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\'\n\x08logprobs\x18\x03 \x03(\x0b\x32\x15.moed.v1.TokenLogprob\x12\x11\n\treasoning\x18\x04 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"[\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"x\n\x08\x43omplete\x12,\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x15.moed.v1.FinishReason\x12\x1d\n\x05usage\x18\x02 \x01(\x0b\x32\x0e.moed.v1.Usage\x12\x1f\n\x06timing\x18\x03 \x01(\x0b\x32\x0f.moed.v1.Timing\"w\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0e.moed.v1.ChunkH\x00\x12%\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x11.moed.v1.CompleteH\x00\x42\x07\n\x05\x65vent\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xdb\x01\n\x14GetModelInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rweight_format\x18\x04 \x01(\t\x12\x0b\n\x03isa\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x07 \x01(\t\x12\x12\n\nmodel_path\x18\x08 \x01(\t\x12\x15\n\rhas_tokenizer\x18\t \x01(\x08\x12\x11\n\treasoning\x18\n \x01(\x08*\\\n\x0cPromptFormat\x12\x1d\n\x19PROMPT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PROMPT_FORMAT_RAW\x10\x01\x12\x16\n\x12PROMPT_FORMAT_CHAT\x10\x02*\xba\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x03\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x32\xe4\x01\n\x11GenerationService\x12\x41\n\x08Generate\x12\x18.moed.v1.GenerateRequest\x1a\x19.moed.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.moed.v1.TokenizeRequest\x1a\x19.moed.v1.TokenizeResponse\x12K\n\x0cGetModelInfo\x12\x1c.moed.v1.GetModelInfoRequest\x1a\x1d.moed.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moed.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROMPTFORMAT']._serialized_start=1654
-  _globals['_PROMPTFORMAT']._serialized_end=1746
-  _globals['_FINISHREASON']._serialized_start=1749
-  _globals['_FINISHREASON']._serialized_end=1935
+  _globals['_PROMPTFORMAT']._serialized_start=1890
+  _globals['_PROMPTFORMAT']._serialized_end=1982
+  _globals['_FINISHREASON']._serialized_start=1985
+  _globals['_FINISHREASON']._serialized_end=2171
   _globals['_TOKENIDS']._serialized_start=37
   _globals['_TOKENIDS']._serialized_end=60
   _globals['_SAMPLINGPARAMS']._serialized_start=63
   _globals['_SAMPLINGPARAMS']._serialized_end=449
   _globals['_GENERATEREQUEST']._serialized_start=452
-  _globals['_GENERATEREQUEST']._serialized_end=737
-  _globals['_TOPLOGPROB']._serialized_start=739
-  _globals['_TOPLOGPROB']._serialized_end=786
-  _globals['_TOKENLOGPROB']._serialized_start=788
-  _globals['_TOKENLOGPROB']._serialized_end=871
-  _globals['_CHUNK']._serialized_start=873
-  _globals['_CHUNK']._serialized_end=954
-  _globals['_USAGE']._serialized_start=956
-  _globals['_USAGE']._serialized_end=1013
-  _globals['_TIMING']._serialized_start=1015
-  _globals['_TIMING']._serialized_end=1106
-  _globals['_COMPLETE']._serialized_start=1108
-  _globals['_COMPLETE']._serialized_end=1228
-  _globals['_GENERATERESPONSE']._serialized_start=1230
-  _globals['_GENERATERESPONSE']._serialized_end=1349
-  _globals['_TOKENIZEREQUEST']._serialized_start=1351
-  _globals['_TOKENIZEREQUEST']._serialized_end=1410
-  _globals['_TOKENIZERESPONSE']._serialized_start=1412
-  _globals['_TOKENIZERESPONSE']._serialized_end=1449
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1451
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1472
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1475
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1652
-  _globals['_GENERATIONSERVICE']._serialized_start=1938
-  _globals['_GENERATIONSERVICE']._serialized_end=2166
+  _globals['_GENERATEREQUEST']._serialized_end=780
+  _globals['_CHATMESSAGE']._serialized_start=782
+  _globals['_CHATMESSAGE']._serialized_end=826
+  _globals['_CONVERSATION']._serialized_start=828
+  _globals['_CONVERSATION']._serialized_end=882
+  _globals['_TOPLOGPROB']._serialized_start=884
+  _globals['_TOPLOGPROB']._serialized_end=931
+  _globals['_TOKENLOGPROB']._serialized_start=933
+  _globals['_TOKENLOGPROB']._serialized_end=1016
+  _globals['_CHUNK']._serialized_start=1018
+  _globals['_CHUNK']._serialized_end=1118
+  _globals['_USAGE']._serialized_start=1120
+  _globals['_USAGE']._serialized_end=1207
+  _globals['_TIMING']._serialized_start=1209
+  _globals['_TIMING']._serialized_end=1300
+  _globals['_COMPLETE']._serialized_start=1302
+  _globals['_COMPLETE']._serialized_end=1422
+  _globals['_GENERATERESPONSE']._serialized_start=1424
+  _globals['_GENERATERESPONSE']._serialized_end=1543
+  _globals['_TOKENIZEREQUEST']._serialized_start=1545
+  _globals['_TOKENIZEREQUEST']._serialized_end=1604
+  _globals['_TOKENIZERESPONSE']._serialized_start=1606
+  _globals['_TOKENIZERESPONSE']._serialized_end=1643
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1645
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1666
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1669
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1888
+  _globals['_GENERATIONSERVICE']._serialized_start=2174
+  _globals['_GENERATIONSERVICE']._serialized_end=2402
 # @@protoc_insertion_point(module_scope)
