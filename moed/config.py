@@ -34,6 +34,11 @@ class Config:
     log_level: str = _setting("info", "server", str)
     tokenizer_processes: int = _setting(2, "server", int)        # 0: one thread in the daemon
     engine_process: bool = _setting(True, "server", bool)        # the engine in its own process
+    # the OpenAI-compatible HTTP API (and /health, /metrics)
+    http_host: str = _setting("127.0.0.1", "server", str)
+    http_port: int = _setting(8000, "server", int, nullable=True)   # 0: any free port; None: off
+    api_key: str = _setting(None, "server", str, nullable=True)     # the HTTP API's bearer token
+    served_model_name: str = _setting(None, "server", str, nullable=True)  # None: the directory's
     # engine
     device: str = _setting("auto", "engine", str)
     accel: str = _setting("auto", "engine", str)                 # auto | off | cpu
@@ -89,6 +94,10 @@ class Config:
             _bad("num_kv_blocks", f"must be >= 1 or null, got {self.num_kv_blocks}")
         if not 0 <= self.port <= 65535:
             _bad("port", f"must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            _bad("http_port", f"must be in [0, 65535] or null, got {self.http_port}")
+        if self.api_key == "":
+            _bad("api_key", "is empty (null: no key)")
         if (self.max_num_batched_tokens or BATCHED_TOKENS) < self.max_num_seqs:
             _bad("max_num_batched_tokens", "must be >= engine.max_num_seqs (every running "
                  "sequence decodes one token per step)")
@@ -192,5 +201,7 @@ def load_config(path=None, overrides=None, env=None):
     values = read_yaml(path) if path else {}
     if env.get("MOED_ADMIN_TOKEN"):
         values["admin_token"] = env["MOED_ADMIN_TOKEN"]
+    if env.get("MOED_API_KEY"):
+        values["api_key"] = env["MOED_API_KEY"]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return Config(**values)

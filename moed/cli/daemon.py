@@ -26,6 +26,8 @@ FLAGS = {   # flag -> (setting, type)
     "--num-kv-blocks": ("num_kv_blocks", int), "--max-waiting": ("max_waiting", int),
     "--experts": ("experts", str), "--log-level": ("log_level", str),
     "--tokenizer-processes": ("tokenizer_processes", int),
+    "--http-host": ("http_host", str), "--http-port": ("http_port", int),
+    "--served-model-name": ("served_model_name", str),
 }
 
 
@@ -54,6 +56,10 @@ async def serve(cfg, model_dir):
     app = MoedServer(cfg, model_dir)
     port = await app.start()
     print(f"moed: listening on {cfg.host}:{port} (model {model_dir})", file=sys.stderr, flush=True)
+    if app.http is not None:
+        scheme = "https" if cfg.tls else "http"
+        print(f"moed: HTTP API on {scheme}://{cfg.http_host}:{app.http.port}/v1 (model name "
+              f"{app.served_model_name!r})", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     _install_signals(stop)
     ready = asyncio.create_task(app.wait_ready())

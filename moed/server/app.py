@@ -52,15 +52,21 @@ def plaintext_exposure(cfg):
     """A warning when the daemon listens beyond this machine without TLS, else None."""
     if cfg.tls:
         return None
-    host = cfg.host.strip("[]")
-    try:
-        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        pass                            # a host name: it may well be reachable
-    return (f"listening on {cfg.host} without TLS: prompts, outputs and the admin token "
+    hosts = [cfg.host] + ([cfg.http_host] if cfg.http_port is not None else [])
+    exposed = next((h for h in hosts if not is_loopback(h)), None)
+    if exposed is None:
+        return None
+    return (f"listening on {exposed} without TLS: prompts, outputs and the admin token "
             "cross the network in the clear; set server.tls_cert_file and "
             "server.tls_key_file, or bind 127.0.0.1")
+
+
+def is_loopback(host):
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False                    # a host name: it may well be reachable
 
 
 class MoedServer:
@@ -70,17 +76,24 @@ class MoedServer:
         self._make_engine = make_engine or default_engine_factory(self.model_dir, cfg)
         self.telemetry = telemetry or Telemetry(cfg.service_name, self.model_dir.name)
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self.ready = False
         self.draining = False
         self.active_streams = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.port = None
+        self.http = None                        # HttpServer (the OpenAI API), when on
         self.engine_loop = None
         self.server = None
         self.health = health.aio.HealthServicer()
         self.tokenizers = None                  # TokenizerPool, from start()
         self.reasoning_tags = None              # (<think>, </think>) ids, for reasoning models
+
+    @property
+    def served_model_name(self):
+        """The model's name on the HTTP API."""
+        return self.cfg.served_model_name or self.model_dir.name
 
     # -- lifecycle
     async def start(self):
@@ -89,10 +102,14 @@ class MoedServer:
                                       on_finish=self.telemetry.record,
                                       on_dead=self._engine_died,
                                       on_worker=self._worker_changed)
+        self.telemetry.engine_stats = lambda: self.engine_loop.snapshot.stats
         self.tokenizers = TokenizerPool(self.model_dir, self.cfg.tokenizer_processes,
                                         lambda: self.engine_loop.engine.tokenizer)
         self.server = self._build_server()
         self.port = self._bind()
+        if self.cfg.http_port is not None:      # bound now: a bad port fails the start
+            from moed.server.http_api import HttpServer
+            self.http = HttpServer(self)
         warning = plaintext_exposure(self.cfg)
         if warning:
             log.warning(warning)
@@ -100,6 +117,8 @@ class MoedServer:
         await self._set_ready_health()
         await self.health.set(ADMIN, SERVING)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         self.tokenizers.start()
         self.engine_loop.start()
         self._load_task = asyncio.create_task(self._await_load())
@@ -197,6 +216,8 @@ class MoedServer:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
         await self.server.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.stop()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.engine_loop.stop, 10.0)
         await loop.run_in_executor(None, self.tokenizers.shutdown)

@@ -211,6 +211,7 @@ class EngineLoop:
         tracked.num_prompt_tokens = len(seq.prompt_ids)
         if seq.prefill_plan is not None:
             tracked.prefill_plan = seq.prefill_plan.summary()
+            tracked.prefill_path = seq.prefill_plan.path
         self._loop.call_soon_threadsafe(_resolve, fut, rid, None)
 
     def _cmd_abort(self, tracked, fut):
@@ -295,6 +296,7 @@ class EngineLoop:
             tracked.t_first_token = now
         tracked.num_output_tokens = out.num_output_tokens
         tracked.num_prompt_tokens = out.num_prompt_tokens or tracked.num_prompt_tokens
+        tracked.num_cached_tokens = getattr(out, "num_cached_tokens", 0)
         if not out.finished:
             return Event(out)
         self._tracked.pop(out.request_id, None)

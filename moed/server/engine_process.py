@@ -54,8 +54,8 @@ def answer(engine, cmd):
     if kind == "add":
         rid = engine.add_request(*args)
         seq = engine.seqs[rid]
-        plan = seq.prefill_plan.summary() if seq.prefill_plan is not None else None
-        return rid, len(seq.prompt_ids), plan
+        plan = seq.prefill_plan
+        return rid, len(seq.prompt_ids), (plan.summary(), plan.path) if plan is not None else None
     if kind == "abort":
         return engine.abort_request(*args)
     if kind == "step":
@@ -80,6 +80,7 @@ class SeqView:
 @dataclass
 class PlanView:
     text: str
+    path: str
 
     def summary(self):
         return self.text
@@ -152,7 +153,7 @@ class RemoteEngine:
     # -- what the server calls
     def add_request(self, prompt, params, request_id=None):
         rid, n, plan = self._call("add", prompt, params, request_id)
-        self.seqs[rid] = SeqView(range(n), 0, PlanView(plan) if plan else None)
+        self.seqs[rid] = SeqView(range(n), 0, PlanView(*plan) if plan else None)
         self._unfinished = True
         return rid
 

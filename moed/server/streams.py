@@ -32,8 +32,8 @@ class Update:
 
 
 async def stream(app, tracked, split_reasoning=False):
-    """Admit `tracked` and yield its Updates; raises RequestRejected (admission, or the
-    request's failure in the engine). `split_reasoning`: a chat reply of a model with
+    """Admit `tracked` and yield its Updates, the first (empty) once it is admitted; raises
+    RequestRejected (admission, or the request's failure in the engine). `split_reasoning`: a chat reply of a model with
     <think> tags (app.reasoning_tags)."""
     events = asyncio.Queue()
     tracked.sink = events.put_nowait
@@ -43,6 +43,7 @@ async def stream(app, tracked, split_reasoning=False):
     async with app.stream_slot():
         try:
             await app.engine_loop.submit(tracked)
+            yield Update()                      # admitted: the front end may answer now
             while not finished:
                 batch = [await events.get()]
                 while not events.empty():

@@ -1,5 +1,8 @@
 """OpenTelemetry: one span per request with queue / prefill / decode children,
-and the GenAI semantic-convention server metrics.
+and the GenAI semantic-convention server metrics, with the engine's own gauges
+(running / waiting requests, KV blocks, prefix cache) and per-prefill-path figures.
+Prometheus reads them all at the HTTP API's /metrics through OpenTelemetry's
+Prometheus exporter, on a registry of this server's own.
 
 Spans are written when the request finishes, with the timestamps the engine
 thread recorded, so the hot loop never holds a live span. Providers are this
@@ -10,7 +13,10 @@ OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise nothing leaves the process.
 import os
 
 from opentelemetry import trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry, generate_latest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -46,12 +52,21 @@ class Telemetry:
         if span_exporter is not None:
             processor = BatchSpanProcessor if batch else SimpleSpanProcessor
             self.tracer_provider.add_span_processor(processor(span_exporter))
-        self.meter_provider = MeterProvider(resource=resource,
-                                            metric_readers=[metric_reader] if metric_reader else [])
+        self.prometheus = CollectorRegistry(auto_describe=True)
+        readers = [PrometheusMetricReader(registry=self.prometheus)]
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers + (
+            [metric_reader] if metric_reader else []))
         self.tracer = self.tracer_provider.get_tracer("moed.server")
         self.model_name = model_name
         self.server_address = server_address     # (host, port) once bound
-        self._make_instruments(self.meter_provider.get_meter("moed.server"))
+        self.engine_stats = lambda: {}           # () -> the engine's latest stats (a dict)
+        meter = self.meter_provider.get_meter("moed.server")
+        self._make_instruments(meter)
+        self._make_engine_gauges(meter)
+
+    def prometheus_text(self):
+        """Every metric in Prometheus' text format (what /metrics serves)."""
+        return generate_latest(self.prometheus)
 
     def _make_instruments(self, meter):
         self.ttft = meter.create_histogram(
@@ -72,6 +87,43 @@ class Telemetry:
             "gen_ai.client.token.usage", unit="{token}",
             description="Input and output tokens per request",
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+
+        self.prompt_tokens = meter.create_counter(
+            "moed.prompt_tokens", unit="{token}", description="Prompt tokens of finished requests")
+        self.cached_tokens = meter.create_counter(
+            "moed.prompt_tokens.cached", unit="{token}",
+            description="Prompt tokens found in the prefix cache (not computed again)")
+        self.generation_tokens = meter.create_counter(
+            "moed.generation_tokens", unit="{token}", description="Tokens generated")
+        self.prefill_duration = meter.create_histogram(
+            "moed.prefill.duration", unit="s",
+            description="Prefill time (first scheduled to first token) by prefill path",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.prefill_tokens = meter.create_counter(
+            "moed.prefill.tokens", unit="{token}", description="Prompt tokens prefilled, by path")
+
+    def _make_engine_gauges(self, meter):
+        """The engine thread's latest snapshot, read when a scrape or export asks."""
+        gauges = (("moed.requests.running", "num_running", "{request}", "Requests running"),
+                  ("moed.requests.waiting", "num_waiting", "{request}", "Requests waiting"),
+                  ("moed.kv_cache.blocks_used", "kv_blocks_used", "{block}", "KV blocks in use"),
+                  ("moed.kv_cache.blocks_total", "kv_blocks_total", "{block}", "KV blocks in all"),
+                  ("moed.kv_cache.blocks_cached", "kv_blocks_cached", "{block}",
+                   "Unused KV blocks kept for their prefix"))
+        for name, key, unit, description in gauges:
+            meter.create_observable_gauge(name, [self._observe(key)], unit=unit,
+                                          description=description)
+        for name, key, description in (
+                ("moed.prefix_cache.queries", "prefix_cache_queries", "Prompt tokens looked up"),
+                ("moed.prefix_cache.hits", "prefix_cache_hits", "Prompt tokens found")):
+            meter.create_observable_counter(name, [self._observe(key)], unit="{token}",
+                                            description=description)
+
+    def _observe(self, key):
+        def callback(options):
+            value = self.engine_stats().get(key)
+            return [] if value is None else [Observation(value)]
+        return callback
 
     def base_attributes(self):
         attrs = {"gen_ai.operation.name": OPERATION, "gen_ai.provider.name": PROVIDER,
@@ -97,6 +149,14 @@ class Telemetry:
                 self.tpot.record(decode_s / (t.num_output_tokens - 1), attrs)
         self.tokens.record(t.num_prompt_tokens, dict(attrs, **{"gen_ai.token.type": "input"}))
         self.tokens.record(t.num_output_tokens, dict(attrs, **{"gen_ai.token.type": "output"}))
+        self.prompt_tokens.add(t.num_prompt_tokens, attrs)
+        self.cached_tokens.add(t.num_cached_tokens, attrs)
+        self.generation_tokens.add(t.num_output_tokens, attrs)
+        if t.t_scheduled is not None and t.t_first_token is not None:
+            path = dict(attrs, **{"moed.prefill.path": t.prefill_path,
+                                  "moed.prefill.where": t.prefill_where})
+            self.prefill_duration.record((t.t_first_token - t.t_scheduled) / 1e9, path)
+            self.prefill_tokens.add(t.num_prompt_tokens - t.num_cached_tokens, path)
 
     def _record_spans(self, t, attrs):
         root = self.tracer.start_span(f"{OPERATION} {self.model_name}".strip(),
@@ -111,6 +171,8 @@ class Telemetry:
             self._child("prefill", ctx, start_prefill, end_prefill,
                         {"moed.prefill.chunks": t.prefill_chunks,
                          "moed.prefill.tokens": t.num_prompt_tokens,
+                         "moed.prefill.cached_tokens": t.num_cached_tokens,
+                         "moed.prefill.path": t.prefill_path,
                          "moed.prefill.plan": t.prefill_plan or "fixed budget",
                          "moed.prefill.where": t.prefill_where})
         if t.t_first_token is not None:

@@ -24,6 +24,8 @@ class Tracked:
     t_finished: int = None
     prefill_chunks: int = 0
     prefill_plan: str = ""          # the planner's choice for its prompt (path, chunk, why)
+    prefill_path: str = "cpu"       # cpu | slp | dslp (the planner's; cpu under a fixed budget)
+    num_cached_tokens: int = 0      # prompt tokens found in the prefix cache
     prefill_where: str = "engine"   # engine | prefill worker
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
