@@ -13,8 +13,8 @@ TOKEN = "ctl-token"
 
 @pytest.fixture(scope="module")
 def target(tiny_model_dir):
-    cfg = Config(port=0, admin_token=TOKEN, device="cpu", experts="torch", max_num_seqs=16,
-                 max_num_batched_tokens=64)
+    cfg = Config(port=0, http_port=0, admin_token=TOKEN, device="cpu", experts="torch",
+                 max_num_seqs=16, max_num_batched_tokens=64)
     with BackgroundServer(cfg, tiny_model_dir("qwen3_moe", "bf16")) as srv:
         yield srv.target
 

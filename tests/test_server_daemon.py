@@ -64,7 +64,7 @@ def wait_serving(channel, patience_s=120):
 def test_sigterm_drains_inflight_stream_then_exits_0(tiny_model_dir):
     env = dict(os.environ, MOED_ADMIN_TOKEN="t")
     proc = moed("--model", str(tiny_model_dir("qwen3_moe", "bf16")), "--port", "0",
-                "--device", "cpu", "--experts", "torch", env=env)
+                "--http-port", "0", "--device", "cpu", "--experts", "torch", env=env)
     try:
         target = wait_listening(proc)
         channel = grpc.insecure_channel(target)
@@ -97,7 +97,7 @@ def test_sigterm_drains_a_prompt_in_the_prefill_worker_and_stops_the_worker(tiny
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("a prefill worker needs 2 CPUs")
     model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=1024)
-    proc = moed("--model", str(model), "--port", "0", "--device", "cpu",
+    proc = moed("--model", str(model), "--port", "0", "--http-port", "0", "--device", "cpu",
                 "--max-num-batched-tokens", "32", "--max-num-seqs", "8",
                 env=dict(os.environ, MOED_ADMIN_TOKEN="t"))
     lines = []

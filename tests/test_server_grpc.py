@@ -27,8 +27,9 @@ CODE = grpc.StatusCode
 
 
 def server_config(**kw):
-    base = dict(port=0, admin_token=TOKEN, device="cpu", experts="torch", max_num_seqs=16,
-                max_num_batched_tokens=64, max_waiting=64, max_prompt_chars=4096)
+    base = dict(port=0, http_port=0, admin_token=TOKEN, device="cpu", experts="torch",
+                max_num_seqs=16, max_num_batched_tokens=64, max_waiting=64,
+                max_prompt_chars=4096)
     return Config(**{**base, **kw})
 
 

@@ -140,7 +140,7 @@ def config(**engine):
     engine.setdefault("prefill_worker", "off")
     # the engine in this process: the tests watch its scheduler
     engine.setdefault("engine_process", False)
-    return Config(port=0, device="cpu", experts="cpu", tokenizer_processes=0,
+    return Config(port=0, http_port=0, device="cpu", experts="cpu", tokenizer_processes=0,
                   max_waiting=64, **engine)
 
 

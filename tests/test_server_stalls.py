@@ -92,7 +92,8 @@ def gone(pids, patience_s=30):
 def test_big_prompts_never_stall_running_streams(tiny_model_dir):
     # 8 layers: a ~16 ms step, well above the scheduling jitter of a busy 2-core machine
     model = tiny_model_dir("qwen3_moe", "bf16", num_hidden_layers=8)
-    proc = moed("--model", str(model), "--port", "0", "--device", "cpu", "--experts", "torch",
+    proc = moed("--model", str(model), "--port", "0", "--http-port", "0", "--device", "cpu",
+                "--experts", "torch",
                 "--max-num-seqs", "8", "--max-num-batched-tokens", "64", env=dict(os.environ))
     try:
         channel = grpc.insecure_channel(wait_listening(proc), options=[

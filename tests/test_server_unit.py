@@ -102,7 +102,7 @@ async def started(engine, **cfg):
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     telemetry = Telemetry("moed-test", "scripted", span_exporter=InMemorySpanExporter(),
                           batch=False)
-    app = MoedServer(Config(port=0, admin_token=TOKEN, **cfg), "/scripted",
+    app = MoedServer(Config(port=0, http_port=0, admin_token=TOKEN, **cfg), "/scripted",
                      make_engine=lambda: engine, telemetry=telemetry)
     await app.start()
     await app.wait_ready()

@@ -85,8 +85,9 @@ def summarize(results, wall, streams, prompt_tokens, output_tokens, info):
 
 def _progress_bar(total, show):
     from tqdm import tqdm
-    return tqdm(total=total, unit="tok", desc="bench", file=sys.stderr, disable=not show,
-                leave=False)
+    # a bar on a terminal only: in a log its redraws would be thousands of lines
+    return tqdm(total=total, unit="tok", desc="bench", file=sys.stderr, leave=False,
+                disable=not show or not sys.stderr.isatty())
 
 
 # -- bench --mixed: decoding streams while long prompts arrive

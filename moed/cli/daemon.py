@@ -9,6 +9,7 @@ new ones get UNAVAILABLE) and exits 0; a second Ctrl-C exits at once.
 """
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from moed.config import LOG_FORMAT, load_config
 from moed.errors import ConfigError, MoedError
 
 EXIT_CONFIG = 2
+DEMO_MODEL_NAME = "moed-demo"      # the built-in demo model's name on the HTTP API
 FLAGS = {   # flag -> (setting, type)
     "--model": ("model", str), "--host": ("host", str), "--port": ("port", int),
     "--device": ("device", str), "--max-num-seqs": ("max_num_seqs", int),
@@ -96,6 +98,8 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, overrides)
         model_dir = resolve_model(cfg)
+        if cfg.model is None and cfg.served_model_name is None:
+            cfg = dataclasses.replace(cfg, served_model_name=DEMO_MODEL_NAME)
     except ConfigError as e:
         print(f"moed: error: {e}", file=sys.stderr)
         return EXIT_CONFIG

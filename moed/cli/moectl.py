@@ -120,8 +120,18 @@ def cmd_status(client, args):
             "backends": r.backends or "-", "planner": r.planner or "-",
             "running": r.num_running, "waiting": r.num_waiting,
             "kv_blocks": f"{r.kv_blocks_used}/{r.kv_blocks_total}",
+            "kv_blocks_cached": r.kv_blocks_cached,
+            "prefix_cache_hit_rate": prefix_hit_rate(r),
             "tokens_per_s_1m": round(r.tokens_per_second, 2), "requests_served": r.requests_served}
     tables.emit(data, args.json)
+
+
+def prefix_hit_rate(r):
+    """Prompt tokens found in the prefix cache, of those looked up ("-" before any)."""
+    if not r.prefix_cache_queries:
+        return "-"
+    return (f"{100 * r.prefix_cache_hits / r.prefix_cache_queries:.1f}% "
+            f"({r.prefix_cache_hits}/{r.prefix_cache_queries} tokens)")
 
 
 def cmd_requests(client, args):

@@ -38,6 +38,7 @@ class ReasoningSplitter:
 
     def __init__(self, in_reasoning=False):
         self.in_reasoning = in_reasoning
+        self.seen_reasoning = False         # its first text: the newline after <think> goes
         self.seen_answer = False
         self.pending = ""
 
@@ -46,6 +47,11 @@ class ReasoningSplitter:
         reasoning, answer = [], []
         while text:
             if self.in_reasoning:
+                if not self.seen_reasoning:
+                    text = text.lstrip("\n")
+                    if not text:
+                        break
+                    self.seen_reasoning = True
                 at = text.find(THINK_CLOSE)
                 if at < 0:
                     keep = 0 if final else _partial_tag(text, THINK_CLOSE)
@@ -61,7 +67,7 @@ class ReasoningSplitter:
             else:                       # before the answer: a <think> may still open
                 head = text.lstrip()
                 if head.startswith(THINK_OPEN):
-                    text = head[len(THINK_OPEN):].lstrip("\n")
+                    text = head[len(THINK_OPEN):]
                     self.in_reasoning = True
                 elif not final and THINK_OPEN.startswith(head):
                     self.pending = text     # whitespace, or the tag's first characters

@@ -22,7 +22,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             uptime_seconds=time.monotonic() - app.started, num_running=stats["num_running"],
             num_waiting=stats["num_waiting"], kv_blocks_used=stats["kv_blocks_used"],
             kv_blocks_total=stats["kv_blocks_total"], tokens_per_second=loop.rate.per_second(),
-            draining=app.draining, ready=app.ready, requests_served=loop.requests_served)
+            draining=app.draining, ready=app.ready, requests_served=loop.requests_served,
+            prefix_cache_queries=stats.get("prefix_cache_queries", 0),
+            prefix_cache_hits=stats.get("prefix_cache_hits", 0),
+            kv_blocks_cached=stats.get("kv_blocks_cached", 0))
         if app.ready:
             info = loop.engine.model_info
             resp.model.CopyFrom(protocol.model_info_response(info, app.model_dir))

@@ -33,8 +33,8 @@ class Update:
 
 async def stream(app, tracked, split_reasoning=False):
     """Admit `tracked` and yield its Updates, the first (empty) once it is admitted; raises
-    RequestRejected (admission, or the request's failure in the engine). `split_reasoning`: a chat reply of a model with
-    <think> tags (app.reasoning_tags)."""
+    RequestRejected (admission, or the request's failure in the engine).
+    `split_reasoning`: a chat reply of a model with <think> tags (app.reasoning_tags)."""
     events = asyncio.Queue()
     tracked.sink = events.put_nowait
     tags = app.reasoning_tags if split_reasoning else None

@@ -159,8 +159,8 @@ def _write_at(fd, data, offset):
 def _progress(total, label):
     if label is None:
         return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=label, unit="B", unit_scale=True)
+    from moed.progress import progress
+    return progress(total, label)
 
 
 def open_or_build(cls, path, key, sections, verify=False, progress=None):
