@@ -425,3 +425,16 @@ def test_token_id_only_checkpoint(ids_only):
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
         assert "no tokenizer" in e.value.details()
     channel.close()
+
+
+def test_grpc_conversation_errors(grpc_gen):
+    for conv, field in ((pb.Conversation(), "messages.messages"),
+                        (pb.Conversation(messages=[pb.ChatMessage(content="x")]),
+                         "messages.messages[0].role"),
+                        (pb.Conversation(messages=[pb.ChatMessage(role="user",
+                                                                  content="x" * 5000)]),
+                         "messages.messages")):
+        with pytest.raises(grpc.RpcError) as e:
+            list(grpc_gen.Generate(pb.GenerateRequest(messages=conv)))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith(field), e.value.details()
