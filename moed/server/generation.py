@@ -36,9 +36,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             protocol.fit_max_new_tokens(params, request, len(prompt), ctx)
         except RequestRejected as r:
             await abort(context, r)
+        chat = protocol.is_chat(request)
         tracked = Tracked(request.request_id or new_request_id(), prompt, params,
-                          trace_context=propagate.extract(dict(context.invocation_metadata())))
-        updates = streams.stream(self.app, tracked, split_reasoning=protocol.is_chat(request))
+                          trace_context=propagate.extract(dict(context.invocation_metadata())),
+                          operation="chat" if chat else "text_completion")
+        updates = streams.stream(self.app, tracked, split_reasoning=chat)
         async with contextlib.aclosing(updates):
             try:
                 async for update in updates:

@@ -208,7 +208,8 @@ class OpenAIHandlers:
 
     async def _respond(self, fmt, ids, params, request, split_reasoning):
         tracked = Tracked(fmt.ids.id, ids, params,
-                          trace_context=propagate.extract(dict(request.headers)))
+                          trace_context=propagate.extract(dict(request.headers)),
+                          operation="chat" if split_reasoning else "text_completion")
         updates = streams.stream(self.server, tracked, split_reasoning=split_reasoning)
         try:
             await updates.__anext__()           # admitted (or refused: an error status)

@@ -21,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-OPERATION = "text_completion"
+OPERATION = "text_completion"      # a chat prompt's request: "chat" (Tracked.operation)
 PROVIDER = "moed"
 # Seconds; the bucket edges the GenAI conventions recommend for each metric.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -125,8 +125,8 @@ class Telemetry:
             return [] if value is None else [Observation(value)]
         return callback
 
-    def base_attributes(self):
-        attrs = {"gen_ai.operation.name": OPERATION, "gen_ai.provider.name": PROVIDER,
+    def base_attributes(self, operation=OPERATION):
+        attrs = {"gen_ai.operation.name": operation, "gen_ai.provider.name": PROVIDER,
                  "gen_ai.request.model": self.model_name}
         if self.server_address:
             attrs["server.address"], attrs["server.port"] = self.server_address
@@ -134,7 +134,7 @@ class Telemetry:
 
     def record(self, t):
         """A finished Tracked request -> its spans and metric points."""
-        attrs = self.base_attributes()
+        attrs = self.base_attributes(t.operation)
         self._record_spans(t, attrs)
         self._record_metrics(t, attrs)
 
@@ -159,7 +159,7 @@ class Telemetry:
             self.prefill_tokens.add(t.num_prompt_tokens - t.num_cached_tokens, path)
 
     def _record_spans(self, t, attrs):
-        root = self.tracer.start_span(f"{OPERATION} {self.model_name}".strip(),
+        root = self.tracer.start_span(f"{t.operation} {self.model_name}".strip(),
                                       context=t.trace_context, kind=trace.SpanKind.SERVER,
                                       start_time=t.t_arrival,
                                       attributes={**attrs, **request_attributes(t)})

@@ -18,6 +18,7 @@ class Tracked:
     params: object                  # SamplingParams
     sink: object = None             # callable(event) run on the asyncio loop; None: nobody listens
     trace_context: object = None    # OpenTelemetry parent context from the client's metadata
+    operation: str = "text_completion"  # GenAI operation: text_completion | chat
     t_arrival: int = field(default_factory=time.time_ns)
     t_scheduled: int = None         # first step that ran any of its prompt
     t_first_token: int = None
