@@ -54,6 +54,7 @@ class Config:
     block_size: int = _setting(16, "engine", int)
     kv_cache_dtype: str = _setting("bfloat16", "engine", str)     # bfloat16 | float32 | fp8_e4m3
     max_waiting: int = _setting(256, "engine", int)
+    prefix_caching: bool = _setting(True, "engine", bool)       # share KV blocks of common prefixes
     experts: str = _setting("auto", "engine", str)
     deterministic: bool = _setting(True, "engine", bool)
     verify_store: bool = _setting(False, "engine", bool)          # checksum the packed stores at start
@@ -131,7 +132,7 @@ class Config:
                     prefill_worker_cpus=self.prefill_worker_cpus,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
                     kv_cache_dtype=self.kv_cache_dtype,
-                    max_waiting=self.max_waiting,
+                    max_waiting=self.max_waiting, prefix_caching=self.prefix_caching,
                     # "auto" defers to the engine, which honours MOED_EXPERTS
                     experts=None if self.experts == "auto" else self.experts,
                     deterministic=self.deterministic,

@@ -4,6 +4,8 @@ A sequence owns a block table; token position p lives in slot
 block_table[p // block_size] * block_size + p % block_size of every layer's
 cache tensor [S, *kv_token_shape] (S = num_blocks * block_size).
 """
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
@@ -13,21 +15,42 @@ def blocks_for(num_tokens, block_size):
 
 
 class BlockManager:
-    """Free-list allocator of KV blocks; check-then-act pairs."""
+    """Free-list allocator of KV blocks; check-then-act pairs.
 
-    def __init__(self, num_blocks, block_size):
+    With prefix caching, a block full of computed tokens is registered under the hash of
+    its tokens and of every token before it (`chain_hash`); a later sequence whose prompt
+    starts with the same tokens shares it read-only (`ref` counts its holders). A block
+    nobody holds any more keeps its contents and its hash in `evictable` (least recently
+    used first) and is handed out again — its hash forgotten — only once the blocks never
+    registered are gone.
+    """
+
+    def __init__(self, num_blocks, block_size, prefix_caching=False):
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.free_blocks = list(range(num_blocks - 1, -1, -1))   # pop() gives 0, 1, ...
+        self.ref = [0] * num_blocks              # holders of each block
+        self.block_hash = [None] * num_blocks    # registered blocks: their chain hash
+        self.block_tokens = [None] * num_blocks  # ... and their tokens (no collision)
+        self.cached = {}                         # chain hash -> block
+        self.evictable = OrderedDict()           # block -> None: ref 0, registered; LRU first
+        self.queries = 0                         # prompt tokens looked up
+        self.hits = 0                            # of which found
 
     @property
     def num_free(self):
-        return len(self.free_blocks)
+        return len(self.free_blocks) + len(self.evictable)
 
     @property
     def num_used(self):
-        return self.num_blocks - len(self.free_blocks)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self):
+        """Blocks nobody holds, kept for their prefix."""
+        return len(self.evictable)
 
     def blocks_needed(self, block_table, num_tokens):
         return max(0, blocks_for(num_tokens, self.block_size) - len(block_table))
@@ -39,12 +62,90 @@ class BlockManager:
         """Extend `block_table` in place to hold `num_tokens` tokens."""
         need = self.blocks_needed(block_table, num_tokens)
         assert need <= self.num_free, "grow() without can_grow()"
-        block_table.extend(self.free_blocks.pop() for _ in range(need))
+        block_table.extend(self._take() for _ in range(need))
+
+    def _take(self):
+        if self.free_blocks:
+            block = self.free_blocks.pop()
+        else:                                    # the least recently used cached block
+            block, _ = self.evictable.popitem(last=False)
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = self.block_tokens[block] = None
+        assert self.ref[block] == 0
+        self.ref[block] = 1
+        return block
 
     def free(self, block_table):
-        self.free_blocks.extend(reversed(block_table))
+        """Let go of a sequence's blocks; its last blocks become the first to evict."""
+        for block in reversed(block_table):
+            assert self.ref[block] > 0, f"block {block} freed twice"
+            self.ref[block] -= 1
+            if self.ref[block]:
+                continue
+            if self.block_hash[block] is not None:
+                self.evictable[block] = None
+            else:
+                self.free_blocks.append(block)
         block_table.clear()
-        assert len(self.free_blocks) <= self.num_blocks
+        assert len(self.free_blocks) + len(self.evictable) <= self.num_blocks
+
+    # -- prefix caching
+    def lookup(self, tokens, max_tokens):
+        """-> (cached blocks, their chain hashes) of the longest cached prefix of
+        `tokens`, in whole blocks, covering at most `max_tokens` tokens."""
+        blocks, hashes, parent, bs = [], [], None, self.block_size
+        if not self.prefix_caching:
+            return blocks, hashes
+        for i in range(max_tokens // bs):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            parent = chain_hash(parent, chunk)
+            block = self.cached.get(parent)
+            if block is None or self.block_tokens[block] != chunk:
+                break
+            blocks.append(block)
+            hashes.append(parent)
+        return blocks, hashes
+
+    def can_share(self, shared, block_table, num_tokens):
+        """Whether `shared` (from lookup) plus new blocks up to num_tokens fit."""
+        idle = sum(1 for b in shared if self.ref[b] == 0)     # taken out of evictable
+        need = self.blocks_needed([None] * (len(block_table) + len(shared)), num_tokens)
+        return need + idle <= self.num_free
+
+    def share(self, block_table, shared):
+        """Append the cached blocks `shared` to an empty block table (one more holder)."""
+        assert not block_table, "share() starts a block table"
+        for block in shared:
+            if self.ref[block] == 0:
+                del self.evictable[block]
+            self.ref[block] += 1
+            block_table.append(block)
+
+    def count_lookup(self, looked_up, found):
+        self.queries += looked_up
+        self.hits += found
+
+    def register(self, block_table, hashes, tokens, num_computed):
+        """Register the blocks that `num_computed` tokens filled since the last call;
+        `hashes` (the sequence's chain, extended in place) says how far it got."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), num_computed // bs):
+            chunk = tuple(tokens(i * bs, (i + 1) * bs))
+            parent = chain_hash(parent, chunk)
+            hashes.append(parent)
+            block = block_table[i]
+            if parent in self.cached or self.block_hash[block] is not None:
+                continue            # the same prefix computed twice at once: one is kept
+            self.cached[parent] = block
+            self.block_hash[block], self.block_tokens[block] = parent, chunk
+
+
+def chain_hash(parent, tokens):
+    """A block's key: its tokens and (through `parent`) every token before them."""
+    return hash((parent, tokens))
 
 
 def allocate_kv_caches(model, num_blocks, block_size, dtype, device, shared=False):

@@ -50,6 +50,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: Exception = None         # finish_reason "error": what failed under this request
+    num_cached_tokens: int = 0      # prompt tokens found in the prefix cache
 
 
 def resolve_device(device):
@@ -68,7 +69,7 @@ class LLMEngine:
                  experts=None, linears=None, detokenize=True, deterministic=True,
                  verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
                  dual_batch="auto", accel_bandwidth=None, prefill_worker=False,
-                 tpot_target_ms=None, prefill_worker_cpus=None):
+                 tpot_target_ms=None, prefill_worker_cpus=None, prefix_caching=True):
         # accel: the hybrid engine (dense part on the device, routed experts on the host):
         # "auto" = on where the device is CUDA, "off", or "cpu" = over the CPU device (the
         # twin the tests run; accel_bandwidth caps its copies, bytes/s). prefill_path:
@@ -120,7 +121,7 @@ class LLMEngine:
         log.info("backends: %s", self.backends.summary())
         self.block_size = block_size
         num_blocks = num_kv_blocks or self._default_num_blocks(max_num_seqs, dtype)
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         log.info("KV cache: %d blocks of %d tokens, %s, %.0f MiB", num_blocks, block_size,
                  dtype_name(dtype), num_blocks * self._block_bytes(dtype) / 2**20)
         dbo = None
@@ -381,7 +382,10 @@ class LLMEngine:
         sched = self.scheduler
         room = sched.max_tokens if sched.tpot is None else \
             sched.tpot.budget(len(sched.running)) - len(sched.running)
-        return not seq.num_computed and seq.num_tokens > max(room, 1)
+        if seq.num_computed:
+            return False
+        cached, _ = self.blocks.lookup(seq.token_ids, seq.num_tokens - 1)
+        return seq.num_tokens - len(cached) * self.block_size > max(room, 1)
 
     def _waits_for_worker(self, seq):
         """While streams decode, a long prompt waits for the worker instead of sharing
@@ -446,6 +450,7 @@ class LLMEngine:
         if isinstance(result, Exception):
             return [self._fail(seq, result)]
         seq.num_computed = seq.num_tokens
+        self.scheduler.register(seq)            # what the worker wrote is shareable now
         seq.status = Status.RUNNING
         self.scheduler.running.append(seq)
         return [self._postprocess_or_fail(seq, sample(result[None], [seq])[0])]
@@ -454,7 +459,10 @@ class LLMEngine:
         return {"num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": self.blocks.num_used,
-                "kv_blocks_total": self.blocks.num_blocks}
+                "kv_blocks_total": self.blocks.num_blocks,
+                "kv_blocks_cached": self.blocks.num_cached,
+                "prefix_cache_queries": self.blocks.queries,
+                "prefix_cache_hits": self.blocks.hits}
 
     # -- the step
     def step(self):
@@ -479,6 +487,7 @@ class LLMEngine:
                                             time.perf_counter() - start)
             for seq, n in chunks:
                 seq.num_computed += n
+                self.scheduler.register(seq)
             seqs = [chunks[i][0] for i in due]
             sampled = sample(logits, seqs) if seqs else []
         return [self._postprocess_or_fail(seq, s) for seq, s in zip(seqs, sampled)]
@@ -494,6 +503,7 @@ class LLMEngine:
                 outputs.append(self._fail(seq, e))
                 continue
             seq.num_computed += n
+            self.scheduler.register(seq)
             if logits is not None:
                 outputs.append(self._postprocess_or_fail(seq, sample(logits, [seq])[0]))
         return outputs
@@ -513,7 +523,8 @@ class LLMEngine:
         self.scheduler.finish(seq)
         seq.finish_reason = "error"
         return RequestOutput(seq.request_id, [], "", None, True, "error", len(seq.prompt_ids),
-                             len(seq.output_ids), error=error)
+                             len(seq.output_ids), error=error,
+                             num_cached_tokens=seq.num_cached_tokens)
 
     def _text(self, seq, token_id, reason):
         if seq.detokenizer is None:
@@ -541,7 +552,8 @@ class LLMEngine:
         seq.text += text
         logprobs = None if s.logprob is None else [(s.token_id, s.logprob, s.top)]
         return RequestOutput(seq.request_id, [s.token_id], text, logprobs, reason is not None,
-                             reason, len(seq.prompt_ids), len(seq.output_ids))
+                             reason, len(seq.prompt_ids), len(seq.output_ids),
+                             num_cached_tokens=seq.num_cached_tokens)
 
 
 def next_text(detokenizer, stops, token_id, reason):

@@ -59,10 +59,9 @@ class Scheduler:
             if self.hold is not None and self.hold(seq):
                 held.append(self.waiting.popleft())
                 continue
-            n = self._chunk(seq, budget)
-            if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+            n = self._admit(seq, budget)
+            if n == 0:
                 break
-            self.blocks.grow(seq.block_table, seq.num_computed + n)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -70,6 +69,30 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(held))
         return chunks
+
+    def _admit(self, seq, budget):
+        """Blocks for a waiting sequence's first chunk, starting from the longest cached
+        prefix of its tokens (at least its last token is computed: its logits are needed).
+        -> the chunk's tokens, or 0 when the blocks do not fit (nothing taken)."""
+        assert not seq.block_table and seq.num_computed == 0
+        blocks = self.blocks
+        shared, hashes = blocks.lookup(seq.token_ids, seq.num_tokens - 1)
+        seq.num_computed = len(shared) * blocks.block_size
+        n = self._chunk(seq, budget)
+        if not blocks.can_share(shared, seq.block_table, seq.num_computed + n):
+            seq.num_computed = 0
+            return 0
+        blocks.share(seq.block_table, shared)
+        blocks.grow(seq.block_table, seq.num_computed + n)
+        blocks.count_lookup(seq.num_tokens, seq.num_computed)
+        seq.block_hashes = hashes
+        seq.num_cached_tokens = max(seq.num_cached_tokens,
+                                    min(seq.num_computed, len(seq.prompt_ids)))
+        return n
+
+    def register(self, seq):
+        """After a step: the blocks `seq` filled become shareable."""
+        self.blocks.register(seq.block_table, seq.block_hashes, seq.tokens, seq.num_computed)
 
     def step_budget(self, decodes, prefills):
         """Tokens this step may take: while decodes run, the TPOT target's budget
@@ -103,8 +126,9 @@ class Scheduler:
 
     def preempt(self, seq):
         self.running.remove(seq)
-        self.blocks.free(seq.block_table)
+        self.blocks.free(seq.block_table)       # its registered blocks stay cached
         seq.num_computed = 0
+        seq.block_hashes = []
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 

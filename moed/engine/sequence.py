@@ -23,6 +23,8 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0                   # tokens whose KV is in the cache
         self.block_table = []
+        self.block_hashes = []                  # chain hashes of its registered blocks
+        self.num_cached_tokens = 0              # prompt tokens found in the prefix cache
         self.detokenizer = detokenizer
         self.stops = stops                      # StopChecker over the output text
         self.text = ""                          # output text released so far (stops cut)
