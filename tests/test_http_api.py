@@ -438,3 +438,27 @@ def test_grpc_conversation_errors(grpc_gen):
             list(grpc_gen.Generate(pb.GenerateRequest(messages=conv)))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.details().startswith(field), e.value.details()
+
+
+def test_prefix_cache_hits_show_in_usage_status_and_metrics(client, server, base_url):
+    from moed.server.gen import admin_pb2 as apb
+    from moed.server.gen import admin_pb2_grpc
+    long_chat = [{"role": "system", "content": " ".join(f"rule {i}." for i in range(12))},
+                 {"role": "user", "content": "Go on."}]
+    kw = dict(model="tiny", messages=long_chat, temperature=0, max_tokens=4,
+              extra_body={"ignore_eos": True})
+    first = client.chat.completions.create(**kw)
+    again = client.chat.completions.create(**kw)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached >= again.usage.prompt_tokens - 16 > 0, again.usage
+    channel = grpc.insecure_channel(server.target)
+    status = admin_pb2_grpc.AdminServiceStub(channel).GetServerStatus(
+        apb.GetServerStatusRequest(), metadata=(("authorization", "Bearer t"),))
+    channel.close()
+    assert status.prefix_cache_hits >= cached
+    assert status.prefix_cache_queries > status.prefix_cache_hits
+    assert status.kv_blocks_cached > 0
+    text = httpx.get(f"{base_url}/metrics").text
+    hits = [line for line in text.splitlines() if line.startswith("moed_prefix_cache_hits")]
+    assert hits and float(hits[0].split()[-1]) >= cached
