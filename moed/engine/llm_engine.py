@@ -382,8 +382,10 @@ class LLMEngine:
         sched = self.scheduler
         room = sched.max_tokens if sched.tpot is None else \
             sched.tpot.budget(len(sched.running)) - len(sched.running)
-        if seq.num_computed:
+        if seq.num_computed or seq.num_tokens <= max(room, 1):
             return False
+        # what the prefix cache holds is not computed again (the lookup stops at its
+        # first miss: a prompt never seen costs one hash)
         cached, _ = self.blocks.lookup(seq.token_ids, seq.num_tokens - 1)
         return seq.num_tokens - len(cached) * self.block_size > max(room, 1)
 

@@ -308,8 +308,9 @@ TOKENIZERS = {
 }
 
 
-def train_tokenizer(spec, size):
-    """Byte-level BPE over the packaged corpus; deterministic, a few ms."""
+def train_tokenizer(spec, size, lines=None):
+    """Byte-level BPE over `lines` (default: the packaged corpus); deterministic, a few
+    ms on the packaged corpus."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = (
@@ -322,7 +323,9 @@ def train_tokenizer(spec, size):
     trainer = trainers.BpeTrainer(
         vocab_size=size - len(spec.trailing) - len(spec.plain), show_progress=False,
         special_tokens=list(spec.leading), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(True), trainer)
+    if lines is None:
+        lines = CORPUS.read_text(encoding="utf-8").splitlines(True)
+    tok.train_from_iterator(lines, trainer)
     first = tok.get_vocab_size()
     tok.add_special_tokens([name or f"<|reserved_token_{first + k}|>"
                             for k, name in enumerate(spec.trailing)])
@@ -479,12 +482,14 @@ def decoder_layer(arch, c, i):
 
 
 def model_params(arch, c):
-    """Every tensor of the checkpoint, in the order the layers use them."""
+    """Every tensor of the checkpoint, in the order the layers use them (no lm_head
+    when the embeddings are tied)."""
     D, V = c["hidden_size"], c["vocab_size"]
     layers = [x for i in range(c["num_hidden_layers"]) for x in decoder_layer(arch, c, i)]
+    head = ([] if c.get("tie_word_embeddings")
+            else [Param("lm_head.weight", (V, D), "lm_head", LOGIT_STD / math.sqrt(D))])
     return ([Param("model.embed_tokens.weight", (V, D), "embed")] + layers
-            + [norm("model.norm", D), Param("lm_head.weight", (V, D), "lm_head",
-                                            LOGIT_STD / math.sqrt(D))])
+            + [norm("model.norm", D)] + head)
 
 
 # ---------------------------------------------------------------- storage format
@@ -578,15 +583,16 @@ def init_values(p, seed, quiet):
     return w
 
 
-def stored_tensors(plan, seed, quiet, int4=None):
-    """Yield (Stored, tensor) in plan order; a quantized weight yields data then its
-    scales (and zero points, group indices)."""
+def stored_tensors(plan, values, seed=0, int4=None):
+    """Yield (Stored, tensor) in plan order, each Param's float32 values from
+    `values(param)` quantized as the plan says; a quantized weight yields data then
+    its scales (and zero points, group indices)."""
     pending = {}
     for s in plan:
         if s.is_scale:
             yield s, pending.pop(s.name)
             continue
-        w = init_values(s.param, seed, quiet)
+        w = values(s.param)
         if s.dtype == FP8_DTYPE:
             w, pending[s.name + "_scale_inv"] = quantize_fp8(w, FP8_BLOCK)
         elif s.name.endswith((".weight_packed", ".qweight")):
@@ -736,14 +742,31 @@ def build_tiny_model(out_dir, arch, fmt="bf16", seed=0, num_shards=2, overrides=
 
 
 def write_model(out, arch, fmt, seed, num_shards, overrides, tokenizer_vocab, int4=None):
-    out.mkdir(parents=True, exist_ok=True)
+    spec, tok, cfg = tokenizer_and_config(arch, fmt, overrides, tokenizer_vocab, int4)
+    quiet = quiet_tokens(tok, cfg["vocab_size"])
+    return write_model_dir(out, arch, fmt, spec, tok, cfg,
+                           lambda p: init_values(p, seed, quiet), num_shards, int4, seed)
+
+
+def tokenizer_and_config(arch, fmt, overrides=None, tokenizer_vocab=TOKENIZER_VOCAB, int4=None,
+                         corpus_lines=None):
+    """The tokenizer spec, a BPE trained on corpus_lines (default: the packaged corpus)
+    and config.json's contents for a checkpoint of `arch` in `fmt`."""
     spec = TOKENIZERS[arch]
-    tok = train_tokenizer(spec, min(tokenizer_vocab, (overrides or {}).get("vocab_size", 1 << 30)))
-    cfg = model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab, int4)
+    size = min(tokenizer_vocab, (overrides or {}).get("vocab_size", 1 << 30))
+    tok = train_tokenizer(spec, size, corpus_lines)
+    return spec, tok, model_config(arch, fmt, tok, spec, overrides, tokenizer_vocab, int4)
+
+
+def write_model_dir(out, arch, fmt, spec, tok, cfg, values, num_shards=1, int4=None, seed=0):
+    """Write a checkpoint directory: the tensors model_params lists for cfg, each
+    Param's float32 values from `values(param)` stored in `fmt` (random ones for the
+    tiny models, trained ones for the demo model), config, tokenizer files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     layout = LAYOUTS.get(arch, arch)
     plan = storage_plan(model_params(layout, cfg), fmt, layout, int4)
-    quiet = quiet_tokens(tok, cfg["vocab_size"])
-    write_checkpoint(out, plan, stored_tensors(plan, seed, quiet, int4), num_shards)
+    write_checkpoint(out, plan, stored_tensors(plan, values, seed, int4), num_shards)
     write_json(out / "config.json", cfg)
     write_json(out / "generation_config.json", generation_config(spec, tok))
     write_json(out / "tokenizer_config.json", tokenizer_config(spec, tok))
