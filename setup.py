@@ -58,7 +58,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["moed", "moed.*"]),
     include_package_data=True,
-    package_data={"moed": ["py.typed", "testing/tiny_corpus.txt"]},
+    package_data={"moed": ["py.typed", "testing/tiny_corpus.txt", "demo_model/*"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": ParallelBuildExt},
     install_requires=[

