@@ -154,7 +154,10 @@ def test_empty_prompt(llm):
 def test_bad_request_leaves_engine_clean(llm):
     with pytest.raises(MoedError):
         llm.generate([[10**9]], SamplingParams())
-    assert llm.engine.stats() == {"num_running": 0, "num_waiting": 0, "kv_blocks_used": 0,
-                                  "kv_blocks_total": llm.engine.blocks.num_blocks}
+    stats = llm.engine.stats()
+    assert {k: stats[k] for k in ("num_running", "num_waiting", "kv_blocks_used",
+                                  "kv_blocks_total", "prefix_cache_queries")} == {
+        "num_running": 0, "num_waiting": 0, "kv_blocks_used": 0,
+        "kv_blocks_total": llm.engine.blocks.num_blocks, "prefix_cache_queries": 0}
     assert len(llm.generate(["ok"], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
                .token_ids) == 3

@@ -138,6 +138,9 @@ class Watch:
 def config(**engine):
     # the prefill worker off unless asked: here long prompts are to chunk beside decodes
     engine.setdefault("prefill_worker", "off")
+    # the concurrent run must compute what the solo runs did, not find it cached
+    # (tests/test_prefix_cache.py holds the cache to the same outputs)
+    engine.setdefault("prefix_caching", False)
     # the engine in this process: the tests watch its scheduler
     engine.setdefault("engine_process", False)
     return Config(port=0, http_port=0, device="cpu", experts="cpu", tokenizer_processes=0,
