@@ -399,6 +399,8 @@ class HttpServer:
                                 timeout_graceful_shutdown=1)
         self.uvicorn = _Uvicorn(config)
         self.task = None
+        # its start and stop lines say nothing the daemon's own do not
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
     async def start(self):
         self.task = asyncio.create_task(self.uvicorn.serve(sockets=[self.sock]))
