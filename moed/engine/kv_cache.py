@@ -109,7 +109,7 @@ class BlockManager:
     def can_share(self, shared, block_table, num_tokens):
         """Whether `shared` (from lookup) plus new blocks up to num_tokens fit."""
         idle = sum(1 for b in shared if self.ref[b] == 0)     # taken out of evictable
-        need = self.blocks_needed([None] * (len(block_table) + len(shared)), num_tokens)
+        need = max(0, blocks_for(num_tokens, self.block_size) - len(block_table) - len(shared))
         return need + idle <= self.num_free
 
     def share(self, block_table, shared):
