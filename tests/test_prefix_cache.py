@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moed import LLM, SamplingParams
-from moed.engine.kv_cache import BlockManager
+from moed.engine.kv_cache import BlockManager, chain_hash
 
 BS = 4
 
@@ -29,6 +29,20 @@ def test_lookup_finds_whole_registered_blocks_only():
     assert bm.lookup(tokens, 7)[0] == table[:1]    # at most max_tokens tokens
     assert bm.lookup([0, 1, 2, 9] + tokens[4:], 10)[0] == []     # the first block differs
     assert bm.lookup(tokens[:4] + [7, 7, 7, 7], 10)[0] == table[:1]
+
+
+def test_a_block_key_stands_for_the_whole_chain_before_it():
+    first = chain_hash(None, (1, 2, 3, 4))
+    assert isinstance(first, bytes) and len(first) == 16
+    assert chain_hash(None, (1, 2, 3, 4)) == first                 # no per-process salt
+    assert chain_hash(first, (5, 6, 7, 8)) != chain_hash(chain_hash(None, (0, 2, 3, 4)),
+                                                         (5, 6, 7, 8))
+    assert chain_hash(None, (1, 2)) != chain_hash(None, (2, 1))
+    # two prompts that end in the same block but differ before it share nothing of it
+    bm = BlockManager(8, BS, prefix_caching=True)
+    a, _ = filled(bm, [1, 2, 3, 4, 5, 6, 7, 8])
+    assert bm.lookup([0, 2, 3, 4, 5, 6, 7, 8, 9], 8)[0] == []
+    assert bm.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9], 8)[0] == a
 
 
 def test_shared_blocks_are_counted_and_kept_until_the_last_holder():

@@ -4,6 +4,8 @@ A sequence owns a block table; token position p lives in slot
 block_table[p // block_size] * block_size + p % block_size of every layer's
 cache tensor [S, *kv_token_shape] (S = num_blocks * block_size).
 """
+import hashlib
+from array import array
 from collections import OrderedDict
 
 import numpy as np
@@ -144,8 +146,13 @@ class BlockManager:
 
 
 def chain_hash(parent, tokens):
-    """A block's key: its tokens and (through `parent`) every token before them."""
-    return hash((parent, tokens))
+    """A block's key: a 128-bit BLAKE2b digest of its parent's key (None for the first
+    block) and its tokens, so that it stands for every token up to the block's end. A
+    hit also compares the block's own tokens; the chain before it is trusted to the
+    digest (a collision takes ~2^64 blocks), not to Python's salted 64-bit hash()."""
+    digest = hashlib.blake2b(parent or b"", digest_size=16)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
 
 
 def allocate_kv_caches(model, num_blocks, block_size, dtype, device, shared=False):
