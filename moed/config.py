@@ -43,6 +43,7 @@ class Config:
     device: str = _setting("auto", "engine", str)
     accel: str = _setting("auto", "engine", str)                 # auto | off | cpu
     prefill_path: str = _setting("auto", "engine", str)          # auto | cpu | slp | dslp
+    dslp_ranks: int = _setting(None, "engine", int, nullable=True)  # None: every visible GPU
     dual_batch: str = _setting("auto", "engine", str)            # auto | on | off
     prefill_worker: str = _setting("auto", "engine", str)        # auto | on | off
     prefill_worker_cpus: int = _setting(None, "engine", int, nullable=True)  # None: half
@@ -128,7 +129,7 @@ class Config:
                     max_num_batched_tokens=self.max_num_batched_tokens,
                     prefill_chunk=self.prefill_chunk, accel=self.accel,
                     prefill_path=self.prefill_path, dual_batch=self.dual_batch,
-                    prefill_worker=self.prefill_worker, tpot_target_ms=self.tpot_target_ms,
+                    dslp_ranks=self.dslp_ranks, prefill_worker=self.prefill_worker, tpot_target_ms=self.tpot_target_ms,
                     prefill_worker_cpus=self.prefill_worker_cpus,
                     num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
                     kv_cache_dtype=self.kv_cache_dtype,

@@ -62,3 +62,15 @@ def test_cuda_greedy_generation_runs(tiny_model_dir):
     llm = LLM(tiny_model_dir("qwen3_moe", "fp8"), device="cuda")
     out = llm.generate(["hello"], SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
     assert len(out[0].token_ids) == 16
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DSLP over NCCL needs 2 GPUs")
+def test_dslp_over_two_gpus_agrees_with_slp(tiny_model_dir):
+    d = tiny_model_dir("qwen3_moe", "fp8")
+    with LLM(d, device="cuda", prefill_path="slp", prefill_chunk=32) as llm:
+        slp = llm.logits(IDS)
+    with LLM(d, device="cuda", prefill_path="dslp", dslp_ranks=2, prefill_chunk=32) as llm:
+        assert "DSLP over 2 ranks" in llm.engine.backends.accel, llm.engine.backends.accel
+        dslp = llm.logits(IDS)
+        assert all(moe.experts.streamed.chunks > 0 for _, moe in llm.engine.model.moe_layers())
+    assert np.abs(dslp - slp).max() <= 1e-3 * np.abs(slp).max()

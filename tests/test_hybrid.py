@@ -107,7 +107,7 @@ def test_bad_settings_are_refused(tiny_model_dir):
                           ({"dual_batch": "sometimes"}, "dual_batch"),
                           ({"prefill_path": "slp"}, "prefill_path"),
                           ({"accel": "cpu", "prefill_path": "fast"}, "prefill_path"),
-                          ({"accel": "cpu", "prefill_path": "dslp"}, "prefill_path")):
+                          ({"accel": "cpu", "prefill_path": "dslp"}, "dslp_ranks")):
         with pytest.raises(ConfigError) as e:
             LLM(model, device="cpu", **kwargs)
         assert e.value.field == field, kwargs

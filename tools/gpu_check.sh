@@ -22,7 +22,7 @@ run env $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cu
 run install env MOED_BUILD_JOBS=8 $PY -m pip install --no-build-isolation --no-deps -e .
 run tests $PY -m pytest -q -rs tests/test_cuda.py tests/test_accel_device.py \
     tests/test_accel_streamed.py tests/test_accel_tiles.py tests/test_hybrid.py \
-    tests/test_planner.py
+    tests/test_planner.py tests/test_dslp_engine.py
 for bench in tools/bench_gpu*.py; do
     [ -e "$bench" ] && run "$(basename "$bench" .py)" $PY "$bench"
 done

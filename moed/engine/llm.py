@@ -35,6 +35,16 @@ class LLM:
         self.engine = LLMEngine(model_dir, device, **engine_kwargs)
         self.tokenizer = self.engine.tokenizer
 
+    def close(self):
+        """Stop the engine's helper processes (prefill worker, DSLP ranks)."""
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     @property
     def model_info(self):
         return self.engine.model_info

@@ -4,6 +4,7 @@
 
 Not thread-safe: one thread owns it (the server's engine thread, or LLM).
 """
+import dataclasses
 import itertools
 import threading
 import time
@@ -69,7 +70,8 @@ class LLMEngine:
                  experts=None, linears=None, detokenize=True, deterministic=True,
                  verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
                  dual_batch="auto", accel_bandwidth=None, prefill_worker=False,
-                 tpot_target_ms=None, prefill_worker_cpus=None, prefix_caching=True):
+                 tpot_target_ms=None, prefill_worker_cpus=None, prefix_caching=True,
+                 dslp_ranks=None):
         # accel: the hybrid engine (dense part on the device, routed experts on the host):
         # "auto" = on where the device is CUDA, "off", or "cpu" = over the CPU device (the
         # twin the tests run; accel_bandwidth caps its copies, bytes/s). prefill_path:
@@ -77,11 +79,8 @@ class LLMEngine:
         # on | off (two decode micro-batches, one's CPU experts beside the other's GPU work)
         # an explicit max_num_batched_tokens fixes every step's budget (the planner's
         # chunk choice applies only when it is left unset or prefill_chunk is a number)
+        # dslp_ranks: the ranks of DSLP (None: every visible GPU; the CPU device needs it)
         fixed_budget = max_num_batched_tokens is not None
-        if prefill_path == "dslp":
-            raise ConfigError("prefill_path='dslp' needs a worker per GPU, which the engine "
-                              "does not run yet: use 'slp' (one GPU) or 'auto'",
-                              field="prefill_path")
         max_num_batched_tokens = max_num_batched_tokens or BATCHED_TOKENS
         # kv_cache_dtype None: bfloat16, float32 on the torch reference path (the tests'
         # oracle, float32 throughout)
@@ -109,15 +108,17 @@ class LLMEngine:
         else:
             from moed.backends.accel.install import install as install_accel
             self.model = load_model(ckpt, self.device, expert_device=torch.device("cpu"))
-            slp = prefill_path == "slp" or (
-                prefill_path == "auto" and self.accel_device.kind == "cuda")
+            cuda = self.accel_device.kind == "cuda"
+            slp = prefill_path in ("slp", "dslp") or (prefill_path == "auto" and cuda)
             ring, budget = 2, None
-            if slp and self.accel_device.kind == "cuda":
+            if slp and cuda:
                 budget = self._ring_budget()       # None: the GPU could not be measured
                 ring = "auto" if budget is not None else 2
+            dslp = self._dslp_spec(prefill_path, dslp_ranks, model_dir, accel_bandwidth)
             self.backends, self.accel = install_accel(
                 self.model, model_dir, self.accel_device, deterministic=deterministic,
-                slp=slp, ring_length=ring, ring_budget=budget, verify_store=verify_store)
+                slp=slp, ring_length=ring, ring_budget=budget, verify_store=verify_store,
+                dslp=dslp, dslp_optional=prefill_path == "auto")
         log.info("backends: %s", self.backends.summary())
         self.block_size = block_size
         num_blocks = num_kv_blocks or self._default_num_blocks(max_num_seqs, dtype)
@@ -142,7 +143,7 @@ class LLMEngine:
         if tpot_target_ms is not None:
             self.scheduler.tpot = TPOTBudget.from_ms(tpot_target_ms, max_num_batched_tokens,
                                                      self._per_token_s())
-        if prefill_path == "slp" and self.accel is None:
+        if prefill_path in ("slp", "dslp") and self.accel is None:
             raise ConfigError(f"prefill_path={prefill_path!r} needs the hybrid engine "
                               f"(accel='auto' on a CUDA device, or accel='cpu')",
                               field="prefill_path")
@@ -184,6 +185,24 @@ class LLMEngine:
             return CPUDevice(bandwidth, keep_log=False)
         from moed.backends.accel.cuda_device import CUDADevice
         return CUDADevice(self.device.index or 0)
+
+    def _dslp_spec(self, prefill_path, ranks, model_dir, bandwidth):
+        """The DSLP group's RankSpec, or None (one device streams, or none does)."""
+        from moed.backends.accel.dslp import RankSpec
+        if ranks is not None and (isinstance(ranks, bool) or not isinstance(ranks, Integral)
+                                  or ranks < 1):
+            raise ConfigError(f"dslp_ranks must be a positive number of ranks, got {ranks!r}",
+                              field="dslp_ranks")
+        cuda = self.accel_device.kind == "cuda"
+        if ranks is None:
+            ranks = torch.cuda.device_count() if cuda else None
+        if prefill_path == "dslp" and (ranks is None or ranks < 2):
+            raise ConfigError("prefill_path='dslp' needs 2 or more ranks: " + (
+                f"{ranks} GPU is visible" if cuda else "set dslp_ranks (the CPU device)"),
+                field="dslp_ranks")
+        if prefill_path not in ("auto", "dslp") or ranks is None or ranks < 2:
+            return None
+        return RankSpec(str(model_dir), ranks, "cuda" if cuda else "cpu", bandwidth)
 
     def _wants_worker(self, setting, experts):
         """prefill_worker: True / "on" (an error where it cannot run), "auto" (where it
@@ -266,6 +285,9 @@ class LLMEngine:
         if self.accel_device is not None and self.accel_device.kind == "cuda":
             constants, free = self.gpu_constants()
             chunks = slp_chunks(shape, free)
+            group = self.accel.dslp if self.accel is not None else None
+            if group is not None and group.broken is None:     # DSLP streams on every rank
+                constants = dataclasses.replace(constants, num_gpus=group.spec.world_size)
         else:
             chunks = SLP_CHUNKS
         planner = PrefillPlanner(constants, shape, prefill_chunk,
@@ -366,7 +388,10 @@ class LLMEngine:
         return True
 
     def close(self):
-        """Stop the prefill worker (if any); the engine is not used after."""
+        """Stop the prefill worker and the DSLP ranks (if any); the engine is not used
+        after."""
+        if self.accel is not None:
+            self.accel.close()
         if self.worker is not None:
             self.worker.close()
         if self._replacement is not None:

@@ -442,10 +442,9 @@ def measure_gpu(device):
 
 
 def with_gpu(constants, device):
-    """constants with the GPU's figures measured now -> (constants, free device bytes).
-    The engine streams on one GPU: num_gpus stays 1 until DSLP runs in it (the layer
-    is built and tested, moed.backends.accel.expert_parallel; the ranks' workers are
-    not), so the planner never predicts a speed it cannot deliver."""
+    """constants with the GPU's figures measured now -> (constants, free device bytes),
+    for one GPU; the engine sets num_gpus to the DSLP group's ranks when it runs one
+    (moed.backends.accel.dslp), each rank streaming its share over its own link."""
     import dataclasses
 
     h2d, flops, free = measure_gpu(device)

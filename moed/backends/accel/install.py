@@ -28,21 +28,28 @@ class Accel:
     """What the engine keeps of the hybrid install: the device, the step route the
     model runner sets, the bridge's timings."""
 
-    def __init__(self, device, bridge, route, slp):
+    def __init__(self, device, bridge, route, slp, dslp=None):
         self.device, self.bridge, self.route, self.slp = device, bridge, route, slp
+        self.dslp = dslp            # the DSLPGroup (rank 0's side), or None
 
     def close(self):
+        if self.dslp is not None:
+            self.dslp.close()
         close = getattr(self.device, "close", None)
         if close is not None:
             close()
 
 
 def install(model, model_dir, device, *, deterministic=True, slp=False, ring_length=2,
-            ring_budget=None, verify_store=False):
+            ring_budget=None, verify_store=False, dslp=None, dslp_optional=False):
     """-> (BackendInfo, Accel). `device`: a moed.backends.accel Device (CUDADevice or
     CPUDevice); `slp`: build the streamed experts (only when the planner may choose
     stream-loading prefill: they hold a host staging copy of the experts), every layer
-    over one ring of ring_length slots ("auto": chosen under ring_budget, a RingBudget)."""
+    over one ring of ring_length slots ("auto": chosen under ring_budget, a RingBudget).
+    `dslp`: a moed.backends.accel.dslp.RankSpec: the streamed rows go through a DSLP
+    group of that many ranks instead (this process rank 0, on `device`), each rank
+    streaming its share of the experts; dslp_optional: a group that cannot start is
+    logged and SLP on `device` alone serves instead."""
     refs = {i: moe.experts for i, moe in model.moe_layers()}
     if device.kind == "cpu":
         from moed.backends.cpu.install import install as install_cpu
@@ -52,10 +59,25 @@ def install(model, model_dir, device, *, deterministic=True, slp=False, ring_len
         info = install_device_dense(model, model_dir, device, verify_store)
     bridge, route = HostBridge(device), StepRoute()
     first = None
-    staging = staging_for(refs.values()) if slp else None
+    staging = staging_for(refs.values()) if slp or dslp else None
+    group = None
+    if dslp is not None:
+        import dataclasses
+        from moed.backends.accel.dslp import DSLPGroup
+        try:
+            group = DSLPGroup(refs, dataclasses.replace(dslp, ring_length=ring_length,
+                                                        budget=ring_budget, staging=staging),
+                              device)
+        except Exception as e:
+            if not dslp_optional:
+                raise
+            log.warning("DSLP over %d ranks cannot start (%s): stream-loading prefill on "
+                        "one device", dslp.world_size, e)
     for i, moe in model.moe_layers():
         streamed = None
-        if slp:
+        if group is not None:
+            streamed = group.experts(i, fallback=moe.experts)
+        elif slp:
             from moed.backends.accel.streamed_experts import StreamedExperts
             streamed = StreamedExperts.from_reference(refs[i], device, ring_length,
                                                       ring_budget, share=first,
@@ -66,8 +88,9 @@ def install(model, model_dir, device, *, deterministic=True, slp=False, ring_len
     where = f"{device.kind}" + ("" if device.kind == "cpu" else f" ({device.torch_device})")
     info.accel = f"hybrid on {where}: experts on the host" + (
         f", stream-loading prefill (one ring of {first.ring.length} slots, {staging} "
-        f"staging)" if first else "")
-    return info, Accel(device, bridge, route, slp)
+        f"staging)" if first else "") + (
+        f", DSLP over {group.spec.world_size} ranks ({staging} staging)" if group else "")
+    return info, Accel(device, bridge, route, slp or group is not None, group)
 
 
 def staging_for(layers):
