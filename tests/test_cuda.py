@@ -74,3 +74,21 @@ def test_dslp_over_two_gpus_agrees_with_slp(tiny_model_dir):
         dslp = llm.logits(IDS)
         assert all(moe.experts.streamed.chunks > 0 for _, moe in llm.engine.model.moe_layers())
     assert np.abs(dslp - slp).max() <= 1e-3 * np.abs(slp).max()
+
+
+def test_prefill_thread_beside_hybrid_decode(tiny_model_dir):
+    """Long prompts arriving mid-decode are prefilled by the prefill thread (SLP on its
+    own low-priority stream) while the streams decode; the first tokens agree with the
+    engine without it and every block is freed once."""
+    from test_prefill_worker import SETTINGS, staggered
+    d = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    kw = dict(device="cuda", prefill_path="slp", **SETTINGS)
+    single = staggered(LLM(d, prefill_worker="off", **kw), params)
+    with LLM(d, prefill_worker="on", **kw) as llm:
+        sent, original = [], llm.engine.worker.submit
+        llm.engine.worker.submit = lambda rid, *a: (sent.append(rid), original(rid, *a))[1]
+        two = staggered(llm, params)
+        assert sent, "no prompt went to the prefill thread"
+        assert llm.engine.blocks.num_used == 0
+    assert [t[0] for t in two] == [t[0] for t in single]

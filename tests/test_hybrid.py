@@ -139,3 +139,43 @@ def test_the_device_branch_agrees_within_the_contract(model):
     assert mean_kl(ref, got) <= 2 * mean_kl(ref, emu) + 1e-7, (mean_kl(ref, got), mean_kl(ref, emu))
     clear = clear_margin(ref, 0.5)
     assert (torch.from_numpy(got).argmax(-1) == ref.argmax(-1))[clear].all()
+
+
+# -- the hybrid engine's prefill worker: a thread on its own device stream
+def test_prefill_thread_gives_the_single_engines_bits(tiny_model_dir):
+    """Long prompts arriving mid-decode go to the prefill thread; with CPU-expert
+    prefill (chunking leaves their bits alone) the outputs are the engine's without it,
+    bit for bit, and every block is freed once."""
+    from test_prefill_worker import SETTINGS, staggered
+    model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
+    kw = dict(device="cpu", accel="cpu", prefill_path="cpu", **SETTINGS)
+    single = staggered(LLM(model, **kw), GREEDY)
+    with LLM(model, prefill_worker="on", **kw) as llm:
+        eng = llm.engine
+        assert type(eng.worker).__name__ == "PrefillThread"
+        sent, original = [], eng.worker.submit
+        eng.worker.submit = lambda rid, *a: (sent.append(rid), original(rid, *a))[1]
+        two = staggered(llm, GREEDY)
+        assert sent, "no prompt went to the prefill thread"
+        assert two == single
+        assert eng.blocks.num_used == 0, "every block freed once"
+
+
+def test_prefill_thread_runs_stream_loading_prefill(tiny_model_dir):
+    """With prefill_path slp the thread's prompt streams its experts (the decode steps
+    keep the host's): the first tokens agree with the engine without the thread within
+    the contract (SLP's bits follow the chunk, which differs)."""
+    from test_prefill_worker import SETTINGS, staggered
+    model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
+    kw = dict(device="cpu", accel="cpu", prefill_path="slp", **SETTINGS)
+    single = staggered(LLM(model, **kw), GREEDY)
+    with LLM(model, prefill_worker="on", **kw) as llm:
+        eng = llm.engine
+        sent, original = [], eng.worker.submit
+        eng.worker.submit = lambda rid, *a: (sent.append(a[-1]), original(rid, *a))[1]
+        streamed = [moe.experts.streamed for _, moe in eng.model.moe_layers()]
+        two = staggered(llm, GREEDY)
+        assert sent and all(plan.path == "slp" for plan in sent), sent
+        assert all(s.chunks > 0 for s in streamed)
+        assert eng.blocks.num_used == 0
+    assert [t[:2] for t in two] == [t[:2] for t in single]

@@ -131,12 +131,14 @@ class LLMEngine:
         elif dual_batch not in DUAL_BATCH:
             DualBatchPolicy(dual_batch)        # the same error for a bad value
         self.worker = self._replacement = None
-        kv = None
-        if self._wants_worker(prefill_worker, experts):
+        kv, wants_worker = None, self._wants_worker(prefill_worker, experts)
+        if wants_worker and self.accel is None:
             kv = self._start_worker(model_dir, num_blocks, block_size, dtype, experts, linears,
                                     deterministic, prefill_worker_cpus)
         self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.accel, dbo,
                                   kv_caches=kv)
+        if wants_worker and self.accel is not None:
+            self._start_prefill_thread()
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_waiting)
         if self.worker is not None:
             self.scheduler.hold = self._waits_for_worker
@@ -214,11 +216,24 @@ class LLMEngine:
         if setting != "auto":
             raise ConfigError(f"prefill_worker must be auto, on or off, got {setting!r}",
                               field="prefill_worker")
-        ok = self.accel is None and self.device.type == "cpu" and experts != "torch" and \
+        if self.accel is not None:          # the hybrid engine: a thread on its own stream
+            return self.accel_device.kind == "cuda"
+        ok = self.device.type == "cpu" and experts != "torch" and \
             len(os.sched_getaffinity(0)) >= 2 and self.backends.experts.startswith("cpu")
         if not ok:
             log.info("prefill worker: off (it needs the CPU engine's kernels and 2 CPUs)")
         return ok
+
+    def _start_prefill_thread(self):
+        """The hybrid engine's prefill worker: a thread over the same model and KV cache
+        (moed.engine.prefill_worker.PrefillThread)."""
+        from moed.engine.prefill_worker import PrefillThread
+        self.worker = PrefillThread(self.runner)
+        self._replacement, self._restarting = None, False
+        self.engine_cpus = self.worker_cpus = None      # the cores are not split
+        self.backends.notes.append("prefill worker: a thread on its own device stream")
+        log.info("prefill worker: a thread of the engine on its own %s stream",
+                 self.accel_device.kind)
 
     def _start_worker(self, model_dir, num_blocks, block_size, dtype, experts, linears,
                       deterministic, worker_cpus=None):
@@ -226,9 +241,9 @@ class LLMEngine:
         memory -> the KV cache."""
         from moed.engine.kv_cache import allocate_kv_caches
         from moed.engine.prefill_worker import split_cpus
-        if self.accel is not None or self.device.type != "cpu":
-            raise ConfigError("prefill_worker runs on the CPU engine only (for now)",
-                              field="prefill_worker")
+        if self.device.type != "cpu":
+            raise ConfigError("the prefill worker process runs the CPU engine (the hybrid "
+                              "engine's is a thread)", field="prefill_worker")
         cpus = os.sched_getaffinity(0)
         if worker_cpus is None and len(cpus) > 2:     # the planner's split: see decode_cpus
             from moed.engine.planner import decode_cpus, read_probe
@@ -457,8 +472,9 @@ class LLMEngine:
         self.blocks.grow(seq.block_table, seq.num_tokens)
         self.remote[seq.request_id] = seq
         w.submit(seq.request_id, seq.tokens(0, seq.num_tokens), seq.block_table,
-                 seq.prefill_chunk or sched.max_tokens)
-        set_threads(self.model, len(self.engine_cpus))
+                 seq.prefill_chunk or sched.max_tokens, seq.prefill_plan)
+        if self.engine_cpus:
+            set_threads(self.model, len(self.engine_cpus))
 
     def _collect(self, timeout=0.0):
         """The worker's finished prompt: it joins the running decodes with its first
@@ -469,7 +485,8 @@ class LLMEngine:
         if done is None:
             return []
         rid, result = done
-        set_threads(self.model, self.threads_all)
+        if self.engine_cpus:
+            set_threads(self.model, self.threads_all)
         seq = self.remote.pop(rid)
         if seq.status is Status.FINISHED:           # cancelled meanwhile
             self.blocks.free(seq.block_table)

@@ -32,6 +32,9 @@ class ModelRunner:
             allocate_kv_caches(model, num_blocks, block_size, kv_dtype, model.device)
         self.accel, self.dbo = accel, dbo
         self._pool = None           # the two micro-batch threads, made on first use
+        # the prefill thread forwards beside the steps: on the CPU one forward at a
+        # time (the kernels' pool serves one caller); on CUDA each on its own stream
+        self.forward_lock = threading.Lock() if self.device.type == "cpu" else nullcontext()
 
     @contextmanager
     def torch_threads(self, tokens):
@@ -63,6 +66,10 @@ class ModelRunner:
     def run(self, chunks, last_of=None):
         """Forward the chunks. Logits [len(last_of), V] of the last token of the
         chunks indexed by `last_of`, or of every token [N, V] when it is None."""
+        with self.forward_lock:
+            return self._run(chunks, last_of)
+
+    def _run(self, chunks, last_of):
         start = time.perf_counter()
         if self.accel is not None:
             self.accel.route.slp_rows = slp_rows(chunks)

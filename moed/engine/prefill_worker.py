@@ -21,6 +21,8 @@ Shape legend: L prompt tokens, V vocab.
 """
 import logging
 import os
+import threading
+from contextlib import nullcontext
 
 import torch
 import torch.multiprocessing as mp
@@ -73,15 +75,83 @@ def worker_main(conn, model_dir, kv_caches, block_size, kv_dtype, cpus, backends
             return
         rid, ids, table, chunk = msg
         try:
-            seq, logits = PromptSlice(ids, table), None
-            with torch.inference_mode():
-                for start in range(0, len(ids), chunk):
-                    n = min(chunk, len(ids) - start)
-                    seq.num_computed = start
-                    logits = runner.run([(seq, n)], last_of=[0] if start + n == len(ids) else [])
-            conn.send((rid, logits[0].clone()))
+            conn.send((rid, prefill(runner, PromptSlice(ids, table), chunk)))
         except Exception as e:           # noqa: BLE001 - fails this request only
             conn.send((rid, RuntimeError(f"prefill worker: {e}")))
+
+
+def prefill(runner, seq, chunk):
+    """A whole prompt (a PromptSlice) through the runner in chunks -> the last
+    position's logits [V]."""
+    ids, logits = seq.ids, None
+    with torch.inference_mode():
+        for start in range(0, len(ids), chunk):
+            n = min(chunk, len(ids) - start)
+            seq.num_computed = start
+            logits = runner.run([(seq, n)], last_of=[0] if start + n == len(ids) else [])
+    return logits[0].clone()
+
+
+class PrefillThread:
+    """The hybrid engine's prefill worker: a thread of the engine process over the same
+    model and KV cache on the device (one copy of the weights in device memory, no KV
+    to move), on a CUDA stream of its own at the lowest priority, so that the decode
+    steps' kernels (default stream) run between the prefill's. Its prompt takes the
+    path its plan says (stream-loading prefill past the planner's crossover: all
+    compute on the GPU while the decode steps' routed experts run on the CPU). The
+    same interface as PrefillWorker; it cannot die (an error fails its prompt only).
+
+    On the CPU device (the tests' twin) the device is the cores the steps use: the
+    runner's forward lock lets one forward through at a time, so the prefill's
+    chunks interleave with the decode steps instead of overlapping them."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        cuda = runner.device.type == "cuda"
+        self.stream = torch.cuda.Stream(runner.device, priority=0) if cuda else None
+        self.busy = None                 # the request id in flight, or None
+        self.cpus = []
+        self.process = None
+        self._done = threading.Event()
+        self._result = None
+        self._thread = None
+
+    def submit(self, request_id, ids, block_table, chunk, plan=None):
+        assert self.busy is None
+        self.busy, self._result = request_id, None
+        self._done.clear()
+        seq = PromptSlice(list(ids), list(block_table))
+        seq.prefill_plan = plan
+        self._thread = threading.Thread(target=self._run, args=(seq, int(chunk)),
+                                        name="moed-prefill", daemon=True)
+        self._thread.start()
+
+    def _run(self, seq, chunk):
+        try:
+            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                logits = prefill(self.runner, seq, chunk)
+                if self.stream is not None:      # its KV written before a decode reads it
+                    self.stream.synchronize()
+            self._result = logits
+        except Exception as e:           # noqa: BLE001 - fails this request only
+            log.exception("prefill thread")
+            self._result = RuntimeError(f"prefill worker: {e}")
+        self._done.set()
+
+    def poll(self, timeout=0.0):
+        if self.busy is None or not self._done.wait(timeout):
+            return None
+        self._thread.join()
+        rid, self.busy = self.busy, None
+        return rid, self._result
+
+    @property
+    def alive(self):
+        return True
+
+    def close(self):
+        if self._thread is not None:
+            self._thread.join()
 
 
 class PrefillWorker:
@@ -97,7 +167,8 @@ class PrefillWorker:
                               field="prefill_worker")
         self.busy = None                 # the request id in flight, or None
 
-    def submit(self, request_id, ids, block_table, chunk):
+    def submit(self, request_id, ids, block_table, chunk, plan=None):
+        """plan: unused (the CPU engine's worker has one path)."""
         assert self.busy is None
         self.busy = request_id
         self.conn.send((request_id, list(ids), list(block_table), int(chunk)))

@@ -27,9 +27,10 @@ import time
 import torch
 
 
-class StepRoute:
+class StepRoute(threading.local):
     """Which rows of the current step take stream-loading prefill: set by the model
-    runner before each forward, read by every layer's HybridExperts."""
+    runner before each forward, read by every layer's HybridExperts; per thread (the
+    prefill thread forwards beside the decode steps)."""
 
     def __init__(self):
         self.slp_rows = []       # [slice] of step rows (whole prefill chunks)

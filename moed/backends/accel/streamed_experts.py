@@ -25,6 +25,7 @@ cuBLAS chooses its algorithm by shape).
 Shape legend: T tokens, k experts per token, E experts, A active experts (received a
 token), D hidden, I intermediate, R ring slots, n an expert's tokens.
 """
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import accumulate
@@ -94,7 +95,7 @@ class StreamedExperts:
                 raise ConfigError("a shared ring needs the same expert layout and device",
                                   field="experts")
             self.ring, self.loader, self.compute = share.ring, share.loader, share.compute
-            self.bounce = share.bounce
+            self.bounce, self.lock = share.bounce, share.lock
         else:
             if ring_length == "auto":
                 ring_length = self.auto_ring_length(layout, gate[0].shape[0], budget)
@@ -102,6 +103,7 @@ class StreamedExperts:
             self.ring = ExpertRing(device, layout, ring_length)  # [R, N] on the device
             self.loader = device.stream("loader")
             self.compute = device.stream("compute")
+            self.lock = threading.Lock()       # one chunk issued at a time on the ring
         if staging == "bounce" and self.bounce is None:
             self.bounce = BouncePool(device, layout)
         self.chunks = 0            # chunks run so far (tags the device's log)
@@ -128,6 +130,10 @@ class StreamedExperts:
         return f"streamed-{self.device.kind}"
 
     def forward(self, x, topk_ids, topk_weights):
+        with self.lock:
+            return self._forward(x, topk_ids, topk_weights)
+
+    def _forward(self, x, topk_ids, topk_weights):
         ids = self.check(x, topk_ids, topk_weights)
         plan = plan_chunk(ids)
         dev = self.device
