@@ -172,7 +172,7 @@ def test_prefill_thread_runs_stream_loading_prefill(tiny_model_dir):
     with LLM(model, prefill_worker="on", **kw) as llm:
         eng = llm.engine
         sent, original = [], eng.worker.submit
-        eng.worker.submit = lambda rid, *a: (sent.append(a[-1]), original(rid, *a))[1]
+        eng.worker.submit = lambda rid, *a: (sent.append(a[3]), original(rid, *a))[1]
         streamed = [moe.experts.streamed for _, moe in eng.model.moe_layers()]
         two = staggered(llm, GREEDY)
         assert sent and all(plan.path == "slp" for plan in sent), sent

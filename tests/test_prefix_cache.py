@@ -204,3 +204,40 @@ def test_prefill_worker_blocks_are_shared_after(tiny_model_dir):
     assert again == base
     assert eng.stats()["prefix_cache_hits"] >= len(prompt) // 16 * 16 - 16
     llm.engine.close()
+
+
+def test_prefill_worker_starts_after_the_cached_prefix(tiny_model_dir):
+    """A long prompt whose prefix is cached goes to the worker with those blocks shared:
+    the worker computes from the first uncached position, the outputs are unchanged."""
+    model = tiny_model_dir("qwen3_moe", "fp8")
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True, logprobs=0)
+    rs = np.random.RandomState(4)
+    tail = [int(t) for t in rs.randint(3, 200, size=60)]
+    warm, prompt = conversation_prompts()[0], SYSTEM + tail
+    base = run(LLM(model, device="cpu", prefix_caching=False), [prompt], params)
+    llm = LLM(model, device="cpu", prefill_worker="on", max_num_batched_tokens=16,
+              max_num_seqs=4)
+    eng = llm.engine
+    if eng.worker is None:
+        pytest.skip("no prefill worker on this machine (it needs 2 CPUs)")
+    try:
+        run(llm, [warm], params)                   # SYSTEM's blocks are cached now
+        sent, original = [], eng.worker.submit
+        eng.worker.submit = lambda rid, *a: (sent.append(a[-1]), original(rid, *a))[1]
+        keep_busy = eng.add_request([5, 6, 7], SamplingParams(
+            temperature=0, max_new_tokens=200, ignore_eos=True))
+        eng.step()                                 # a decode runs: long prompts go to the worker
+        rid = eng.add_request(prompt, params)
+        outs = []
+        while rid in eng.seqs or rid in eng.remote:
+            outs += [o for o in eng.step() if o.request_id == rid]
+        eng.abort_request(keep_busy)
+        cached = len(SYSTEM) // 16 * 16
+        assert sent == [cached], (sent, cached)    # the worker began after the cached blocks
+        assert outs[-1].num_cached_tokens == cached
+        assert [t for o in outs for t in o.new_token_ids] == base[0][0]
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.blocks.num_used == 0
+    finally:
+        eng.close()

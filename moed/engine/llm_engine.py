@@ -466,13 +466,24 @@ class LLMEngine:
         if w is None or w.busy is not None or not sched.running or not w.alive:
             return
         seq = next((s for s in sched.waiting if self._long(s)), None)
-        if seq is None or not self.blocks.can_grow(seq.block_table, seq.num_tokens):
+        if seq is None:
+            return
+        # the cached prefix is shared, as the scheduler's admission shares it; the
+        # worker computes from the first uncached position
+        blocks = self.blocks
+        shared, hashes = blocks.lookup(seq.token_ids, seq.num_tokens - 1)
+        if not blocks.can_share(shared, seq.block_table, seq.num_tokens):
             return
         sched.waiting.remove(seq)
-        self.blocks.grow(seq.block_table, seq.num_tokens)
+        blocks.share(seq.block_table, shared)
+        blocks.grow(seq.block_table, seq.num_tokens)
+        first = len(shared) * blocks.block_size
+        blocks.count_lookup(seq.num_tokens, first)
+        seq.block_hashes = hashes
+        seq.num_cached_tokens = max(seq.num_cached_tokens, min(first, len(seq.prompt_ids)))
         self.remote[seq.request_id] = seq
         w.submit(seq.request_id, seq.tokens(0, seq.num_tokens), seq.block_table,
-                 seq.prefill_chunk or sched.max_tokens, seq.prefill_plan)
+                 seq.prefill_chunk or sched.max_tokens, seq.prefill_plan, first)
         if self.engine_cpus:
             set_threads(self.model, len(self.engine_cpus))
 

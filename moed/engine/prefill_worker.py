@@ -73,19 +73,21 @@ def worker_main(conn, model_dir, kv_caches, block_size, kv_dtype, cpus, backends
             return
         if msg is None:
             return
-        rid, ids, table, chunk = msg
+        rid, ids, table, chunk, first = msg
         try:
-            conn.send((rid, prefill(runner, PromptSlice(ids, table), chunk)))
+            conn.send((rid, prefill(runner, PromptSlice(ids, table), chunk, first)))
         except Exception as e:           # noqa: BLE001 - fails this request only
             conn.send((rid, RuntimeError(f"prefill worker: {e}")))
 
 
-def prefill(runner, seq, chunk):
-    """A whole prompt (a PromptSlice) through the runner in chunks -> the last
-    position's logits [V]."""
+def prefill(runner, seq, chunk, first=0):
+    """A prompt (a PromptSlice) from position `first` (what comes before is in the KV
+    cache: a cached prefix) through the runner in chunks -> the last position's
+    logits [V]."""
     ids, logits = seq.ids, None
+    assert 0 <= first < len(ids), (first, len(ids))
     with torch.inference_mode():
-        for start in range(0, len(ids), chunk):
+        for start in range(first, len(ids), chunk):
             n = min(chunk, len(ids) - start)
             seq.num_computed = start
             logits = runner.run([(seq, n)], last_of=[0] if start + n == len(ids) else [])
@@ -116,20 +118,20 @@ class PrefillThread:
         self._result = None
         self._thread = None
 
-    def submit(self, request_id, ids, block_table, chunk, plan=None):
+    def submit(self, request_id, ids, block_table, chunk, plan=None, first=0):
         assert self.busy is None
         self.busy, self._result = request_id, None
         self._done.clear()
         seq = PromptSlice(list(ids), list(block_table))
         seq.prefill_plan = plan
-        self._thread = threading.Thread(target=self._run, args=(seq, int(chunk)),
+        self._thread = threading.Thread(target=self._run, args=(seq, int(chunk), first),
                                         name="moed-prefill", daemon=True)
         self._thread.start()
 
-    def _run(self, seq, chunk):
+    def _run(self, seq, chunk, first):
         try:
             with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-                logits = prefill(self.runner, seq, chunk)
+                logits = prefill(self.runner, seq, chunk, first)
                 if self.stream is not None:      # its KV written before a decode reads it
                     self.stream.synchronize()
             self._result = logits
@@ -167,11 +169,12 @@ class PrefillWorker:
                               field="prefill_worker")
         self.busy = None                 # the request id in flight, or None
 
-    def submit(self, request_id, ids, block_table, chunk, plan=None):
-        """plan: unused (the CPU engine's worker has one path)."""
+    def submit(self, request_id, ids, block_table, chunk, plan=None, first=0):
+        """Prefill ids[first:] (before `first`: a cached prefix, in the KV cache);
+        plan: unused (the CPU engine's worker has one path)."""
         assert self.busy is None
         self.busy = request_id
-        self.conn.send((request_id, list(ids), list(block_table), int(chunk)))
+        self.conn.send((request_id, list(ids), list(block_table), int(chunk), int(first)))
 
     def poll(self, timeout=0.0):
         """-> (request id, logits [V] | Exception) when the prompt in flight is done,
