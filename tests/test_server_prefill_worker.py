@@ -95,6 +95,7 @@ def test_a_killed_worker_fails_its_prompt_unavailable_and_is_restarted(tiny_mode
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "prefill worker died" in err.details()
     assert reason == pb.FINISH_REASON_LENGTH and len(ids) == 300, "the other stream completed"
     assert again[2] == pb.FINISH_REASON_LENGTH and len(again[0]) == 4
+    assert engine.blocks.num_used == 0, "a block leaked or was freed twice after the kill"
 
 
 async def cancelled_in_the_worker(target, engine):
@@ -132,3 +133,35 @@ def test_a_request_cancelled_in_the_worker_frees_every_block_once(tiny_model_dir
         assert engine.blocks.num_used == 0, "a block leaked or was freed twice"
         worker = engine.worker.process
     assert not worker.is_alive(), "the daemon's stop stops its worker"
+
+
+async def drained_with_a_prompt_in_the_worker(srv, engine):
+    """Drain while a long prompt is in the worker and a stream decodes -> (the long
+    prompt's result, the stream's, the error a new request got while draining)."""
+    async with grpc.aio.insecure_channel(srv.target) as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        stream = await decoding(stub, "stream", 200)
+        long = asyncio.ensure_future(generate(stub, request("long", list(range(3, 200)), 4)))
+        deadline = time.monotonic() + 60
+        while "long" not in engine.remote:
+            assert time.monotonic() < deadline, "the long prompt never reached the worker"
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(srv.call, srv.app.drain())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await generate(stub, request("late", [4, 5, 6], 2))
+        results = await asyncio.wait_for(asyncio.gather(long, stream), 120)
+        while engine.remote or engine.has_unfinished():
+            assert time.monotonic() < deadline + 60
+            await asyncio.sleep(0.01)
+        return results, refused.value
+
+
+def test_a_drain_lets_the_prompt_in_the_worker_finish_and_frees_its_blocks(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8", max_position_embeddings=512)
+    with BackgroundServer(config(prefill_worker="on", **CHUNKED), model) as srv:
+        engine = srv.app.engine_loop.engine
+        (long, stream), refused = asyncio.run(drained_with_a_prompt_in_the_worker(srv, engine))
+        assert engine.blocks.num_used == 0, "a block leaked or was freed twice"
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.details()
+    assert long[2] == pb.FINISH_REASON_LENGTH and len(long[0]) == 4
+    assert stream[2] == pb.FINISH_REASON_LENGTH and len(stream[0]) == 200
