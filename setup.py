@@ -21,7 +21,7 @@ def extensions():
     isa_flags = {
         "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi",
                    "-mavx512bf16", "-mavx2", "-mfma"],
-        "avx2": ["-mavx2", "-mfma"],
+        "avx2": ["-mavx2", "-mfma", "-mf16c"],
         "generic": [],
         # the AVX-512 kernels with vdpbf16ps emulated (cython_src/bf16_emu.h): tests
         # the AVX-512 code on AVX-512 CPUs without AVX512_BF16; never auto-selected

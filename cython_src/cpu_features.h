@@ -35,6 +35,7 @@ static inline int moed_cpu_avx2_fma(void) {
     unsigned a, b, c, d;
     if (!moed_os_avx()) return 0;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 12))) return 0; /* FMA */
+    if (!(c & (1u << 29))) return 0;                                    /* F16C */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     return (b & (1u << 5)) != 0;                                        /* AVX2 */
 }

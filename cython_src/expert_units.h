@@ -562,33 +562,98 @@ ALWAYS_INLINE void unit_body_q4(const uint8_t *w, int f, const uint16_t *const *
             }
 }
 
-/* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass. */
+/* 16 e4m3 codes of FP8 chunk lane j (bytes 0..7: A words 8j..8j+7, bytes 8..15: the
+ * B words) -> the A and B lanes as floats, each exactly value * 2^-8 (the caller's
+ * scale carries the 2^8): with the sign in bit 15, the magnitude's bits become an
+ * FP16 exponent (bias 15 against e4m3's 7) and mantissa, subnormals included, and
+ * F16C widens them; the NaN codes 0x7f / 0xff become an FP16 NaN. */
+ALWAYS_INLINE void load16_fp8(const uint8_t *p, __m256 *a, __m256 *b) {
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    /* bits 15, 14: the sign; 13..7: the magnitude; then bit 14 cleared */
+    __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 1),
+                                 _mm256_set1_epi16((short)0xbf80));
+    __m256i mag = _mm256_and_si256(h, _mm256_set1_epi16(0x3f80));
+    h = _mm256_or_si256(h, _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80)));
+    *a = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *b = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+/* A token's 128 BF16 activations as floats (once per unit, then broadcast from it). */
+ALWAYS_INLINE void x_floats(const uint16_t *x, float *xf) {
+    for (int i = 0; i < UNIT_K; i += 8)
+        _mm256_storeu_ps(xf + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i))), 16)));
+}
+
+/* o[r] += scale * (even + odd partial sums of row r) for the 16 rows of a row group:
+ * acc[j] lanes (2i, 2i + 1) = row 4j + i's (even k, odd k) sums. */
+ALWAYS_INLINE void store_pairs(const __m256 *acc, float scale, float *o) {
+    for (int j = 0; j < 4; j++) {
+        float a[8];
+        _mm256_storeu_ps(a, acc[j]);
+        for (int i = 0; i < 4; i++) o[4 * j + i] += scale * (a[2 * i] + a[2 * i + 1]);
+    }
+}
+
+/* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass.
+ *
+ * Every body keeps one order per row: an even-k and an odd-k FP32 FMA chain, k
+ * ascending, added at the end (so FP8 units, their BF16 widening and the BF16 units
+ * give the same bits). FP8 (decode): 16 codes a load through load16_fp8, x as
+ * broadcast (even, odd) pairs. BF16: a 32-byte load holds 8 rows x (k, k + 1); the
+ * even words shifted up and the odd words masked are the two chains' weights, each
+ * against its own broadcast x, so no pair of x is built and no word widened alone. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
     if (wf_int4(fp8)) { unit_body_q4(w, fp8, x, nt, out, pf, pf_fp8); return; }
-    for (int t = 0; t < nt; t++)
+    float xf[UNIT_K] __attribute__((aligned(32)));
+    for (int t = 0; t < nt; t++) {
+        x_floats(x[t], xf);
         for (int g = 0; g < 4; g++) {
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
-                             _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int c = 0; c < CHUNKS; c++) {
-                if (pf && t == 0 && c % 4 == 0) pf_share(pf, pf_fp8, g * 8 + c / 4);
-                __m256 xa = xpair(x[t] + 4 * c), xb = xpair(x[t] + 4 * c + 2);
-                for (int j = 0; j < 4; j++) {
-                    const uint8_t *pa, *pb;
-                    if (fp8) { pa = w + g * 2048 + c * 64 + 16 * j; pb = pa + 8; }
-                    else { pa = w + g * 4096 + c * 128 + 16 * j; pb = pa + 64; }
-                    acc[j] = _mm256_fmadd_ps(load8(pa, fp8), xa, acc[j]);
-                    acc[j] = _mm256_fmadd_ps(load8(pb, fp8), xb, acc[j]);
+            float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
+            if (fp8) {
+                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
+                                 _mm256_setzero_ps(), _mm256_setzero_ps()};
+                for (int c = 0; c < CHUNKS; c++) {
+                    if (pf && t == 0 && c % 4 == 0) pf_share(pf, pf_fp8, g * 8 + c / 4);
+                    __m256 xa = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xf + 4 * c)));
+                    __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xf + 4 * c + 2)));
+                    for (int j = 0; j < 4; j++) {
+                        __m256 fa, fb;
+                        load16_fp8(w + g * 2048 + c * 64 + 16 * j, &fa, &fb);
+                        acc[j] = _mm256_fmadd_ps(fa, xa, acc[j]);
+                        acc[j] = _mm256_fmadd_ps(fb, xb, acc[j]);
+                    }
+                }
+                store_pairs(acc, scale * 0x1p8f, o);
+            } else {
+                /* ev[h], od[h]: rows 8h..8h+7, the even-k and odd-k chains */
+                __m256 ev[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+                __m256 od[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+                const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+                for (int c = 0; c < CHUNKS; c++) {
+                    if (pf && t == 0 && c % 4 == 0) pf_share(pf, pf_fp8, g * 8 + c / 4);
+                    const __m256 x0 = _mm256_broadcast_ss(xf + 4 * c), x1 = _mm256_broadcast_ss(xf + 4 * c + 1);
+                    const __m256 x2 = _mm256_broadcast_ss(xf + 4 * c + 2), x3 = _mm256_broadcast_ss(xf + 4 * c + 3);
+                    const uint8_t *pa = w + g * 4096 + c * 128;
+                    for (int h = 0; h < 2; h++) {
+                        __m256i va = _mm256_loadu_si256((const __m256i *)(pa + 32 * h));
+                        __m256i vb = _mm256_loadu_si256((const __m256i *)(pa + 64 + 32 * h));
+                        ev[h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(va, 16)), x0, ev[h]);
+                        od[h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(va, hi)), x1, od[h]);
+                        ev[h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(vb, 16)), x2, ev[h]);
+                        od[h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(vb, hi)), x3, od[h]);
+                    }
+                }
+                for (int h = 0; h < 2; h++) {
+                    float e[8], d[8];
+                    _mm256_storeu_ps(e, ev[h]);
+                    _mm256_storeu_ps(d, od[h]);
+                    for (int i = 0; i < 8; i++) o[8 * h + i] += scale * (e[i] + d[i]);
                 }
             }
-            /* lane j holds rows 4j..4j+3 as (even k, odd k) partial pairs */
-            float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
-            for (int j = 0; j < 4; j++) {
-                float a[8];
-                _mm256_storeu_ps(a, acc[j]);
-                for (int i = 0; i < 4; i++) o[4 * j + i] += scale * (a[2 * i] + a[2 * i + 1]);
-            }
         }
+    }
 }
 
 ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,

@@ -151,8 +151,16 @@ def _bad(name, why):
     raise ConfigError(f"{qualified(name)}: {why}", field=qualified(name))
 
 
+# str settings whose choices include on / off: YAML 1.1 reads a bare on, off, yes or
+# no as a boolean, so those booleans stand for the words (accel has no "on")
+ON_OFF = {"prefill_worker": ("off", "on"), "dual_batch": ("off", "on"), "accel": ("off", None)}
+
+
 def _check_type(cfg, f):
     value, kind = getattr(cfg, f.name), f.metadata["kind"]
+    if isinstance(value, bool) and f.name in ON_OFF and ON_OFF[f.name][value] is not None:
+        value = ON_OFF[f.name][value]
+        setattr(cfg, f.name, value)
     if value is None:
         if not f.metadata["nullable"]:
             _bad(f.name, "must be set")

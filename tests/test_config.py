@@ -43,6 +43,8 @@ def test_precedence_file_env_flags(tmp_path):
     ("limits:\n  max_stop_strings: -1\n", "limits.max_stop_strings"),
     ("engine:\n  block_size: true\n", "engine.block_size"),
     ("engine:\n  verify_store: 1\n", "engine.verify_store"),
+    ("engine:\n  accel: on\n", "engine.accel"),
+    ("engine:\n  dslp_ranks: two\n", "engine.dslp_ranks"),
 ])
 def test_bad_setting_is_named(tmp_path, yaml_text, setting):
     path = tmp_path / "bad.yaml"
@@ -50,6 +52,14 @@ def test_bad_setting_is_named(tmp_path, yaml_text, setting):
     with pytest.raises(ConfigError) as e:
         load_config(path, env={})
     assert e.value.field == setting and setting in str(e.value)
+
+
+def test_bare_on_and_off_mean_the_words(tmp_path):
+    """YAML 1.1 reads a bare on / off as a boolean; the on/off settings take it so."""
+    path = tmp_path / "m.yaml"
+    path.write_text("engine:\n  prefill_worker: off\n  dual_batch: on\n  accel: off\n")
+    cfg = load_config(path, env={})
+    assert (cfg.prefill_worker, cfg.dual_batch, cfg.accel) == ("off", "on", "off")
 
 
 def test_unreadable_and_invalid_yaml_name_the_file(tmp_path):

@@ -7,6 +7,7 @@ The prompt is token ids (no tokenizer needed on the client) and EOS is ignored,
 so every stream produces exactly the asked number of tokens.
 """
 import asyncio
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,9 +37,14 @@ def percentile(values, q):
     return ordered[int(rank) - 1]
 
 
-def prompt_ids(vocab_size, n, stream):
-    # Spread over the vocabulary, different per stream so no two prompts are equal.
-    return [(stream * 7919 + i * 104729) % (vocab_size - 1) + 1 for i in range(n)]
+def prompt_ids(vocab_size, n, stream, salt=0):
+    # Spread over the vocabulary, different per stream so no two prompts are equal, and
+    # per run (salt) so that a run never hits the prefix cache an earlier one filled.
+    return [((salt + stream) * 7919 + i * 104729) % (vocab_size - 1) + 1 for i in range(n)]
+
+
+def run_salt():
+    return secrets.randbelow(1 << 30)
 
 
 async def one_stream(stub, ids, output_tokens, progress):
@@ -61,9 +67,10 @@ async def run_bench(client, streams, prompt_tokens, output_tokens, show_progress
         stub = client.generation(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
         bar = _progress_bar(streams * output_tokens, show_progress)
+        salt = run_salt()
         t0 = time.perf_counter()
         results = await asyncio.gather(*(
-            one_stream(stub, prompt_ids(info.vocab_size, prompt_tokens, s), output_tokens,
+            one_stream(stub, prompt_ids(info.vocab_size, prompt_tokens, s, salt), output_tokens,
                        bar.update) for s in range(streams)))
         wall = time.perf_counter() - t0
         bar.close()
@@ -140,14 +147,18 @@ async def run_mixed(client, streams, prompt_tokens, long_tokens, long_prompts=1,
     async with client.channel(aio=True) as channel:
         stub = client.generation(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
-        long_ids = [prompt_ids(info.vocab_size, long_tokens, 1000 + i) for i in range(long_prompts)]
-        await one_stream(stub, prompt_ids(info.vocab_size, 8, 999), 2, lambda n: None)  # warm
-        solo = [(await one_stream(stub, ids, 1, lambda n: None)).ttft_s for ids in long_ids]
+        salt = run_salt()
+        ids_of = lambda n, stream: prompt_ids(info.vocab_size, n, stream, salt)  # noqa: E731
+        # the solo prompts differ from the mixed ones: the prefix cache must not serve them
+        long_ids = [ids_of(long_tokens, 2000 + i) for i in range(long_prompts)]
+        await one_stream(stub, ids_of(8, 999), 2, lambda n: None)  # warm
+        solo = [(await one_stream(stub, ids_of(long_tokens, 1000 + i), 1, lambda n: None)).ttft_s
+                for i in range(long_prompts)]
         bar = _progress_bar(None, show_progress)
         budget = max(2 * idle_tokens, info.context_length - prompt_tokens - 1)
         opened = [OpenStream() for _ in range(streams)]
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(open_stream(stub, s, prompt_ids(info.vocab_size, prompt_tokens, i),
+        tasks = [asyncio.create_task(open_stream(stub, s, ids_of(prompt_tokens, i),
                                                  budget, bar.update))
                  for i, s in enumerate(opened)]
         await until(lambda: all(t.done() or len(s.token_times) >= idle_tokens
