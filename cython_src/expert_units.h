@@ -485,6 +485,22 @@ ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
     return _mm256_castsi256_ps(_mm256_blend_epi32(lo, hi, 0xaa));
 }
 
+/* 16 e4m3 codes of FP8 chunk lane j (bytes 0..7: A words 8j..8j+7, bytes 8..15: the
+ * B words) -> the A and B lanes as floats, each exactly value * 2^-8 (the caller's
+ * scale carries the 2^8): with the sign in bit 15, the magnitude's bits become an
+ * FP16 exponent (bias 15 against e4m3's 7) and mantissa, subnormals included, and
+ * F16C widens them; the NaN codes 0x7f / 0xff become an FP16 NaN. */
+ALWAYS_INLINE void load16_fp8(const uint8_t *p, __m256 *a, __m256 *b) {
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    /* bits 15, 14: the sign; 13..7: the magnitude; then bit 14 cleared */
+    __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 1),
+                                 _mm256_set1_epi16((short)0xbf80));
+    __m256i mag = _mm256_and_si256(h, _mm256_set1_epi16(0x3f80));
+    h = _mm256_or_si256(h, _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80)));
+    *a = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *b = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
 #define UNIT_WIDEN 1
 
 /* FP8 unit -> BF16 unit in the BF16 chunk layout, by table (prefill: widen
@@ -493,15 +509,31 @@ ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
  * and bytes 8..15 the B words. INT4 -> its widened unit (unit_widen_fmt). */
 static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
     if (wf_int4(f)) { unit_widen_q4_scalar(w, f, dst); return; }
+    /* 16 codes at a time through load16_fp8 (value * 2^-8 as floats), times 2^8
+     * (exact), the BF16 the top half (exact: <= 4 significant bits); NaN codes
+     * take the table's BF16 NaN (0x7fc0 with the code's sign) */
+    const __m256 up = _mm256_set1_ps(0x1p8f);
     for (int g = 0; g < 4; g++)
         for (int c = 0; c < CHUNKS; c++) {
             const uint8_t *src = w + g * 2048 + c * 64;
             uint16_t *A = dst + g * 2048 + c * 64, *B = A + 32;
-            for (int j = 0; j < 4; j++)
-                for (int i = 0; i < 8; i++) {
-                    A[8 * j + i] = g_fp8_bf16[src[16 * j + i]];
-                    B[8 * j + i] = g_fp8_bf16[src[16 * j + 8 + i]];
-                }
+            for (int j = 0; j < 4; j++) {
+                __m256 a, b;
+                load16_fp8(src + 16 * j, &a, &b);
+                __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(a, up)), 16);
+                __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(b, up)), 16);
+                /* packus interleaves the 128-bit lanes: put A's 8 words before B's */
+                __m256i r = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
+                __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(src + 16 * j)));
+                __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7f)),
+                                                 _mm256_set1_epi16(0x7f));
+                __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(v, 8),
+                                                                _mm256_set1_epi16((short)0x8000)),
+                                               _mm256_set1_epi16(0x7fc0));
+                r = _mm256_blendv_epi8(r, qnan, nan);
+                _mm_storeu_si128((__m128i *)(A + 8 * j), _mm256_castsi256_si128(r));
+                _mm_storeu_si128((__m128i *)(B + 8 * j), _mm256_extracti128_si256(r, 1));
+            }
         }
 }
 
@@ -560,22 +592,6 @@ ALWAYS_INLINE void unit_body_q4(const uint8_t *w, int f, const uint16_t *const *
                     for (int i = 0; i < 4; i++) o[4 * j + i] += s[4 * j + i] * (a[2 * i] + a[2 * i + 1]);
                 }
             }
-}
-
-/* 16 e4m3 codes of FP8 chunk lane j (bytes 0..7: A words 8j..8j+7, bytes 8..15: the
- * B words) -> the A and B lanes as floats, each exactly value * 2^-8 (the caller's
- * scale carries the 2^8): with the sign in bit 15, the magnitude's bits become an
- * FP16 exponent (bias 15 against e4m3's 7) and mantissa, subnormals included, and
- * F16C widens them; the NaN codes 0x7f / 0xff become an FP16 NaN. */
-ALWAYS_INLINE void load16_fp8(const uint8_t *p, __m256 *a, __m256 *b) {
-    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    /* bits 15, 14: the sign; 13..7: the magnitude; then bit 14 cleared */
-    __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 1),
-                                 _mm256_set1_epi16((short)0xbf80));
-    __m256i mag = _mm256_and_si256(h, _mm256_set1_epi16(0x3f80));
-    h = _mm256_or_si256(h, _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80)));
-    *a = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-    *b = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
 
 /* A token's 128 BF16 activations as floats (once per unit, then broadcast from it). */

@@ -71,3 +71,29 @@ def test_simd_body_matches_scalar_twin(isa):
             for got in (a, b):
                 err = ((got.double() - ref).abs() / scale).max().item()
                 assert err <= 1e-6, (isa, fp8, nt, err)
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_widened_fp8_units_equal_the_scalar_widening_and_the_units_bits(isa):
+    """Prefill widens an FP8 unit once into BF16 scratch: all 256 codes (NaNs included)
+    widen to the scalar twin's BF16 bit for bit, and the widened unit gives the FP8
+    unit's bits through the body (what keeps prefill and decode identical)."""
+    import numpy as np
+    from test_experts_int4 import aligned, apply
+    kernels = kernels_or_skip(isa)
+    codes = (torch.arange(64 * 128) * 37 % 256).to(torch.uint8).view(64, 128)
+    units = unit_of_codes(codes)
+    wide, ref = aligned(kernels.WIDE_BYTES), aligned(kernels.WIDE_BYTES)
+    wfmt = kernels.widen_unit(units.ctypes.data, 1, wide.ctypes.data, False)
+    if wfmt < 0:
+        pytest.skip(f"{isa} does not widen units (no prefill scratch)")
+    kernels.widen_unit(units.ctypes.data, 1, ref.ctypes.data, True)
+    assert np.array_equal(wide[:16384], ref[:16384])
+    finite = codes.clone()
+    finite[(codes & 0x7F) == 0x7F] = 0
+    units = unit_of_codes(finite)
+    kernels.widen_unit(units.ctypes.data, 1, wide.ctypes.data, False)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(5)).bfloat16()
+    for nt in (1, 2, 4):
+        assert torch.equal(apply(kernels, units.ctypes.data, 1, x[:nt], False),
+                           apply(kernels, wide.ctypes.data, wfmt, x[:nt], False)), nt
