@@ -611,6 +611,45 @@ ALWAYS_INLINE void store_pairs(const __m256 *acc, float scale, float *o) {
     }
 }
 
+/* BF16 units against 2..4 tokens: each 32-byte load's even and odd chains serve every
+ * token from registers (row half h outermost), each token its own broadcast x; the
+ * same chains in the same order as one token at a time, so the same bits. */
+ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x, const int nt,
+                                     float scale, float *out, const uint8_t *pf, int pf_fp8) {
+    float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
+    for (int t = 0; t < nt; t++) x_floats(x[t], xf[t]);
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    for (int g = 0; g < 4; g++)
+        for (int h = 0; h < 2; h++) {
+            __m256 ev[MAX_NT], od[MAX_NT];
+            for (int t = 0; t < nt; t++) ev[t] = od[t] = _mm256_setzero_ps();
+            for (int c = 0; c < CHUNKS; c++) {
+                if (pf && h == 0 && c % 4 == 0) pf_share(pf, pf_fp8, g * 8 + c / 4);
+                const uint8_t *pa = w + g * 4096 + c * 128 + 32 * h;
+                __m256i va = _mm256_loadu_si256((const __m256i *)pa);
+                __m256i vb = _mm256_loadu_si256((const __m256i *)(pa + 64));
+                __m256 ea = _mm256_castsi256_ps(_mm256_slli_epi32(va, 16));
+                __m256 oa = _mm256_castsi256_ps(_mm256_and_si256(va, hi));
+                __m256 eb = _mm256_castsi256_ps(_mm256_slli_epi32(vb, 16));
+                __m256 ob = _mm256_castsi256_ps(_mm256_and_si256(vb, hi));
+                for (int t = 0; t < nt; t++) {
+                    const float *xt = xf[t] + 4 * c;
+                    ev[t] = _mm256_fmadd_ps(ea, _mm256_broadcast_ss(xt), ev[t]);
+                    od[t] = _mm256_fmadd_ps(oa, _mm256_broadcast_ss(xt + 1), od[t]);
+                    ev[t] = _mm256_fmadd_ps(eb, _mm256_broadcast_ss(xt + 2), ev[t]);
+                    od[t] = _mm256_fmadd_ps(ob, _mm256_broadcast_ss(xt + 3), od[t]);
+                }
+            }
+            for (int t = 0; t < nt; t++) {
+                float e[8], d[8];
+                _mm256_storeu_ps(e, ev[t]);
+                _mm256_storeu_ps(d, od[t]);
+                float *o = out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h;
+                for (int i = 0; i < 8; i++) o[i] += scale * (e[i] + d[i]);
+            }
+        }
+}
+
 /* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass.
  *
  * Every body keeps one order per row: an even-k and an odd-k FP32 FMA chain, k
@@ -622,6 +661,7 @@ ALWAYS_INLINE void store_pairs(const __m256 *acc, float scale, float *o) {
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
     if (wf_int4(fp8)) { unit_body_q4(w, fp8, x, nt, out, pf, pf_fp8); return; }
+    if (!fp8 && nt > 1) { unit_body_bf16_nt(w, x, nt, scale, out, pf, pf_fp8); return; }
     float xf[UNIT_K] __attribute__((aligned(32)));
     for (int t = 0; t < nt; t++) {
         x_floats(x[t], xf);
