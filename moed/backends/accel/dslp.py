@@ -154,6 +154,8 @@ class DSLPGroup:
             self._await("ready")
         except BaseException:
             self._stop_processes()
+            self._leave()
+            self.dir.cleanup()
             raise
         log.info("DSLP: %d ranks (%s), each streaming its share of %d layers' experts",
                  spec.world_size, backend_for(spec.device_kind), len(self.layers))
