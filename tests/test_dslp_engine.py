@@ -105,3 +105,20 @@ def test_bad_dslp_settings_are_refused(tiny_model_dir):
         with pytest.raises(ConfigError) as e:
             LLM(model, device="cpu", **kwargs)
         assert e.value.field == field, (kwargs, e.value)
+
+
+def test_a_group_that_fails_to_start_leaves_nothing_behind(tiny_model_dir):
+    """A helper that cannot load its model fails the start naming its rank; one that
+    fails after the rendezvous (a bad ring, on every rank) leaves the process group."""
+    from moed.backends.accel.cpu_device import CPUDevice
+    from moed.backends.accel.dslp import DSLPGroup, RankSpec
+    model = tiny_model_dir("qwen3_moe", "fp8")
+    llm = LLM(model, device="cpu", experts="torch")
+    refs = {i: moe.experts for i, moe in llm.engine.model.moe_layers()}
+    with CPUDevice() as device:
+        with pytest.raises(RuntimeError, match="rank 1 failed to start"):
+            DSLPGroup(refs, RankSpec(str(model) + "-missing", 2, "cpu"), device)
+        assert not dist.is_initialized()
+        with pytest.raises(Exception):
+            DSLPGroup(refs, RankSpec(str(model), 2, "cpu", ring_length="many"), device)
+        assert not dist.is_initialized()
