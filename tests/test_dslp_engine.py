@@ -122,3 +122,11 @@ def test_a_group_that_fails_to_start_leaves_nothing_behind(tiny_model_dir):
         with pytest.raises(Exception):
             DSLPGroup(refs, RankSpec(str(model), 2, "cpu", ring_length="many"), device)
         assert not dist.is_initialized()
+
+
+def test_a_setting_refused_after_the_ranks_started_stops_them(tiny_model_dir):
+    model = tiny_model_dir("qwen3_moe", "fp8")
+    with pytest.raises(ConfigError) as e:
+        dslp_llm(model, 2, dual_batch="sometimes")
+    assert e.value.field == "dual_batch"
+    assert not dist.is_initialized()

@@ -65,7 +65,17 @@ def resolve_device(device):
 
 
 class LLMEngine:
-    def __init__(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=None,
+    def __init__(self, *args, **kwargs):
+        """See _init; a setting refused after helper processes started (the DSLP ranks,
+        a prefill worker) stops them before the error propagates."""
+        self.accel = self.worker = self._replacement = None
+        try:
+            self._init(*args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init(self, model_dir, device="auto", *, max_num_seqs=64, max_num_batched_tokens=None,
                  num_kv_blocks=None, block_size=16, max_waiting=256, kv_cache_dtype=None,
                  experts=None, linears=None, detokenize=True, deterministic=True,
                  verify_store=False, prefill_chunk="auto", accel="auto", prefill_path="auto",
