@@ -490,15 +490,26 @@ ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
  * scale carries the 2^8): with the sign in bit 15, the magnitude's bits become an
  * FP16 exponent (bias 15 against e4m3's 7) and mantissa, subnormals included, and
  * F16C widens them; the NaN codes 0x7f / 0xff become an FP16 NaN. */
-ALWAYS_INLINE void load16_fp8(const uint8_t *p, __m256 *a, __m256 *b) {
-    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    /* bits 15, 14: the sign; 13..7: the magnitude; then bit 14 cleared */
+ALWAYS_INLINE __m256i fp16_of_fp8(__m256i v) {
+    /* v: 16 codes as words. Bits 15, 14: the sign; 13..7: the magnitude; then bit 14
+     * cleared; a NaN code's word becomes 0xffff (no other code's can) */
     __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 1),
                                  _mm256_set1_epi16((short)0xbf80));
     __m256i mag = _mm256_and_si256(h, _mm256_set1_epi16(0x3f80));
-    h = _mm256_or_si256(h, _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80)));
+    return _mm256_or_si256(h, _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80)));
+}
+
+ALWAYS_INLINE __m256i load16_codes(const uint8_t *p) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+
+ALWAYS_INLINE void fp16_to_floats(__m256i h, __m256 *a, __m256 *b) {
     *a = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
     *b = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+ALWAYS_INLINE void load16_fp8(const uint8_t *p, __m256 *a, __m256 *b) {
+    fp16_to_floats(fp16_of_fp8(load16_codes(p)), a, b);
 }
 
 #define UNIT_WIDEN 1
@@ -519,14 +530,13 @@ static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
             uint16_t *A = dst + g * 2048 + c * 64, *B = A + 32;
             for (int j = 0; j < 4; j++) {
                 __m256 a, b;
-                load16_fp8(src + 16 * j, &a, &b);
+                __m256i v = load16_codes(src + 16 * j), h = fp16_of_fp8(v);
+                fp16_to_floats(h, &a, &b);
                 __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(a, up)), 16);
                 __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(b, up)), 16);
                 /* packus interleaves the 128-bit lanes: put A's 8 words before B's */
                 __m256i r = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
-                __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(src + 16 * j)));
-                __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7f)),
-                                                 _mm256_set1_epi16(0x7f));
+                __m256i nan = _mm256_cmpeq_epi16(h, _mm256_set1_epi16(-1));
                 __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(v, 8),
                                                                 _mm256_set1_epi16((short)0x8000)),
                                                _mm256_set1_epi16(0x7fc0));

@@ -480,17 +480,11 @@ class LLMEngine:
             return
         # the cached prefix is shared, as the scheduler's admission shares it; the
         # worker computes from the first uncached position
-        blocks = self.blocks
-        shared, hashes = blocks.lookup(seq.token_ids, seq.num_tokens - 1)
-        if not blocks.can_share(shared, seq.block_table, seq.num_tokens):
+        shared, hashes = self.blocks.lookup(seq.token_ids, seq.num_tokens - 1)
+        if not sched.claim(seq, shared, hashes, seq.num_tokens):
             return
         sched.waiting.remove(seq)
-        blocks.share(seq.block_table, shared)
-        blocks.grow(seq.block_table, seq.num_tokens)
-        first = len(shared) * blocks.block_size
-        blocks.count_lookup(seq.num_tokens, first)
-        seq.block_hashes = hashes
-        seq.num_cached_tokens = max(seq.num_cached_tokens, min(first, len(seq.prompt_ids)))
+        first = len(shared) * self.blocks.block_size
         self.remote[seq.request_id] = seq
         w.submit(seq.request_id, seq.tokens(0, seq.num_tokens), seq.block_table,
                  seq.prefill_chunk or sched.max_tokens, seq.prefill_plan, first)

@@ -112,8 +112,6 @@ class PrefillThread:
         cuda = runner.device.type == "cuda"
         self.stream = torch.cuda.Stream(runner.device, priority=0) if cuda else None
         self.busy = None                 # the request id in flight, or None
-        self.cpus = []
-        self.process = None
         self._done = threading.Event()
         self._result = None
         self._thread = None

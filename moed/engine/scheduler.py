@@ -79,16 +79,25 @@ class Scheduler:
         shared, hashes = blocks.lookup(seq.token_ids, seq.num_tokens - 1)
         seq.num_computed = len(shared) * blocks.block_size
         n = self._chunk(seq, budget)
-        if not blocks.can_share(shared, seq.block_table, seq.num_computed + n):
+        if not self.claim(seq, shared, hashes, seq.num_computed + n):
             seq.num_computed = 0
             return 0
-        blocks.share(seq.block_table, shared)
-        blocks.grow(seq.block_table, seq.num_computed + n)
-        blocks.count_lookup(seq.num_tokens, seq.num_computed)
-        seq.block_hashes = hashes
-        seq.num_cached_tokens = max(seq.num_cached_tokens,
-                                    min(seq.num_computed, len(seq.prompt_ids)))
         return n
+
+    def claim(self, seq, shared, hashes, num_tokens):
+        """A waiting sequence's blocks: the cached prefix `shared` (from lookup, with its
+        chain `hashes`) and new ones up to num_tokens -> False when they do not fit
+        (nothing taken). The admission's, and the prefill worker's hand-off's."""
+        blocks = self.blocks
+        if not blocks.can_share(shared, seq.block_table, num_tokens):
+            return False
+        blocks.share(seq.block_table, shared)
+        blocks.grow(seq.block_table, num_tokens)
+        cached = len(shared) * blocks.block_size
+        blocks.count_lookup(seq.num_tokens, cached)
+        seq.block_hashes = hashes
+        seq.num_cached_tokens = max(seq.num_cached_tokens, min(cached, len(seq.prompt_ids)))
+        return True
 
     def register(self, seq):
         """After a step: the blocks `seq` filled become shareable."""
