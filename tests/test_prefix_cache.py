@@ -179,17 +179,18 @@ def test_cached_tokens_reported_per_request(tiny_model_dir):
     assert outs and all(o.num_cached_tokens == full for o in outs)
 
 
-def test_prefill_worker_blocks_are_shared_after(tiny_model_dir):
-    """A prompt the worker prefilled is a prefix later requests hit in the engine."""
-    model = tiny_model_dir("qwen3_moe", "fp8")
-    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True, logprobs=0)
-    prompt = conversation_prompts()[2]
-    base = run(LLM(model, device="cpu", prefix_caching=False), [prompt], params)
+def worker_engine(model):
+    """An engine with a prefill worker and small steps (skips where none can run)."""
     llm = LLM(model, device="cpu", prefill_worker="on", max_num_batched_tokens=16,
               max_num_seqs=4)
-    eng = llm.engine
-    if eng.worker is None:
+    if llm.engine.worker is None:
         pytest.skip("no prefill worker on this machine (it needs 2 CPUs)")
+    return llm
+
+
+def beside_a_decode(eng, prompt, params):
+    """`prompt` added while a stream decodes (so a long one goes to the worker), run to
+    its end -> its outputs; the stream is then aborted."""
     keep_busy = eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_new_tokens=200,
                                                           ignore_eos=True))
     eng.step()                                    # a decode runs: long prompts go to the worker
@@ -198,6 +199,18 @@ def test_prefill_worker_blocks_are_shared_after(tiny_model_dir):
     while rid in eng.seqs or rid in eng.remote:
         outs += [o for o in eng.step() if o.request_id == rid]
     eng.abort_request(keep_busy)
+    return outs
+
+
+def test_prefill_worker_blocks_are_shared_after(tiny_model_dir):
+    """A prompt the worker prefilled is a prefix later requests hit in the engine."""
+    model = tiny_model_dir("qwen3_moe", "fp8")
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True, logprobs=0)
+    prompt = conversation_prompts()[2]
+    base = run(LLM(model, device="cpu", prefix_caching=False), [prompt], params)
+    llm = worker_engine(model)
+    eng = llm.engine
+    outs = beside_a_decode(eng, prompt, params)
     assert [o.new_token_ids[0] for o in outs] == base[0][0]
     assert eng.stats()["prefix_cache_hits"] == 0
     again = run(llm, [prompt], params)
@@ -215,23 +228,13 @@ def test_prefill_worker_starts_after_the_cached_prefix(tiny_model_dir):
     tail = [int(t) for t in rs.randint(3, 200, size=60)]
     warm, prompt = conversation_prompts()[0], SYSTEM + tail
     base = run(LLM(model, device="cpu", prefix_caching=False), [prompt], params)
-    llm = LLM(model, device="cpu", prefill_worker="on", max_num_batched_tokens=16,
-              max_num_seqs=4)
+    llm = worker_engine(model)
     eng = llm.engine
-    if eng.worker is None:
-        pytest.skip("no prefill worker on this machine (it needs 2 CPUs)")
     try:
         run(llm, [warm], params)                   # SYSTEM's blocks are cached now
         sent, original = [], eng.worker.submit
         eng.worker.submit = lambda rid, *a: (sent.append(a[-1]), original(rid, *a))[1]
-        keep_busy = eng.add_request([5, 6, 7], SamplingParams(
-            temperature=0, max_new_tokens=200, ignore_eos=True))
-        eng.step()                                 # a decode runs: long prompts go to the worker
-        rid = eng.add_request(prompt, params)
-        outs = []
-        while rid in eng.seqs or rid in eng.remote:
-            outs += [o for o in eng.step() if o.request_id == rid]
-        eng.abort_request(keep_busy)
+        outs = beside_a_decode(eng, prompt, params)
         cached = len(SYSTEM) // 16 * 16
         assert sent == [cached], (sent, cached)    # the worker began after the cached blocks
         assert outs[-1].num_cached_tokens == cached

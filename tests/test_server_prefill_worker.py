@@ -55,15 +55,22 @@ async def decoding(stub, rid, new_tokens):
     return stream
 
 
+async def in_the_worker(stub, engine, rid, new_tokens):
+    """A long prompt's call, once the engine has handed it to the worker -> its future."""
+    call = asyncio.ensure_future(generate(stub, request(rid, list(range(3, 200)), new_tokens)))
+    deadline = time.monotonic() + 60
+    while rid not in engine.remote:
+        assert time.monotonic() < deadline, "the long prompt never reached the worker"
+        await asyncio.sleep(0.001)
+    return call
+
+
 async def kill_mid_prefill(target, engine):
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
         stream = await decoding(stub, "stream", 300)
-        doomed = asyncio.ensure_future(generate(stub, request("doomed", list(range(3, 200)), 4)))
+        doomed = await in_the_worker(stub, engine, "doomed", 4)
         deadline = time.monotonic() + 60
-        while "doomed" not in engine.remote:
-            assert time.monotonic() < deadline, "the long prompt never reached the worker"
-            await asyncio.sleep(0.001)
         health = health_pb2_grpc.HealthStub(ch)
         check = lambda: health.Check(health_pb2.HealthCheckRequest(service=PREFILL_WORKER))  # noqa: E731
         assert (await check()).status == health_pb2.HealthCheckResponse.SERVING
@@ -141,11 +148,8 @@ async def drained_with_a_prompt_in_the_worker(srv, engine):
     async with grpc.aio.insecure_channel(srv.target) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
         stream = await decoding(stub, "stream", 200)
-        long = asyncio.ensure_future(generate(stub, request("long", list(range(3, 200)), 4)))
+        long = await in_the_worker(stub, engine, "long", 4)
         deadline = time.monotonic() + 60
-        while "long" not in engine.remote:
-            assert time.monotonic() < deadline, "the long prompt never reached the worker"
-            await asyncio.sleep(0.001)
         await asyncio.to_thread(srv.call, srv.app.drain())
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await generate(stub, request("late", [4, 5, 6], 2))
