@@ -490,14 +490,17 @@ ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
  * scale carries the 2^8): with the sign in bit 15, the magnitude's bits become an
  * FP16 exponent (bias 15 against e4m3's 7) and mantissa, subnormals included, and
  * F16C widens them; the NaN codes 0x7f / 0xff become an FP16 NaN. */
-ALWAYS_INLINE __m256i fp16_of_fp8(__m256i v) {
-    /* v: 16 codes as words. Bits 15, 14: the sign; 13..7: the magnitude; then bit 14
-     * cleared; a NaN code's word becomes 0xffff (no other code's can) */
-    __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(v, 8), 1),
-                                 _mm256_set1_epi16((short)0xbf80));
+ALWAYS_INLINE __m256i fp16_of_fp8_hi(__m256i v) {
+    /* v: 16 codes in the high bytes of words. Bits 15, 14: the sign; 13..7: the
+     * magnitude; then bit 14 cleared; a NaN code's word becomes 0xffff (no other
+     * code's can) */
+    __m256i h = _mm256_and_si256(_mm256_srai_epi16(v, 1), _mm256_set1_epi16((short)0xbf80));
     __m256i mag = _mm256_and_si256(h, _mm256_set1_epi16(0x3f80));
     return _mm256_or_si256(h, _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80)));
 }
+
+/* v: 16 codes as words */
+ALWAYS_INLINE __m256i fp16_of_fp8(__m256i v) { return fp16_of_fp8_hi(_mm256_slli_epi16(v, 8)); }
 
 ALWAYS_INLINE __m256i load16_codes(const uint8_t *p) {
     return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
@@ -514,12 +517,157 @@ ALWAYS_INLINE void load16_fp8(const uint8_t *p, __m256 *a, __m256 *b) {
 
 #define UNIT_WIDEN 1
 
+/* The 32 codes of FP8 chunk lanes j, j + 1 -> their A (a[0], a[1]) and B (b[0], b[1])
+ * lanes as load16_fp8 gives them: the per-lane byte unpacks put lane j's A bytes
+ * and then lane j + 1's in the high bytes of 16 words (and the B bytes likewise),
+ * so no word is shifted into place. */
+ALWAYS_INLINE void load32_fp8(const uint8_t *p, __m256 *a, __m256 *b) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p), z = _mm256_setzero_si256();
+    fp16_to_floats(fp16_of_fp8_hi(_mm256_unpacklo_epi8(z, v)), a, a + 1);
+    fp16_to_floats(fp16_of_fp8_hi(_mm256_unpackhi_epi8(z, v)), b, b + 1);
+}
+
+/* A token's 128 BF16 activations as floats (once per unit, then broadcast from it). */
+ALWAYS_INLINE void x_floats(const uint16_t *x, float *xf) {
+    for (int i = 0; i < UNIT_K; i += 8)
+        _mm256_storeu_ps(xf + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i))), 16)));
+}
+
+/* INT4 on AVX2. A 32-byte load of chunk pair p's words holds, for row half hh, 8
+ * dwords: row 8hh + i's even-column word in the low half, its odd-column word in
+ * the high half, 4 nibbles each: A(2p), B(2p), A(2p+1), B(2p+1). Nibble q moved to
+ * the low bits of its dword plus the row's bias 0x4b000000 + 16 - z is the float
+ * 2^23 + 16 + q - z; minus 2^23 + 16 that is q - z, exact, for every zero point:
+ * the even and odd chains of 8 rows without a widening instruction. */
+ALWAYS_INLINE __m256i q4_bias(const uint8_t *w, int f, int g, int jg, int hh) {
+    if (!wf_asym(f) || wf_wide(f)) return _mm256_set1_epi32(0x4b000000 + 8);
+    __m128i o = _mm_loadl_epi64((const __m128i *)(int4_offsets(w, f)
+                                                  + (g * wf_ng(f) + jg) * 16 + 8 * hh));
+    return _mm256_add_epi32(_mm256_cvtepu8_epi32(o), _mm256_set1_epi32(0x4b000000));
+}
+
+/* Nibble n of the even (ev) and odd (od) words of d -> 8 rows' q - z as floats. */
+ALWAYS_INLINE void q4_floats(__m256i d, int n, __m256i bias, __m256 *ev, __m256 *od) {
+    const __m256i m = _mm256_set1_epi32(15);
+    const __m256 c = _mm256_set1_ps(0x1p23f + 16.0f);
+    __m256i e = n ? _mm256_and_si256(_mm256_srli_epi32(d, 4 * n), m) : _mm256_and_si256(d, m);
+    __m256i o = n == 3 ? _mm256_srli_epi32(d, 28) : _mm256_and_si256(_mm256_srli_epi32(d, 16 + 4 * n), m);
+    *ev = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_add_epi32(e, bias)), c);
+    *od = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_add_epi32(o, bias)), c);
+}
+
+/* NL streams of an INT4 unit (stream s: row group g = s / (2 ng), group jg, row half
+ * hh) against nt tokens, side by side so that 2 NL nt FMA chains are in flight: per
+ * row and token an even-column and an odd-column chain, chunk by chunk, A half then
+ * B half, then out += the row's group scale * (even + odd). Decoded once for every
+ * token, one order whatever nt and NL, the widened unit's values the same: the same
+ * bits for decode, batches and prefill. *pfi counts pairs for the prefetch. */
+ALWAYS_INLINE void q4_streams(const uint8_t *w, int f, const float (*xf)[UNIT_K], const int nt,
+                              const int NL, const int wide, int s0, float *out, const uint8_t *pf,
+                              int pf_fmt, int *pfi) {
+    const int ng = wf_ng(f), gc = CHUNKS / ng;
+    const float *sc = int4_scales(w, f);
+    __m256 ev[4][MAX_NT], od[4][MAX_NT];
+    __m256i bias[4];
+    int g[4], jg[4], hh[4];
+#pragma GCC unroll 4
+    for (int l = 0; l < NL; l++) {
+        int st = s0 + l;
+        g[l] = st / (2 * ng); jg[l] = (st / 2) % ng; hh[l] = st % 2;
+        bias[l] = q4_bias(w, f, g[l], jg[l], hh[l]);
+        for (int t = 0; t < nt; t++) ev[l][t] = od[l][t] = _mm256_setzero_ps();
+    }
+    for (int i = 0; i < gc; i += 2) {
+#pragma GCC unroll 4
+        for (int l = 0; l < NL; l++) {
+            if (pf && (*pfi)++ % 4 == 0) pf_share(pf, pf_fmt, (*pfi - 1) / 4);
+            const int c = jg[l] * gc + i;
+            const __m256i d = wide ? _mm256_setzero_si256() : _mm256_loadu_si256(
+                (const __m256i *)(w + g[l] * 1024 + (c >> 1) * 64 + 32 * hh[l]));
+#pragma GCC unroll 4
+            for (int n = 0; n < 4; n++) {
+                const int cc = c + (n >> 1), kb = 2 * (n & 1);
+                __m256 fe, fo;
+                if (wide) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(
+                        w + g[l] * 4096 + cc * 128 + 64 * (n & 1) + 32 * hh[l]));
+                    fe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                    fo = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+                } else {
+                    q4_floats(d, n, bias[l], &fe, &fo);
+                }
+#pragma GCC unroll 4
+                for (int t = 0; t < nt; t++) {
+                    const float *xt = xf[t] + 4 * cc + kb;
+                    ev[l][t] = _mm256_fmadd_ps(fe, _mm256_broadcast_ss(xt), ev[l][t]);
+                    od[l][t] = _mm256_fmadd_ps(fo, _mm256_broadcast_ss(xt + 1), od[l][t]);
+                }
+            }
+        }
+    }
+    for (int l = 0; l < NL; l++) {
+        const float *s = sc + (g[l] * ng + jg[l]) * 16 + 8 * hh[l];
+        const __m256 sv = _mm256_loadu_ps(s);
+        for (int t = 0; t < nt; t++) {
+            float *o = out + t * UNIT_ROWS + g[l] * GROUP_ROWS + 8 * hh[l];
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, _mm256_add_ps(ev[l][t], od[l][t]),
+                                                _mm256_loadu_ps(o)));
+        }
+    }
+}
+
+/* INT4 (codes, or widened BF16) against 1..4 tokens, two streams at a time (four
+ * measured no faster at one token, slower at four); nt and NL constants in each
+ * copy, so that the chains stay in registers. */
+ALWAYS_INLINE void unit_body_q4(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
+                                float *out, const uint8_t *pf, int pf_fmt) {
+    float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
+    for (int t = 0; t < nt; t++) x_floats(x[t], xf[t]);
+    const int streams = 8 * wf_ng(f);
+    int pfi = 0;
+#define Q4_STREAMS(NT, NL, WIDE) \
+    for (int s0 = 0; s0 < streams; s0 += NL) \
+        q4_streams(w, f, xf, NT, NL, WIDE, s0, out, pf, pf_fmt, &pfi)
+#define Q4_BODY(WIDE) \
+    if (nt == 1) { Q4_STREAMS(1, 2, WIDE); } else if (nt == 2) { Q4_STREAMS(2, 2, WIDE); } \
+    else if (nt == 3) { Q4_STREAMS(3, 2, WIDE); } else { Q4_STREAMS(4, 2, WIDE); }
+    if (wf_wide(f)) { Q4_BODY(1) } else { Q4_BODY(0) }
+#undef Q4_BODY
+#undef Q4_STREAMS
+}
+
+/* INT4 unit -> its widened unit: the BF16 of q - z (exact: 5-bit integers, the top
+ * half of the float) in the BF16 chunk layout, then the group scales. */
+static void unit_widen_q4(const uint8_t *w, int f, uint16_t *dst) {
+    const int ng = wf_ng(f), gc = CHUNKS / ng;
+    for (int g = 0; g < 4; g++)
+        for (int jg = 0; jg < ng; jg++)
+            for (int hh = 0; hh < 2; hh++) {
+                const __m256i bias = q4_bias(w, f, g, jg, hh);
+                for (int c = jg * gc; c < (jg + 1) * gc; c += 2) {
+                    const __m256i d = _mm256_loadu_si256(
+                        (const __m256i *)(w + g * 1024 + (c >> 1) * 64 + 32 * hh));
+                    for (int n = 0; n < 4; n++) {
+                        __m256 fe, fo;
+                        q4_floats(d, n, bias, &fe, &fo);
+                        __m256i r = _mm256_or_si256(
+                            _mm256_srli_epi32(_mm256_castps_si256(fe), 16),
+                            _mm256_and_si256(_mm256_castps_si256(fo), _mm256_set1_epi32((int)0xffff0000u)));
+                        _mm256_storeu_si256((__m256i *)(dst + g * 2048 + (c + (n >> 1)) * 64
+                                                        + 32 * (n & 1) + 16 * hh), r);
+                    }
+                }
+            }
+    memcpy((uint8_t *)dst + BF16_UNIT_BYTES, int4_scales(w, f), 256 * (size_t)ng);
+}
+
 /* FP8 unit -> BF16 unit in the BF16 chunk layout, by table (prefill: widen
  * once, reuse for every token; the FP8 body converts per token and ran
  * prefill ~3x slower). In FP8 chunk lane j, bytes 0..7 are A words 8j..8j+7
  * and bytes 8..15 the B words. INT4 -> its widened unit (unit_widen_fmt). */
 static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
-    if (wf_int4(f)) { unit_widen_q4_scalar(w, f, dst); return; }
+    if (wf_int4(f)) { unit_widen_q4(w, f, dst); return; }
     /* 16 codes at a time through load16_fp8 (value * 2^-8 as floats), times 2^8
      * (exact), the BF16 the top half (exact: <= 4 significant bits); NaN codes
      * take the table's BF16 NaN (0x7fc0 with the code's sign) */
@@ -545,70 +693,6 @@ static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
                 _mm_storeu_si128((__m128i *)(B + 8 * j), _mm256_extracti128_si256(r, 1));
             }
         }
-}
-
-/* 8 INT4 values q - z of lane j (rows 4j..4j+3 x one column pair) of chunk c,
- * half kh, as floats; zero: the 8 lanes' zero points. */
-ALWAYS_INLINE __m256 load8_q4(const uint8_t *w, int g, int c, int kh, int j, __m256i zero) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(
-        (const __m128i *)(w + g * 1024 + (c >> 1) * 64 + 16 * j)));
-    v = _mm256_and_si256(_mm256_srli_epi32(v, 4 * (2 * (c & 1) + kh)), _mm256_set1_epi32(15));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(v, zero));
-}
-
-/* INT4 (codes, or widened BF16), one token at a time, group by group: the FP32
- * FMA body of the BF16 units with the group's scale per row after each group. */
-ALWAYS_INLINE void unit_body_q4(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
-                                float *out, const uint8_t *pf, int pf_fmt) {
-    const int ng = wf_ng(f), gc = CHUNKS / ng, wide = wf_wide(f), asym = wf_asym(f) && !wide;
-    const float *sc = int4_scales(w, f);
-    for (int t = 0; t < nt; t++)
-        for (int g = 0; g < 4; g++)
-            for (int jg = 0; jg < ng; jg++) {
-                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
-                                 _mm256_setzero_ps(), _mm256_setzero_ps()};
-                __m256i zero[4];
-                for (int j = 0; j < 4; j++) {
-                    if (asym) {
-                        const uint8_t *o = int4_offsets(w, f) + (g * ng + jg) * 16 + 4 * j;
-                        zero[j] = _mm256_setr_epi32(16 - o[0], 16 - o[0], 16 - o[1], 16 - o[1],
-                                                    16 - o[2], 16 - o[2], 16 - o[3], 16 - o[3]);
-                    } else {
-                        zero[j] = _mm256_set1_epi32(8);
-                    }
-                }
-                for (int c = jg * gc; c < (jg + 1) * gc; c++) {
-                    if (pf && t == 0 && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
-                    __m256 xa = xpair(x[t] + 4 * c), xb = xpair(x[t] + 4 * c + 2);
-                    for (int j = 0; j < 4; j++) {
-                        __m256 fa, fb;
-                        if (wide) {
-                            const uint8_t *pa = w + g * 4096 + c * 128 + 16 * j;
-                            fa = load8(pa, 0);
-                            fb = load8(pa + 64, 0);
-                        } else {
-                            fa = load8_q4(w, g, c, 0, j, zero[j]);
-                            fb = load8_q4(w, g, c, 1, j, zero[j]);
-                        }
-                        acc[j] = _mm256_fmadd_ps(fa, xa, acc[j]);
-                        acc[j] = _mm256_fmadd_ps(fb, xb, acc[j]);
-                    }
-                }
-                float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
-                const float *s = sc + (g * ng + jg) * 16;
-                for (int j = 0; j < 4; j++) {
-                    float a[8];
-                    _mm256_storeu_ps(a, acc[j]);
-                    for (int i = 0; i < 4; i++) o[4 * j + i] += s[4 * j + i] * (a[2 * i] + a[2 * i + 1]);
-                }
-            }
-}
-
-/* A token's 128 BF16 activations as floats (once per unit, then broadcast from it). */
-ALWAYS_INLINE void x_floats(const uint16_t *x, float *xf) {
-    for (int i = 0; i < UNIT_K; i += 8)
-        _mm256_storeu_ps(xf + i, _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i))), 16)));
 }
 
 /* o[r] += scale * (even + odd partial sums of row r) for the 16 rows of a row group:
@@ -660,18 +744,61 @@ ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x,
         }
 }
 
+/* FP8 units against 2..4 tokens: lane j's 16 codes of a chunk are decoded once
+ * (load32_fp8, two lanes a load) for every token, lane pair outermost, each token its own chain; the chains
+ * and their order are the one-token body's, so the same bits. */
+ALWAYS_INLINE void unit_body_fp8_nt(const uint8_t *w, const uint16_t *const *x, const int nt,
+                                    float scale, float *out, const uint8_t *pf, int pf_fmt) {
+    float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
+    for (int t = 0; t < nt; t++) x_floats(x[t], xf[t]);
+    for (int g = 0; g < 4; g++) {
+        __m256 acc[MAX_NT][4];
+        for (int j = 0; j < 4; j += 2) {
+            for (int t = 0; t < nt; t++) acc[t][j] = acc[t][j + 1] = _mm256_setzero_ps();
+            for (int c = 0; c < CHUNKS; c++) {
+                if (pf && j == 0 && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
+                __m256 fa[2], fb[2];
+                load32_fp8(w + g * 2048 + c * 64 + 16 * j, fa, fb);
+                for (int t = 0; t < nt; t++) {
+                    const double *xp = (const double *)(xf[t] + 4 * c);
+                    const __m256 xa = _mm256_castpd_ps(_mm256_broadcast_sd(xp));
+                    const __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd(xp + 1));
+                    for (int i = 0; i < 2; i++) {
+                        acc[t][j + i] = _mm256_fmadd_ps(fa[i], xa, acc[t][j + i]);
+                        acc[t][j + i] = _mm256_fmadd_ps(fb[i], xb, acc[t][j + i]);
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < nt; t++)
+            store_pairs(acc[t], scale * 0x1p8f, out + t * UNIT_ROWS + g * GROUP_ROWS);
+    }
+}
+
 /* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass.
  *
  * Every body keeps one order per row: an even-k and an odd-k FP32 FMA chain, k
  * ascending, added at the end (so FP8 units, their BF16 widening and the BF16 units
- * give the same bits). FP8 (decode): 16 codes a load through load16_fp8, x as
+ * give the same bits). FP8 (decode): 32 codes a load through load32_fp8, x as
  * broadcast (even, odd) pairs. BF16: a 32-byte load holds 8 rows x (k, k + 1); the
  * even words shifted up and the odd words masked are the two chains' weights, each
  * against its own broadcast x, so no pair of x is built and no word widened alone. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
     if (wf_int4(fp8)) { unit_body_q4(w, fp8, x, nt, out, pf, pf_fp8); return; }
-    if (!fp8 && nt > 1) { unit_body_bf16_nt(w, x, nt, scale, out, pf, pf_fp8); return; }
+    /* 2..4 tokens: a copy per count, so that the per-token chains stay in registers */
+    if (nt > 1 && !fp8) {
+        if (nt == 2) unit_body_bf16_nt(w, x, 2, scale, out, pf, pf_fp8);
+        else if (nt == 3) unit_body_bf16_nt(w, x, 3, scale, out, pf, pf_fp8);
+        else unit_body_bf16_nt(w, x, 4, scale, out, pf, pf_fp8);
+        return;
+    }
+    if (nt > 1) {
+        if (nt == 2) unit_body_fp8_nt(w, x, 2, scale, out, pf, pf_fp8);
+        else if (nt == 3) unit_body_fp8_nt(w, x, 3, scale, out, pf, pf_fp8);
+        else unit_body_fp8_nt(w, x, 4, scale, out, pf, pf_fp8);
+        return;
+    }
     float xf[UNIT_K] __attribute__((aligned(32)));
     for (int t = 0; t < nt; t++) {
         x_floats(x[t], xf);
@@ -684,11 +811,13 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
                     if (pf && t == 0 && c % 4 == 0) pf_share(pf, pf_fp8, g * 8 + c / 4);
                     __m256 xa = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xf + 4 * c)));
                     __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xf + 4 * c + 2)));
-                    for (int j = 0; j < 4; j++) {
-                        __m256 fa, fb;
-                        load16_fp8(w + g * 2048 + c * 64 + 16 * j, &fa, &fb);
-                        acc[j] = _mm256_fmadd_ps(fa, xa, acc[j]);
-                        acc[j] = _mm256_fmadd_ps(fb, xb, acc[j]);
+                    for (int j = 0; j < 4; j += 2) {
+                        __m256 fa[2], fb[2];
+                        load32_fp8(w + g * 2048 + c * 64 + 16 * j, fa, fb);
+                        for (int i = 0; i < 2; i++) {
+                            acc[j + i] = _mm256_fmadd_ps(fa[i], xa, acc[j + i]);
+                            acc[j + i] = _mm256_fmadd_ps(fb[i], xb, acc[j + i]);
+                        }
                     }
                 }
                 store_pairs(acc, scale * 0x1p8f, o);

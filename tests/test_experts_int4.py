@@ -8,7 +8,7 @@ import torch
 
 import moed.backends.cpu.isa as cpu
 from moed.backends.cpu.experts import CPUExpertLayer
-from moed.backends.cpu.layout import format_code, pack_weight, packed_format
+from moed.backends.cpu.layout import format_code, pack_matrix, pack_weight, packed_format
 from moed.backends.torch import TorchExperts
 from moed.model.formats import Weight, pack_int4, quantize_int4
 
@@ -142,3 +142,22 @@ def test_fused_moe_matches_the_reference(isa, sym):
         if T == 40:                             # a token's bits do not depend on the batch
             one = fast(x[7:8], ids[7:8], wts[7:8])
             assert torch.equal(one[0], got[7])
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_a_tokens_bits_do_not_depend_on_the_tokens_beside_it(isa):
+    # the bodies for 2..4 tokens decode a unit's weights once for every token: each
+    # token's row must be the one-token body's bits, in every format
+    kernels = kernels_or_skip(isa)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(64, 128, generator=g)
+    units = [(1, pack_matrix(w.to(torch.float8_e4m3fn), torch.ones(1, 1), (128, 128))[0]),
+             (0, pack_matrix(w.bfloat16(), None, (128, 128))[0])]
+    units += [(format_code(packed_format(q)), u) for _, _, q, u in packed_units(g)]
+    x = torch.randn(4, 128, generator=g).bfloat16()
+    for code, u in units:
+        alone = torch.cat([apply(kernels, u.ctypes.data, code, x[t:t + 1], False)
+                           for t in range(4)])
+        for nt in (2, 3, 4):
+            together = apply(kernels, u.ctypes.data, code, x[:nt], False)
+            assert torch.equal(together, alone[:nt]), (isa, code, nt)

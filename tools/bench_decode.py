@@ -98,7 +98,7 @@ def main():
     args = ap.parse_args()
     tmp, model, kernels, threads, setup = model_setup(args)
     read, _ = machine(kernels, threads)
-    print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8 (BF16 embed/LM head), batch "
+    print(f"qwen3-30b-a3b dims, {args.layers} layers, {args.fmt.upper()} (BF16 embed/LM head), batch "
           f"{args.batch}, context {args.context}+, {setup}; streaming read {read / 1e9:.1f} GB/s "
           f"(same run, re-measured after every step)", flush=True)
     prompts = [[3 + i] + [(17 + 31 * j) % 150000 + 3 for j in range(args.context - 1)]
