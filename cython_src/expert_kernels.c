@@ -446,7 +446,7 @@ static int64_t moe_forward(packed_matrix gate, packed_matrix up, packed_matrix d
 static void unit_apply(const uint8_t *w, int fp8, const uint16_t *x, int ldx, int nt,
                        float scale, float *out, int scalar) {
     const uint16_t *xk[MAX_NT];
-    for (int t = 0; t < nt; t++) xk[t] = x + (int64_t)t * ldx;
+    for (int t = 0; t < MAX_NT; t++) xk[t] = x + (int64_t)(t < nt ? t : 0) * ldx;
     if (scalar) { unit_scalar(w, fp8, xk, nt, scale, out); return; }
     if (wf_int4(fp8)) unit_body(w, fp8, xk, nt, scale, out);
     else if (fp8) unit_body(w, 1, xk, nt < 1 ? 1 : nt, scale, out);

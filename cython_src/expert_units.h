@@ -775,12 +775,153 @@ ALWAYS_INLINE void unit_body_fp8_nt(const uint8_t *w, const uint16_t *const *x, 
     }
 }
 
+/* FP8 decode without F16C (Zen 3 widens 8 FP16 a cycle at best, the F16C bodies'
+ * bound). A code's sign and magnitude shifted to the top of a float (the exponent
+ * field e: bias 127 against e4m3's 7) are exactly its value * 2^-120, subnormal
+ * codes included (float subnormals are exact); with x times 2^112 (exact for
+ * |x| < 2^16) each product is value * x * 2^-8, load32_fp8's very product, so the
+ * chains, their order and their bits are the F16C bodies'. Taken unless some
+ * |x| >= 2^16 (or is not finite), the MXCSR flushes subnormal inputs (DAZ), or the
+ * unit holds a NaN code (0x7f / 0xff: the shift makes them finite; the check rides
+ * on the loads and such a unit is left to the F16C body, which the caller runs on a
+ * 0 return, nothing written). */
+ALWAYS_INLINE int x_floats_up(const uint16_t *x, float *xf) {
+    __m128i big = _mm_setzero_si128();
+    for (int i = 0; i < UNIT_K; i += 8) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(x + i));
+        big = _mm_or_si128(big, _mm_cmpgt_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7fff)),
+                                                _mm_set1_epi16(0x477f)));   /* BF16 2^16 - */
+        _mm256_storeu_ps(xf + i, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(v), 16)), _mm256_set1_ps(0x1p112f)));
+    }
+    return _mm_testz_si128(big, big);
+}
+
+/* The codes of v (16 per 128-bit lane, in the high bytes of words after the unpacks)
+ * -> words whose top half as a float is value * 2^-120 (the sign copies in bits
+ * 14..11 still to be masked); *nan: the bytewise min of ~code & 0x7f (0 for a NaN). */
+ALWAYS_INLINE void fp8_shift_words(__m256i v, __m256i *lo, __m256i *hi, __m256i *nan) {
+    const __m256i z = _mm256_setzero_si256();
+    *nan = _mm256_min_epu8(*nan, _mm256_andnot_si256(v, _mm256_set1_epi8(0x7f)));
+    *lo = _mm256_srai_epi16(_mm256_unpacklo_epi8(z, v), 4);
+    *hi = _mm256_srai_epi16(_mm256_unpackhi_epi8(z, v), 4);
+}
+
+ALWAYS_INLINE int fp8_has_nan(__m256i nan) {
+    return _mm256_movemask_epi8(_mm256_cmpeq_epi8(nan, _mm256_setzero_si256())) != 0;
+}
+
+/* out[t] += scale 2^8 res[t] (load32_fp8's 2^-8 undone) */
+ALWAYS_INLINE void fp8_shift_store(const float (*res)[UNIT_ROWS], int nt, float scale, float *out) {
+    scale *= 0x1p8f;
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < UNIT_ROWS; r++) out[t * UNIT_ROWS + r] += scale * res[t][r];
+}
+
+/* One token: 32 codes (chunk lanes j, j + 1) a load; each word of the unpacked codes
+ * holds a row's even-k (low half) and odd-k (high half) weight, so rows 4j..4j+7 are
+ * the 8 lanes of an even and an odd chain against broadcast x, as in the BF16 body. */
+ALWAYS_INLINE int unit_body_fp8_shift1(const uint8_t *w, const uint16_t *x, float scale, float *out,
+                                       const uint8_t *pf, int pf_fmt) {
+    float xf[UNIT_K] __attribute__((aligned(32)));
+    float res[1][UNIT_ROWS] __attribute__((aligned(32)));
+    if (!x_floats_up(x, xf)) return 0;
+    const __m256i m = _mm256_set1_epi32((int)0x87f00000u);
+    __m256i nan = _mm256_set1_epi8(0x7f);
+    for (int g = 0; g < 4; g++) {
+        __m256 ev[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 od[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int c = 0; c < CHUNKS; c++) {
+            if (pf && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
+            const float *xt = xf + 4 * c;
+            for (int h = 0; h < 2; h++) {
+                __m256i a, b;
+                fp8_shift_words(_mm256_loadu_si256((const __m256i *)(w + g * 2048 + c * 64 + 32 * h)),
+                                &a, &b, &nan);
+                ev[h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(a, 16), m)),
+                                        _mm256_broadcast_ss(xt), ev[h]);
+                od[h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, m)),
+                                        _mm256_broadcast_ss(xt + 1), od[h]);
+                ev[h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 16), m)),
+                                        _mm256_broadcast_ss(xt + 2), ev[h]);
+                od[h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(b, m)),
+                                        _mm256_broadcast_ss(xt + 3), od[h]);
+            }
+        }
+        for (int h = 0; h < 2; h++) _mm256_store_ps(res[0] + g * GROUP_ROWS + 8 * h, _mm256_add_ps(ev[h], od[h]));
+    }
+    if (fp8_has_nan(nan)) return 0;
+    fp8_shift_store(res, 1, scale, out);
+    return 1;
+}
+
+/* 2..4 tokens: each 32-code load decoded once for every token, lane pair outermost
+ * and a token's chains against broadcast x pairs (load32_fp8's order); the dword
+ * unpacks give acc[t][j + i] lanes 0..3 rows 8(j/2) + 2i + (0, 1) and lanes 4..7 the
+ * same rows + 4, each an (even, odd) pair. */
+ALWAYS_INLINE int unit_body_fp8_shift_nt(const uint8_t *w, const uint16_t *const *x, const int nt,
+                                         float scale, float *out, const uint8_t *pf, int pf_fmt) {
+    float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
+    float res[MAX_NT][UNIT_ROWS] __attribute__((aligned(32)));
+    for (int t = 0; t < nt; t++)
+        if (!x_floats_up(x[t], xf[t])) return 0;
+    const __m256i m = _mm256_set1_epi16((short)0x87f0), z = _mm256_setzero_si256();
+    __m256i nan = _mm256_set1_epi8(0x7f);
+    for (int g = 0; g < 4; g++)
+        for (int j = 0; j < 4; j += 2) {
+            __m256 acc[MAX_NT][2];
+            for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+            for (int c = 0; c < CHUNKS; c++) {
+                if (pf && j == 0 && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
+                __m256i a, b;
+                fp8_shift_words(_mm256_loadu_si256((const __m256i *)(w + g * 2048 + c * 64 + 16 * j)),
+                                &a, &b, &nan);
+                a = _mm256_and_si256(a, m);
+                b = _mm256_and_si256(b, m);
+                const __m256 fa[2] = {_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, a)),
+                                      _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, a))};
+                const __m256 fb[2] = {_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, b)),
+                                      _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, b))};
+                for (int t = 0; t < nt; t++) {
+                    const double *xp = (const double *)(xf[t] + 4 * c);
+                    const __m256 xa = _mm256_castpd_ps(_mm256_broadcast_sd(xp));
+                    const __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd(xp + 1));
+                    for (int i = 0; i < 2; i++) {
+                        acc[t][i] = _mm256_fmadd_ps(fa[i], xa, acc[t][i]);
+                        acc[t][i] = _mm256_fmadd_ps(fb[i], xb, acc[t][i]);
+                    }
+                }
+            }
+            for (int t = 0; t < nt; t++)
+                for (int i = 0; i < 2; i++) {
+                    float a[8];
+                    _mm256_storeu_ps(a, acc[t][i]);
+                    float *r = res[t] + g * GROUP_ROWS + 8 * (j / 2) + 2 * i;
+                    r[0] = a[0] + a[1]; r[1] = a[2] + a[3];
+                    r[4] = a[4] + a[5]; r[5] = a[6] + a[7];
+                }
+        }
+    if (fp8_has_nan(nan)) return 0;
+    fp8_shift_store(res, nt, scale, out);
+    return 1;
+}
+
+/* The shift bodies, a copy per token count; 0: not taken (see above), nothing written. */
+ALWAYS_INLINE int unit_body_fp8_shift(const uint8_t *w, const uint16_t *const *x, const int nt,
+                                      float scale, float *out, const uint8_t *pf, int pf_fmt) {
+    if (_mm_getcsr() & 0x40) return 0;      /* DAZ */
+    if (nt == 1) return unit_body_fp8_shift1(w, x[0], scale, out, pf, pf_fmt);
+    if (nt == 2) return unit_body_fp8_shift_nt(w, x, 2, scale, out, pf, pf_fmt);
+    if (nt == 3) return unit_body_fp8_shift_nt(w, x, 3, scale, out, pf, pf_fmt);
+    return unit_body_fp8_shift_nt(w, x, 4, scale, out, pf, pf_fmt);
+}
+
 /* pf: see the AVX-512 unit_body_pf; fetched during the first token's pass.
  *
  * Every body keeps one order per row: an even-k and an odd-k FP32 FMA chain, k
  * ascending, added at the end (so FP8 units, their BF16 widening and the BF16 units
- * give the same bits). FP8 (decode): 32 codes a load through load32_fp8, x as
- * broadcast (even, odd) pairs. BF16: a 32-byte load holds 8 rows x (k, k + 1); the
+ * give the same bits). FP8 (decode): the shift bodies above, else (NaN codes, huge
+ * x, DAZ) 32 codes a load through load32_fp8, x as broadcast (even, odd) pairs. BF16: a 32-byte load holds 8 rows x (k, k + 1); the
  * even words shifted up and the odd words masked are the two chains' weights, each
  * against its own broadcast x, so no pair of x is built and no word widened alone. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
@@ -793,6 +934,7 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
         else unit_body_bf16_nt(w, x, 4, scale, out, pf, pf_fp8);
         return;
     }
+    if (fp8 && unit_body_fp8_shift(w, x, nt, scale, out, pf, pf_fp8)) return;
     if (nt > 1) {
         if (nt == 2) unit_body_fp8_nt(w, x, 2, scale, out, pf, pf_fp8);
         else if (nt == 3) unit_body_fp8_nt(w, x, 3, scale, out, pf, pf_fp8);

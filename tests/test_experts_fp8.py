@@ -97,3 +97,56 @@ def test_widened_fp8_units_equal_the_scalar_widening_and_the_units_bits(isa):
     for nt in (1, 2, 4):
         assert torch.equal(apply(kernels, units.ctypes.data, 1, x[:nt], False),
                            apply(kernels, wide.ctypes.data, wfmt, x[:nt], False)), nt
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_fp8_body_bits_hold_where_its_fast_decoding_steps_aside(isa):
+    """The AVX2 FP8 body decodes codes by shifts, with x scaled by 2^112; it leaves a
+    unit to the F16C body when some |x| >= 2^16 (or x is not finite), when the unit
+    holds a NaN code, or when denormal inputs are flushed (DAZ). Each case, at 1..4
+    tokens, gives the widened unit's bits (the other path to the same sums), NaN
+    codes poison exactly their rows, and no case writes twice."""
+    import numpy as np
+    from test_experts_int4 import aligned, apply
+    kernels = kernels_or_skip(isa)
+    g = torch.Generator().manual_seed(11)
+    codes = (torch.arange(64 * 128) * 37 % 256).to(torch.uint8).view(64, 128)
+    codes[(codes & 0x7F) == 0x7F] = 0x3C
+    units = unit_of_codes(codes)
+    wide = aligned(kernels.WIDE_BYTES)
+    wfmt = kernels.widen_unit(units.ctypes.data, 1, wide.ctypes.data, False)
+    if wfmt < 0:
+        pytest.skip(f"{isa} does not widen units (no prefill scratch)")
+    ref64 = codes.view(torch.float8_e4m3fn).double()
+    for big in (None, 70000.0, 65536.0, 65280.0, float("inf")):
+        for nt in (1, 2, 3, 4):
+            x = torch.randn(nt, 128, generator=g).bfloat16()
+            if big is not None:
+                x[nt - 1, 17] = big
+            got = apply(kernels, units.ctypes.data, 1, x, False)
+            assert torch.equal(got, apply(kernels, wide.ctypes.data, wfmt, x, False)), (big, nt)
+            if big is None or big < float("inf"):
+                ref = x.double() @ ref64.T
+                err = ((got.double() - ref).abs() / (x.double().abs() @ ref64.abs().T)).max()
+                assert err <= 1e-6, (big, nt, err.item())
+    nan_codes = codes.clone()
+    nan_codes[5, 9], nan_codes[40, 127] = 0x7F, 0xFF
+    nan_units = unit_of_codes(nan_codes)
+    for nt in (1, 2, 3, 4):
+        x = torch.randn(nt, 128, generator=g).bfloat16()
+        got = apply(kernels, nan_units.ctypes.data, 1, x, False)
+        assert (torch.isnan(got).any(dim=0).nonzero().flatten().tolist() == [5, 40]), nt
+        finite = [r for r in range(64) if r not in (5, 40)]
+        assert torch.equal(got[:, finite], apply(kernels, wide.ctypes.data, wfmt, x, False)[:, finite])
+    x = torch.randn(4, 128, generator=g).bfloat16()
+    want = [apply(kernels, units.ctypes.data, 1, x[:nt], False) for nt in (1, 2, 3, 4)]
+    was = torch.set_flush_denormal(True)
+    if not was:
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = [apply(kernels, units.ctypes.data, 1, x[:nt], False) for nt in (1, 2, 3, 4)]
+    finally:
+        torch.set_flush_denormal(False)
+    for nt, (a, b) in enumerate(zip(got, want), 1):
+        assert torch.equal(a, b), nt
+    assert np.isfinite(want[0].numpy()).all()
