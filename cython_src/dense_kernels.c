@@ -15,7 +15,8 @@
  *
  * REGULARITIES  decode: T = 1..64 (the decode batch), every weight byte read
  *   once per step -> GEMV, memory bound: one task per row tile, FP8 widened in
- *   registers; at T <= 2 each thread claims its next tile one ahead and
+ *   registers; at T <= DENSE_DECODE_MAX (2; 8 on AVX2) each thread claims its
+ *   next tile one ahead and
  *   prefetches PF_BYTES ahead along its own stream (measured against a fixed
  *   distance past the current unit, which lands in another thread's tile:
  *   cold FP8 attention projections x1.1-1.5, the BF16 LM head x1.02-1.06).
@@ -50,7 +51,18 @@
  * BF16 scratch unit that every pair reads from L1 (the same bits). Batched decode
  * on the 8-layer Qwen3-30B-A3B shape, paired: batch 4 x1.03, batch 8 x1.03-1.07
  * against widening in registers up to 8 tokens. */
+/* <= DENSE_DECODE_MAX tokens: decode (each thread streams its own share of the row
+ * tiles, prefetching along it, one tile claimed ahead). On AVX2 both are
+ * UNIT_DIRECT_DECODE: the FP8 shift bodies beat widening up to 8 tokens (q_proj
+ * FP8 3 / 4 / 8 tokens 15.7 / 12.7 / 6.6 GB/s against 6.3 / 5.9 / 4.2; BF16
+ * q_proj 4 tokens 23.5 against 16.7-21 GB/s streamed as decode). */
+#ifdef UNIT_DIRECT_DECODE
+#define DENSE_DIRECT_MAX UNIT_DIRECT_DECODE
+#define DENSE_DECODE_MAX UNIT_DIRECT_DECODE
+#else
 #define DENSE_DIRECT_MAX 2
+#define DENSE_DECODE_MAX 2
+#endif
 
 typedef struct {
     const uint8_t *w;           /* [tiles][kblocks] units */
@@ -181,7 +193,7 @@ static void dense_task(dense_job *j, int rt, int t0, int n, uint16_t *wide, floa
     const dense_matrix *m = &j->m;
     const int ub = unit_bytes_of(m->fp8);
     const uint8_t *tile = dense_tile(m, rt);
-    const int stream = n <= 2;                   /* decode: prefetch along the own stream */
+    const int stream = n <= DENSE_DECODE_MAX;    /* decode: prefetch along the own stream */
     const float *sc = m->scale + (int64_t)rt * m->kblocks;
     const uint16_t *x = j->xb + (int64_t)t0 * j->Kp;
     const int widen = wf_widens(m->fp8) && n > DENSE_DIRECT_MAX && !j->scalar;
@@ -210,7 +222,7 @@ static void dense_worker(void *arg, int tid, int nthreads) {
     uint16_t *wide = (uint16_t *)s;                             /* 64-aligned */
     float *acc = (float *)(s + WIDE_UNIT_BYTES);
     const int n_all = j->live_tiles * j->ntb;
-    if (j->T <= 2) {
+    if (j->T <= DENSE_DECODE_MAX) {
         /* decode: one token block; each tile claimed one ahead, so the prefetch
          * past the current tile lands in the next one this thread reads (a fixed
          * distance past the current tile lands in the one another thread owns:

@@ -454,6 +454,8 @@ static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
 /* ---------------------------------------------------------------- AVX2 */
 #elif defined(__AVX2__) && defined(__FMA__)
 #define UNIT_ISA "avx2"
+/* dense linears: FP8 units run unwidened and stream as decode up to this many tokens */
+#define UNIT_DIRECT_DECODE 8
 
 /* 8 weights of lane j (rows 4j..4j+3 x one column pair) -> 8 floats. */
 ALWAYS_INLINE __m256 load8(const uint8_t *p, int fp8) {
