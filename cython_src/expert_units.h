@@ -707,42 +707,89 @@ ALWAYS_INLINE void store_pairs(const __m256 *acc, float scale, float *o) {
     }
 }
 
-/* BF16 units against 2..4 tokens: each 32-byte load's even and odd chains serve every
- * token from registers (row half h outermost), each token its own broadcast x; the
- * same chains in the same order as one token at a time, so the same bits. */
-ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x, const int nt,
-                                     float scale, float *out, const uint8_t *pf, int pf_fp8) {
-    float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
-    for (int t = 0; t < nt; t++) x_floats(x[t], xf[t]);
+/* BF16 units against 2 tokens: per chunk both row halves' even and odd weights
+ * (A, then B) in registers, so that each broadcast x feeds two chains and 8 chains
+ * are in flight (x1.5 over one half at a time, which waits on 4). */
+ALWAYS_INLINE void unit_body_bf16_nt2(const uint8_t *w, const uint16_t *const *x, float scale,
+                                      float *out, const uint8_t *pf, int pf_fmt) {
+    float xf[2][UNIT_K] __attribute__((aligned(32)));
+    for (int t = 0; t < 2; t++) x_floats(x[t], xf[t]);
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-    for (int g = 0; g < 4; g++)
-        for (int h = 0; h < 2; h++) {
-            __m256 ev[MAX_NT], od[MAX_NT];
-            for (int t = 0; t < nt; t++) ev[t] = od[t] = _mm256_setzero_ps();
-            for (int c = 0; c < CHUNKS; c++) {
-                if (pf && h == 0 && c % 4 == 0) pf_share(pf, pf_fp8, g * 8 + c / 4);
-                const uint8_t *pa = w + g * 4096 + c * 128 + 32 * h;
-                __m256i va = _mm256_loadu_si256((const __m256i *)pa);
-                __m256i vb = _mm256_loadu_si256((const __m256i *)(pa + 64));
-                __m256 ea = _mm256_castsi256_ps(_mm256_slli_epi32(va, 16));
-                __m256 oa = _mm256_castsi256_ps(_mm256_and_si256(va, hi));
-                __m256 eb = _mm256_castsi256_ps(_mm256_slli_epi32(vb, 16));
-                __m256 ob = _mm256_castsi256_ps(_mm256_and_si256(vb, hi));
-                for (int t = 0; t < nt; t++) {
-                    const float *xt = xf[t] + 4 * c;
-                    ev[t] = _mm256_fmadd_ps(ea, _mm256_broadcast_ss(xt), ev[t]);
-                    od[t] = _mm256_fmadd_ps(oa, _mm256_broadcast_ss(xt + 1), od[t]);
-                    ev[t] = _mm256_fmadd_ps(eb, _mm256_broadcast_ss(xt + 2), ev[t]);
-                    od[t] = _mm256_fmadd_ps(ob, _mm256_broadcast_ss(xt + 3), od[t]);
+    for (int g = 0; g < 4; g++) {
+        __m256 ev[2][2], od[2][2];          /* [token][row half] */
+        for (int t = 0; t < 2; t++) ev[t][0] = ev[t][1] = od[t][0] = od[t][1] = _mm256_setzero_ps();
+        for (int c = 0; c < CHUNKS; c++) {
+            if (pf && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
+            const uint8_t *pa = w + g * 4096 + c * 128;
+            for (int ab = 0; ab < 2; ab++) {
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(pa + 64 * ab));
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(pa + 64 * ab + 32));
+                const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+                const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, hi));
+                const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+                const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, hi));
+                for (int t = 0; t < 2; t++) {
+                    const float *xt = xf[t] + 4 * c + 2 * ab;
+                    const __m256 xe = _mm256_broadcast_ss(xt), xo = _mm256_broadcast_ss(xt + 1);
+                    ev[t][0] = _mm256_fmadd_ps(e0, xe, ev[t][0]);
+                    ev[t][1] = _mm256_fmadd_ps(e1, xe, ev[t][1]);
+                    od[t][0] = _mm256_fmadd_ps(o0, xo, od[t][0]);
+                    od[t][1] = _mm256_fmadd_ps(o1, xo, od[t][1]);
                 }
             }
-            for (int t = 0; t < nt; t++) {
+        }
+        for (int t = 0; t < 2; t++)
+            for (int h = 0; h < 2; h++) {
                 float e[8], d[8];
-                _mm256_storeu_ps(e, ev[t]);
-                _mm256_storeu_ps(d, od[t]);
+                _mm256_storeu_ps(e, ev[t][h]);
+                _mm256_storeu_ps(d, od[t][h]);
                 float *o = out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h;
                 for (int i = 0; i < 8; i++) o[i] += scale * (e[i] + d[i]);
             }
+    }
+}
+
+/* BF16 units against 3..4 tokens, one row half at a time: the dword unpacks of a
+ * 32-byte load put each row's (even, odd) weights side by side against a broadcast
+ * x pair, so that a token's two loads of x serve 4 chains (x1.05 at 3, x1.14 at 4
+ * over a broadcast x per chain); acc[t][i] lanes 0..3 are rows 8h + 2i + (0, 1),
+ * lanes 4..7 the same + 4, each an (even, odd) pair. */
+ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x, const int nt,
+                                     float scale, float *out, const uint8_t *pf, int pf_fmt) {
+    float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
+    for (int t = 0; t < nt; t++) x_floats(x[t], xf[t]);
+    const __m256i z = _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++)
+        for (int h = 0; h < 2; h++) {
+            __m256 acc[MAX_NT][2];
+            for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+            for (int c = 0; c < CHUNKS; c++) {
+                if (pf && h == 0 && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
+                const uint8_t *pa = w + g * 4096 + c * 128 + 32 * h;
+                const __m256i va = _mm256_loadu_si256((const __m256i *)pa);
+                const __m256i vb = _mm256_loadu_si256((const __m256i *)(pa + 64));
+                const __m256 a0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, va));
+                const __m256 a1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, va));
+                const __m256 b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, vb));
+                const __m256 b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, vb));
+                for (int t = 0; t < nt; t++) {
+                    const double *xp = (const double *)(xf[t] + 4 * c);
+                    const __m256 xa = _mm256_castpd_ps(_mm256_broadcast_sd(xp));
+                    const __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd(xp + 1));
+                    acc[t][0] = _mm256_fmadd_ps(a0, xa, acc[t][0]);
+                    acc[t][1] = _mm256_fmadd_ps(a1, xa, acc[t][1]);
+                    acc[t][0] = _mm256_fmadd_ps(b0, xb, acc[t][0]);
+                    acc[t][1] = _mm256_fmadd_ps(b1, xb, acc[t][1]);
+                }
+            }
+            for (int t = 0; t < nt; t++)
+                for (int i = 0; i < 2; i++) {
+                    float a[8];
+                    _mm256_storeu_ps(a, acc[t][i]);
+                    float *o = out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h + 2 * i;
+                    o[0] += scale * (a[0] + a[1]); o[1] += scale * (a[2] + a[3]);
+                    o[4] += scale * (a[4] + a[5]); o[5] += scale * (a[6] + a[7]);
+                }
         }
 }
 
@@ -931,7 +978,7 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
     if (wf_int4(fp8)) { unit_body_q4(w, fp8, x, nt, out, pf, pf_fp8); return; }
     /* 2..4 tokens: a copy per count, so that the per-token chains stay in registers */
     if (nt > 1 && !fp8) {
-        if (nt == 2) unit_body_bf16_nt(w, x, 2, scale, out, pf, pf_fp8);
+        if (nt == 2) unit_body_bf16_nt2(w, x, scale, out, pf, pf_fp8);
         else if (nt == 3) unit_body_bf16_nt(w, x, 3, scale, out, pf, pf_fp8);
         else unit_body_bf16_nt(w, x, 4, scale, out, pf, pf_fp8);
         return;
