@@ -47,11 +47,11 @@
 #include "expert_units.h"
 
 #define DENSE_TOK_BLOCK 128     /* tokens per task: accumulators 128 x 64 FP32 = 32 KiB */
-/* <= this many tokens: widen FP8 in registers, once per token pair; more: once into a
- * BF16 scratch unit that every pair reads from L1 (the same bits). Batched decode
- * on the 8-layer Qwen3-30B-A3B shape, paired: batch 4 x1.03, batch 8 x1.03-1.07
- * against widening in registers up to 8 tokens. */
-/* <= DENSE_DECODE_MAX tokens: decode (each thread streams its own share of the row
+/* <= DENSE_DIRECT_MAX tokens: widen FP8 in registers, once per token pair; more: once
+ * into a BF16 scratch unit that every pair reads from L1 (the same bits). Batched
+ * decode on the 8-layer Qwen3-30B-A3B shape (AVX-512), paired: batch 4 x1.03, batch
+ * 8 x1.03-1.07 against widening in registers up to 8 tokens.
+ * <= DENSE_DECODE_MAX tokens: decode (each thread streams its own share of the row
  * tiles, prefetching along it, one tile claimed ahead). On AVX2 both are
  * UNIT_DIRECT_DECODE: the FP8 shift bodies beat widening up to 8 tokens (q_proj
  * FP8 3 / 4 / 8 tokens 15.7 / 12.7 / 6.6 GB/s against 6.3 / 5.9 / 4.2; BF16

@@ -457,36 +457,6 @@ static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
 /* dense linears: FP8 units run unwidened and stream as decode up to this many tokens */
 #define UNIT_DIRECT_DECODE 8
 
-/* 8 weights of lane j (rows 4j..4j+3 x one column pair) -> 8 floats. */
-ALWAYS_INLINE __m256 load8(const uint8_t *p, int fp8) {
-    if (fp8) {
-        /* e4m3 bits to the top of a float: the magnitude moves into exponent/mantissa
-         * with exponent field e (bias 127 instead of 7), so the float is exactly
-         * value * 2^-120, subnormals included (float denormals are exact), then
-         * one multiply by 2^120 restores it. */
-        __m256i v = _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), 24);
-        __m256i sign = _mm256_and_si256(v, _mm256_set1_epi32((int)0x80000000u));
-        __m256i mag = _mm256_srli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7f000000)), 4);
-        __m256 f = _mm256_castsi256_ps(_mm256_or_si256(sign, mag));
-        __m256 r = _mm256_mul_ps(f, _mm256_set1_ps(0x1p120f));
-        /* 0x7f / 0xff are NaN in e4m3fn; the shift maps them to finite floats */
-        __m256i nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x07f00000));
-        return _mm256_or_ps(r, _mm256_castsi256_ps(nan));
-    }
-    return _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-/* (x[k], x[k+1]) repeated 4 times as floats. */
-ALWAYS_INLINE __m256 xpair(const uint16_t *x) {
-    int32_t v;
-    memcpy(&v, x, 4);
-    __m256i w = _mm256_set1_epi32(v);
-    __m256i lo = _mm256_slli_epi32(w, 16);
-    __m256i hi = _mm256_and_si256(w, _mm256_set1_epi32((int)0xffff0000u));
-    return _mm256_castsi256_ps(_mm256_blend_epi32(lo, hi, 0xaa));
-}
-
 /* 16 e4m3 codes of FP8 chunk lane j (bytes 0..7: A words 8j..8j+7, bytes 8..15: the
  * B words) -> the A and B lanes as floats, each exactly value * 2^-8 (the caller's
  * scale carries the 2^8): with the sign in bit 15, the magnitude's bits become an
@@ -707,6 +677,28 @@ ALWAYS_INLINE void store_pairs(const __m256 *acc, float scale, float *o) {
     }
 }
 
+/* Chunk c's A and B words of 8 rows (a word: a row's even- or odd-k weight as the
+ * top half of a float) against nt tokens: the dword unpacks put each row's (even,
+ * odd) weights side by side against broadcast x pairs; acc[t][i] lanes 0..3 are
+ * rows 2i + (0, 1), lanes 4..7 the same + 4, each an (even, odd) pair. */
+ALWAYS_INLINE void pair_fmas(__m256i va, __m256i vb, const float (*xf)[UNIT_K], int c, const int nt,
+                             __m256 (*acc)[2]) {
+    const __m256i z = _mm256_setzero_si256();
+    const __m256 a0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, va));
+    const __m256 a1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, va));
+    const __m256 b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, vb));
+    const __m256 b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, vb));
+    for (int t = 0; t < nt; t++) {
+        const double *xp = (const double *)(xf[t] + 4 * c);
+        const __m256 xa = _mm256_castpd_ps(_mm256_broadcast_sd(xp));
+        const __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd(xp + 1));
+        acc[t][0] = _mm256_fmadd_ps(a0, xa, acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(a1, xa, acc[t][1]);
+        acc[t][0] = _mm256_fmadd_ps(b0, xb, acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(b1, xb, acc[t][1]);
+    }
+}
+
 /* BF16 units against 2 tokens: per chunk both row halves' even and odd weights
  * (A, then B) in registers, so that each broadcast x feeds two chains and 8 chains
  * are in flight (x1.5 over one half at a time, which waits on 4). */
@@ -749,16 +741,13 @@ ALWAYS_INLINE void unit_body_bf16_nt2(const uint8_t *w, const uint16_t *const *x
     }
 }
 
-/* BF16 units against 3..4 tokens, one row half at a time: the dword unpacks of a
- * 32-byte load put each row's (even, odd) weights side by side against a broadcast
- * x pair, so that a token's two loads of x serve 4 chains (x1.05 at 3, x1.14 at 4
- * over a broadcast x per chain); acc[t][i] lanes 0..3 are rows 8h + 2i + (0, 1),
- * lanes 4..7 the same + 4, each an (even, odd) pair. */
+/* BF16 units against 3..4 tokens, one row half (8 rows) at a time through
+ * pair_fmas, so that a token's two loads of x serve 4 chains (x1.05 at 3, x1.14 at
+ * 4 over a broadcast x per chain). */
 ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x, const int nt,
                                      float scale, float *out, const uint8_t *pf, int pf_fmt) {
     float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
     for (int t = 0; t < nt; t++) x_floats(x[t], xf[t]);
-    const __m256i z = _mm256_setzero_si256();
     for (int g = 0; g < 4; g++)
         for (int h = 0; h < 2; h++) {
             __m256 acc[MAX_NT][2];
@@ -766,21 +755,8 @@ ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x,
             for (int c = 0; c < CHUNKS; c++) {
                 if (pf && h == 0 && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
                 const uint8_t *pa = w + g * 4096 + c * 128 + 32 * h;
-                const __m256i va = _mm256_loadu_si256((const __m256i *)pa);
-                const __m256i vb = _mm256_loadu_si256((const __m256i *)(pa + 64));
-                const __m256 a0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, va));
-                const __m256 a1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, va));
-                const __m256 b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, vb));
-                const __m256 b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, vb));
-                for (int t = 0; t < nt; t++) {
-                    const double *xp = (const double *)(xf[t] + 4 * c);
-                    const __m256 xa = _mm256_castpd_ps(_mm256_broadcast_sd(xp));
-                    const __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd(xp + 1));
-                    acc[t][0] = _mm256_fmadd_ps(a0, xa, acc[t][0]);
-                    acc[t][1] = _mm256_fmadd_ps(a1, xa, acc[t][1]);
-                    acc[t][0] = _mm256_fmadd_ps(b0, xb, acc[t][0]);
-                    acc[t][1] = _mm256_fmadd_ps(b1, xb, acc[t][1]);
-                }
+                pair_fmas(_mm256_loadu_si256((const __m256i *)pa),
+                          _mm256_loadu_si256((const __m256i *)(pa + 64)), xf, c, nt, acc);
             }
             for (int t = 0; t < nt; t++)
                 for (int i = 0; i < 2; i++) {
@@ -904,17 +880,15 @@ ALWAYS_INLINE int unit_body_fp8_shift1(const uint8_t *w, const uint16_t *x, floa
     return 1;
 }
 
-/* 2..4 tokens: each 32-code load decoded once for every token, lane pair outermost
- * and a token's chains against broadcast x pairs (load32_fp8's order); the dword
- * unpacks give acc[t][j + i] lanes 0..3 rows 8(j/2) + 2i + (0, 1) and lanes 4..7 the
- * same rows + 4, each an (even, odd) pair. */
+/* 2..4 tokens: each 32-code load decoded once for every token, lane pair j outermost
+ * (rows 8(j/2)..+7), the A and B words through pair_fmas (load32_fp8's order). */
 ALWAYS_INLINE int unit_body_fp8_shift_nt(const uint8_t *w, const uint16_t *const *x, const int nt,
                                          float scale, float *out, const uint8_t *pf, int pf_fmt) {
     float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
     float res[MAX_NT][UNIT_ROWS] __attribute__((aligned(32)));
     for (int t = 0; t < nt; t++)
         if (!x_floats_up(x[t], xf[t])) return 0;
-    const __m256i m = _mm256_set1_epi16((short)0x87f0), z = _mm256_setzero_si256();
+    const __m256i m = _mm256_set1_epi16((short)0x87f0);
     __m256i nan = _mm256_set1_epi8(0x7f);
     for (int g = 0; g < 4; g++)
         for (int j = 0; j < 4; j += 2) {
@@ -925,21 +899,7 @@ ALWAYS_INLINE int unit_body_fp8_shift_nt(const uint8_t *w, const uint16_t *const
                 __m256i a, b;
                 fp8_shift_words(_mm256_loadu_si256((const __m256i *)(w + g * 2048 + c * 64 + 16 * j)),
                                 &a, &b, &nan);
-                a = _mm256_and_si256(a, m);
-                b = _mm256_and_si256(b, m);
-                const __m256 fa[2] = {_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, a)),
-                                      _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, a))};
-                const __m256 fb[2] = {_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, b)),
-                                      _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, b))};
-                for (int t = 0; t < nt; t++) {
-                    const double *xp = (const double *)(xf[t] + 4 * c);
-                    const __m256 xa = _mm256_castpd_ps(_mm256_broadcast_sd(xp));
-                    const __m256 xb = _mm256_castpd_ps(_mm256_broadcast_sd(xp + 1));
-                    for (int i = 0; i < 2; i++) {
-                        acc[t][i] = _mm256_fmadd_ps(fa[i], xa, acc[t][i]);
-                        acc[t][i] = _mm256_fmadd_ps(fb[i], xb, acc[t][i]);
-                    }
-                }
+                pair_fmas(_mm256_and_si256(a, m), _mm256_and_si256(b, m), xf, c, nt, acc);
             }
             for (int t = 0; t < nt; t++)
                 for (int i = 0; i < 2; i++) {
