@@ -88,11 +88,20 @@ static inline const uint8_t *int4_offsets(const uint8_t *w, int f) {
 }
 
 /* Prefetch share `it` (0..31, one per row group and 4 chunks) of the unit pf:
- * a 32nd of its bytes, whatever its format. */
+ * a 32nd of its bytes, whatever its format, into L2 (prefetcht2): PF_BYTES
+ * ahead is twice a 32 KiB L1, so lines fetched into L1 that far ahead evict the
+ * unit being read before it is done. Zen 4, 2 threads, cold, paired against
+ * prefetcht0: the FP8 LM head at 1 token 10-15 -> 8.2-9.1 ms, at 4 tokens
+ * 17.5-19.8 -> 12.2-13.7 ms; the BF16 LM head 23-25 -> 16.5-20.6 ms, at 4 tokens
+ * 28-32 -> 20-25 ms; 8-layer decode 21.2-21.5 -> 24.5-24.6 tok/s. prefetchnta
+ * and a longer distance (192 KiB) measured slower. */
+#ifndef PF_LOCALITY
+#define PF_LOCALITY 1
+#endif
 ALWAYS_INLINE void pf_share(const uint8_t *pf, int pf_fmt, int it) {
     const int ub = unit_bytes_of(pf_fmt);
     for (int b = (it * ub / 32) & ~63; b < (it + 1) * ub / 32; b += 64)
-        __builtin_prefetch((const char *)pf + b, 0, 3);
+        __builtin_prefetch((const char *)pf + b, 0, PF_LOCALITY);
 }
 #ifndef PF_BYTES
 #define PF_BYTES 65536
@@ -107,6 +116,9 @@ static uint8_t g_fp8_bf16_lo[128] __attribute__((aligned(64)));
 static uint16_t g_fp8_bf16[256];
 /* BF16 of the integer i - 16, i < 32: INT4 q - z + 16 -> BF16 (vpermw's table). */
 static uint16_t g_int4_bf16[32] __attribute__((aligned(64)));
+/* BF16 of (i & 15) - 8, i < 32: symmetric INT4 q -> BF16 of q - 8 (vpermw's table for
+ * unmasked codes: its index bit 4, the next code's low bit, picks the same entry). */
+static uint16_t g_int4_sym_bf16[32] __attribute__((aligned(64)));
 
 static float fp8_e4m3_decode(uint8_t code) {
     int sign = code >> 7, exp = (code >> 3) & 15, man = code & 7;
@@ -147,6 +159,7 @@ static void fp8_tables_init(void) {
         g_fp8_bf16[c] = (uint16_t)(((c & 0x80) << 8) | (g_fp8_bf16_hi[c & 0x7f] << 8)
                                    | g_fp8_bf16_lo[c & 0x7f]);
     for (int i = 0; i < 32; i++) g_int4_bf16[i] = f32_to_bf16((float)(i - 16));
+    for (int i = 0; i < 32; i++) g_int4_sym_bf16[i] = f32_to_bf16((float)((i & 15) - 8));
 }
 
 /* Position inside a chunk of element (row r < 16, column k < 4). */
@@ -234,6 +247,9 @@ static void unit_scalar(const uint8_t *w, int fp8, const uint16_t *const *x, int
 #define UNIT_ISA "avx512"
 #endif
 #define UNIT_WIDEN 1
+/* dense linears: up to this many tokens stream as decode, FP8 widened in
+ * registers (each unit once per 4 tokens: unit_quad). */
+#define UNIT_DIRECT_DECODE 8
 
 typedef struct { __m512i hi0, hi1, lo0, lo1, sign; } fp8_lut;
 
@@ -318,11 +334,66 @@ ALWAYS_INLINE void unit_pair(const uint8_t *w, int fp8, const uint16_t *const *x
     }
 }
 
-/* INT4 chunks 2p, 2p+1 of row group g -> their A and B halves as BF16 q - z. */
-ALWAYS_INLINE void widen_q4(const uint8_t *w, int g, int p, __m512i off, __m512i tab,
+/* 3..4 tokens: each chunk widened once (unit_pair widens it again for every
+ * token pair), the row group in two passes: chunks c % 4 in {0, 1} feed
+ * unit_pair's a[0..3], then c % 4 in {2, 3} its a[4..7]; the first pass's
+ * a[0] + .. + a[3] carries into the second, so the sum runs a[0] + .. + a[7]
+ * in unit_pair's order: the same bits. 4 chains a token (16 at 4 tokens) keep
+ * vdpbf16ps busy. One Zen 4 core, unit in L1, best of 3 paired: FP8 3 / 4
+ * tokens 484 / 580 -> 340 / 403 ns, BF16 290 / 340 -> 242 / 309 ns. */
+ALWAYS_INLINE void unit_quad(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+                             float scale, float *out, const uint8_t *pf, int pf_fp8,
+                             const fp8_lut *l) {
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int g = 0; g < 4; g++) {
+        __m512 part[MAX_NT];
+        for (int t = 0; t < nt; t++) part[t] = _mm512_setzero_ps();
+        for (int h = 0; h < 2; h++) {
+            __m512 a[MAX_NT][4];
+            for (int t = 0; t < nt; t++)
+                for (int i = 0; i < 4; i++) a[t][i] = _mm512_setzero_ps();
+            for (int c = 2 * h; c < CHUNKS; c += 4) {
+                if (pf && !h) pf_share(pf, pf_fp8, g * 8 + c / 4);
+                for (int j = 0; j < 2; j++) {
+                    __m512i A, B;
+                    load_chunk(w, fp8, g, c + j, l, &A, &B);
+                    for (int t = 0; t < nt; t++) {
+                        const uint16_t *xt = x[t] + 4 * (c + j);
+                        a[t][2 * j] = _mm512_dpbf16_ps(a[t][2 * j], (__m512bh)A, bcast_pair(xt));
+                        a[t][2 * j + 1] = _mm512_dpbf16_ps(a[t][2 * j + 1], (__m512bh)B,
+                                                           bcast_pair(xt + 2));
+                    }
+                }
+            }
+            for (int t = 0; t < nt; t++) {
+                __m512 sum = h ? _mm512_add_ps(part[t], a[t][0]) : a[t][0];
+                for (int i = 1; i < 4; i++) sum = _mm512_add_ps(sum, a[t][i]);
+                part[t] = sum;
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(part[t], s, _mm512_loadu_ps(o)));
+        }
+    }
+}
+
+/* INT4 chunks 2p, 2p+1 of row group g -> their A and B halves as BF16 q - z.
+ * Symmetric (sym, tab = g_int4_sym_bf16): vpermw reads each code unmasked, its
+ * table folding in z = 8 (3 shifts and 4 vpermw against 15 ops: one Zen 4 core,
+ * unit in L1, group 32, 1 / 2 tokens 227 / 289 -> 177 / 241 ns). Asymmetric:
+ * code + 16 - z through g_int4_bf16. */
+ALWAYS_INLINE void widen_q4(const uint8_t *w, int g, int p, int sym, __m512i off, __m512i tab,
                             __m512i *A0, __m512i *B0, __m512i *A1, __m512i *B1) {
     const __m512i m4 = _mm512_set1_epi16(15);
     __m512i v = _mm512_loadu_si512((const void *)(w + g * 1024 + p * 64));
+    if (sym) {
+        *A0 = _mm512_permutexvar_epi16(v, tab);
+        *B0 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab);
+        *A1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), tab);
+        *B1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tab);
+        return;
+    }
     *A0 = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_and_si512(v, m4), off), tab);
     *B0 = _mm512_permutexvar_epi16(
         _mm512_add_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), off), tab);
@@ -339,53 +410,71 @@ ALWAYS_INLINE __m512i q4_offsets(const uint8_t *w, int f, int g, int j) {
     return _mm512_or_si512(z, _mm512_slli_epi32(z, 16));
 }
 
-/* INT4 (codes, or widened: the same A/B values from BF16 scratch) against 1 or 2
+/* INT4 (codes, or widened: the same A/B values from BF16 scratch) against 1..4
  * tokens, in the FP8/BF16 body's order within a group: chunk c's halves into
  * a[2 (c % 4)], a[2 (c % 4) + 1], summed a[0] + .. + a[7], then out += sum *
  * the rows' group scale, group after group. The widened and direct units give
- * identical A/B, so prefill and decode give identical bits. */
-ALWAYS_INLINE void unit_pair_q4(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
-                                float *out, const uint8_t *pf, int pf_fmt) {
-    const int ng = wf_ng(f), gc = CHUNKS / ng, wide = wf_wide(f);
+ * identical A/B, so prefill and decode give identical bits. At 3..4 tokens the
+ * group runs in two passes as in unit_quad (each chunk pair widened once; the
+ * first pass's a[0] + .. + a[3] carries into the second: the same order). */
+ALWAYS_INLINE void q4_pass(const uint8_t *w, int wide, int sym, int g, int c0, int c1,
+                           const int h0, const int nh, __m512i off, __m512i tab,
+                           const uint16_t *const *x, const int nt, __m512 *part,
+                           const int carry, const uint8_t *pf, int pf_fmt) {
+    __m512 a[MAX_NT][8];
+    for (int t = 0; t < nt; t++)
+        for (int i = 0; i < 4 * nh; i++) a[t][i] = _mm512_setzero_ps();
+    for (int c = c0; c < c1; c += 4) {
+        if (pf) pf_share(pf, pf_fmt, g * 8 + c / 4);
+        for (int k = 0; k < nh; k++) {
+            const int h = h0 + 2 * k;
+            __m512i A0, B0, A1, B1;
+            if (wide) {
+                const uint8_t *q = w + g * 4096 + (c + h) * 128;
+                A0 = _mm512_loadu_si512((const void *)q);
+                B0 = _mm512_loadu_si512((const void *)(q + 64));
+                A1 = _mm512_loadu_si512((const void *)(q + 128));
+                B1 = _mm512_loadu_si512((const void *)(q + 192));
+            } else {
+                widen_q4(w, g, (c + h) / 2, sym, off, tab, &A0, &B0, &A1, &B1);
+            }
+            for (int t = 0; t < nt; t++) {
+                const uint16_t *xt = x[t] + 4 * (c + h);
+                a[t][4 * k] = _mm512_dpbf16_ps(a[t][4 * k], (__m512bh)A0, bcast_pair(xt));
+                a[t][4 * k + 1] = _mm512_dpbf16_ps(a[t][4 * k + 1], (__m512bh)B0, bcast_pair(xt + 2));
+                a[t][4 * k + 2] = _mm512_dpbf16_ps(a[t][4 * k + 2], (__m512bh)A1, bcast_pair(xt + 4));
+                a[t][4 * k + 3] = _mm512_dpbf16_ps(a[t][4 * k + 3], (__m512bh)B1, bcast_pair(xt + 6));
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        __m512 sum = carry ? _mm512_add_ps(part[t], a[t][0]) : a[t][0];
+        for (int i = 1; i < 4 * nh; i++) sum = _mm512_add_ps(sum, a[t][i]);
+        part[t] = sum;
+    }
+}
+
+ALWAYS_INLINE void unit_q4(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
+                           float *out, const uint8_t *pf, int pf_fmt) {
+    const int ng = wf_ng(f), gc = CHUNKS / ng, wide = wf_wide(f), sym = !wide && !wf_asym(f);
     const float *sc = int4_scales(w, f);
-    const __m512i tab = _mm512_load_si512((const void *)g_int4_bf16);
+    const __m512i tab = _mm512_load_si512((const void *)(sym ? g_int4_sym_bf16 : g_int4_bf16));
     for (int g = 0; g < 4; g++)
         for (int j = 0; j < ng; j++) {
-            __m512 a[2][8];
-            for (int t = 0; t < nt; t++)
-                for (int i = 0; i < 8; i++) a[t][i] = _mm512_setzero_ps();
             const __m512i off = q4_offsets(w, f, g, j);
-            for (int c = j * gc; c < (j + 1) * gc; c += 4) {
-                if (pf) pf_share(pf, pf_fmt, g * 8 + c / 4);
-                for (int h = 0; h < 4; h += 2) {
-                    __m512i A0, B0, A1, B1;
-                    if (wide) {
-                        const uint8_t *q = w + g * 4096 + (c + h) * 128;
-                        A0 = _mm512_loadu_si512((const void *)q);
-                        B0 = _mm512_loadu_si512((const void *)(q + 64));
-                        A1 = _mm512_loadu_si512((const void *)(q + 128));
-                        B1 = _mm512_loadu_si512((const void *)(q + 192));
-                    } else {
-                        widen_q4(w, g, (c + h) / 2, off, tab, &A0, &B0, &A1, &B1);
-                    }
-                    for (int t = 0; t < nt; t++) {
-                        const uint16_t *xt = x[t] + 4 * (c + h);
-                        a[t][2 * h] = _mm512_dpbf16_ps(a[t][2 * h], (__m512bh)A0, bcast_pair(xt));
-                        a[t][2 * h + 1] = _mm512_dpbf16_ps(a[t][2 * h + 1], (__m512bh)B0,
-                                                           bcast_pair(xt + 2));
-                        a[t][2 * h + 2] = _mm512_dpbf16_ps(a[t][2 * h + 2], (__m512bh)A1,
-                                                           bcast_pair(xt + 4));
-                        a[t][2 * h + 3] = _mm512_dpbf16_ps(a[t][2 * h + 3], (__m512bh)B1,
-                                                           bcast_pair(xt + 6));
-                    }
-                }
+            const int c0 = j * gc, c1 = c0 + gc;
+            __m512 part[MAX_NT];
+            for (int t = 0; t < nt; t++) part[t] = _mm512_setzero_ps();
+            if (nt <= 2) {
+                q4_pass(w, wide, sym, g, c0, c1, 0, 2, off, tab, x, nt, part, 0, pf, pf_fmt);
+            } else {
+                q4_pass(w, wide, sym, g, c0, c1, 0, 1, off, tab, x, nt, part, 0, pf, pf_fmt);
+                q4_pass(w, wide, sym, g, c0, c1, 2, 1, off, tab, x, nt, part, 1, NULL, pf_fmt);
             }
             const __m512 s = _mm512_loadu_ps(sc + (g * ng + j) * 16);
             for (int t = 0; t < nt; t++) {
-                __m512 sum = a[t][0];
-                for (int i = 1; i < 8; i++) sum = _mm512_add_ps(sum, a[t][i]);
                 float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(sum, s, _mm512_loadu_ps(o)));
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(part[t], s, _mm512_loadu_ps(o)));
             }
         }
 }
@@ -399,18 +488,10 @@ ALWAYS_INLINE void unit_pair_q4(const uint8_t *w, int f, const uint16_t *const *
  * own. */
 ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
-    if (wf_int4(fp8)) {
-        if (nt == 1) { unit_pair_q4(w, fp8, x, 1, out, pf, pf_fp8); return; }
-        unit_pair_q4(w, fp8, x, 2, out, pf, pf_fp8);
-        if (nt == 3) unit_pair_q4(w, fp8, x + 2, 1, out + 2 * UNIT_ROWS, NULL, pf_fp8);
-        if (nt == 4) unit_pair_q4(w, fp8, x + 2, 2, out + 2 * UNIT_ROWS, NULL, pf_fp8);
-        return;
-    }
+    if (wf_int4(fp8)) { unit_q4(w, fp8, x, nt, out, pf, pf_fp8); return; }
     fp8_lut l = fp8_lut_load();
-    if (nt == 1) { unit_pair(w, fp8, x, 1, scale, out, pf, pf_fp8, &l); return; }
-    unit_pair(w, fp8, x, 2, scale, out, pf, pf_fp8, &l);
-    if (nt == 3) unit_pair(w, fp8, x + 2, 1, scale, out + 2 * UNIT_ROWS, NULL, pf_fp8, &l);
-    if (nt == 4) unit_pair(w, fp8, x + 2, 2, scale, out + 2 * UNIT_ROWS, NULL, pf_fp8, &l);
+    if (nt <= 2) unit_pair(w, fp8, x, nt, scale, out, pf, pf_fp8, &l);
+    else unit_quad(w, fp8, x, nt, scale, out, pf, pf_fp8, &l);
 }
 
 ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
@@ -419,14 +500,14 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
 }
 
 static void unit_widen_q4(const uint8_t *w, int f, uint16_t *dst) {
-    const __m512i tab = _mm512_load_si512((const void *)g_int4_bf16);
-    const int ng = wf_ng(f), gc = CHUNKS / ng;
+    const int ng = wf_ng(f), gc = CHUNKS / ng, sym = !wf_asym(f);
+    const __m512i tab = _mm512_load_si512((const void *)(sym ? g_int4_sym_bf16 : g_int4_bf16));
     for (int g = 0; g < 4; g++)
         for (int j = 0; j < ng; j++) {
             const __m512i off = q4_offsets(w, f, g, j);
             for (int c = j * gc; c < (j + 1) * gc; c += 2) {
                 __m512i A0, B0, A1, B1;
-                widen_q4(w, g, c / 2, off, tab, &A0, &B0, &A1, &B1);
+                widen_q4(w, g, c / 2, sym, off, tab, &A0, &B0, &A1, &B1);
                 uint16_t *d = dst + g * 2048 + c * 64;
                 _mm512_store_si512((void *)d, A0);
                 _mm512_store_si512((void *)(d + 32), B0);

@@ -4,7 +4,7 @@ For Qwen3-30B-A3B (H 2048, I 768, 128 experts, top-8) and DeepSeek-V3
 (H 7168, I 2048, top-8, fewer experts so it fits) shapes, FP8 and BF16,
 T = 1, 4, 32, 512, it prints per case: latency, effective weight bandwidth
 (bytes of the distinct experts touched / time) and its ratio to the read
-bandwidth of a streaming loop (the better of a plain one and one with a
+bandwidth of a streaming loop (the best of a plain one and two with a
 software prefetch) measured in the same run, the flop rate
 and its fraction of the register-only peak dot-product rate measured in the
 same run, and the speed-up over the torch reference (dequantize, then matmul).
