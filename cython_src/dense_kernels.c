@@ -57,8 +57,12 @@
  * FP8 3 / 4 / 8 tokens 15.7 / 12.7 / 6.6 GB/s against 6.3 / 5.9 / 4.2; BF16
  * q_proj 4 tokens 23.5 against 16.7-21 GB/s streamed as decode). */
 #ifdef UNIT_DIRECT_DECODE
-#define DENSE_DIRECT_MAX UNIT_DIRECT_DECODE
 #define DENSE_DECODE_MAX UNIT_DIRECT_DECODE
+#ifdef UNIT_DIRECT_TOKENS
+#define DENSE_DIRECT_MAX UNIT_DIRECT_TOKENS
+#else
+#define DENSE_DIRECT_MAX UNIT_DIRECT_DECODE
+#endif
 #else
 #define DENSE_DIRECT_MAX 2
 #define DENSE_DECODE_MAX 2

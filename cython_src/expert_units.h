@@ -247,9 +247,11 @@ static void unit_scalar(const uint8_t *w, int fp8, const uint16_t *const *x, int
 #define UNIT_ISA "avx512"
 #endif
 #define UNIT_WIDEN 1
-/* dense linears: up to this many tokens stream as decode, FP8 widened in
- * registers (each unit once per 4 tokens: unit_quad). */
+/* dense linears: up to UNIT_DIRECT_DECODE tokens stream as decode; up to
+ * UNIT_DIRECT_TOKENS FP8 is widened in registers (once per 4 tokens: unit_quad),
+ * past it once into BF16 scratch (see dense_kernels.c). */
 #define UNIT_DIRECT_DECODE 8
+#define UNIT_DIRECT_TOKENS 4
 
 typedef struct { __m512i hi0, hi1, lo0, lo1, sign; } fp8_lut;
 
