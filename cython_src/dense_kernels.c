@@ -15,7 +15,7 @@
  *
  * REGULARITIES  decode: T = 1..64 (the decode batch), every weight byte read
  *   once per step -> GEMV, memory bound: one task per row tile, FP8 widened in
- *   registers; at T <= DENSE_DECODE_MAX (2; 8 on AVX2) each thread claims its
+ *   registers; at T <= DENSE_DECODE_MAX (8 on AVX-512 and AVX2, else 2) each thread claims its
  *   next tile one ahead and
  *   prefetches PF_BYTES ahead along its own stream (measured against a fixed
  *   distance past the current unit, which lands in another thread's tile:
@@ -55,7 +55,10 @@
  * tiles, prefetching along it, one tile claimed ahead). On AVX2 both are
  * UNIT_DIRECT_DECODE: the FP8 shift bodies beat widening up to 8 tokens (q_proj
  * FP8 3 / 4 / 8 tokens 15.7 / 12.7 / 6.6 GB/s against 6.3 / 5.9 / 4.2; BF16
- * q_proj 4 tokens 23.5 against 16.7-21 GB/s streamed as decode). */
+ * q_proj 4 tokens 23.5 against 16.7-21 GB/s streamed as decode). On AVX-512
+ * DENSE_DECODE_MAX is 8 and DENSE_DIRECT_MAX 4 (UNIT_DIRECT_TOKENS): Zen 4, cold,
+ * paired against 2 and 2, the FP8 LM head at 4 tokens x1.35-2.2, the BF16 one at 8
+ * x1.1-1.9; FP8 o_proj at 8 tokens was x0.7-0.8 widened in registers twice. */
 #ifdef UNIT_DIRECT_DECODE
 #define DENSE_DECODE_MAX UNIT_DIRECT_DECODE
 #ifdef UNIT_DIRECT_TOKENS
