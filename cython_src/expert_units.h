@@ -248,7 +248,7 @@ static void unit_scalar(const uint8_t *w, int fp8, const uint16_t *const *x, int
 #endif
 #define UNIT_WIDEN 1
 /* dense linears: up to UNIT_DIRECT_DECODE tokens stream as decode; up to
- * UNIT_DIRECT_TOKENS FP8 is widened in registers (once per 4 tokens: unit_quad),
+ * UNIT_DIRECT_TOKENS FP8 is widened in registers (once per 4 tokens: unit_rows),
  * past it once into BF16 scratch (see dense_kernels.c). */
 #define UNIT_DIRECT_DECODE 8
 #define UNIT_DIRECT_TOKENS 4
@@ -294,6 +294,38 @@ ALWAYS_INLINE __m512bh bcast_pair(const uint16_t *x) {
     return (__m512bh)_mm512_set1_epi32(v);
 }
 
+/* The chains' sum a[0] + .. + a[n-1], after `part` when carry: a row group in
+ * two passes sums in the one-pass order. */
+ALWAYS_INLINE __m512 chain_sum(__m512 part, const __m512 *a, const int n, const int carry) {
+    __m512 sum = carry ? _mm512_add_ps(part, a[0]) : a[0];
+    for (int i = 1; i < n; i++) sum = _mm512_add_ps(sum, a[i]);
+    return sum;
+}
+
+/* One pass over row group g: chunks c with c % 4 in [j0, j0 + nj), chunk c's A
+ * half into a[2 (c % 4 - j0)], its B half into the next; part[t] = their sum
+ * (after part[t] when carry). */
+ALWAYS_INLINE void unit_pass(const uint8_t *w, int fp8, int g, const int j0, const int nj,
+                             const uint16_t *const *x, const int nt, __m512 *part,
+                             const int carry, const uint8_t *pf, int pf_fp8, const fp8_lut *l) {
+    __m512 a[MAX_NT][8];
+    for (int t = 0; t < nt; t++)
+        for (int i = 0; i < 2 * nj; i++) a[t][i] = _mm512_setzero_ps();
+    for (int c = j0; c < CHUNKS; c += 4) {
+        if (pf) pf_share(pf, pf_fp8, g * 8 + c / 4);
+        for (int j = 0; j < nj; j++) {
+            __m512i A, B;
+            load_chunk(w, fp8, g, c + j, l, &A, &B);
+            for (int t = 0; t < nt; t++) {
+                const uint16_t *xt = x[t] + 4 * (c + j);
+                a[t][2 * j] = _mm512_dpbf16_ps(a[t][2 * j], (__m512bh)A, bcast_pair(xt));
+                a[t][2 * j + 1] = _mm512_dpbf16_ps(a[t][2 * j + 1], (__m512bh)B, bcast_pair(xt + 2));
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) part[t] = chain_sum(part[t], a[t], 2 * nj, carry);
+}
+
 /* One accumulation order for every token count (a token's result must not
  * depend on how many others share the unit: batch-invariant output). Per
  * (row group, token) eight FP32 accumulators: chunk c's A half goes to
@@ -303,75 +335,26 @@ ALWAYS_INLINE __m512bh bcast_pair(const uint16_t *x) {
  * prefetcher follows it; in chunk order the reads hop between four streams
  * 2 KiB apart). Eight independent vdpbf16ps chains per token keep the
  * instruction's latency hidden at one token (decode), where the chunk-order
- * body with one chain per group measured 21-25% slower on FP8. Tokens go in
- * pairs (16 accumulators); the prefill GEMM (widened BF16 units, nt 3-4)
- * runs the same pairs over the unit, which stays in L1. */
-ALWAYS_INLINE void unit_pair(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
-                             float scale, float *out, const uint8_t *pf, int pf_fp8,
-                             const fp8_lut *l) {
-    enum { U = 4 };
-    const __m512 s = _mm512_set1_ps(scale);
-    for (int g = 0; g < 4; g++) {
-        __m512 a[2][2 * U];
-        for (int t = 0; t < nt; t++)
-            for (int i = 0; i < 2 * U; i++) a[t][i] = _mm512_setzero_ps();
-        for (int c = 0; c < CHUNKS; c += U) {
-            if (pf) pf_share(pf, pf_fp8, g * 8 + c / U);
-            for (int j = 0; j < U; j++) {
-                __m512i A, B;
-                load_chunk(w, fp8, g, c + j, l, &A, &B);
-                for (int t = 0; t < nt; t++) {
-                    a[t][2 * j] = _mm512_dpbf16_ps(a[t][2 * j], (__m512bh)A, bcast_pair(x[t] + 4 * (c + j)));
-                    a[t][2 * j + 1] = _mm512_dpbf16_ps(a[t][2 * j + 1], (__m512bh)B,
-                                                       bcast_pair(x[t] + 4 * (c + j) + 2));
-                }
-            }
-        }
-        for (int t = 0; t < nt; t++) {
-            __m512 sum = a[t][0];
-            for (int i = 1; i < 2 * U; i++) sum = _mm512_add_ps(sum, a[t][i]);
-            float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(sum, s, _mm512_loadu_ps(o)));
-        }
-    }
-}
-
-/* 3..4 tokens: each chunk widened once (unit_pair widens it again for every
- * token pair), the row group in two passes: chunks c % 4 in {0, 1} feed
- * unit_pair's a[0..3], then c % 4 in {2, 3} its a[4..7]; the first pass's
- * a[0] + .. + a[3] carries into the second, so the sum runs a[0] + .. + a[7]
- * in unit_pair's order: the same bits. 4 chains a token (16 at 4 tokens) keep
- * vdpbf16ps busy. One Zen 4 core, unit in L1, best of 3 paired: FP8 3 / 4
- * tokens 484 / 580 -> 340 / 403 ns, BF16 290 / 340 -> 242 / 309 ns. */
-ALWAYS_INLINE void unit_quad(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
+ * body with one chain per group measured 21-25% slower on FP8. 1..2 tokens
+ * (16 accumulators) in one pass. 3..4 tokens in two, each chunk widened once
+ * (a pass per token pair widened it again for the second pair): chunks c % 4
+ * in {0, 1} feed a[0..3], then c % 4 in {2, 3} a[4..7], the first pass's sum
+ * carried into the second, so the sum runs in the same order: the same bits.
+ * 4 chains a token (16 at 4 tokens) keep vdpbf16ps busy. One Zen 4 core, unit
+ * in L1, best of 3 paired against a pass per pair: FP8 3 / 4 tokens 484 / 580
+ * -> 340 / 403 ns, BF16 290 / 340 -> 242 / 309 ns. */
+ALWAYS_INLINE void unit_rows(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                              float scale, float *out, const uint8_t *pf, int pf_fp8,
                              const fp8_lut *l) {
     const __m512 s = _mm512_set1_ps(scale);
     for (int g = 0; g < 4; g++) {
         __m512 part[MAX_NT];
         for (int t = 0; t < nt; t++) part[t] = _mm512_setzero_ps();
-        for (int h = 0; h < 2; h++) {
-            __m512 a[MAX_NT][4];
-            for (int t = 0; t < nt; t++)
-                for (int i = 0; i < 4; i++) a[t][i] = _mm512_setzero_ps();
-            for (int c = 2 * h; c < CHUNKS; c += 4) {
-                if (pf && !h) pf_share(pf, pf_fp8, g * 8 + c / 4);
-                for (int j = 0; j < 2; j++) {
-                    __m512i A, B;
-                    load_chunk(w, fp8, g, c + j, l, &A, &B);
-                    for (int t = 0; t < nt; t++) {
-                        const uint16_t *xt = x[t] + 4 * (c + j);
-                        a[t][2 * j] = _mm512_dpbf16_ps(a[t][2 * j], (__m512bh)A, bcast_pair(xt));
-                        a[t][2 * j + 1] = _mm512_dpbf16_ps(a[t][2 * j + 1], (__m512bh)B,
-                                                           bcast_pair(xt + 2));
-                    }
-                }
-            }
-            for (int t = 0; t < nt; t++) {
-                __m512 sum = h ? _mm512_add_ps(part[t], a[t][0]) : a[t][0];
-                for (int i = 1; i < 4; i++) sum = _mm512_add_ps(sum, a[t][i]);
-                part[t] = sum;
-            }
+        if (nt <= 2) {
+            unit_pass(w, fp8, g, 0, 4, x, nt, part, 0, pf, pf_fp8, l);
+        } else {
+            unit_pass(w, fp8, g, 0, 2, x, nt, part, 0, pf, pf_fp8, l);
+            unit_pass(w, fp8, g, 2, 2, x, nt, part, 1, NULL, pf_fp8, l);
         }
         for (int t = 0; t < nt; t++) {
             float *o = out + t * UNIT_ROWS + g * GROUP_ROWS;
@@ -417,7 +400,7 @@ ALWAYS_INLINE __m512i q4_offsets(const uint8_t *w, int f, int g, int j) {
  * a[2 (c % 4)], a[2 (c % 4) + 1], summed a[0] + .. + a[7], then out += sum *
  * the rows' group scale, group after group. The widened and direct units give
  * identical A/B, so prefill and decode give identical bits. At 3..4 tokens the
- * group runs in two passes as in unit_quad (each chunk pair widened once; the
+ * group runs in two passes as in unit_rows (each chunk pair widened once; the
  * first pass's a[0] + .. + a[3] carries into the second: the same order). */
 ALWAYS_INLINE void q4_pass(const uint8_t *w, int wide, int sym, int g, int c0, int c1,
                            const int h0, const int nh, __m512i off, __m512i tab,
@@ -449,11 +432,7 @@ ALWAYS_INLINE void q4_pass(const uint8_t *w, int wide, int sym, int g, int c0, i
             }
         }
     }
-    for (int t = 0; t < nt; t++) {
-        __m512 sum = carry ? _mm512_add_ps(part[t], a[t][0]) : a[t][0];
-        for (int i = 1; i < 4 * nh; i++) sum = _mm512_add_ps(sum, a[t][i]);
-        part[t] = sum;
-    }
+    for (int t = 0; t < nt; t++) part[t] = chain_sum(part[t], a[t], 4 * nh, carry);
 }
 
 ALWAYS_INLINE void unit_q4(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
@@ -492,8 +471,7 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
                                 float scale, float *out, const uint8_t *pf, int pf_fp8) {
     if (wf_int4(fp8)) { unit_q4(w, fp8, x, nt, out, pf, pf_fp8); return; }
     fp8_lut l = fp8_lut_load();
-    if (nt <= 2) unit_pair(w, fp8, x, nt, scale, out, pf, pf_fp8, &l);
-    else unit_quad(w, fp8, x, nt, scale, out, pf, pf_fp8, &l);
+    unit_rows(w, fp8, x, nt, scale, out, pf, pf_fp8, &l);
 }
 
 ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
