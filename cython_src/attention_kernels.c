@@ -78,7 +78,18 @@ static int64_t g_att_store_bytes = 64ll << 20;
 
 #if defined(__AVX512BF16__)
 #define ATT_BF16_DOT 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ATT_ROW_BLOCKS 1        /* AVX2: K/V read as rows in place (see its section) */
 #endif
+
+/* FP32 elements of a Q (and AVX2 K) scratch row: whole 8-lane chunks on AVX2. */
+static inline int att_qs(int dq) {
+#ifdef ATT_ROW_BLOCKS
+    return (dq + 7) & ~7;
+#else
+    return dq;
+#endif
+}
 
 typedef struct {
     const void *p;              /* base of the tensor */
@@ -91,6 +102,7 @@ typedef struct {
     int n, L, H, Hkv, dq, dv, G;
     int bm, M, ntiles, ntasks;  /* query rows per tile, vectors per task */
     int qw, dvp;                /* dq rounded up to pairs (words), dv to 16 */
+    int qs;                     /* FP32 paths: floats per Q row in scratch (att_qs) */
     float scale;
     float *out;                 /* [n, H, dv] */
     int nblocks;                /* key blocks of BN (the last may be partial) */
@@ -107,6 +119,7 @@ typedef struct {
     const int64_t *context;     /* [B] keys of each query row */
     int64_t ldslots;
     int hgroups, hn;            /* query heads of a kv head split into hgroups of hn */
+    int direct;                 /* AVX2 paged: K/V read from the cache rows in place */
 } att_job;
 
 typedef struct {                /* one thread's scratch, carved 64-aligned */
@@ -121,6 +134,10 @@ typedef struct {                /* one thread's scratch, carved 64-aligned */
     uint8_t *kblk, *vblk;       /* paged: this thread's converted K / V block */
     int G;                      /* query heads per row in the current task (vector m
                                    belongs to row m / G) */
+#ifdef ATT_ROW_BLOCKS
+    const void *krow[ATT_BN], *vrow[ATT_BN];    /* this block's rows (att_block) */
+    int kbf, vbf;               /* those rows are BF16 (cache) or FP32 */
+#endif
 } att_scratch;
 
 static int64_t att_align(int64_t b) { return (b + 63) & ~(int64_t)63; }
@@ -128,7 +145,7 @@ static int64_t att_align(int64_t b) { return (b + 63) & ~(int64_t)63; }
 /* Per-thread scratch bytes: the FP32 sizes, which bound the BF16 ones; `blocks`
  * more for a paged job's own converted K/V block. */
 static int64_t att_stride(int M, int qw, int dq, int dvp, int64_t blocks) {
-    int64_t dq2 = 2 * (int64_t)qw > dq ? 2 * (int64_t)qw : dq;
+    int64_t dq2 = 2 * (int64_t)qw > att_qs(dq) ? 2 * (int64_t)qw : att_qs(dq);
     return att_align(4 * (int64_t)M * dq2) + att_align(4 * (int64_t)M * ATT_BN)
          + att_align(2 * (int64_t)M * ATT_BN) + att_align(4 * (int64_t)M * dvp)
          + 3 * att_align(4 * (int64_t)M) + att_align(64 * (int64_t)M) + blocks;
@@ -139,7 +156,7 @@ static int att_bm(int G) { return G >= ATT_ROWS ? 1 : ATT_ROWS / G; }
 
 static att_scratch att_carve(uint8_t *base, const att_job *j) {
     att_scratch s;
-    int64_t dq2 = 2 * (int64_t)j->qw > j->dq ? 2 * (int64_t)j->qw : j->dq;
+    int64_t dq2 = 2 * (int64_t)j->qw > j->qs ? 2 * (int64_t)j->qw : j->qs;
     uint8_t *cur = base;
     s.q = cur;  cur += att_align(4 * (int64_t)j->M * dq2);
     s.k = s.v = NULL;
@@ -179,7 +196,7 @@ static inline uint32_t att_lane_mask(int lim, int j0) {
     return (1u << (lim - j0 + 1)) - 1;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef ATT_BF16_DOT
 /* 8 rows of 8 32-bit words (floats, or BF16 pairs) -> 8 columns, stored BN apart (a register transpose: the
  * strided scalar stores made the conversion, not the dot products, the cost of a
  * decode's key block). Pure data movement: the values are the scalar loop's. */
@@ -203,7 +220,6 @@ static inline void att_t8x8(const float *const *rows, int d0, float *dst) {
     }
 }
 
-#ifdef ATT_BF16_DOT
 /* 16 rows of 16 words -> 16 columns, stored BN apart: the same movement in zmm
  * registers, 64 shuffles for 256 words where the 8 x 8 takes 96. */
 static inline void att_t16x16(const float *const *rows, int d0, float *dst) {
@@ -230,7 +246,6 @@ static inline void att_t16x16(const float *const *rows, int d0, float *dst) {
         _mm512_storeu_si512(dst + (12 + e) * ATT_BN, _mm512_shuffle_i32x4(d, d2, 0xdd));
     }
 }
-#endif
 #endif
 
 /* ====================================================== AVX-512 BF16 path */
@@ -368,64 +383,27 @@ static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int m
 /* ====================================================== FP32 path */
 #else
 
+/* Q [M][qs] FP32, zero past dq (AVX2 reads whole 8-lane chunks). */
 static void att_load_q(const att_job *j, att_scratch *s, int h0, int i0, int rows) {
     float *q = (float *)s->q;
     for (int r = 0; r < rows; r++)
         for (int h = 0; h < s->G; h++) {
             const void *src = att_row(&j->q, i0 + r, h0 + h);
-            float *dst = q + (int64_t)(r * s->G + h) * j->dq;
+            float *dst = q + (int64_t)(r * s->G + h) * j->qs;
             for (int d = 0; d < j->dq; d++) dst[d] = att_elem(&j->q, src, d);
+            for (int d = j->dq; d < j->qs; d++) dst[d] = 0.0f;
         }
 }
 
-/* Kt [dq][BN]: key-major inner rows so the score loop runs over keys; keys past
- * nk are zero. */
+/* Generic: Kt [dq][BN], key-major inner rows so the score loop runs over keys.
+ * AVX2: K rows [BN][qs], zero past dq. Either fits 4 qs BN bytes. */
 static int64_t att_kblock_bytes(int qw, int dq) {
     (void)qw;
-    return att_align(4 * (int64_t)dq * ATT_BN);
+    return att_align(4 * (int64_t)att_qs(dq) * ATT_BN);
 }
 static int64_t att_vblock_bytes(int dvp) { return att_align(4 * (int64_t)ATT_BN * dvp); }
 
-
-#if defined(__AVX2__) && defined(__FMA__)
-/* The tiles' operands: FP32, a dot step is one FMA. */
-#define ATT_R 3                 /* query vectors per register tile: 3 x 4 accumulators */
-#define ATT_PW 1
-typedef float att_word;
-typedef __m256 vpair;
-ALWAYS_INLINE vpair att_vload(const att_word *p) { return _mm256_loadu_ps(p); }
-ALWAYS_INLINE vpair att_bcast(const att_word *w) { return _mm256_broadcast_ss(w); }
-ALWAYS_INLINE vf att_dot(vf acc, vpair x, vpair b) { return _mm256_fmadd_ps(b, x, acc); }
-#define ATT_P(s) ((const att_word *)(s)->s)
-
-/* K rows as FP32: an FP32 row in place, a BF16 row widened. */
-static inline int att_k_words(const att_job *j) { return j->dq; }
-static inline int att_k_in_place(const att_job *j) { return !j->k.bf16; }
-static inline void att_k_convert(const att_job *j, const void *src, att_word *dst) {
-    for (int d = 0; d < j->dq; d++) dst[d] = bf16_to_f32(((const uint16_t *)src)[d]);
-}
-#else
-static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
-    float *kt = (float *)dst;
-    for (int t = 0; t < ATT_BN; t++) {
-        const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
-        for (int d = 0; d < j->dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
-    }
-}
-
-static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
-    (void)lim0; (void)masked;
-    const float *q = (const float *)s->q, *kt = (const float *)s->k;
-    for (int m = 0; m < M; m++) {
-        float acc[ATT_BN] = {0};
-        const float *qm = q + (int64_t)m * j->dq;
-        for (int d = 0; d < j->dq; d++)
-            for (int t = 0; t < ATT_BN; t++) acc[t] += qm[d] * kt[d * ATT_BN + t];
-        memcpy(s->s + m * ATT_BN, acc, sizeof(acc));
-    }
-}
-#endif
-
+/* V rows [BN][dvp] FP32, zero past dv; keys past nk are zero. */
 static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
                        const int64_t *slots) {
     float *vt = (float *)dst_block;
@@ -440,13 +418,231 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
     }
 }
 
-/* e[t] = exp(x[t] - mx), t < n (e may be x). */
-static void exp_sub_row(const float *x, float mx, float *e, int n) {
-    int t = 0;
-#ifdef VL
-    for (; t + VL <= n; t += VL) vf_store(e + t, vf_exp(vf_sub(vf_load(x + t), vf_set1(mx))));
-#endif
-    for (; t < n; t++) e[t] = expf(x[t] - mx);
+#ifdef ATT_ROW_BLOCKS
+/* ------------------------------------------------------ AVX2: rows in place
+ * A key block is 64 K rows and 64 V rows named by pointer: in a decode the cache
+ * rows themselves (BF16 widened in registers, two exact operations per 8), in a
+ * prefill chunk the FP32 rows of the converted store. Nothing is transposed.
+ *   score s[m][t]: lane l of one FP32 accumulator chains q[8i + l] k[t][8i + l]
+ *     over the chunks i in order, then the 8 lanes add as
+ *     ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) (att_hsum4);
+ *   output o[m][c] = alpha o[m][c] + sum_t p[m][t] v[t][c], t in order.
+ * Which tile shape, thread or path (store or cache rows) computes a query does
+ * not enter those orders. */
+#define ATT_QR 8                /* query vectors per score tile, against one key */
+#define ATT_VR 4                /* query vectors per output tile: 4 x 2 accumulators */
+#define ATT_VN 2                /* (8 x 1 and 6 x 2 measured the same at G = 8) */
+
+/* Elements [d, d + 8) of a row, as FP32. */
+ALWAYS_INLINE __m256 att_row8(const void *row, int d, const int BF) {
+    if (BF)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + d))),
+            16));
+    return _mm256_loadu_ps((const float *)row + d);
+}
+
+/* The 8-lane sums of a, b, c, d: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). */
+ALWAYS_INLINE __m128 att_hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 z = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+}
+
+/* K rows [BN][qs] FP32 of a block (the store, or a ragged paged block). */
+static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
+    float *kr = (float *)dst;
+    for (int t = 0; t < nk; t++) {
+        const void *src = att_row(&j->k, att_key(slots, k0 + t), g);
+        float *row = kr + (int64_t)t * j->qs;
+        for (int d = 0; d < j->dq; d++) row[d] = att_elem(&j->k, src, d);
+        for (int d = j->dq; d < j->qs; d++) row[d] = 0.0f;
+    }
+}
+
+/* The task's block of keys [k0, k0 + nk). A decode reads the cache rows where
+ * they lie (head sizes in whole chunks: dq % 8, dv % 16 zero). (A software
+ * prefetch of the next block's K rows and this block's V rows, key tile by key
+ * tile, measured no faster at 2K-8K context.) */
+static void att_block(const att_job *j, att_scratch *s, int g, int k0, int nk,
+                      const int64_t *slots) {
+    if (j->paged && j->direct) {
+        for (int t = 0; t < nk; t++) {
+            int64_t key = slots[k0 + t];
+            s->krow[t] = att_row(&j->k, key, g);
+            s->vrow[t] = att_row(&j->v, key, g);
+        }
+        s->kbf = j->k.bf16;
+        s->vbf = j->v.bf16;
+        return;
+    }
+    const float *kb, *vb;
+    if (j->paged) {
+        att_load_k(j, s->kblk, g, k0, nk, slots);
+        att_load_v(j, s->vblk, g, k0, nk, slots);
+        kb = (const float *)s->kblk;
+        vb = (const float *)s->vblk;
+    } else {
+        int64_t b = (int64_t)(g - j->g0) * j->nblocks + k0 / ATT_BN;
+        kb = (const float *)(j->kstore + b * j->kbytes);
+        vb = (const float *)(j->vstore + b * j->vbytes);
+    }
+    for (int t = 0; t < ATT_BN; t++) {
+        s->krow[t] = kb + (int64_t)t * j->qs;
+        s->vrow[t] = vb + (int64_t)t * j->dvp;
+    }
+    s->kbf = s->vbf = 0;
+}
+
+/* S[R][key t] = Q[R] . K[t]: one widened K chunk feeds R rows (one key, so no
+ * chunk is widened twice; 3 rows x 4 keys measured 1.2x slower at G = 8). */
+ALWAYS_INLINE void att_qk_tile(const float *q, int qs, const void *krow, float *s,
+                               const int R, const int BF) {
+    __m256 acc[ATT_QR + 3];
+    for (int r = 0; r < R + 3; r++) acc[r] = _mm256_setzero_ps();
+    for (int d = 0; d < qs; d += 8) {
+        const __m256 kv = att_row8(krow, d, BF);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + (int64_t)r * qs + d), acc[r]);
+    }
+    for (int r = 0; r < R; r += 4) {
+        float sum[4];
+        _mm_storeu_ps(sum, att_hsum4(acc[r], acc[r + 1], acc[r + 2], acc[r + 3]));
+        for (int u = 0; u < 4 && r + u < R; u++) s[(r + u) * ATT_BN] = sum[u];
+    }
+}
+
+#define ATT_QK_R(R, BF) att_qk_tile(q + (int64_t)m * j->qs, j->qs, s->krow[t], \
+                                    s->s + m * ATT_BN + t, R, BF)
+#define ATT_QK(BF) do { switch (R) {                                         \
+    case 1: ATT_QK_R(1, BF); break;  case 2: ATT_QK_R(2, BF); break;          \
+    case 3: ATT_QK_R(3, BF); break;  case 4: ATT_QK_R(4, BF); break;          \
+    case 5: ATT_QK_R(5, BF); break;  case 6: ATT_QK_R(6, BF); break;          \
+    case 7: ATT_QK_R(7, BF); break;  default: ATT_QK_R(ATT_QR, BF); break;    \
+    } } while (0)
+
+/* Scores of the keys each tile's rows can see: on a masked block a query tile
+ * stops at the last key its last row sees; lanes left unwritten are masked by
+ * the softmax. Keys outermost, so a K row is read from memory once and from L1
+ * by the other query tiles. */
+static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked, int nk) {
+    const float *q = (const float *)s->q;
+    int seen = masked ? lim0 + (M - 1) / s->G + 1 : ATT_BN;   /* the last row sees most */
+    if (seen > nk) seen = nk;
+    for (int t = 0; t < seen; t++)
+        for (int m = 0; m < M; m += ATT_QR) {
+            const int R = M - m < ATT_QR ? M - m : ATT_QR;
+            if (masked && lim0 + (m + R - 1) / s->G < t) continue;
+            if (s->kbf) ATT_QK(1);
+            else ATT_QK(0);
+        }
+}
+
+/* Online softmax over one block for row m (keys j <= lim visible), the AVX-512
+ * body's steps in 8 lanes: the running max moves only when a score passes it by
+ * ATT_SLACK, the sum stays an 8-lane vector until the end. */
+#define ATT_SLACK 8.0f
+static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float scale) {
+    float *sr = s->s + m * ATT_BN;
+    __m256 x[8], k[8];
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const float m_old = s->mx[m];
+    const __m256 bar = _mm256_set1_ps(m_old + ATT_SLACK);      /* -inf on the first block */
+    int over = 0;
+    for (int v = 0; v < 8; v++) {
+        k[v] = masked ? _mm256_cmp_ps(lane, _mm256_set1_ps((float)(lim - 8 * v)), _CMP_LE_OQ)
+                      : _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        x[v] = _mm256_mul_ps(_mm256_loadu_ps(sr + 8 * v), _mm256_set1_ps(scale));
+        over |= _mm256_movemask_ps(_mm256_and_ps(k[v], _mm256_cmp_ps(x[v], bar, _CMP_GT_OQ)));
+    }
+    float m_new = m_old, alpha = 1.0f;
+    if (over) {
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        for (int v = 0; v < 8; v++) mv = _mm256_max_ps(mv, _mm256_blendv_ps(mv, x[v], k[v]));
+        m_new = vf_hmax(mv);
+        alpha = expf(m_old - m_new);                           /* m_old = -inf: 0 */
+    }
+    __m256 mb = _mm256_set1_ps(m_new), sum = _mm256_setzero_ps();
+    for (int v = 0; v < 8; v++) {
+        /* masked lanes are exactly 0 (vf_exp clamps, it never returns 0) */
+        __m256 e = _mm256_and_ps(k[v], vf_exp(_mm256_sub_ps(x[v], mb)));
+        sum = _mm256_add_ps(sum, e);
+        _mm256_storeu_ps(sr + 8 * v, e);
+    }
+    float *l = s->l + 16 * m;
+    _mm256_storeu_ps(l, _mm256_fmadd_ps(_mm256_loadu_ps(l), _mm256_set1_ps(alpha), sum));
+    s->mx[m] = m_new;
+    s->alpha[m] = alpha;
+}
+
+static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
+    for (int m = 0; m < M; m++) att_softmax_row(s, m, lim0 + m / s->G, masked, j->scale);
+}
+
+static float att_row_sum(const att_scratch *s, int m) {
+    const float *l = s->l + 16 * m;
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/* O[R][c0, c0 + 8 ATT_VN) = alpha O + P . V over keys [0, np). */
+ALWAYS_INLINE void att_pv_tile(const float *p, const void *const *vrow, int np, float *o,
+                               int dvp, const float *alpha, int c0, const int R, const int BF) {
+    __m256 acc[ATT_VR][ATT_VN];
+    for (int r = 0; r < R; r++) {
+        __m256 a = _mm256_set1_ps(alpha[r]);
+        for (int v = 0; v < ATT_VN; v++)
+            acc[r][v] = _mm256_mul_ps(a, _mm256_loadu_ps(o + (int64_t)r * dvp + c0 + 8 * v));
+    }
+    for (int t = 0; t < np; t++) {
+        __m256 vv[ATT_VN];
+        for (int v = 0; v < ATT_VN; v++) vv[v] = att_row8(vrow[t], c0 + 8 * v, BF);
+        for (int r = 0; r < R; r++) {
+            __m256 pb = _mm256_broadcast_ss(p + r * ATT_BN + t);
+            for (int v = 0; v < ATT_VN; v++) acc[r][v] = _mm256_fmadd_ps(pb, vv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < ATT_VN; v++)
+            _mm256_storeu_ps(o + (int64_t)r * dvp + c0 + 8 * v, acc[r][v]);
+}
+
+#define ATT_PV_R(R, BF) att_pv_tile(s->s + m * ATT_BN, s->vrow, nk, s->o + (int64_t)m * j->dvp, \
+                                    j->dvp, s->alpha + m, c0, R, BF)
+#define ATT_PV(BF) do { switch (R) {                                         \
+    case 1: ATT_PV_R(1, BF); break;  case 2: ATT_PV_R(2, BF); break;          \
+    case 3: ATT_PV_R(3, BF); break;  default: ATT_PV_R(ATT_VR, BF); break;    \
+    } } while (0)
+
+/* Every key of the block, as the scalar twin (0 x a non-finite value is NaN). */
+static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
+    (void)lim0; (void)masked;
+    for (int c0 = 0; c0 < j->dvp; c0 += 8 * ATT_VN)
+        for (int m = 0; m < M; m += ATT_VR) {
+            const int R = M - m < ATT_VR ? M - m : ATT_VR;
+            if (s->vbf) ATT_PV(1);
+            else ATT_PV(0);
+        }
+}
+
+#else
+/* ------------------------------------------------------ generic: plain loops */
+static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const int64_t *slots) {
+    float *kt = (float *)dst;
+    for (int t = 0; t < ATT_BN; t++) {
+        const void *src = t < nk ? att_row(&j->k, att_key(slots, k0 + t), g) : NULL;
+        for (int d = 0; d < j->dq; d++) kt[d * ATT_BN + t] = src ? att_elem(&j->k, src, d) : 0.0f;
+    }
+}
+
+static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked, int nk) {
+    (void)lim0; (void)masked; (void)nk;
+    const float *q = (const float *)s->q, *kt = (const float *)s->k;
+    for (int m = 0; m < M; m++) {
+        float acc[ATT_BN] = {0};
+        const float *qm = q + (int64_t)m * j->qs;
+        for (int d = 0; d < j->dq; d++)
+            for (int t = 0; t < ATT_BN; t++) acc[t] += qm[d] * kt[d * ATT_BN + t];
+        memcpy(s->s + m * ATT_BN, acc, sizeof(acc));
+    }
 }
 
 /* Online softmax over one block (P kept FP32 in the S rows). */
@@ -459,7 +655,7 @@ static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int m
         for (int t = 0; t < nv; t++) { sr[t] *= j->scale; mx = fmaxf(mx, sr[t]); }
         float m_new = fmaxf(s->mx[m], mx);
         float alpha = m_new == s->mx[m] ? 1.0f : expf(s->mx[m] - m_new);
-        exp_sub_row(sr, m_new, sr, nv > 0 ? nv : 0);
+        for (int t = 0; t < nv; t++) sr[t] = expf(sr[t] - m_new);
         float sum = 0.0f;
         for (int t = 0; t < nv; t++) sum += sr[t];
         for (int t = nv < 0 ? 0 : nv; t < ATT_BN; t++) sr[t] = 0.0f;
@@ -471,7 +667,6 @@ static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int m
 
 static float att_row_sum(const att_scratch *s, int m) { return s->l[16 * m]; }
 
-#if !(defined(__AVX2__) && defined(__FMA__))
 static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0, int masked) {
     (void)lim0; (void)masked;
     const float *vt = (const float *)s->v;
@@ -490,7 +685,7 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0
 /* ====================================================== register tiles
  * AVX-512 (BF16 pair words, vdpbf16ps) and AVX2 (FP32, FMA): one body over the
  * path's att_word / vpair / att_dot and vec.h's VL-lane vf. */
-#if defined(ATT_BF16_DOT) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef ATT_BF16_DOT
 
 /* The K block transposed to [words][BN]: 8 x 8 in registers, the tail words by
  * the scalar loop; keys past nk are zero. */
@@ -525,18 +720,11 @@ static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const
 }
 
 /* R (1 .. ATT_R) as a constant per case: the tile unrolls into registers. */
-#if ATT_R == 6
 #define ATT_BY_R(CALL, NV) do { switch (R) {                                 \
     case 1: CALL(1, NV); break;  case 2: CALL(2, NV); break;                  \
     case 3: CALL(3, NV); break;  case 4: CALL(4, NV); break;                  \
     case 5: CALL(5, NV); break;  default: CALL(ATT_R, NV); break;             \
     } } while (0)
-#else
-#define ATT_BY_R(CALL, NV) do { switch (R) {                                 \
-    case 1: CALL(1, NV); break;  case 2: CALL(2, NV); break;                  \
-    default: CALL(ATT_R, NV); break;                                          \
-    } } while (0)
-#endif
 
 /* S[R][VL NV keys] = Q[R] . Kb (qn words a row): one K load feeds R rows. */
 ALWAYS_INLINE void att_qk_tile(const att_word *q, int qn, const att_word *kb, float *s,
@@ -562,7 +750,8 @@ ALWAYS_INLINE void att_qk_tile(const att_word *q, int qn, const att_word *kb, fl
 /* Scores of the visible key vectors only: on a masked (diagonal) block a
  * register tile stops at the last key its last row sees; the lanes left
  * unwritten are masked by the softmax. */
-static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
+static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked, int nk) {
+    (void)nk;
     const att_word *q = (const att_word *)s->q, *kb = (const att_word *)s->k;
     const int qn = att_k_words(j);
     for (int m = 0; m < M; m += ATT_R) {
@@ -609,16 +798,10 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0
     const att_word *vb = (const att_word *)s->v;
     for (int m = 0; m < M; m += ATT_R) {
         const int R = M - m < ATT_R ? M - m : ATT_R;
-#ifdef ATT_BF16_DOT
         /* like the scores, a tile stops at the last key pair its last row sees (P is
          * 0 past it) */
         int seen = masked ? lim0 + (m + R - 1) / s->G + 1 : nk;
         const int np = ((seen < nk ? seen : nk) + 1) / 2;
-#else
-        /* every key of the block, as the scalar twin (0 x a non-finite value is NaN) */
-        (void)lim0; (void)masked;
-        const int np = nk;
-#endif
         const att_word *p = ATT_P(s) + m * (ATT_BN / ATT_PW);
         float *o = s->o + (int64_t)m * j->dvp;
         const float *al = s->alpha + m;
@@ -717,11 +900,16 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
     memset(s->o, 0, 4 * (size_t)M * j->dvp);
     /* block 0 shows key 0 to every row, so each running max is finite after it */
     for (int k0 = 0; k0 <= last; k0 += ATT_BN) {
-        int nk = a.L - k0 < ATT_BN ? a.L - k0 : ATT_BN;
-        int masked = k0 + ATT_BN - 1 > pos0;      /* crosses some row's position */
+        const int nk_all = a.L - k0 < ATT_BN ? a.L - k0 : ATT_BN;
+        const int masked = k0 + ATT_BN - 1 > pos0;    /* crosses some row's position */
+        /* P is 0 past last */
+        const int nk = masked && last + 1 - k0 < nk_all ? last + 1 - k0 : nk_all;
+#ifdef ATT_ROW_BLOCKS
+        att_block(j, s, g, k0, nk_all, a.slots);
+#else
         if (j->paged) {
-            att_load_k(j, s->kblk, g, k0, nk, a.slots);
-            att_load_v(j, s->vblk, g, k0, nk, a.slots);
+            att_load_k(j, s->kblk, g, k0, nk_all, a.slots);
+            att_load_v(j, s->vblk, g, k0, nk_all, a.slots);
             s->k = s->kblk;
             s->v = s->vblk;
         } else {
@@ -729,9 +917,9 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
             s->k = j->kstore + b * j->kbytes;
             s->v = j->vstore + b * j->vbytes;
         }
-        if (masked && last + 1 - k0 < nk) nk = last + 1 - k0;   /* P is 0 past last */
+#endif
         att_prefetch_some(pf, per_block);
-        att_scores(j, s, M, pos0 - k0, masked);
+        att_scores(j, s, M, pos0 - k0, masked, nk);
         att_softmax(j, s, M, pos0 - k0, masked);
         att_values(j, s, M, nk, pos0 - k0, masked);
     }
@@ -805,6 +993,7 @@ static void attention_forward(att_operand q, att_operand k, att_operand v, int n
     if (j.bm > n) j.bm = n;
     j.M = j.bm * j.G;
     j.qw = (dq + 1) / 2;
+    j.qs = att_qs(dq);
     j.dvp = (dv + 15) & ~15;
     j.ntiles = (n + j.bm - 1) / j.bm;
     j.stride = att_stride(j.M, j.qw, dq, j.dvp, 0);
@@ -885,7 +1074,9 @@ static int64_t attention_paged(att_operand q, att_operand k, att_operand v,
     j.hn = (j.G + j.hgroups - 1) / j.hgroups;
     j.bm = 1; j.M = j.hn;
     j.qw = (dq + 1) / 2;
+    j.qs = att_qs(dq);
     j.dvp = (dv + 15) & ~15;
+    j.direct = dq % 8 == 0 && dv % 16 == 0;
     j.kbytes = att_kblock_bytes(j.qw, dq);
     j.vbytes = att_vblock_bytes(j.dvp);
     j.stride = att_stride(j.M, j.qw, dq, j.dvp, j.kbytes + j.vbytes);
