@@ -5,6 +5,11 @@ shape must leave bit for bit as it was.
                                                # entry per machine; others are kept)
     (tests/test_logits_snapshot.py compares a tree against the saved ones)
 
+A change that means to move some path's logits writes this machine's snapshot anew
+and, for the machines it cannot run on, names the path under "moved" in their
+snapshot ({path: why}); the test then leaves that path out there until someone on
+such a machine writes its snapshot again (--write drops "moved").
+
 Each case runs the offline engine on three prompts (a batched prefill, then batched
 decodes, and a chunked run beside decodes) and hashes the logits of every step. The
 non-kernel parts are torch's ops, whose results may differ on another CPU or torch
