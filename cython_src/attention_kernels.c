@@ -429,7 +429,6 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
  *   output o[m][c] = alpha o[m][c] + sum_t p[m][t] v[t][c], t in order.
  * Which tile shape, thread or path (store or cache rows) computes a query does
  * not enter those orders. */
-#define ATT_QR 8                /* query vectors per score tile, against one key */
 #define ATT_VR 4                /* query vectors per output tile: 4 x 2 accumulators */
 #define ATT_VN 2                /* (8 x 1 and 6 x 2 measured the same at G = 8) */
 
@@ -493,48 +492,65 @@ static void att_block(const att_job *j, att_scratch *s, int g, int k0, int nk,
     s->kbf = s->vbf = 0;
 }
 
-/* S[R][key t] = Q[R] . K[t]: one widened K chunk feeds R rows (one key, so no
- * chunk is widened twice; 3 rows x 4 keys measured 1.2x slower at G = 8). */
-ALWAYS_INLINE void att_qk_tile(const float *q, int qs, const void *krow, float *s,
-                               const int R, const int BF) {
-    __m256 acc[ATT_QR + 3];
-    for (int r = 0; r < R + 3; r++) acc[r] = _mm256_setzero_ps();
+/* S[R][C keys] = Q[R] . K: each K chunk is loaded (and widened) once for R rows.
+ * BF16 rows (a decode's cache): 8 rows x 1 key, so no chunk is widened twice (3
+ * rows x 4 keys measured 1.2x slower at G = 8). FP32 rows (the prefill store):
+ * 4 rows x 3 keys, 7 loads per 12 FMAs (8 x 1 measured 1.3-1.6x slower there). */
+#define ATT_QK_MAX 16           /* accumulator room: the largest tile has 12 (room for 16 measured 1.1x faster) */
+ALWAYS_INLINE void att_qk_tile(const float *q, int qs, const void *const *krow, float *s,
+                               const int R, const int C, const int BF) {
+    __m256 acc[ATT_QK_MAX + 3];
+    for (int i = 0; i < R * C + 3; i++) acc[i] = _mm256_setzero_ps();
     for (int d = 0; d < qs; d += 8) {
-        const __m256 kv = att_row8(krow, d, BF);
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + (int64_t)r * qs + d), acc[r]);
+        __m256 kv[4];
+        for (int c = 0; c < C; c++) kv[c] = att_row8(krow[c], d, BF);
+        for (int r = 0; r < R; r++) {
+            const __m256 qv = _mm256_loadu_ps(q + (int64_t)r * qs + d);
+            for (int c = 0; c < C; c++) acc[r * C + c] = _mm256_fmadd_ps(kv[c], qv, acc[r * C + c]);
+        }
     }
-    for (int r = 0; r < R; r += 4) {
+    for (int i = 0; i < R * C; i += 4) {
         float sum[4];
-        _mm_storeu_ps(sum, att_hsum4(acc[r], acc[r + 1], acc[r + 2], acc[r + 3]));
-        for (int u = 0; u < 4 && r + u < R; u++) s[(r + u) * ATT_BN] = sum[u];
+        _mm_storeu_ps(sum, att_hsum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
+        for (int u = 0; u < 4 && i + u < R * C; u++)
+            s[(i + u) / C * ATT_BN + (i + u) % C] = sum[u];
     }
 }
 
-#define ATT_QK_R(R, BF) att_qk_tile(q + (int64_t)m * j->qs, j->qs, s->krow[t], \
-                                    s->s + m * ATT_BN + t, R, BF)
-#define ATT_QK(BF) do { switch (R) {                                         \
-    case 1: ATT_QK_R(1, BF); break;  case 2: ATT_QK_R(2, BF); break;          \
-    case 3: ATT_QK_R(3, BF); break;  case 4: ATT_QK_R(4, BF); break;          \
-    case 5: ATT_QK_R(5, BF); break;  case 6: ATT_QK_R(6, BF); break;          \
-    case 7: ATT_QK_R(7, BF); break;  default: ATT_QK_R(ATT_QR, BF); break;    \
+#define ATT_QK_T(R, C, BF) att_qk_tile(q + (int64_t)m * j->qs, j->qs, s->krow + t, \
+                                       s->s + m * ATT_BN + t, R, C, BF)
+#define ATT_QK_BF16() do { switch (R) {                                      \
+    case 1: ATT_QK_T(1, 1, 1); break;  case 2: ATT_QK_T(2, 1, 1); break;      \
+    case 3: ATT_QK_T(3, 1, 1); break;  case 4: ATT_QK_T(4, 1, 1); break;      \
+    case 5: ATT_QK_T(5, 1, 1); break;  case 6: ATT_QK_T(6, 1, 1); break;      \
+    case 7: ATT_QK_T(7, 1, 1); break;  default: ATT_QK_T(8, 1, 1); break;     \
     } } while (0)
+#define ATT_QK_F32_C(C) do { switch (R) {                                    \
+    case 1: ATT_QK_T(1, C, 0); break;  case 2: ATT_QK_T(2, C, 0); break;      \
+    case 3: ATT_QK_T(3, C, 0); break;  default: ATT_QK_T(4, C, 0); break;     \
+    } } while (0)
+#define ATT_QK_F32() do { switch (C) {                                       \
+    case 1: ATT_QK_F32_C(1); break;  case 2: ATT_QK_F32_C(2); break;          \
+    default: ATT_QK_F32_C(3); break; } } while (0)
 
 /* Scores of the keys each tile's rows can see: on a masked block a query tile
- * stops at the last key its last row sees; lanes left unwritten are masked by
- * the softmax. Keys outermost, so a K row is read from memory once and from L1
- * by the other query tiles. */
+ * stops at the last key tile its last row sees; lanes left unwritten are masked
+ * by the softmax. Keys outermost, so a K row is read from memory once and from
+ * L1 by the other query tiles. */
 static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked, int nk) {
     const float *q = (const float *)s->q;
+    const int QR = s->kbf ? 8 : 4, KT = s->kbf ? 1 : 3;
     int seen = masked ? lim0 + (M - 1) / s->G + 1 : ATT_BN;   /* the last row sees most */
     if (seen > nk) seen = nk;
-    for (int t = 0; t < seen; t++)
-        for (int m = 0; m < M; m += ATT_QR) {
-            const int R = M - m < ATT_QR ? M - m : ATT_QR;
+    for (int t = 0; t < seen; t += KT) {
+        const int C = seen - t < KT ? seen - t : KT;
+        for (int m = 0; m < M; m += QR) {
+            const int R = M - m < QR ? M - m : QR;
             if (masked && lim0 + (m + R - 1) / s->G < t) continue;
-            if (s->kbf) ATT_QK(1);
-            else ATT_QK(0);
+            if (s->kbf) ATT_QK_BF16();
+            else ATT_QK_F32();
         }
+    }
 }
 
 /* Online softmax over one block for row m (keys j <= lim visible), the AVX-512
