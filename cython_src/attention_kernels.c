@@ -56,8 +56,11 @@
  *     Kb [dq/2 pairs][BN keys] words  (k[j][2p], k[j][2p+1])
  *     Vb [BN/2 key pairs][dvp] words  (v[2t][c], v[2t+1][c])
  *     Qb [M][dq/2] words, Pb [M][BN/2] words
- * AVX2: the same blocks in FP32 from the given inputs, register-tiled FMA
- *   bodies (3 query vectors x 32 keys or output columns) and vf_exp.
+ * AVX2: FP32 from the given inputs, K and V as rows, nothing transposed (see
+ *   its section): a decode widens the cache's BF16 rows in registers where they
+ *   lie, a prefill reads the FP32 rows of its converted store; a score is an
+ *   8-lane FMA chain over the head dims and a fixed 8-lane sum, the softmax the
+ *   AVX-512 body's steps in 8 lanes.
  * Generic: the same blocks as plain loops (the FP32 oracle's twin).
  */
 #ifndef MOED_ATTENTION_KERNELS_C
@@ -460,8 +463,10 @@ static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const
 
 /* The task's block of keys [k0, k0 + nk). A decode reads the cache rows where
  * they lie (head sizes in whole chunks: dq % 8, dv % 16 zero). (A software
- * prefetch of the next block's K rows and this block's V rows, key tile by key
- * tile, measured no faster at 2K-8K context.) */
+ * prefetch of the next block's K rows and this block's V rows, key by key,
+ * measured no faster at 2K-8K context, warm or cold: a task reads one head's
+ * 256 bytes of each 2 KiB cache slot, and a cold cache is read at ~2.5 GB/s
+ * either way; a head-major cache layout is what would lift it.) */
 static void att_block(const att_job *j, att_scratch *s, int g, int k0, int nk,
                       const int64_t *slots) {
     if (j->paged && j->direct) {

@@ -14,7 +14,9 @@ context in the paged cache [S, 2, Hkv, d] through a slot table of shuffled 16-sl
 blocks (as the KV block manager leaves it). Compiled (moed/backends/cpu/decode_attention.py)
 against the torch path GQAttention used before (gather kv_cache[slots], then
 moed.model.layers.decode_attention), best of N each; the K/V bytes read per second
-against the plain read bandwidth measured in the same run; and the store of one
+against the plain read bandwidth measured in the same run, warm (one cache, read
+again and again: at up to 16 MB it stays in the L3) and cold (up to 16 copies of it,
+256 MB, read in turn, as a decode step's layers meet theirs); and the store of one
 step's new k/v (store_kv) against two torch index_put.
 Usage: python tools/bench_attention.py --decode [--cases 1x64,1x4096,1x32768,8x1024]
                                        [--dtype float32|bfloat16]
@@ -47,6 +49,7 @@ from moed.backends.cpu.decode_attention import (latent_decode_attention,  # noqa
 from moed.backends.torch import decode_attention  # noqa: E402
 
 H, HKV, D = 32, 4, 128
+COLD_BYTES = 256 << 20          # --decode's cold figure: this much cache read in turn
 MLA_H, MLA_R, MLA_DR = 128, 512, 64          # DeepSeek-V3: heads, kv_lora_rank, rotary dims
 
 
@@ -125,14 +128,24 @@ def bench_decode(B, L, dtype, kernels, threads, repeat, read_bw):
                                                  threads=threads, kernels=kernels), repeat)
     t_ref = best_time(lambda: torch_decode(q, cache, slots, mask, scale), repeat)
     err = (out - torch_decode(q, cache, slots, mask, scale)).abs().max().item()
-    bw = 2 * B * L * HKV * D * cache.element_size() / t
+    kv_bytes = 2 * B * L * HKV * D * cache.element_size()
+    bw = kv_bytes / t
+    # cold: copies of the cache in turn, past the L3, as a step's layers meet theirs
+    copies = [cache] + [cache.clone() for _ in range(min(15, COLD_BYTES // cache.nbytes))]
+
+    def cold():
+        for c in copies:
+            paged_decode_attention(q, c, slots, context, scale, out=out, threads=threads,
+                                   kernels=kernels)
+    t_cold = best_time(cold, repeat) / len(copies)
     k = torch.randn(B, H + HKV, D, generator=g)[:, H:]       # the projection's strided k
     v = torch.randn(B, HKV, D, generator=g)
     new = slots[:, -1].contiguous()
     t_st = best_time(lambda: store_kv(cache, new, k, v, kernels=kernels), repeat)
     t_st_ref = best_time(lambda: torch_store(cache, new, k, v), repeat)
     print(f"B={B:<3d} L={L:<6d} {t * 1e6:9.1f} us  K/V {bw / 1e9:5.1f} GB/s = {bw / read_bw:4.0%} "
-          f"of read | torch {t_ref * 1e6:9.1f} us -> x{t_ref / t:5.2f} | max abs diff {err:.1e} | "
+          f"of read | cold {t_cold * 1e6:9.1f} us {kv_bytes / t_cold / 1e9:5.1f} GB/s = "
+          f"{kv_bytes / t_cold / read_bw:4.0%} | torch {t_ref * 1e6:9.1f} us -> x{t_ref / t:5.2f} | max abs diff {err:.1e} | "
           f"store {t_st * 1e6:5.1f} us vs index_put {t_st_ref * 1e6:5.1f} us -> "
           f"x{t_st_ref / t_st:4.2f}", flush=True)
 
