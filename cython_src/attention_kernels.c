@@ -133,7 +133,7 @@ typedef struct {                /* one thread's scratch, carved 64-aligned */
     uint32_t *p;                /* BF16 words [M][BN/2] probabilities */
     float *o;                   /* [M][dvp] unnormalised output */
     float *mx, *alpha;          /* [M] running max, rescale of this block */
-    float *l;                   /* [M][16] running sum, per lane (AVX-512) or in lane 0 */
+    float *l;                   /* [M][16] running sum, per lane (16 AVX-512, 8 AVX2) or in lane 0 */
     uint8_t *kblk, *vblk;       /* paged: this thread's converted K / V block */
     int G;                      /* query heads per row in the current task (vector m
                                    belongs to row m / G) */
