@@ -75,6 +75,8 @@
 
 #define ATT_BN 64               /* keys per block: S row = 4 vectors of 16 */
 #define ATT_ROWS 128            /* query vectors per task (rows x group heads) */
+#define ATT_SLACK 8.0f          /* vector softmax: how far a score may pass the running
+                                   max before the max moves (att_softmax_row) */
 /* Converted K/V per pass: bounds the workspace (MLA expanded, 128 kv heads x
  * 320 dims, would need 320 MB at 4K tokens). Tests lower it to force passes. */
 static int64_t g_att_store_bytes = 64ll << 20;
@@ -342,7 +344,6 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
  * range); after the first blocks that almost never happens, which skips the
  * horizontal max and the rescale. The sum stays a 16-lane vector until the
  * end: no horizontal add per block either. */
-#define ATT_SLACK 8.0f
 static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float scale) {
     const float *sr = s->s + m * ATT_BN;
     __m512 x[4];
@@ -379,9 +380,6 @@ static float att_row_sum(const att_scratch *s, int m) {
     return _mm512_reduce_add_ps(_mm512_loadu_ps(s->l + 16 * m));
 }
 
-static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
-    for (int m = 0; m < M; m++) att_softmax_row(s, m, lim0 + m / s->G, masked, j->scale);
-}
 
 /* ====================================================== FP32 path */
 #else
@@ -561,7 +559,6 @@ static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int ma
 /* Online softmax over one block for row m (keys j <= lim visible), the AVX-512
  * body's steps in 8 lanes: the running max moves only when a score passes it by
  * ATT_SLACK, the sum stays an 8-lane vector until the end. */
-#define ATT_SLACK 8.0f
 static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float scale) {
     float *sr = s->s + m * ATT_BN;
     __m256 x[8], k[8];
@@ -595,9 +592,6 @@ static void att_softmax_row(att_scratch *s, int m, int lim, int masked, float sc
     s->alpha[m] = alpha;
 }
 
-static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
-    for (int m = 0; m < M; m++) att_softmax_row(s, m, lim0 + m / s->G, masked, j->scale);
-}
 
 static float att_row_sum(const att_scratch *s, int m) {
     const float *l = s->l + 16 * m;
@@ -834,6 +828,12 @@ static void att_values(const att_job *j, att_scratch *s, int M, int nk, int lim0
 #endif
 
 /* ====================================================== shared driver */
+#if defined(ATT_BF16_DOT) || defined(ATT_ROW_BLOCKS)
+static void att_softmax(const att_job *j, att_scratch *s, int M, int lim0, int masked) {
+    for (int m = 0; m < M; m++) att_softmax_row(s, m, lim0 + m / s->G, masked, j->scale);
+}
+#endif
+
 /* One task: query rows [qrow, qrow + rows) of heads [h0, h0 + hn) (of kv head g),
  * the first at position pos0, against keys [0, L) (through `slots` when paged). */
 typedef struct { int g, h0, hn, qrow, rows, pos0, L; const int64_t *slots; } att_tile;
