@@ -147,6 +147,18 @@ static void dense_convert_worker(void *arg, int tid, int n) {
  * the body unrolls into registers). */
 static void dense_unit_rows(const uint8_t *u, int fp8, const uint16_t *x, int ldx, int n,
                             float scale, float *acc, int scalar, const uint8_t *pf, int pf_fp8) {
+#ifdef WIDE_NT
+    if (!scalar && n > DENSE_DECODE_MAX && wide_rows_fmt(fp8)) {   /* prefill: up to 5 a pass */
+        for (int q = 0, nt; q < n; q += nt) {
+            const uint16_t *xk[WIDE_NT];
+            nt = wide_take(n - q);
+            for (int t = 0; t < nt; t++) xk[t] = x + (int64_t)(q + t) * ldx;
+            unit_body_wide_any(u, fp8, xk, nt, scale, acc + q * UNIT_ROWS, q == 0 ? pf : NULL,
+                               pf_fp8);
+        }
+        return;
+    }
+#endif
     for (int q = 0; q < n; q += MAX_NT) {
         const uint16_t *xk[MAX_NT];
         int nt = n - q < MAX_NT ? n - q : MAX_NT;

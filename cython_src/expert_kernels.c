@@ -117,6 +117,55 @@ static inline const uint8_t *tile_base(const packed_matrix *m, int e, int rt, in
     return m->w + e * m->w_stride + (int64_t)rt * m->kblocks * unit_bytes_of(fp8);
 }
 
+/* out[n][64] += unit . (rows[q] + off), q < n: up to WIDE_NT tokens a pass where the
+ * ISA has those bodies and the unit is BF16 or widened INT4 (prefill), else groups of
+ * MAX_NT. pf (or NULL) is fetched during the first pass; pf_fmt its format. */
+static void unit_token_passes(const uint8_t *u, int ufp8, const uint16_t *const *rows, int64_t off, int n,
+                      float scale, float *out, const uint8_t *pf, int pf_fmt) {
+#ifdef WIDE_NT
+    if (n > DIRECT_MAX && wide_rows_fmt(ufp8)) {        /* prefill: up to 5 tokens a pass */
+        for (int q = 0, nt; q < n; q += nt) {
+            const uint16_t *xk[WIDE_NT];
+            nt = wide_take(n - q);
+            for (int t = 0; t < nt; t++) xk[t] = rows[q + t] + off;
+            unit_body_wide_any(u, ufp8, xk, nt, scale, out + q * UNIT_ROWS, q == 0 ? pf : NULL,
+                               pf_fmt);
+        }
+        return;
+    }
+#endif
+    for (int q = 0; q < n; q += MAX_NT) {
+        const uint16_t *xk[MAX_NT];
+        int nt = n - q < MAX_NT ? n - q : MAX_NT;
+        for (int t = 0; t < nt; t++) xk[t] = rows[q + t] + off;
+        float *o = out + q * UNIT_ROWS;
+        /* constant nt per branch: the body unrolls into registers */
+        const uint8_t *p = q == 0 ? pf : NULL;      /* fetch each line once */
+        if (wf_int4(ufp8)) {
+            switch (nt) {
+            case 1: unit_body_pf(u, ufp8, xk, 1, scale, o, p, pf_fmt); break;
+            case 2: unit_body_pf(u, ufp8, xk, 2, scale, o, p, pf_fmt); break;
+            case 3: unit_body_pf(u, ufp8, xk, 3, scale, o, p, pf_fmt); break;
+            default: unit_body_pf(u, ufp8, xk, 4, scale, o, p, pf_fmt); break;
+            }
+        } else if (ufp8) {
+            switch (nt) {
+            case 1: unit_body_pf(u, 1, xk, 1, scale, o, p, pf_fmt); break;
+            case 2: unit_body_pf(u, 1, xk, 2, scale, o, p, pf_fmt); break;
+            case 3: unit_body_pf(u, 1, xk, 3, scale, o, p, pf_fmt); break;
+            default: unit_body_pf(u, 1, xk, 4, scale, o, p, pf_fmt); break;
+            }
+        } else {
+            switch (nt) {
+            case 1: unit_body_pf(u, 0, xk, 1, scale, o, p, pf_fmt); break;
+            case 2: unit_body_pf(u, 0, xk, 2, scale, o, p, pf_fmt); break;
+            case 3: unit_body_pf(u, 0, xk, 3, scale, o, p, pf_fmt); break;
+            default: unit_body_pf(u, 0, xk, 4, scale, o, p, pf_fmt); break;
+            }
+        }
+    }
+}
+
 /* out[n][64] += W-tile(rt) . x rows, over all k blocks. The tile starts at
  * byte `at` of the thread's stream plan (NULL: no prefetch). */
 static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
@@ -139,36 +188,7 @@ static void tile_matmul(const packed_matrix *m, int e, int rt, int fp8,
 #else
         (void)widen; (void)wide;
 #endif
-        for (int q = 0; q < n; q += MAX_NT) {
-            const uint16_t *xk[MAX_NT];
-            int nt = n - q < MAX_NT ? n - q : MAX_NT;
-            for (int t = 0; t < nt; t++) xk[t] = rows[q + t] + kb * UNIT_K;
-            float *o = out + q * UNIT_ROWS;
-            /* constant nt per branch: the body unrolls into registers */
-            const uint8_t *p = q == 0 ? pf : NULL;      /* fetch each line once */
-            if (wf_int4(ufp8)) {
-                switch (nt) {
-                case 1: unit_body_pf(u, ufp8, xk, 1, sc[kb], o, p, fp8); break;
-                case 2: unit_body_pf(u, ufp8, xk, 2, sc[kb], o, p, fp8); break;
-                case 3: unit_body_pf(u, ufp8, xk, 3, sc[kb], o, p, fp8); break;
-                default: unit_body_pf(u, ufp8, xk, 4, sc[kb], o, p, fp8); break;
-                }
-            } else if (ufp8) {
-                switch (nt) {
-                case 1: unit_body_pf(u, 1, xk, 1, sc[kb], o, p, fp8); break;
-                case 2: unit_body_pf(u, 1, xk, 2, sc[kb], o, p, fp8); break;
-                case 3: unit_body_pf(u, 1, xk, 3, sc[kb], o, p, fp8); break;
-                default: unit_body_pf(u, 1, xk, 4, sc[kb], o, p, fp8); break;
-                }
-            } else {
-                switch (nt) {
-                case 1: unit_body_pf(u, 0, xk, 1, sc[kb], o, p, fp8); break;
-                case 2: unit_body_pf(u, 0, xk, 2, sc[kb], o, p, fp8); break;
-                case 3: unit_body_pf(u, 0, xk, 3, sc[kb], o, p, fp8); break;
-                default: unit_body_pf(u, 0, xk, 4, sc[kb], o, p, fp8); break;
-                }
-            }
-        }
+        unit_token_passes(u, ufp8, rows, kb * UNIT_K, n, sc[kb], out, pf, fp8);
     }
 }
 
@@ -442,9 +462,20 @@ static int64_t moe_forward(packed_matrix gate, packed_matrix up, packed_matrix d
     return 0;
 }
 
-/* Exposed for tests: one unit against nt token rows (the body this ISA runs). */
+/* Exposed for tests: one unit against nt token rows (the body this ISA runs); past
+ * MAX_NT tokens, prefill's passes (unit_token_passes; the scalar twin MAX_NT at a time). */
 static void unit_apply(const uint8_t *w, int fp8, const uint16_t *x, int ldx, int nt,
                        float scale, float *out, int scalar) {
+    if (nt > MAX_NT) {
+        const uint16_t *rows[SLOT_BLOCK];
+        if (nt > SLOT_BLOCK) nt = SLOT_BLOCK;
+        for (int t = 0; t < nt; t++) rows[t] = x + (int64_t)t * ldx;
+        if (!scalar) { unit_token_passes(w, fp8, rows, 0, nt, scale, out, NULL, fp8); return; }
+        for (int q = 0; q < nt; q += MAX_NT)
+            unit_scalar(w, fp8, rows + q, nt - q < MAX_NT ? nt - q : MAX_NT, scale,
+                        out + q * UNIT_ROWS);
+        return;
+    }
     const uint16_t *xk[MAX_NT];
     for (int t = 0; t < MAX_NT; t++) xk[t] = x + (int64_t)(t < nt ? t : 0) * ldx;
     if (scalar) { unit_scalar(w, fp8, xk, nt, scale, out); return; }

@@ -699,8 +699,47 @@ static void unit_widen_q4(const uint8_t *w, int f, uint16_t *dst) {
  * once, reuse for every token; the FP8 body converts per token and ran
  * prefill ~3x slower). In FP8 chunk lane j, bytes 0..7 are A words 8j..8j+7
  * and bytes 8..15 the B words. INT4 -> its widened unit (unit_widen_fmt). */
+/* 32 e4m3 codes -> the high and low bytes of their BF16 (exact): a normal code's
+ * magnitude m (7 bits) is BF16 (m << 4) + (120 << 7), whose bytes are (m >> 4) + 0x3c
+ * and (m & 15) << 4; zero and subnormal codes (m < 8) by a 16-byte table of their
+ * BF16 (from g_fp8_bf16); the sign the top bit of the high byte. NaN codes (m = 0x7f)
+ * come out finite: *nan collects them, and such a unit takes the F16C widening. */
+ALWAYS_INLINE void fp8_bf16_bytes(__m256i v, __m256i tlo, __m256i thi, __m256i *lo, __m256i *hi,
+                                  __m256i *nan) {
+    const __m256i mag = _mm256_and_si256(v, _mm256_set1_epi8(0x7f));
+    const __m256i sub = _mm256_cmpgt_epi8(_mm256_set1_epi8(8), mag);
+    __m256i l = _mm256_and_si256(_mm256_slli_epi16(mag, 4), _mm256_set1_epi8((char)0xf0));
+    __m256i h = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(mag, 4), _mm256_set1_epi8(0x0f)),
+                                _mm256_set1_epi8(0x3c));
+    l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(tlo, mag), sub);
+    h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(thi, mag), sub);
+    *hi = _mm256_or_si256(h, _mm256_and_si256(v, _mm256_set1_epi8((char)0x80)));
+    *lo = l;
+    *nan = _mm256_or_si256(*nan, _mm256_cmpeq_epi8(mag, _mm256_set1_epi8(0x7f)));
+}
+
+/* FP8 unit -> BF16 unit by bytes (fp8_bf16_bytes): a 32-code load is chunk lanes j,
+ * j + 1; the byte unpacks of (low, high) are their A words 8j..8j+15 and B words.
+ * 0: the unit holds a NaN code (dst partly written; the caller widens it again). */
+static int unit_widen_fp8_bytes(const uint8_t *w, uint16_t *dst) {
+    uint8_t tl[16] = {0}, th[16] = {0};
+    for (int i = 0; i < 8; i++) { tl[i] = g_fp8_bf16[i] & 0xff; th[i] = g_fp8_bf16[i] >> 8; }
+    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tl));
+    const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)th));
+    __m256i nan = _mm256_setzero_si256();
+    for (int i = 0; i < FP8_UNIT_BYTES / 32; i++) {
+        __m256i lo, hi;
+        fp8_bf16_bytes(_mm256_loadu_si256((const __m256i *)(w + 32 * i)), tlo, thi, &lo, &hi, &nan);
+        uint16_t *A = dst + (i >> 1) * 64 + 16 * (i & 1);        /* chunk i / 2 */
+        _mm256_storeu_si256((__m256i *)A, _mm256_unpacklo_epi8(lo, hi));
+        _mm256_storeu_si256((__m256i *)(A + 32), _mm256_unpackhi_epi8(lo, hi));
+    }
+    return _mm256_testz_si256(nan, nan);
+}
+
 static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
     if (wf_int4(f)) { unit_widen_q4(w, f, dst); return; }
+    if (unit_widen_fp8_bytes(w, dst)) return;
     /* 16 codes at a time through load16_fp8 (value * 2^-8 as floats), times 2^8
      * (exact), the BF16 the top half (exact: <= 4 significant bits); NaN codes
      * take the table's BF16 NaN (0x7fc0 with the code's sign) */
@@ -829,6 +868,80 @@ ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x,
                 }
         }
 }
+
+/* Widened units (BF16, or INT4 widened: the BF16 of q - z, then its group scales)
+ * against WIDE_NT tokens at once (prefill): one row half (8 rows) a pass, chunk by
+ * chunk A words for every token, then B words (pair_fmas's chains: lanes are a row's
+ * (even-k, odd-k) pair, each chain k ascending), so that 2 WIDE_NT chains of 2
+ * dependent FMAs a chunk are in flight (4 tokens: 8 chains, the FMA latency bound; at
+ * 6 the throughput bound). INT4 restarts the chains per group of columns and adds
+ * scale * (even + odd) with q4_streams's FMA; BF16 adds unit_body_bf16_nt's scalar
+ * sums. The same chains, order and epilogues as those bodies: the same bits. */
+#define WIDE_NT 5
+ALWAYS_INLINE void wide_rows(const uint8_t *w, int f, const int q4, const int ng,
+                             const uint16_t *const *x, const int nt, float scale, float *out,
+                             const uint8_t *pf, int pf_fmt) {
+    float xf[WIDE_NT][UNIT_K] __attribute__((aligned(32)));
+    for (int t = 0; t < nt; t++) x_floats(x[t], xf[t]);
+    const int gc = CHUNKS / ng;
+    const __m256i z = _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++)
+        for (int h = 0; h < 2; h++)
+            for (int jg = 0; jg < ng; jg++) {
+                __m256 acc[WIDE_NT][2];
+                for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+                for (int c = jg * gc; c < (jg + 1) * gc; c++) {
+                    if (pf && h == 0 && c % 4 == 0) pf_share(pf, pf_fmt, g * 8 + c / 4);
+                    const uint8_t *pa = w + g * 4096 + c * 128 + 32 * h;
+                    for (int ab = 0; ab < 2; ab++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(pa + 64 * ab));
+                        const __m256 v0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+                        const __m256 v1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+                        for (int t = 0; t < nt; t++) {
+                            const __m256 xp = _mm256_castpd_ps(_mm256_broadcast_sd(
+                                (const double *)(xf[t] + 4 * c + 2 * ab)));
+                            acc[t][0] = _mm256_fmadd_ps(v0, xp, acc[t][0]);
+                            acc[t][1] = _mm256_fmadd_ps(v1, xp, acc[t][1]);
+                        }
+                    }
+                }
+                if (q4) {
+                    const __m256 sv = _mm256_loadu_ps(int4_scales(w, f) + (g * ng + jg) * 16 + 8 * h);
+                    for (int t = 0; t < nt; t++) {
+                        /* hadd: lanes rows 0..3 | 4..7, each even + odd */
+                        float *o = out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h;
+                        _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, _mm256_hadd_ps(acc[t][0], acc[t][1]),
+                                                            _mm256_loadu_ps(o)));
+                    }
+                } else {
+                    for (int t = 0; t < nt; t++)
+                        for (int i = 0; i < 2; i++) {
+                            float a[8];
+                            _mm256_storeu_ps(a, acc[t][i]);
+                            float *o = out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h + 2 * i;
+                            o[0] += scale * (a[0] + a[1]); o[1] += scale * (a[2] + a[3]);
+                            o[4] += scale * (a[4] + a[5]); o[5] += scale * (a[6] + a[7]);
+                        }
+                }
+            }
+}
+
+/* q4, ng and nt constants in each copy (the chains stay in registers). */
+ALWAYS_INLINE void unit_body_wide(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
+                                  float scale, float *out, const uint8_t *pf, int pf_fmt) {
+    if (!wf_int4(f)) wide_rows(w, f, 0, 1, x, nt, scale, out, pf, pf_fmt);
+    else if (wf_ng(f) == 4) wide_rows(w, f, 1, 4, x, nt, scale, out, pf, pf_fmt);
+    else if (wf_ng(f) == 1) wide_rows(w, f, 1, 1, x, nt, scale, out, pf, pf_fmt);
+    else if (wf_ng(f) == 2) wide_rows(w, f, 1, 2, x, nt, scale, out, pf, pf_fmt);
+    else wide_rows(w, f, 1, 8, x, nt, scale, out, pf, pf_fmt);
+}
+
+/* Tokens the next pass of unit_body_wide_any takes of `rem` (groups of 4-5: 5 runs
+ * at 4.7, 4 at 4.5, 3 at 3.6 FMA/ns, one core, the unit in L1; 6 spills). */
+static inline int wide_take(int rem) {
+    return rem >= 9 || rem == 5 ? 5 : rem >= 4 ? 4 : rem;
+}
+static inline int wide_rows_fmt(int f) { return f == WF_BF16 || (wf_int4(f) && wf_wide(f)); }
 
 /* FP8 units against 2..4 tokens: lane j's 16 codes of a chunk are decoded once
  * (load32_fp8, two lanes a load) for every token, lane pair outermost, each token its own chain; the chains
@@ -1066,6 +1179,23 @@ ALWAYS_INLINE void unit_body_pf(const uint8_t *w, int fp8, const uint16_t *const
 ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x, const int nt,
                              float scale, float *out) {
     unit_body_pf(w, fp8, x, nt, scale, out, NULL, fp8);
+}
+
+/* A BF16 or widened INT4 unit against 1..WIDE_NT tokens; BF16 at 1..3 tokens through
+ * unit_body_pf's bodies (the 2-token one holds both row halves: faster there). */
+static void unit_body_wide_any(const uint8_t *w, int f, const uint16_t *const *x, int nt,
+                               float scale, float *out, const uint8_t *pf, int pf_fmt) {
+    switch (nt) {
+    case 1: if (f == WF_BF16) unit_body_pf(w, 0, x, 1, scale, out, pf, pf_fmt);
+            else unit_body_wide(w, f, x, 1, scale, out, pf, pf_fmt);
+            break;
+    case 2: if (f == WF_BF16) unit_body_pf(w, 0, x, 2, scale, out, pf, pf_fmt);
+            else unit_body_wide(w, f, x, 2, scale, out, pf, pf_fmt);
+            break;
+    case 3: unit_body_wide(w, f, x, 3, scale, out, pf, pf_fmt); break;
+    case 4: unit_body_wide(w, f, x, 4, scale, out, pf, pf_fmt); break;
+    default: unit_body_wide(w, f, x, 5, scale, out, pf, pf_fmt); break;
+    }
 }
 
 #else

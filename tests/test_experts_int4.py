@@ -161,3 +161,29 @@ def test_a_tokens_bits_do_not_depend_on_the_tokens_beside_it(isa):
         for nt in (2, 3, 4):
             together = apply(kernels, u.ctypes.data, code, x[:nt], False)
             assert torch.equal(together, alone[:nt]), (isa, code, nt)
+
+
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_prefill_passes_keep_each_tokens_bits(isa):
+    # past 8 tokens prefill runs a BF16 or widened unit against up to 5 tokens a pass
+    # (AVX2; groups of 4 elsewhere): every token's row is the one-token bits of the unit
+    # as decode reads it, whatever the count and the grouping
+    kernels = kernels_or_skip(isa)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 128, generator=g)
+    units = [(1, pack_matrix(w.to(torch.float8_e4m3fn), torch.ones(1, 1), (128, 128))[0]),
+             (0, pack_matrix(w.bfloat16(), None, (128, 128))[0])]
+    units += [(format_code(packed_format(q)), u) for _, _, q, u in packed_units(g)]
+    x = torch.randn(17, 128, generator=g).bfloat16()
+    for code, u in units:
+        alone = torch.cat([apply(kernels, u.ctypes.data, code, x[t:t + 1], False)
+                           for t in range(17)])
+        wide = aligned(kernels.WIDE_BYTES)
+        wfmt = kernels.widen_unit(u.ctypes.data, code, wide.ctypes.data, False) if code else -1
+        runs = [(u, code)] + ([(wide, wfmt)] if wfmt >= 0 else [])
+        for n in (5, 9, 10, 11, 12, 13, 14, 17):
+            for unit, fmt in runs:
+                together = apply(kernels, unit.ctypes.data, fmt, x[:n], False)
+                assert torch.equal(together, alone[:n]), (isa, code, fmt, n)
+        scalar = apply(kernels, u.ctypes.data, code, x, True)
+        assert torch.allclose(scalar, alone, rtol=1e-5, atol=1e-4), (isa, code)
