@@ -73,7 +73,8 @@ def main():
     args = ap.parse_args()
     tmp, model, kernels, threads, setup = model_setup(args)
     _, peak = machine(kernels, threads)
-    print(f"qwen3-30b-a3b dims, {args.layers} layers, FP8, chunks of {args.chunk or 'auto'}, "
+    fmt = "INT4 (group 32)" if args.fmt == "int4" else "FP8"
+    print(f"qwen3-30b-a3b dims, {args.layers} layers, {fmt}, chunks of {args.chunk or 'auto'}, "
           f"{setup}; "
           f"BF16 dot peak {peak / 1e9:.0f} GFLOP/s (same run, re-measured beside every case)",
           flush=True)
