@@ -120,8 +120,9 @@ static inline const uint8_t *tile_base(const packed_matrix *m, int e, int rt, in
 /* out[n][64] += unit . (rows[q] + off), q < n: up to WIDE_NT tokens a pass where the
  * ISA has those bodies and the unit is BF16 or widened INT4 (prefill), else groups of
  * MAX_NT. pf (or NULL) is fetched during the first pass; pf_fmt its format. */
-static void unit_token_passes(const uint8_t *u, int ufp8, const uint16_t *const *rows, int64_t off, int n,
-                      float scale, float *out, const uint8_t *pf, int pf_fmt) {
+static void unit_token_passes(const uint8_t *u, int ufp8, const uint16_t *const *rows,
+                              int64_t off, int n, float scale, float *out, const uint8_t *pf,
+                              int pf_fmt) {
 #ifdef WIDE_NT
     if (n > DIRECT_MAX && wide_rows_fmt(ufp8)) {        /* prefill: up to 5 tokens a pass */
         for (int q = 0, nt; q < n; q += nt) {

@@ -34,7 +34,8 @@
  *
  * REGULARITIES  decode: 1 token per expert, 8 experts; prefill: tens to
  *   hundreds of tokens per expert, so FP8 units are widened once into a BF16
- *   scratch unit and reused for every group of 4 tokens.
+ *   scratch unit and reused for every group of 4 tokens (AVX2: up to 5,
+ *   unit_body_wide).
  *
  * EXAMPLE  DeepSeek-V3 gate_proj: 2048 x 7168 -> 32 row tiles x 56 k blocks,
  *   one 128x128 scale per two row tiles, 14.7 MB of FP8 units per expert.
@@ -695,10 +696,6 @@ static void unit_widen_q4(const uint8_t *w, int f, uint16_t *dst) {
     memcpy((uint8_t *)dst + BF16_UNIT_BYTES, int4_scales(w, f), 256 * (size_t)ng);
 }
 
-/* FP8 unit -> BF16 unit in the BF16 chunk layout, by table (prefill: widen
- * once, reuse for every token; the FP8 body converts per token and ran
- * prefill ~3x slower). In FP8 chunk lane j, bytes 0..7 are A words 8j..8j+7
- * and bytes 8..15 the B words. INT4 -> its widened unit (unit_widen_fmt). */
 /* 32 e4m3 codes -> the high and low bytes of their BF16 (exact): a normal code's
  * magnitude m (7 bits) is BF16 (m << 4) + (120 << 7), whose bytes are (m >> 4) + 0x3c
  * and (m & 15) << 4; zero and subnormal codes (m < 8) by a 16-byte table of their
@@ -709,8 +706,8 @@ ALWAYS_INLINE void fp8_bf16_bytes(__m256i v, __m256i tlo, __m256i thi, __m256i *
     const __m256i mag = _mm256_and_si256(v, _mm256_set1_epi8(0x7f));
     const __m256i sub = _mm256_cmpgt_epi8(_mm256_set1_epi8(8), mag);
     __m256i l = _mm256_and_si256(_mm256_slli_epi16(mag, 4), _mm256_set1_epi8((char)0xf0));
-    __m256i h = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(mag, 4), _mm256_set1_epi8(0x0f)),
-                                _mm256_set1_epi8(0x3c));
+    __m256i h = _mm256_and_si256(_mm256_srli_epi16(mag, 4), _mm256_set1_epi8(0x0f));
+    h = _mm256_add_epi8(h, _mm256_set1_epi8(0x3c));
     l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(tlo, mag), sub);
     h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(thi, mag), sub);
     *hi = _mm256_or_si256(h, _mm256_and_si256(v, _mm256_set1_epi8((char)0x80)));
@@ -729,7 +726,8 @@ static int unit_widen_fp8_bytes(const uint8_t *w, uint16_t *dst) {
     __m256i nan = _mm256_setzero_si256();
     for (int i = 0; i < FP8_UNIT_BYTES / 32; i++) {
         __m256i lo, hi;
-        fp8_bf16_bytes(_mm256_loadu_si256((const __m256i *)(w + 32 * i)), tlo, thi, &lo, &hi, &nan);
+        fp8_bf16_bytes(_mm256_loadu_si256((const __m256i *)(w + 32 * i)), tlo, thi, &lo, &hi,
+                       &nan);
         uint16_t *A = dst + (i >> 1) * 64 + 16 * (i & 1);        /* chunk i / 2 */
         _mm256_storeu_si256((__m256i *)A, _mm256_unpacklo_epi8(lo, hi));
         _mm256_storeu_si256((__m256i *)(A + 32), _mm256_unpackhi_epi8(lo, hi));
@@ -737,6 +735,10 @@ static int unit_widen_fp8_bytes(const uint8_t *w, uint16_t *dst) {
     return _mm256_testz_si256(nan, nan);
 }
 
+/* FP8 unit -> BF16 unit in the BF16 chunk layout, by bytes, or through F16C where
+ * it holds a NaN code (prefill: widen once, reuse for every token; the FP8 body converts per token and ran
+ * prefill ~3x slower). In FP8 chunk lane j, bytes 0..7 are A words 8j..8j+7
+ * and bytes 8..15 the B words. INT4 -> its widened unit (unit_widen_fmt). */
 static void unit_widen(const uint8_t *w, int f, uint16_t *dst) {
     if (wf_int4(f)) { unit_widen_q4(w, f, dst); return; }
     if (unit_widen_fp8_bytes(w, dst)) return;
@@ -872,9 +874,9 @@ ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x,
 /* Widened units (BF16, or INT4 widened: the BF16 of q - z, then its group scales)
  * against WIDE_NT tokens at once (prefill): one row half (8 rows) a pass, chunk by
  * chunk A words for every token, then B words (pair_fmas's chains: lanes are a row's
- * (even-k, odd-k) pair, each chain k ascending), so that 2 WIDE_NT chains of 2
- * dependent FMAs a chunk are in flight (4 tokens: 8 chains, the FMA latency bound; at
- * 6 the throughput bound). INT4 restarts the chains per group of columns and adds
+ * (even-k, odd-k) pair, each chain k ascending), so that 2 nt chains of 2 dependent
+ * FMAs a chunk are in flight (4 tokens: 8 chains, just the FMA latency; 5: 10, the
+ * most whose chains, weights and x stay in 16 registers). INT4 restarts the chains per group of columns and adds
  * scale * (even + odd) with q4_streams's FMA; BF16 adds unit_body_bf16_nt's scalar
  * sums. The same chains, order and epilogues as those bodies: the same bits. */
 #define WIDE_NT 5
@@ -906,12 +908,13 @@ ALWAYS_INLINE void wide_rows(const uint8_t *w, int f, const int q4, const int ng
                     }
                 }
                 if (q4) {
-                    const __m256 sv = _mm256_loadu_ps(int4_scales(w, f) + (g * ng + jg) * 16 + 8 * h);
+                    const float *sc = int4_scales(w, f) + (g * ng + jg) * 16 + 8 * h;
+                    const __m256 sv = _mm256_loadu_ps(sc);
                     for (int t = 0; t < nt; t++) {
                         /* hadd: lanes rows 0..3 | 4..7, each even + odd */
+                        const __m256 sum = _mm256_hadd_ps(acc[t][0], acc[t][1]);
                         float *o = out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h;
-                        _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, _mm256_hadd_ps(acc[t][0], acc[t][1]),
-                                                            _mm256_loadu_ps(o)));
+                        _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, sum, _mm256_loadu_ps(o)));
                     }
                 } else {
                     for (int t = 0; t < nt; t++)
@@ -1181,7 +1184,7 @@ ALWAYS_INLINE void unit_body(const uint8_t *w, int fp8, const uint16_t *const *x
     unit_body_pf(w, fp8, x, nt, scale, out, NULL, fp8);
 }
 
-/* A BF16 or widened INT4 unit against 1..WIDE_NT tokens; BF16 at 1..3 tokens through
+/* A BF16 or widened INT4 unit against 1..WIDE_NT tokens; BF16 at 1 or 2 tokens through
  * unit_body_pf's bodies (the 2-token one holds both row halves: faster there). */
 static void unit_body_wide_any(const uint8_t *w, int f, const uint16_t *const *x, int nt,
                                float scale, float *out, const uint8_t *pf, int pf_fmt) {
