@@ -843,6 +843,18 @@ ALWAYS_INLINE void unit_body_bf16_nt2(const uint8_t *w, const uint16_t *const *x
     }
 }
 
+/* o[r] += scale * (even + odd) for a row half's 8 rows r from pair_fmas's two
+ * accumulators (acc[i] lanes 0..3: rows 2i + (0, 1), lanes 4..7 the same + 4). */
+ALWAYS_INLINE void pair_sums_add(const __m256 *acc, float scale, float *o) {
+    for (int i = 0; i < 2; i++) {
+        float a[8];
+        _mm256_storeu_ps(a, acc[i]);
+        float *r = o + 2 * i;
+        r[0] += scale * (a[0] + a[1]); r[1] += scale * (a[2] + a[3]);
+        r[4] += scale * (a[4] + a[5]); r[5] += scale * (a[6] + a[7]);
+    }
+}
+
 /* BF16 units against 3..4 tokens, one row half (8 rows) at a time through
  * pair_fmas, so that a token's two loads of x serve 4 chains (x1.05 at 3, x1.14 at
  * 4 over a broadcast x per chain). */
@@ -861,13 +873,7 @@ ALWAYS_INLINE void unit_body_bf16_nt(const uint8_t *w, const uint16_t *const *x,
                           _mm256_loadu_si256((const __m256i *)(pa + 64)), xf, c, nt, acc);
             }
             for (int t = 0; t < nt; t++)
-                for (int i = 0; i < 2; i++) {
-                    float a[8];
-                    _mm256_storeu_ps(a, acc[t][i]);
-                    float *o = out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h + 2 * i;
-                    o[0] += scale * (a[0] + a[1]); o[1] += scale * (a[2] + a[3]);
-                    o[4] += scale * (a[4] + a[5]); o[5] += scale * (a[6] + a[7]);
-                }
+                pair_sums_add(acc[t], scale, out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h);
         }
 }
 
@@ -918,13 +924,7 @@ ALWAYS_INLINE void wide_rows(const uint8_t *w, int f, const int q4, const int ng
                     }
                 } else {
                     for (int t = 0; t < nt; t++)
-                        for (int i = 0; i < 2; i++) {
-                            float a[8];
-                            _mm256_storeu_ps(a, acc[t][i]);
-                            float *o = out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h + 2 * i;
-                            o[0] += scale * (a[0] + a[1]); o[1] += scale * (a[2] + a[3]);
-                            o[4] += scale * (a[4] + a[5]); o[5] += scale * (a[6] + a[7]);
-                        }
+                        pair_sums_add(acc[t], scale, out + t * UNIT_ROWS + g * GROUP_ROWS + 8 * h);
                 }
             }
 }

@@ -144,16 +144,22 @@ def test_fused_moe_matches_the_reference(isa, sym):
             assert torch.equal(one[0], got[7])
 
 
+def units_of_every_format(g):
+    """(format code, packed unit) of one random 64 x 128 matrix as FP8 and BF16, then
+    packed_units's INT4 units."""
+    w = torch.randn(64, 128, generator=g)
+    units = [(1, pack_matrix(w.to(torch.float8_e4m3fn), torch.ones(1, 1), (128, 128))[0]),
+             (0, pack_matrix(w.bfloat16(), None, (128, 128))[0])]
+    return units + [(format_code(packed_format(q)), u) for _, _, q, u in packed_units(g)]
+
+
 @pytest.mark.parametrize("isa", cpu.ISAS)
 def test_a_tokens_bits_do_not_depend_on_the_tokens_beside_it(isa):
     # the bodies for 2..4 tokens decode a unit's weights once for every token: each
     # token's row must be the one-token body's bits, in every format
     kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(6)
-    w = torch.randn(64, 128, generator=g)
-    units = [(1, pack_matrix(w.to(torch.float8_e4m3fn), torch.ones(1, 1), (128, 128))[0]),
-             (0, pack_matrix(w.bfloat16(), None, (128, 128))[0])]
-    units += [(format_code(packed_format(q)), u) for _, _, q, u in packed_units(g)]
+    units = units_of_every_format(g)
     x = torch.randn(4, 128, generator=g).bfloat16()
     for code, u in units:
         alone = torch.cat([apply(kernels, u.ctypes.data, code, x[t:t + 1], False)
@@ -170,10 +176,7 @@ def test_prefill_passes_keep_each_tokens_bits(isa):
     # as decode reads it, whatever the count and the grouping
     kernels = kernels_or_skip(isa)
     g = torch.Generator().manual_seed(7)
-    w = torch.randn(64, 128, generator=g)
-    units = [(1, pack_matrix(w.to(torch.float8_e4m3fn), torch.ones(1, 1), (128, 128))[0]),
-             (0, pack_matrix(w.bfloat16(), None, (128, 128))[0])]
-    units += [(format_code(packed_format(q)), u) for _, _, q, u in packed_units(g)]
+    units = units_of_every_format(g)
     x = torch.randn(17, 128, generator=g).bfloat16()
     for code, u in units:
         alone = torch.cat([apply(kernels, u.ctypes.data, code, x[t:t + 1], False)
