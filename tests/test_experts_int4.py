@@ -111,6 +111,42 @@ def test_widened_unit_gives_the_same_bits(isa):
             assert torch.equal(as_is, widened), (group, sym, nt)
 
 
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_decode_bits_hold_for_tiny_activations_and_under_flushing(isa):
+    """AVX2 decodes an INT4 unit's codes for 1..2 tokens with each nibble left in place,
+    against x scaled by 16^-n: exact for every BF16 x, subnormals included. It steps
+    aside when the MXCSR flushes subnormals. Either way, at 1..4 tokens, each row is
+    the widened unit's bits, a token of tiny and subnormal activations included."""
+    kernels = kernels_or_skip(isa)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 128, generator=g)
+    x[0] = x[0] * 2.0 ** -124                      # normal and subnormal BF16, scaled below 2^-126
+    x[1, ::2] = x[1, ::2] * 2.0 ** -120
+    x[2, :6] = torch.tensor([2.0 ** -133, -2.0 ** -133, 2.0 ** -127, 2.0 ** -126, 2.0 ** -114, 0.0])
+    x = x.bfloat16()
+    assert (x[0].float().abs() < 2.0 ** -126).any() and (x[0].float() != 0).all()
+    for group, sym, w, units in packed_units(g):
+        code = format_code(packed_format(w))
+        wide = aligned(kernels.WIDE_BYTES)
+        wfmt = kernels.widen_unit(units.ctypes.data, code, wide.ctypes.data, False)
+        if wfmt < 0:
+            pytest.skip(f"{isa} does not widen units (no prefill scratch)")
+        runs = {}
+        for flush in (False, True):
+            if torch.set_flush_denormal(flush) != flush and flush:
+                pytest.skip("this CPU cannot flush denormals")
+            try:
+                for nt in (1, 2, 3, 4):
+                    as_is = apply(kernels, units.ctypes.data, code, x[:nt], False)
+                    widened = apply(kernels, wide.ctypes.data, wfmt, x[:nt], False)
+                    assert torch.equal(as_is, widened), (group, sym, flush, nt)
+                    runs[flush, nt] = as_is
+            finally:
+                torch.set_flush_denormal(False)
+        assert (runs[False, 1] != 0).all()                 # the tiny token's sums are not lost
+        assert not torch.equal(runs[False, 1], runs[True, 1])  # and flushing did take hold
+
+
 def aligned(n):
     """A zeroed uint8 [n] array starting on a 64-byte boundary."""
     buf = np.zeros(n + 64, np.uint8)
