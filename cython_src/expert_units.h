@@ -592,37 +592,37 @@ ALWAYS_INLINE void q4_floats(__m256i d, int n, __m256i bias, __m256 *ev, __m256 
 }
 
 /* The masked decode, for decode's 1..2 tokens (q4_body_masked): nibble n left in
- * place, bits 4n..4n+3 of the even word (of d) and of the odd word (of d16 = d >> 16),
- * OR 0x4b000000, is the float 2^23 + q 16^n; minus the row's 2^23 + z 16^n that is
- * (q - z) 16^n, exact. Against x 16^-n (q4_x_floats) each product is exactly
- * q4_floats's (q - z) x, so every FMA rounds alike: two shifts and two adds fewer. */
-ALWAYS_INLINE void q4_floats_masked(__m256i d, __m256i d16, int n, __m256 sub, __m256 *ev,
+ * place, bits 4n..4n+3 of the even word (of d) and of the odd word (of d >> 16), with
+ * the exponent bits 0x4b000000 OR-ed in once a load (D, D16) and kept by the mask, is
+ * the float 2^23 + q 16^n; minus the row's 2^23 + z 16^n that is (q - z) 16^n, exact.
+ * Against x 16^-n (q4_x_scaled) each product is exactly q4_floats's (q - z) x, so every
+ * FMA rounds alike: an AND and a SUB a nibble and word, against q4_floats's four. */
+ALWAYS_INLINE void q4_floats_masked(__m256i D, __m256i D16, int n, __m256 sub, __m256 *ev,
                                     __m256 *od) {
-    const __m256i m = _mm256_set1_epi32(15 << (4 * n)), e = _mm256_set1_epi32(0x4b000000);
-    *ev = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(d, m), e)), sub);
-    *od = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(d16, m), e)), sub);
+    const __m256i m = _mm256_set1_epi32((15 << (4 * n)) | 0x4b000000);
+    *ev = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(D, m)), sub);
+    *od = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(D16, m)), sub);
 }
 
-/* A token's 128 activations for the masked decode, each broadcast to a vector (the
- * FMAs read them from memory: no broadcast in the loop): k's float times 16^-n, n =
+/* A token's 128 activations for the masked decode: k's float times 16^-n, n =
  * (k % 8) / 2 the nibble k's weight sits in. Exact for every BF16 x, subnormals
  * included (their lowest bit, 2^-133, stays above 2^-149), unless the MXCSR flushes
  * subnormals (the caller checks). */
-ALWAYS_INLINE void q4_x_vectors(const uint16_t *x, __m256 *xv) {
+ALWAYS_INLINE void q4_x_scaled(const uint16_t *x, float *xf) {
     const __m256 s = _mm256_setr_ps(1.0f, 1.0f, 0x1p-4f, 0x1p-4f, 0x1p-8f, 0x1p-8f, 0x1p-12f, 0x1p-12f);
-    float xf[UNIT_K] __attribute__((aligned(32)));
     for (int i = 0; i < UNIT_K; i += 8)
         _mm256_store_ps(xf + i, _mm256_mul_ps(s, _mm256_castsi256_ps(_mm256_slli_epi32(
             _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i))), 16))));
-    for (int k = 0; k < UNIT_K; k++) xv[k] = _mm256_broadcast_ss(xf + k);
 }
 
 /* An INT4 unit's codes against nt tokens by the masked decode: stream by stream
- * (row group, group jg, row half; the halves side by side), each stream's even and
- * odd chains as q4_streams runs them (chunk by chunk, nibble by nibble), then out +=
- * scale * (even + odd), group after group: q4_streams's operations, so its bits. */
+ * (row group, group jg, row half; the two halves side by side, each broadcast x
+ * serving both), each stream's even and odd chains as q4_streams runs them (chunk by
+ * chunk, nibble by nibble), then out += scale * (even + odd), group after group:
+ * q4_streams's operations, so its bits. The halves' loads first, then nibble by
+ * nibble: fewer live registers, so that the chains stay in them. */
 ALWAYS_INLINE void q4_body_masked(const uint8_t *w, int f, const int asym,
-                                  const __m256 (*xv)[UNIT_K], const int nt, float *out,
+                                  const float (*xv)[UNIT_K], const int nt, float *out,
                                   const uint8_t *pf, int pf_fmt) {
     const int lg = (f >> 3) & 3, ng = 1 << lg, gc = CHUNKS >> lg;
     const float *sc = int4_scales(w, f);
@@ -631,6 +631,7 @@ ALWAYS_INLINE void q4_body_masked(const uint8_t *w, int f, const int asym,
     for (int g = 0; g < 4; g++)
         for (int jg = 0; jg < ng; jg++) {
             __m256 ev[2][2], od[2][2], sub[2][4];
+#pragma GCC unroll 2
             for (int hh = 0; hh < 2; hh++) {
                 __m256 z = _mm256_set1_ps(8.0f);      /* the offsets' bytes hold 16 - z */
                 if (asym)
@@ -641,23 +642,33 @@ ALWAYS_INLINE void q4_body_masked(const uint8_t *w, int f, const int asym,
                                                  _mm256_set1_ps(0x1p23f));
                 for (int t = 0; t < nt; t++) ev[hh][t] = od[hh][t] = _mm256_setzero_ps();
             }
-            for (int c = jg * gc; c < (jg + 1) * gc; c += 2)
+            for (int c = jg * gc; c < (jg + 1) * gc; c += 2) {
+                __m256i D[2], D16[2];
+#pragma GCC unroll 2
                 for (int hh = 0; hh < 2; hh++) {
                     if (pf && pfi++ % 4 == 0) pf_share(pf, pf_fmt, (pfi - 1) / 4);
-                    const __m256i d = _mm256_loadu_si256((const __m256i *)(
-                        w + g * 1024 + (c >> 1) * 64 + 32 * hh));
-                    const __m256i d16 = _mm256_srli_epi32(d, 16);
+                    const __m256i e = _mm256_set1_epi32(0x4b000000), d = _mm256_loadu_si256(
+                        (const __m256i *)(w + g * 1024 + (c >> 1) * 64 + 32 * hh));
+                    D[hh] = _mm256_or_si256(d, e);
+                    D16[hh] = _mm256_or_si256(_mm256_srli_epi32(d, 16), e);
+                    __asm__("" : "+x"(D[hh]), "+x"(D16[hh]));   /* kept: gcc would fold the ORs back */
+                }
 #pragma GCC unroll 4
-                    for (int n = 0; n < 4; n++) {
-                        __m256 fe, fo;
-                        q4_floats_masked(d, d16, n, sub[hh][n], &fe, &fo);
-                        for (int t = 0; t < nt; t++) {
-                            const __m256 *xt = xv[t] + 4 * c + 2 * n;
-                            ev[hh][t] = _mm256_fmadd_ps(fe, xt[0], ev[hh][t]);
-                            od[hh][t] = _mm256_fmadd_ps(fo, xt[1], od[hh][t]);
+                for (int n = 0; n < 4; n++)
+#pragma GCC unroll 2
+                    for (int t = 0; t < nt; t++) {
+                        const float *xt = xv[t] + 4 * c + 2 * n;
+                        const __m256 xe = _mm256_broadcast_ss(xt), xo = _mm256_broadcast_ss(xt + 1);
+#pragma GCC unroll 2
+                        for (int hh = 0; hh < 2; hh++) {
+                            __m256 fe, fo;
+                            q4_floats_masked(D[hh], D16[hh], n, sub[hh][n], &fe, &fo);
+                            ev[hh][t] = _mm256_fmadd_ps(fe, xe, ev[hh][t]);
+                            od[hh][t] = _mm256_fmadd_ps(fo, xo, od[hh][t]);
                         }
                     }
-                }
+            }
+#pragma GCC unroll 2
             for (int hh = 0; hh < 2; hh++) {
                 const __m256 sv = _mm256_loadu_ps(sc + (g * ng + jg) * 16 + 8 * hh);
                 for (int t = 0; t < nt; t++) {
@@ -736,10 +747,10 @@ ALWAYS_INLINE void q4_streams(const uint8_t *w, int f, const float (*xf)[UNIT_K]
 ALWAYS_INLINE void unit_body_q4(const uint8_t *w, int f, const uint16_t *const *x, const int nt,
                                 float *out, const uint8_t *pf, int pf_fmt) {
     if (nt <= 2 && !wf_wide(f) && !(_mm_getcsr() & 0x8040)) {     /* neither FTZ nor DAZ */
-        __m256 xv[2][UNIT_K];
-        for (int t = 0; t < nt; t++) q4_x_vectors(x[t], xv[t]);
-        if (wf_asym(f)) q4_body_masked(w, f, 1, (const __m256 (*)[UNIT_K])xv, nt, out, pf, pf_fmt);
-        else q4_body_masked(w, f, 0, (const __m256 (*)[UNIT_K])xv, nt, out, pf, pf_fmt);
+        float xv[2][UNIT_K] __attribute__((aligned(32)));
+        for (int t = 0; t < nt; t++) q4_x_scaled(x[t], xv[t]);
+        if (wf_asym(f)) q4_body_masked(w, f, 1, (const float (*)[UNIT_K])xv, nt, out, pf, pf_fmt);
+        else q4_body_masked(w, f, 0, (const float (*)[UNIT_K])xv, nt, out, pf, pf_fmt);
         return;
     }
     float xf[MAX_NT][UNIT_K] __attribute__((aligned(32)));
