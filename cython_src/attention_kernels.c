@@ -431,6 +431,12 @@ static void att_load_v(const att_job *j, void *dst_block, int g, int k0, int nk,
  * Which tile shape, thread or path (store or cache rows) computes a query does
  * not enter those orders. */
 #define ATT_VR 4                /* query vectors per output tile: 4 x 2 accumulators */
+#ifndef ATT_PF_LOC
+#define ATT_PF_LOC 3            /* into L1: locality 2 and 4 or 16 keys ahead measured the same */
+#endif
+#ifndef ATT_PF_AHEAD
+#define ATT_PF_AHEAD 8
+#endif
 #define ATT_VN 2                /* (8 x 1 and 6 x 2 measured the same at G = 8) */
 
 /* Elements [d, d + 8) of a row, as FP32. */
@@ -460,11 +466,13 @@ static void att_load_k(const att_job *j, void *dst, int g, int k0, int nk, const
 }
 
 /* The task's block of keys [k0, k0 + nk). A decode reads the cache rows where
- * they lie (head sizes in whole chunks: dq % 8, dv % 16 zero). (A software
- * prefetch of the next block's K rows and this block's V rows, key by key,
- * measured no faster at 2K-8K context, warm or cold: a task reads one head's
- * 256 bytes of each 2 KiB cache slot, and a cold cache is read at ~2.5 GB/s
- * either way; a head-major cache layout is what would lift it.) */
+ * they lie (head sizes in whole chunks: dq % 8, dv % 16 zero). A task reads one
+ * head's 256 bytes of each 2 KiB cache slot, slots scattered in blocks of 16: no
+ * hardware prefetcher follows that, and left to demand misses (one key's row at a
+ * time in flight) the cache was read at ~2-3 GB/s, warm or cold. So the scores
+ * fetch each key's K row ATT_PF_AHEAD keys ahead and its V row for att_values,
+ * and att_fetch_rows the next block's first keys: 2-3x (a head-major cache
+ * layout would let the prefetchers stream it). */
 static void att_block(const att_job *j, att_scratch *s, int g, int k0, int nk,
                       const int64_t *slots) {
     if (j->paged && j->direct) {
@@ -544,12 +552,21 @@ ALWAYS_INLINE void att_qk_tile(const float *q, int qs, const void *const *krow, 
 static void att_scores(const att_job *j, att_scratch *s, int M, int lim0, int masked, int nk) {
     const float *q = (const float *)s->q;
     const int QR = s->kbf ? 8 : 4, KT = s->kbf ? 1 : 3;
+    const int kl = ((s->kbf ? 2 : 4) * j->dq + 63) / 64, vl = ((s->vbf ? 2 : 4) * j->dv + 63) / 64;
+    const int fetch = j->paged && j->direct;           /* the cache's rows (att_block) */
     for (int m = 0; m < M; m += QR) {
         const int R = M - m < QR ? M - m : QR;
         int seen = masked ? lim0 + (m + R - 1) / s->G + 1 : ATT_BN;   /* its last row's */
         if (seen > nk) seen = nk;
         for (int t = 0; t < seen; t += KT) {
             const int C = seen - t < KT ? seen - t : KT;
+            if (fetch && m == 0) {      /* K rows ahead, V rows for att_values */
+                if (t + ATT_PF_AHEAD < nk)
+                    for (int l = 0; l < kl; l++)
+                        __builtin_prefetch((const char *)s->krow[t + ATT_PF_AHEAD] + 64 * l, 0, ATT_PF_LOC);
+                for (int l = 0; l < vl; l++)
+                    __builtin_prefetch((const char *)s->vrow[t] + 64 * l, 0, ATT_PF_LOC);
+            }
             if (s->kbf) ATT_QK_BF16();
             else ATT_QK_F32();
         }
@@ -910,6 +927,21 @@ static void att_prefetch_some(att_prefetch *p, int count) {
  * output is bit-identical however the engine batches or chunks it. (A masked
  * block's tile may run past a row's last key; there its probabilities are
  * exact zeros, which add nothing.) */
+#ifdef ATT_ROW_BLOCKS
+/* The cache rows (K and V, every line) of the first ATT_PF_AHEAD keys of the block
+ * at k0, fetched while the block before it runs (see att_block). */
+static void att_fetch_rows(const att_job *j, int g, int k0, const int64_t *slots, int L) {
+    const int nk = L - k0 < ATT_PF_AHEAD ? L - k0 : ATT_PF_AHEAD;
+    const int kl = (j->dq * (j->k.bf16 ? 2 : 4) + 63) / 64, vl = (j->dv * (j->v.bf16 ? 2 : 4) + 63) / 64;
+    for (int t = 0; t < nk; t++) {
+        const char *kr = (const char *)att_row(&j->k, slots[k0 + t], g);
+        const char *vr = (const char *)att_row(&j->v, slots[k0 + t], g);
+        for (int l = 0; l < kl; l++) __builtin_prefetch(kr + 64 * l, 0, ATT_PF_LOC);
+        for (int l = 0; l < vl; l++) __builtin_prefetch(vr + 64 * l, 0, ATT_PF_LOC);
+    }
+}
+#endif
+
 static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch *pf) {
     const int g = a.g, i0 = a.qrow, rows = a.rows, M = rows * a.hn;
     const int pos0 = a.pos0, last = pos0 + rows - 1;
@@ -927,6 +959,7 @@ static void att_task(const att_job *j, att_scratch *s, att_tile a, att_prefetch 
         const int nk = masked && last + 1 - k0 < nk_all ? last + 1 - k0 : nk_all;
 #ifdef ATT_ROW_BLOCKS
         att_block(j, s, g, k0, nk_all, a.slots);
+        if (j->paged && j->direct && k0 + ATT_BN <= last) att_fetch_rows(j, g, k0 + ATT_BN, a.slots, a.L);
 #else
         if (j->paged) {
             att_load_k(j, s->kblk, g, k0, nk_all, a.slots);
